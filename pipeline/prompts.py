@@ -1,0 +1,61 @@
+"""Prompt templates and the drop index, in one place.
+
+The templates are the ones diffusers' Qwen-Image pipelines use at inference, so
+embeddings made for training condition the model exactly as inference does.
+The drop index (how many leading tokens of the encoder output belong to the
+template's system prefix) is computed from the tokenizer, never hard-coded.
+"""
+
+from __future__ import annotations
+
+# diffusers QwenImageEditPlusPipeline.prompt_template_encode
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+# diffusers QwenImagePipeline.prompt_template_encode (text-to-image)
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+# What Edit-Plus puts before the instruction for the i-th (1-based) image.
+PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+# Drop indices with the real Qwen2.5 tokenizer (diffusers hard-codes these).
+REAL_DROP_INDEX = {"edit": 64, "t2i": 34}
+
+
+def template_for(num_sources: int) -> str:
+    """Edit-Plus template for edits, the T2I template when there is no source."""
+    return EDIT_TEMPLATE if num_sources > 0 else T2I_TEMPLATE
+
+
+def template_prefix(template: str) -> str:
+    """The part of ``template`` before the user's text."""
+    return template.split("{}", 1)[0]
+
+
+def drop_index(tokenizer, template: str) -> int:
+    """Number of tokens of the template's system prefix for ``tokenizer``."""
+    return len(tokenizer(template_prefix(template), add_special_tokens=False)["input_ids"])
+
+
+def drop_indices(tokenizer) -> dict[str, int]:
+    """Drop indices for the edit and T2I templates."""
+    return {"edit": drop_index(tokenizer, EDIT_TEMPLATE), "t2i": drop_index(tokenizer, T2I_TEMPLATE)}
+
+
+def edit_prompt_text(instruction: str, num_images: int) -> str:
+    """The full Edit-Plus prompt for ``num_images`` images, as diffusers builds it."""
+    pictures = "".join(PICTURE_PROMPT.format(i + 1) for i in range(num_images))
+    return EDIT_TEMPLATE.format(pictures + instruction)
+
+
+def t2i_prompt_text(instruction: str) -> str:
+    """The full text-to-image prompt."""
+    return T2I_TEMPLATE.format(instruction)

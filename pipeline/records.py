@@ -1,0 +1,174 @@
+"""Input rows: parse and validate one JSONL line into a :class:`Record`.
+
+Every later stage (extraction, the failures file, the sample data kit's own
+check) goes through :func:`parse_line`, so a bad row is reported the same way
+everywhere: file, 0-based line number, field, reason.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_SOURCES = 3
+
+TEXT_FIELDS = ("instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
+
+# Accepted alternative spellings of the image columns (the original tool's
+# ``edit_image`` among them); the configured column name always wins.
+SOURCE_ALIASES = ("source_images",)
+TARGET_ALIASES = ("edit_image",)
+
+
+class RecordError(ValueError):
+    """A row that cannot become a sample; names where and why."""
+
+    def __init__(self, file: str, line: int, field: str | None, reason: str):
+        self.file = file
+        self.line = line
+        self.field = field
+        self.reason = reason
+        where = f"{file} line {line}" + (f", field '{field}'" if field else "")
+        super().__init__(f"{where}: {reason}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the image columns (overridable from the CLIs)."""
+
+    source: str = "source_image"
+    target: str = "target_image"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated input sample; image references are absolute paths or URLs."""
+
+    file: str
+    line: int
+    sources: tuple[str, ...]
+    target: str
+    instruction: str = ""
+    instruction_cn: str = ""
+    inverse_instruction: str = ""
+    inverse_instruction_cn: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.sources)
+
+    @property
+    def texts(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in TEXT_FIELDS}
+
+
+def has_scheme(ref: str) -> bool:
+    """True for URLs such as ``s3://b/k``, ``https://h/p`` or ``file:///x``."""
+    head, sep, _ = ref.partition("://")
+    return bool(sep) and head.replace("+", "").replace("-", "").replace(".", "").isalnum()
+
+
+def parent_of(uri: str) -> str:
+    """The folder holding ``uri`` (a local path or a URL)."""
+    return posixpath.dirname(uri.rstrip("/")) if has_scheme(uri) else posixpath.dirname(uri)
+
+
+def resolve_ref(ref: str, base_dir: str) -> str:
+    """Resolve an image reference against the JSONL's folder (paths and URLs)."""
+    if has_scheme(ref) or posixpath.isabs(ref) or not base_dir:
+        return ref
+    if has_scheme(base_dir):
+        scheme, _, path = base_dir.partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(path, ref))}"
+    return posixpath.normpath(posixpath.join(base_dir, ref))
+
+
+def _pick(row: dict[str, Any], name: str, aliases: tuple[str, ...]) -> tuple[str, Any, bool]:
+    """Return (field name used, value, present?) for a column and its aliases."""
+    for key in (name, *aliases):
+        if key in row:
+            return key, row[key], True
+    return name, None, False
+
+
+def _image_ref(value: Any, file: str, line: int, fieldname: str, base_dir: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(file, line, fieldname, f"expected a string path or URL, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(file, line, fieldname, "empty path")
+    return resolve_ref(value.strip(), base_dir)
+
+
+def parse_row(row: Any, file: str, line: int, columns: Columns = Columns(), base_dir: str | None = None) -> Record:
+    """Validate a decoded JSON value as a sample row."""
+    if not isinstance(row, dict):
+        raise RecordError(file, line, None, f"expected a JSON object, got {type(row).__name__}")
+    base = parent_of(file) if base_dir is None else base_dir
+
+    target_key, target, present = _pick(row, columns.target, TARGET_ALIASES)
+    if not present or target is None:
+        raise RecordError(file, line, columns.target, "missing target image")
+    target_ref = _image_ref(target, file, line, target_key, base)
+
+    source_key, raw_sources, _ = _pick(row, columns.source, SOURCE_ALIASES)
+    if raw_sources is None:
+        raw_sources = []
+    elif isinstance(raw_sources, str):
+        raw_sources = [raw_sources]
+    elif not isinstance(raw_sources, list):
+        raise RecordError(
+            file, line, source_key, f"expected null, a string or a list of strings, got {type(raw_sources).__name__}"
+        )
+    if len(raw_sources) > MAX_SOURCES:
+        raise RecordError(file, line, source_key, f"{len(raw_sources)} source images, at most {MAX_SOURCES} allowed")
+    sources = tuple(_image_ref(s, file, line, f"{source_key}[{i}]", base) for i, s in enumerate(raw_sources))
+
+    texts: dict[str, str] = {}
+    for name in TEXT_FIELDS:
+        value = row.get(name)
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise RecordError(file, line, name, f"expected a string or null, got {type(value).__name__}")
+        texts[name] = value.strip()
+
+    used = {target_key, source_key, *TEXT_FIELDS}
+    extra = {k: v for k, v in row.items() if k not in used}
+    return Record(file=file, line=line, sources=sources, target=target_ref, extra=extra, **texts)
+
+
+def parse_line(text: str, file: str, line: int, columns: Columns = Columns(), base_dir: str | None = None) -> Record:
+    """Decode and validate one JSONL line (``line`` is 0-based)."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(file, line, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    return parse_row(row, file, line, columns, base_dir)
+
+
+def iter_lines(file: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[int, str]]:
+    """(0-based line number, text) for every non-blank line of a local or fsspec JSONL."""
+    import fsspec
+
+    with fsspec.open(file, "rt", encoding="utf-8", **(storage_options or {})) as handle:
+        for number, text in enumerate(handle):
+            if text.strip():
+                yield number, text
+
+
+def read_records(
+    file: str, columns: Columns = Columns(), storage_options: dict[str, Any] | None = None
+) -> Iterator[Record | RecordError]:
+    """Every non-blank line of ``file`` as a Record, or the RecordError saying why not."""
+    for number, text in iter_lines(file, storage_options):
+        try:
+            yield parse_line(text, file, number, columns)
+        except RecordError as exc:
+            yield exc
