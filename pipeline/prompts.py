@@ -28,6 +28,8 @@ PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 # Drop indices with the real Qwen2.5 tokenizer (diffusers hard-codes these).
 REAL_DROP_INDEX = {"edit": 64, "t2i": 34}
+# Id of <|im_start|> in the real Qwen2.5 vocabulary: how the real tokenizer is recognised.
+REAL_IM_START_ID = 151644
 
 
 def template_for(num_sources: int) -> str:
@@ -45,9 +47,17 @@ def drop_index(tokenizer, template: str) -> int:
     return len(tokenizer(template_prefix(template), add_special_tokens=False)["input_ids"])
 
 
+def is_real_qwen_tokenizer(tokenizer) -> bool:
+    """True for the published Qwen2.5 vocabulary (special tokens at their real ids)."""
+    return tokenizer.convert_tokens_to_ids("<|im_start|>") == REAL_IM_START_ID
+
+
 def drop_indices(tokenizer) -> dict[str, int]:
-    """Drop indices for the edit and T2I templates."""
-    return {"edit": drop_index(tokenizer, EDIT_TEMPLATE), "t2i": drop_index(tokenizer, T2I_TEMPLATE)}
+    """Drop indices for the edit and T2I templates, checked against the known values on the real tokenizer."""
+    found = {"edit": drop_index(tokenizer, EDIT_TEMPLATE), "t2i": drop_index(tokenizer, T2I_TEMPLATE)}
+    if is_real_qwen_tokenizer(tokenizer) and found != REAL_DROP_INDEX:
+        raise RuntimeError(f"template prefix lengths {found} differ from the real Qwen2.5 values {REAL_DROP_INDEX}")
+    return found
 
 
 def edit_prompt_text(instruction: str, num_images: int) -> str:
