@@ -69,3 +69,39 @@ def edit_prompt_text(instruction: str, num_images: int) -> str:
 def t2i_prompt_text(instruction: str) -> str:
     """The full text-to-image prompt."""
     return T2I_TEMPLATE.format(instruction)
+
+
+# System text of the edit template, for chat-template ("firered") prompts.
+EDIT_SYSTEM = EDIT_TEMPLATE.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
+
+PROMPT_STYLES = ("diffusers", "firered")
+VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
+
+
+def firered_messages(instruction: str, num_images: int) -> list[dict]:
+    """The original tool's chat messages: images first, no ``Picture i:`` labels."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": instruction}]
+    return [{"role": "system", "content": EDIT_SYSTEM}, {"role": "user", "content": content}]
+
+
+def plan_variants(texts: dict[str, str], num_sources: int, inverse: bool) -> list[tuple[str, str, str]]:
+    """(variant, conditioning images "sources"|"target"|"none", text) for one sample (DESIGN §4).
+
+    Empty instructions get no embedding; ``drop`` exists for edits only (T2I
+    samples share the task's null embedding); inverse variants need exactly one
+    source and are conditioned on the target.
+    """
+    images = "sources" if num_sources else "none"
+    plan = [(v, images, texts[f]) for v, f in (("en", "instruction"), ("cn", "instruction_cn")) if texts[f]]
+    if num_sources:
+        plan.append(("drop", "sources", ""))
+    if inverse and num_sources == 1:
+        inv = [
+            (v, "target", texts[f])
+            for v, f in (("en_inv", "inverse_instruction"), ("cn_inv", "inverse_instruction_cn"))
+        ]
+        inv = [p for p in inv if p[2]]
+        if inv:
+            plan.extend(inv)
+            plan.append(("drop_inv", "target", ""))
+    return plan

@@ -1,0 +1,151 @@
+"""The VLM forward: prompt token ids in DataLoader workers, batched hidden states on the device.
+
+:class:`PromptBuilder` is small and picklable, so DataLoader workers turn images
+and text into exactly the processor/tokenizer inputs diffusers builds at
+inference.  :class:`PromptEncoder` runs the Qwen2.5-VL text encoder on many
+prompts per forward and returns each prompt's last hidden states with the
+template prefix dropped, as ``encode_prompt`` does.  Online encoding during
+training uses the same two classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline import images as imaging
+from pipeline import prompts
+
+log = logging.getLogger(__name__)
+
+T2I_MAX_TOKENS = 1024  # diffusers' tokenizer_max_length for QwenImagePipeline
+
+
+@dataclass
+class PromptInputs:
+    """Encoder inputs for one prompt (no padding, no batch dimension)."""
+
+    kind: str  # "edit" (processor, with images) or "t2i" (tokenizer only)
+    input_ids: torch.Tensor  # [L] int64
+    pixel_values: torch.Tensor | None = None  # [patches, dim] float32
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class PromptBuilder:
+    """Builds :class:`PromptInputs` in the chosen prompt style."""
+
+    def __init__(self, model_path: str | Path, style: str = "diffusers"):
+        from transformers import AutoTokenizer, Qwen2VLProcessor
+
+        if style not in prompts.PROMPT_STYLES:
+            raise ValueError(f"unknown prompt style {style!r}; choose from {prompts.PROMPT_STYLES}")
+        self.style = style
+        self.processor = Qwen2VLProcessor.from_pretrained(str(model_path), subfolder="processor")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), subfolder="tokenizer")
+        self.drop_index = prompts.drop_indices(self.tokenizer)
+
+    def condition_images(self, pictures: list[Image.Image], target_bucket: float | None = None) -> list[Image.Image]:
+        """Resize as inference does (diffusers) or crop-to-target-bucket then resize (firered)."""
+        if self.style == "firered":
+            if target_bucket is None:
+                raise ValueError("firered prompts need the target's aspect bucket")
+            return [imaging.firered_condition_image(p, target_bucket) for p in pictures]
+        return [imaging.condition_image(p) for p in pictures]
+
+    def edit(self, condition_images: list[Image.Image], instruction: str) -> PromptInputs:
+        """Edit prompt over already-resized condition images."""
+        n = len(condition_images)
+        if self.style == "firered":
+            text = self.processor.apply_chat_template(
+                prompts.firered_messages(instruction, n), add_generation_prompt=True
+            )
+        else:
+            text = prompts.edit_prompt_text(instruction, n)
+        batch = self.processor(text=[text], images=condition_images, padding=True, return_tensors="pt")
+        return PromptInputs("edit", batch["input_ids"][0], batch["pixel_values"], batch["image_grid_thw"])
+
+    def t2i(self, instruction: str) -> PromptInputs:
+        batch = self.tokenizer(
+            [prompts.t2i_prompt_text(instruction)],
+            max_length=T2I_MAX_TOKENS + self.drop_index["t2i"],
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return PromptInputs("t2i", batch["input_ids"][0])
+
+
+def config_digest(model_path: str | Path) -> str:
+    """sha256 of the text encoder's config.json: identifies the model in manifests."""
+    return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+class PromptEncoder:
+    """Qwen2.5-VL text encoder on one device; many prompts per forward."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto"):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(model_path), subfolder="text_encoder", dtype=self.dtype
+        ).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.hidden_size = int(self.model.config.text_config.hidden_size)
+        self.pad_token_id = int(self.model.config.text_config.pad_token_id or 0)
+
+    @torch.no_grad()
+    def encode(self, batch: list[PromptInputs], drop_index: dict[str, int]) -> list[torch.Tensor]:
+        """Last hidden states per prompt, template prefix dropped, in the encoder's dtype, on CPU.
+
+        Prompts of one length run without padding, which keeps every result
+        bit-identical to a one-prompt forward (``encode_prompt`` at inference);
+        mixed lengths are right-padded with an attention mask.
+        """
+        kinds = {p.kind for p in batch}
+        if len(kinds) != 1:
+            raise ValueError(f"one forward takes one prompt kind, got {kinds}")
+        kind = kinds.pop()
+        longest = max(p.length for p in batch)
+        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : p.length] = p.input_ids
+            mask[row, : p.length] = 1
+        kwargs = {}
+        if kind == "edit":
+            kwargs["pixel_values"] = torch.cat([p.pixel_values for p in batch]).to(self.device)
+            kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in batch]).to(self.device)
+        # The base model's last_hidden_state is hidden_states[-1] of the full model (the
+        # final norm applied), without computing the LM head over the vocabulary.
+        hidden = self.model.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+        ).last_hidden_state
+        drop = drop_index[kind]
+        return [hidden[row, drop : p.length].to("cpu") for row, p in enumerate(batch)]

@@ -1,0 +1,392 @@
+"""``python -m pipeline.extract``: JSONL → per-task WebDataset shards with prompt embeddings.
+
+Flow per rank: DataLoader workers turn this rank's pending lines into prepared
+samples (``prepare``); the main process groups their prompts into encoder
+batches (``PromptBatcher``) and runs the VLM (``encoder``); finished samples go
+to the background shard writer (``writer``), which publishes shards and commit
+records (``progress``).  When every rank is done, rank 0 writes the null
+embedding and, last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import images as imaging
+from pipeline import progress as prog
+from pipeline.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
+from pipeline.logs import setup_logging
+from pipeline.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
+from pipeline.records import Columns
+from pipeline.shardformat import NULL_EMBEDDING, embedding_to_npy, new_manifest
+from pipeline.storage import Store, parse_storage_options
+from pipeline.writer import ShardSink
+
+log = logging.getLogger("pipeline.extract")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.extract",
+        description="Encode the prompts of a JSONL of editing samples with the Qwen2.5-VL text encoder and write "
+        "per-task WebDataset shards (images, instructions, bf16 embeddings) to a local path or fsspec URL. "
+        "Run under torchrun for one process per GPU; rerun the same command to resume.",
+    )
+    p.add_argument("jsonl_path", help="input JSONL (local path or fsspec URL), one sample per line")
+    p.add_argument("--output_dir", required=True, help="task directory to write: local path, s3://, gs://, ...")
+    p.add_argument("--model_path", required=True, help="Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)")
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per encoder forward (a sample has 1-6)")
+    p.add_argument(
+        "--image_sample_size",
+        type=int,
+        default=512,
+        help="kept for command compatibility with the original tool and recorded in the manifest; images are "
+        "stored at original resolution and cropped at training time",
+    )
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers loading and preprocessing images")
+    p.add_argument("--prefetch_factor", type=int, default=4, help="samples each worker prepares ahead")
+    p.add_argument("--disable_inverse", action="store_true", help="do not store inverse-instruction embeddings")
+    p.add_argument(
+        "--t2i_mode",
+        action="store_true",
+        help="text-to-image data: every sample is encoded with the T2I template, source images are ignored; "
+        "implies --disable_inverse",
+    )
+    p.add_argument(
+        "--prompt_style",
+        choices=["diffusers", "firered"],
+        default="diffusers",
+        help="diffusers: exactly what QwenImageEditPlusPipeline.encode_prompt computes (default); "
+        "firered: the original tool's chat-template variant with bucket-cropped condition images",
+    )
+    p.add_argument(
+        "--batching",
+        choices=["exact", "padded"],
+        default="exact",
+        help="exact: batch only prompts of equal token length, so every embedding is bit-identical to a "
+        "one-prompt forward (default); padded: pad mixed lengths with a mask, fuller batches, equal only up "
+        "to float rounding",
+    )
+    p.add_argument("--max_samples_per_shard", type=int, default=1000, help="start a new shard after this many")
+    p.add_argument("--max_shard_bytes", type=int, default=1 << 30, help="start a new shard after this many bytes")
+    p.add_argument(
+        "--max_failure_ratio",
+        type=float,
+        default=0.05,
+        help="exit non-zero when more than this fraction of the lines failed (default 0.05)",
+    )
+    p.add_argument("--max_image_pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS, help="reject larger images")
+    p.add_argument("--source_column", default="source_image", help="JSONL field with the source image(s)")
+    p.add_argument("--target_column", default="target_image", help="JSONL field with the target image")
+    p.add_argument(
+        "--storage_options",
+        default=None,
+        help='JSON fsspec options, flat or per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'; '
+        "AWS_* and FSSPEC_* environment variables are honoured without it",
+    )
+    p.add_argument("--skip_embeddings", action="store_true", help="write image-only shards (online encoding)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="encoder compute dtype; auto = bfloat16 on CUDA, float32 on CPU (embeddings are stored as bfloat16)",
+    )
+    p.add_argument("--tmp_dir", default=None, help="local folder for shards being assembled (default: system temp)")
+    p.add_argument("--queue_size", type=int, default=32, help="finished samples buffered for the shard writer")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching prompts for the encoder
+
+
+@dataclass
+class _Entry:
+    sample: PreparedSample
+    remaining: int
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    failed: bool = False
+
+
+class PromptBatcher:
+    """Groups prompts of many samples into encoder batches.
+
+    ``exact`` groups by (kind, token length): no padding, so a prompt's result
+    does not depend on its batch mates.  ``padded`` groups by (kind, length//64)
+    and pads.  The pool is bounded: past ``pool_limit`` prompts the largest
+    group runs even if not full.
+    """
+
+    def __init__(self, batch_size: int, exact: bool, pool_limit: int):
+        self.batch_size, self.exact, self.pool_limit = batch_size, exact, pool_limit
+        self.groups: dict[tuple, list[tuple[int, str, PromptInputs]]] = defaultdict(list)
+        self.size = 0
+
+    def add(self, sample_id: int, variant: str, inputs: PromptInputs) -> list[list]:
+        key = (inputs.kind, inputs.length if self.exact else inputs.length // 64)
+        group = self.groups[key]
+        group.append((sample_id, variant, inputs))
+        self.size += 1
+        ready = []
+        if len(group) >= self.batch_size:
+            ready.append(self._take(key))
+        while self.size > self.pool_limit:
+            ready.append(self._take(max(self.groups, key=lambda k: len(self.groups[k]))))
+        return ready
+
+    def drain(self) -> list[list]:
+        return [self._take(k) for k in sorted(self.groups, key=str)]
+
+    def _take(self, key) -> list:
+        batch = self.groups.pop(key)
+        self.size -= len(batch)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity(item):
+    return item
+
+
+def _init_distributed() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        # gloo only synchronises the ranks at the end; the encoder itself is not distributed.
+        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class Extractor:
+    """One rank's extraction run."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.storage_options = parse_storage_options(args.storage_options)
+        self.store = Store(args.output_dir, self.storage_options)
+        self.task = args.output_dir.rstrip("/").rsplit("/", 1)[-1]
+        self.inverse = not (args.disable_inverse or args.t2i_mode)
+        self.builder = None if args.skip_embeddings else PromptBuilder(args.model_path, args.prompt_style)
+        self.encoder = None if args.skip_embeddings else PromptEncoder(args.model_path, args.device, args.dtype)
+        self.forward_seconds = 0.0
+        self.failures_by_kind: dict[str, int] = defaultdict(int)
+
+    # ---- main loop -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        commits = prog.read_commits(self.store)
+        # each rank cleans its own leftovers; rank 0 also those of ranks a larger earlier run had
+        prog.remove_orphans(self.store, commits, lambda r: r == self.rank or (self.rank == 0 and r >= self.world))
+        progress = prog.ProgressLog(self.store, self.rank, commits)
+        opts = PrepareOptions(
+            inverse=self.inverse,
+            t2i_mode=self.args.t2i_mode,
+            max_pixels=self.args.max_image_pixels,
+            storage_options=self.storage_options,
+            skip_embeddings=self.args.skip_embeddings,
+        )
+        columns = Columns(self.args.source_column, self.args.target_column)
+        done = prog.done_lines(commits)
+        dataset = LineDataset(self.args.jsonl_path, self.rank, self.world, done, self.builder, opts, columns)
+        total = sum(1 for _ in dataset.pending())
+        log.info("%d line(s) to process on this rank; %d line(s) of the task done before", total, int(done.sum()))
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.args.num_workers,
+            prefetch_factor=self.args.prefetch_factor if self.args.num_workers else None,
+            collate_fn=_identity,
+        )
+        sink = ShardSink(
+            self.store,
+            progress,
+            self.rank,
+            self.args.max_samples_per_shard,
+            self.args.max_shard_bytes,
+            self.args.queue_size,
+            self.args.tmp_dir,
+        )
+        batcher = PromptBatcher(self.args.batch_size, self.args.batching == "exact", max(64, 16 * self.args.batch_size))
+        entries: dict[int, _Entry] = {}
+        started = time.perf_counter()
+        bar = tqdm(total=total, desc=f"rank {self.rank}", unit="sample", dynamic_ncols=True, mininterval=1.0)
+        try:
+            for sample_id, item in enumerate(loader):
+                if isinstance(item, Failure):
+                    self._fail(sink, item, bar)
+                    continue
+                if not item.prompts:
+                    sink.add_sample(item, {})
+                    bar.update(1)
+                    continue
+                entries[sample_id] = _Entry(item, len(item.prompts))
+                for variant, inputs in item.prompts:
+                    for batch in batcher.add(sample_id, variant, inputs):
+                        self._encode(batch, entries, sink, bar)
+                item.prompts = []  # the batcher holds the inputs now
+            for batch in batcher.drain():
+                self._encode(batch, entries, sink, bar)
+        finally:
+            bar.close()
+            sink.close()
+        wall = time.perf_counter() - started
+        stats = {
+            "rank": self.rank,
+            "wall_seconds": wall,
+            "forward_seconds": self.forward_seconds,
+            "samples_written": sink.written_samples,
+            "bytes_written": sink.written_bytes,
+            "failed": dict(self.failures_by_kind),
+        }
+        log.info(
+            "rank done: %d samples, %.1f MB in %.1fs (%.2f samples/s), encoder %.1fs; failed %s",
+            sink.written_samples,
+            sink.written_bytes / 1e6,
+            wall,
+            sink.written_samples / wall if wall else 0.0,
+            self.forward_seconds,
+            dict(self.failures_by_kind) or "none",
+        )
+        return stats
+
+    def _fail(self, sink: ShardSink, failure: Failure, bar: tqdm) -> None:
+        log.warning("line %d failed (%s): %s", failure.line, failure.kind, failure.reason)
+        self.failures_by_kind[failure.kind] += 1
+        sink.add_failure(failure)
+        bar.update(1)
+
+    def _encode(self, batch: list, entries: dict[int, _Entry], sink: ShardSink, bar: tqdm) -> None:
+        live = [(sid, v, p) for sid, v, p in batch if not entries[sid].failed]
+        if not live:
+            return self._settle(batch, entries, sink, bar)
+        t0 = time.perf_counter()
+        try:
+            outputs = self.encoder.encode([p for _, _, p in live], self.builder.drop_index)
+        except Exception as exc:  # retry one by one so a single bad prompt fails only its sample
+            log.warning("batch of %d prompts failed (%s); retrying one by one", len(live), exc)
+            outputs = []
+            for sid, _, p in live:
+                try:
+                    outputs.append(self.encoder.encode([p], self.builder.drop_index)[0])
+                except Exception as one_exc:
+                    outputs.append(None)
+                    entry = entries[sid]
+                    if not entry.failed:
+                        entry.failed = True
+                        s = entry.sample
+                        self._fail(sink, Failure(s.meta["input"], s.line, "encode_error", str(one_exc)), bar)
+        self.forward_seconds += time.perf_counter() - t0
+        for (sid, variant, _), out in zip(live, outputs, strict=True):
+            if out is not None:
+                entries[sid].embeddings[variant] = out
+        self._settle(batch, entries, sink, bar)
+
+    def _settle(self, batch: list, entries: dict[int, _Entry], sink: ShardSink, bar: tqdm) -> None:
+        for sid, _, _ in batch:
+            entry = entries[sid]
+            entry.remaining -= 1
+            if entry.remaining == 0:
+                del entries[sid]
+                if not entry.failed:
+                    sink.add_sample(entry.sample, entry.embeddings)
+                    bar.update(1)
+
+    # ---- end of run (rank 0) ---------------------------------------------------------------
+    def finish(self) -> int:
+        commits = prog.read_commits(self.store)
+        summary = prog.summarize(commits)
+        has_t2i = any(c.shard and c.shard["num_sources"] == 0 for c in commits)
+        null_url = None
+        if has_t2i and self.encoder is not None:
+            null = self.encoder.encode([self.builder.t2i("")], self.builder.drop_index)[0]
+            self.store.write_bytes(NULL_EMBEDDING, embedding_to_npy(null))
+            null_url = NULL_EMBEDDING
+        base = new_manifest(self.task, self._model_identity(), self.args.prompt_style, self._drop_index())
+        extra = {
+            "null_embedding": null_url,
+            "embeddings": not self.args.skip_embeddings,
+            "inverse": self.inverse,
+            "t2i_mode": self.args.t2i_mode,
+            "image_sample_size": self.args.image_sample_size,
+            "input": self.args.jsonl_path,
+            "world_size": self.world,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest = prog.build_manifest(self.store, base, commits, extra)
+        prog.write_manifest(self.store, manifest)
+        print(json.dumps({"task": self.task, "output": self.args.output_dir, **summary}, ensure_ascii=False))
+        log.info(
+            "task %s: %d ok, %d failed %s; manifest %s",
+            self.task,
+            summary["ok"],
+            summary["failed"],
+            summary["failed_by_reason"],
+            self.store.url("manifest.json"),
+        )
+        lines = summary["ok"] + summary["failed"]
+        if summary["ok"] == 0:
+            log.error("nothing could be written")
+            return 1
+        if lines and summary["failed"] / lines > self.args.max_failure_ratio:
+            log.error(
+                "%.1f%% of the lines failed, above --max_failure_ratio %.1f%%; see %s",
+                100 * summary["failed"] / lines,
+                100 * self.args.max_failure_ratio,
+                self.store.url(prog.FAILURES),
+            )
+            return 1
+        return 0
+
+    def _model_identity(self) -> dict[str, Any]:
+        hidden = self.encoder.hidden_size if self.encoder else None
+        if hidden is None:
+            cfg = json.loads(open(os.path.join(self.args.model_path, "text_encoder", "config.json")).read())
+            hidden = cfg.get("text_config", cfg).get("hidden_size")
+        return {
+            "path": self.args.model_path,
+            "config_sha256": config_digest(self.args.model_path),
+            "hidden_size": hidden,
+            "compute_dtype": str(self.encoder.dtype).replace("torch.", "") if self.encoder else None,
+        }
+
+    def _drop_index(self) -> dict[str, int]:
+        return self.builder.drop_index if self.builder else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    rank, world = _init_distributed()
+    try:
+        extractor = Extractor(args, rank, world)
+        extractor.run()
+        _barrier(world)
+        code = extractor.finish() if rank == 0 else 0
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

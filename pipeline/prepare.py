@@ -1,0 +1,182 @@
+"""One JSONL line → a sample ready for the encoder, or a failure; runs in DataLoader workers.
+
+Everything slow and per-sample (fetching and decoding images, resizing the
+condition images, tokenising, image preprocessing) happens here, off the main
+process, so the encoder does not wait on I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline import images as imaging
+from pipeline.encoder import PromptBuilder, PromptInputs
+from pipeline.prompts import plan_variants
+from pipeline.records import Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.shardformat import sample_key
+
+
+@dataclass
+class Failure:
+    """A line that goes to ``_failures/``: where, why, and the line itself."""
+
+    file: str
+    line: int
+    kind: str
+    reason: str
+    field: str | None = None
+    text: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PreparedSample:
+    """Everything the shard needs except the embeddings, plus the prompts to encode."""
+
+    key: str
+    line: int
+    num_sources: int
+    meta: dict[str, Any]
+    images: dict[str, tuple[str, bytes]]  # role -> (ext, original bytes)
+    prompts: list[tuple[str, PromptInputs]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    inverse: bool = True
+    t2i_mode: bool = False
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    storage_options: dict[str, Any] | None = None
+    skip_embeddings: bool = False
+
+
+def _record_failure(err: RecordError, text: str) -> Failure:
+    kind = "malformed_json" if err.reason.startswith("malformed JSON") else "invalid_row"
+    return Failure(err.file, err.line, kind, err.reason, err.field, text)
+
+
+def prepare_record(
+    record: Record,
+    text: str,
+    builder: PromptBuilder | None,
+    opts: PrepareOptions,
+    source_field: str = "source_image",
+    target_field: str = "target_image",
+) -> PreparedSample | Failure:
+    """Load the images of ``record`` and build its prompts."""
+    sources = () if opts.t2i_mode else record.sources
+    loaded: dict[str, imaging.LoadedImage] = {}
+    roles = [
+        (f"source{i}", uri, f"{source_field}[{i}]" if len(sources) > 1 else source_field)
+        for i, uri in enumerate(sources)
+    ]
+    roles.append(("target", record.target, target_field))
+    for role, uri, fieldname in roles:
+        try:
+            loaded[role] = imaging.load(uri, opts.storage_options, opts.max_pixels)
+        except imaging.ImageLoadError as exc:
+            return Failure(record.file, record.line, exc.kind, str(exc), fieldname, text)
+
+    source_images = [loaded[f"source{i}"] for i in range(len(sources))]
+    target = loaded["target"]
+    buckets = [imaging.aspect_bucket(img.size) for img in (*source_images, target)]
+    texts = record.texts
+    inverse = opts.inverse and not opts.t2i_mode
+    plan = [] if opts.skip_embeddings else plan_variants(texts, len(sources), inverse)
+
+    prompts: list[tuple[str, PromptInputs]] = []
+    if plan:
+        conditions: dict[str, list] = {}
+        for variant, role, prompt_text in plan:
+            if role == "none":
+                prompts.append((variant, builder.t2i(prompt_text)))
+                continue
+            if role not in conditions:
+                pictures = [s.rgb for s in source_images] if role == "sources" else [target.rgb]
+                conditions[role] = builder.condition_images(pictures, target_bucket=buckets[-1])
+            prompts.append((variant, builder.edit(conditions[role], prompt_text)))
+
+    key = sample_key(record.file, record.line)
+    meta = {
+        "key": key,
+        "input": record.file,
+        "line": record.line,
+        "num_sources": len(sources),
+        **texts,
+        "sources": [_image_meta(img, f"source{i}") for i, img in enumerate(source_images)],
+        "target": _image_meta(target, "target"),
+        "bucket": buckets,
+        "variants": {},
+        "extra": record.extra,
+    }
+    return PreparedSample(
+        key=key,
+        line=record.line,
+        num_sources=len(sources),
+        meta=meta,
+        images={role: (img.ext, img.data) for role, img in loaded.items()},
+        prompts=prompts,
+    )
+
+
+def _image_meta(img: imaging.LoadedImage, role: str) -> dict[str, Any]:
+    return {"uri": img.uri, "size": list(img.size), "mode": img.original_mode, "member": f"{role}.{img.ext}"}
+
+
+def prepare_line(
+    text: str, file: str, line: int, builder: PromptBuilder | None, opts: PrepareOptions, columns: Columns
+) -> PreparedSample | Failure:
+    try:
+        record = parse_line(text, file, line, columns)
+    except RecordError as err:
+        return _record_failure(err, text)
+    try:
+        return prepare_record(record, text, builder, opts, columns.source, columns.target)
+    except Exception as exc:  # one bad sample must never stop a long run
+        return Failure(file, line, "prepare_error", f"{type(exc).__name__}: {exc}", None, text)
+
+
+class LineDataset(IterableDataset):
+    """This rank's pending lines of one JSONL, split across DataLoader workers.
+
+    Line ``i`` belongs to rank ``i % world_size``; lines already in committed
+    shards or in the failures file (``done``) are skipped.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        rank: int,
+        world_size: int,
+        done: np.ndarray,
+        builder: PromptBuilder | None,
+        opts: PrepareOptions,
+        columns: Columns,
+    ):
+        self.file, self.rank, self.world_size, self.done = file, rank, world_size, done
+        self.builder, self.opts, self.columns = builder, opts, columns
+
+    def pending(self):
+        for number, text in iter_lines(self.file, self.opts.storage_options):
+            if number % self.world_size != self.rank:
+                continue
+            if number < len(self.done) and self.done[number]:
+                continue
+            yield number, text
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # workers preprocess; the main process owns the cores for the encoder
+        for position, (number, text) in enumerate(self.pending()):
+            if position % workers == worker:
+                yield prepare_line(text, self.file, number, self.builder, self.opts, self.columns)

@@ -1,0 +1,181 @@
+"""Shard format v1: sample ↔ tar members, embeddings as ``.npy``, shard index, manifest.
+
+A task directory holds ``src{N}/{rank:05d}-{seq:06d}.tar`` shards (N = number of
+source images), a ``.index.json`` beside each shard with every member's byte
+range (so readers can seek to a sample or fetch one embedding without reading
+the rest), ``null_embedding.npy`` when the task has text-to-image samples, and
+``manifest.json``, written last.  Everything is readable without pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_NAME = "qwen-edit-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+NULL_EMBEDDING = "null_embedding.npy"
+EMBEDDING_NPY_DTYPE = "<u2"  # bfloat16 bit pattern, little-endian
+EMBEDDING_DTYPE = "bfloat16"
+FORBIDDEN_SUFFIXES = (".pyd", ".pickle", ".pkl", ".pth", ".pt")
+
+
+def shard_name(num_sources: int, rank: int, seq: int) -> str:
+    return f"src{num_sources}/{rank:05d}-{seq:06d}.tar"
+
+
+def index_name(shard: str) -> str:
+    return shard[: -len(".tar")] + ".index.json"
+
+
+def sample_key(input_file: str, line: int) -> str:
+    """Stable key from the input file's name and the 0-based line: no dots (webdataset splits on them)."""
+    stem = input_file.rstrip("/").rsplit("/", 1)[-1]
+    stem = stem[: -len(".jsonl")] if stem.endswith(".jsonl") else stem
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem) or "input"
+    return f"{stem}-{line:09d}"
+
+
+def embedding_to_npy(tensor: torch.Tensor) -> bytes:
+    """``[seq, hidden]`` → ``.npy`` bytes of the bfloat16 bit pattern (``<u2``)."""
+    if tensor.dim() != 2:
+        raise ValueError(f"embedding must be 2-D [seq, hidden], got shape {tuple(tensor.shape)}")
+    bits = tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(EMBEDDING_NPY_DTYPE)
+    buf = io.BytesIO()
+    np.save(buf, bits, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_to_embedding(data: bytes) -> torch.Tensor:
+    """Inverse of :func:`embedding_to_npy`; never unpickles."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.dtype(EMBEDDING_NPY_DTYPE) or array.ndim != 2:
+        raise ValueError(f"embedding npy must be 2-D {EMBEDDING_NPY_DTYPE}, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int16, copy=False).copy()).view(torch.bfloat16)
+
+
+@dataclass
+class ShardStats:
+    """What the manifest records for one finished shard."""
+
+    url: str
+    num_sources: int
+    samples: int
+    bytes: int
+    sha256: str
+    index_url: str
+    keys: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "num_sources": self.num_sources,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "index": self.index_url,
+        }
+
+
+class TarShardWriter:
+    """Writes one tar to a local file and records each member's byte range.
+
+    Members are written with fixed metadata (mtime 0, uid 0) so the same
+    samples give the same bytes.
+    """
+
+    def __init__(self, local_path: str):
+        self.local_path = local_path
+        self._file = open(local_path, "wb")  # noqa: SIM115 - closed in close()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.index: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample; ``members`` maps extension (``json``, ``target.png`` …) to bytes."""
+        start = self._tar.offset
+        offsets = {}
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0
+            self._tar.addfile(info, io.BytesIO(data))
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            offsets[ext] = [self._tar.offset - padded, len(data)]
+        self.index.append({"key": key, "offset": start, "size": self._tar.offset - start, "members": offsets})
+        self.keys.append(key)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._file.tell()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def close(self) -> tuple[int, str]:
+        """Finish the tar; returns (size, sha256)."""
+        self._tar.close()
+        self._file.flush()
+        self._file.close()
+        digest = hashlib.sha256()
+        size = 0
+        with open(self.local_path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
+
+
+def sample_members(
+    meta: dict[str, Any], images: dict[str, tuple[str, bytes]], embeddings: dict[str, bytes]
+) -> dict[str, bytes]:
+    """All tar members of one sample: json, images by role, ``emb_{variant}.npy``."""
+    members = {"json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+    for role, (ext, data) in images.items():
+        members[f"{role}.{ext}"] = data
+    for variant, data in embeddings.items():
+        members[f"emb_{variant}.npy"] = data
+    return members
+
+
+def is_forbidden_member(name: str) -> bool:
+    """Members that default decoders would unpickle; never decoded here."""
+    return name.lower().endswith(FORBIDDEN_SUFFIXES)
+
+
+def new_manifest(task: str, model: dict[str, Any], prompt_style: str, drop_index: dict[str, int]) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "model": model,
+        "prompt_style": prompt_style,
+        "drop_index": drop_index,
+        "embedding": {"npy_dtype": EMBEDDING_NPY_DTYPE, "dtype": EMBEDDING_DTYPE, "hidden_size": model["hidden_size"]},
+        "variants": [],
+        "null_embedding": None,
+        "shards": [],
+        "totals": {},
+        "failures": 0,
+    }
+
+
+def add_totals(manifest: dict[str, Any]) -> None:
+    """Fill ``totals`` per source count from the shard entries."""
+    totals: dict[str, dict[str, int]] = {}
+    for shard in manifest["shards"]:
+        entry = totals.setdefault(str(shard["num_sources"]), {"shards": 0, "samples": 0, "bytes": 0})
+        entry["shards"] += 1
+        entry["samples"] += shard["samples"]
+        entry["bytes"] += shard["bytes"]
+    manifest["totals"] = dict(sorted(totals.items()))

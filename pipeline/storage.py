@@ -1,0 +1,155 @@
+"""Local paths and object storage behind one small API, with atomic writes.
+
+Credentials and endpoints come from where users already configure them: the
+``AWS_*`` environment (``AWS_ENDPOINT_URL`` included, read by botocore), fsspec's
+``FSSPEC_S3_*`` / ``FSSPEC_GCS_*`` variables, and an optional
+``--storage_options`` JSON.  Writes never leave a partial object a reader could
+take as complete: local files go through a temporary name and ``os.replace``;
+object stores publish an object only when its (single or multipart) upload
+completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from pipeline.records import has_scheme
+
+LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """Parse ``--storage_options``: either per-protocol (``{"s3": {...}}``) or flat options."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--storage_options is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--storage_options must be a JSON object")
+    return value
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if has_scheme(url) else "file"
+
+
+def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options that apply to ``url``: its protocol's entry, or the flat options for remote URLs."""
+    if not storage_options:
+        return {}
+    protocol = protocol_of(url)
+    nested = {k: v for k, v in storage_options.items() if isinstance(v, dict) and k in fsspec.available_protocols()}
+    if nested:
+        return dict(nested.get(protocol, {}))
+    return {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL or path segments with ``/``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+class Store:
+    """One root (a local folder or an fsspec URL) with the operations the pipeline needs."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        self.root = root.rstrip("/") if root not in ("/",) else root
+        self.options = options_for(root, storage_options)
+        self.fs, self.root_path = url_to_fs(self.root, **self.options)
+        self.local = protocol_of(root) in LOCAL_PROTOCOLS
+
+    def url(self, rel: str) -> str:
+        return join(self.root, rel)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root_path, rel) if rel else self.root_path
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel).decode("utf-8"))
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names directly under ``rel`` (empty when it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Publish ``data`` at ``rel`` atomically."""
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def put_file(self, local_file: str, rel: str) -> None:
+        """Upload (or move, for a local root) a finished local file to ``rel`` atomically."""
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            os.replace(local_file, tmp) if _same_device(local_file, target) else _copy(local_file, tmp)
+            os.replace(tmp, target)
+        else:
+            self.fs.put_file(local_file, target)
+
+
+def _same_device(a: str, b: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(os.path.dirname(b)).st_dev
+    except OSError:
+        return False
+
+
+def _copy(src: str, dst: str) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Whole content of a local path or any fsspec URL (http(s), s3, gs ...)."""
+    with fsspec.open(uri, "rb", **options_for(uri, storage_options)) as handle:
+        return handle.read()

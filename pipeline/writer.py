@@ -1,0 +1,157 @@
+"""Background shard writing: completed samples → one rolling tar per source count → publish → commit.
+
+Runs in its own thread behind a bounded queue so the encoder never waits on
+tar assembly or uploads, while memory stays bounded by the queue size and one
+open shard per source count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.prepare import Failure, PreparedSample
+from pipeline.progress import Commit, ProgressLog
+from pipeline.prompts import VARIANTS
+from pipeline.shardformat import TarShardWriter, embedding_to_npy, index_name, sample_members, shard_name
+from pipeline.storage import Store
+
+log = logging.getLogger(__name__)
+
+FAILURES_PER_COMMIT = 1000
+_STOP = object()
+
+
+@dataclass
+class _OpenShard:
+    seq: int
+    url: str
+    writer: TarShardWriter
+    lines: list[int] = field(default_factory=list)
+    variants: set[str] = field(default_factory=set)
+
+
+class ShardSink:
+    """Owns this rank's open shards; every call from the main thread only enqueues."""
+
+    def __init__(
+        self,
+        store: Store,
+        progress: ProgressLog,
+        rank: int,
+        max_samples_per_shard: int,
+        max_shard_bytes: int,
+        queue_size: int = 32,
+        tmp_dir: str | None = None,
+    ):
+        self.store, self.progress, self.rank = store, progress, rank
+        self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
+        self.tmp_dir = tempfile.mkdtemp(prefix="extract-", dir=tmp_dir)
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.open: dict[int, _OpenShard] = {}
+        self.failures: list[dict] = []
+        self.error: BaseException | None = None
+        self.written_samples = 0
+        self.written_bytes = 0
+        self._thread = threading.Thread(target=self._run, name=f"shard-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- main thread -------------------------------------------------------------------------
+    def add_sample(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
+        self._put(("sample", sample, embeddings))
+
+    def add_failure(self, failure: Failure) -> None:
+        self._put(("failure", failure, None))
+
+    def close(self) -> None:
+        """Flush open shards and pending failures, wait for the uploads, re-raise a writer error."""
+        self._put(_STOP)
+        self._thread.join()
+        try:
+            os.rmdir(self.tmp_dir)
+        except OSError:
+            pass
+        if self.error is not None:
+            raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+
+    def _put(self, item) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+        self.queue.put(item)
+
+    # ---- writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is _STOP:
+                    for n in sorted(self.open):
+                        self._publish(n)
+                    if self.failures:
+                        self._commit(None, [], set())
+                    return
+                kind, payload, embeddings = item
+                if kind == "failure":
+                    self.failures.append(payload.to_json())
+                    if len(self.failures) >= FAILURES_PER_COMMIT:
+                        self._commit(None, [], set())
+                else:
+                    self._write(payload, embeddings)
+        except BaseException as exc:  # surfaced to the main thread on its next call
+            log.exception("shard writer stopped")
+            self.error = exc
+            while True:  # keep draining so the producer never blocks forever
+                if self.queue.get() is _STOP:
+                    return
+
+    def _write(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
+        embeddings = {v: embeddings[v] for v in VARIANTS if v in embeddings}  # fixed member order
+        npys = {variant: embedding_to_npy(t) for variant, t in embeddings.items()}
+        sample.meta["variants"] = {variant: list(t.shape) for variant, t in embeddings.items()}
+        members = sample_members(sample.meta, sample.images, npys)
+        shard = self.open.get(sample.num_sources)
+        if shard is None:
+            seq = self.progress.reserve_seq()
+            url = shard_name(sample.num_sources, self.rank, seq)
+            local = os.path.join(self.tmp_dir, url.replace("/", "_"))
+            shard = self.open[sample.num_sources] = _OpenShard(seq, url, TarShardWriter(local))
+        shard.writer.add(sample.key, members)
+        shard.lines.append(sample.line)
+        shard.variants.update(embeddings)
+        if len(shard.writer) >= self.max_samples or shard.writer.bytes_written >= self.max_bytes:
+            self._publish(sample.num_sources)
+
+    def _publish(self, num_sources: int) -> None:
+        shard = self.open.pop(num_sources)
+        size, digest = shard.writer.close()
+        index_body = json.dumps({"shard": shard.url, "samples": shard.writer.index}).encode("utf-8")
+        self.store.put_file(shard.writer.local_path, shard.url)
+        self.store.write_bytes(index_name(shard.url), index_body)
+        stats = {
+            "url": shard.url,
+            "num_sources": num_sources,
+            "samples": len(shard.writer),
+            "bytes": size,
+            "sha256": digest,
+            "index": index_name(shard.url),
+            "index_sha256": hashlib.sha256(index_body).hexdigest(),
+        }
+        self._commit(stats, shard.lines, shard.variants, seq=shard.seq)
+        self.written_samples += len(shard.writer)
+        self.written_bytes += size
+        if os.path.exists(shard.writer.local_path):
+            os.remove(shard.writer.local_path)
+        log.info("published %s (%d samples, %.1f MB)", shard.url, len(shard.writer), size / 1e6)
+
+    def _commit(self, stats: dict | None, lines: list[int], variants: set[str], seq: int | None = None) -> None:
+        failures, self.failures = self.failures, []
+        seq = self.progress.reserve_seq() if seq is None else seq
+        self.progress.commit(Commit(self.rank, seq, stats, sorted(lines), failures, sorted(variants)))
