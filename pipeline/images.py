@@ -52,6 +52,9 @@ def fetch(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     try:
         return read_uri(uri, storage_options)
     except FileNotFoundError as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, FileNotFoundError):  # fsspec/http wraps connection errors
+            raise ImageLoadError("fetch_error", uri, f"{type(cause).__name__}: {cause}") from exc
         raise ImageLoadError("missing_image", uri, "no such file or object") from exc
     except PermissionError as exc:
         raise ImageLoadError("unreadable_image", uri, str(exc) or "permission denied") from exc

@@ -32,3 +32,45 @@ def small_vae_inputs(monkeypatch):
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 
     monkeypatch.setattr(edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """AWS_* variables a user would export, set for this process and its children; a fresh bucket."""
+    import uuid
+
+    import s3fs
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"bkt-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    env["BUCKET"] = bucket
+    return env
