@@ -1,0 +1,161 @@
+"""Extraction as users run it: torchrun with 2 processes, s3:// on a local server, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+from helpers import REPO, combined_jsonl, extract, read_manifest, read_samples
+
+
+@pytest.fixture(scope="module")
+def mixed_jsonl(sample_data_dir, tmp_path_factory):
+    return combined_jsonl(sample_data_dir, tmp_path_factory.mktemp("runs") / "mixed.jsonl")
+
+
+def _torchrun(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def test_two_processes_equal_one_sample_for_sample(mixed_jsonl, tiny_model_dir, tmp_path):
+    single = tmp_path / "single" / "task"
+    extract(mixed_jsonl, single, tiny_model_dir, "--max_samples_per_shard", "4")
+    double = tmp_path / "double" / "task"
+    result = _torchrun(
+        2,
+        "-m",
+        "pipeline.extract",
+        str(mixed_jsonl),
+        "--output_dir",
+        str(double),
+        "--model_path",
+        str(tiny_model_dir),
+        "--num_workers",
+        "1",
+        "--max_samples_per_shard",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = read_samples(str(single)), read_samples(str(double))
+    assert sorted(a) == sorted(b) and len(a) == 36
+    for key in a:
+        assert a[key].keys() == b[key].keys()
+        for member in a[key]:
+            if member.startswith("emb_") or member.startswith(("target", "source")):
+                assert a[key][member] == b[key][member], (key, member)
+        meta_a, meta_b = json.loads(a[key]["json"]), json.loads(b[key]["json"])
+        assert meta_a == meta_b
+    manifest = read_manifest(str(double))
+    ranks = {s["url"].split("/")[1].split("-")[0] for s in manifest["shards"]}
+    assert ranks == {"00000", "00001"}, "each rank wrote its own shards; one manifest covers both"
+    assert manifest["samples"] == 36 and manifest["world_size"] == 2
+    # each rank took a disjoint share of the lines
+    lines_by_rank = {}
+    for commit_dir in sorted((double / "_progress").iterdir()):
+        lines_by_rank[commit_dir.name] = {
+            n for f in commit_dir.glob("*.json") for n in json.loads(f.read_text())["lines"]
+        }
+    assert lines_by_rank["rank-00000"].isdisjoint(lines_by_rank["rank-00001"])
+
+
+def test_writes_to_s3_with_credentials_from_the_environment(mixed_jsonl, tiny_model_dir, s3_env):
+    url = f"s3://{s3_env['BUCKET']}/datasets/mixed"
+    result = extract(mixed_jsonl, url, tiny_model_dir, "--max_samples_per_shard", "8", env=s3_env)
+    assert result.returncode == 0
+    manifest = read_manifest(url)
+    assert manifest["samples"] == 36
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    listed = fs.find(f"{s3_env['BUCKET']}/datasets/mixed")
+    assert not [p for p in listed if ".tmp-" in p], "no temporary objects are left behind"
+    for shard in manifest["shards"]:
+        assert fs.size(f"{url}/{shard['url']}") == shard["bytes"]
+    samples = read_samples(url)
+    assert len(samples) == 36 and all("json" in s for s in samples.values())
+    assert fs.exists(f"{url}/null_embedding.npy")
+
+
+def test_s3_endpoint_from_fsspec_config_or_storage_options(sample_data_dir, tiny_model_dir, s3_env, tmp_path):
+    jsonl = sample_data_dir / "text_to_image" / "data.jsonl"
+    env = {k: v for k, v in s3_env.items() if k != "AWS_ENDPOINT_URL"}
+    blocked = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # a wrong endpoint the other settings override
+
+    url = f"s3://{s3_env['BUCKET']}/fsspec_env/t2i"
+    result = extract(jsonl, url, tiny_model_dir, env={**env, "FSSPEC_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"]})
+    assert result.returncode == 0
+    url2 = f"s3://{s3_env['BUCKET']}/options/t2i"
+    options = json.dumps({"s3": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing"}})
+    result = extract(jsonl, url2, tiny_model_dir, "--storage_options", options, env=blocked)
+    assert result.returncode == 0
+    for u in (url, url2):
+        assert read_manifest(u)["samples"] == 12
+
+
+def _tar_state(root):
+    return {p.relative_to(root): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*.tar")}
+
+
+def test_sigkill_at_any_moment_then_rerun_loses_and_repeats_nothing(mixed_jsonl, tiny_model_dir, tmp_path):
+    out = tmp_path / "killed" / "task"
+    args = [
+        str(mixed_jsonl),
+        "--output_dir",
+        str(out),
+        "--model_path",
+        str(tiny_model_dir),
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "1",
+        "--max_samples_per_shard",
+        "2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    survivors = {}
+    for kill_after_commits in (2, 7, 12):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.extract", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            commits = list((out / "_progress").rglob("*.json")) if (out / "_progress").exists() else []
+            if len(commits) >= kill_after_commits:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "manifest.json").exists()
+        committed = {
+            json.loads(p.read_text())["shard"]["url"]
+            for p in (out / "_progress").rglob("*.json")
+            if json.loads(p.read_text())["shard"]
+        }
+        survivors.update({k: v for k, v in _tar_state(out).items() if str(k) in committed})
+
+    result = extract(*args[:1], out, tiny_model_dir, *args[5:], check=True)
+    assert "line(s) of the task done before" in result.stderr
+    after = _tar_state(out)
+    for shard, state in survivors.items():
+        assert after[shard] == state, f"{shard} was rewritten; completed shards must not be redone"
+
+    manifest = read_manifest(str(out))
+    samples = read_samples(str(out))  # raises on a duplicate key
+    lines = sorted(json.loads(s["json"])["line"] for s in samples.values())
+    failures = out / "_failures" / "rank-0.jsonl"
+    failed = [json.loads(x)["line"] for x in failures.read_text().splitlines()] if failures.exists() else []
+    assert sorted(lines + failed) == list(range(36)), "every input line exactly once, in a shard or in _failures"
+    assert manifest["samples"] == len(lines) == 36
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*.tar")}
+    assert on_disk == {s["url"] for s in manifest["shards"]}, "no orphan shards remain"
+    assert not list(out.rglob("*.tmp-*"))
