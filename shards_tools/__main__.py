@@ -14,8 +14,8 @@ log = logging.getLogger("shards_tools")
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from pipeline.kit.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.out_dir, seed=args.seed)
-    log.info("tiny Qwen-Image-Edit-2509-layout model written to %s", out)
+    out = make_tiny_model(args.out_dir, seed=args.seed, size=args.size)
+    log.info("%s Qwen-Image-Edit-2509-layout model written to %s", args.size, out)
     return 0
 
 
@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("out_dir", help="directory to write (created if missing)")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
+    tiny.add_argument(
+        "--size",
+        choices=["tiny", "bench"],
+        default="tiny",
+        help="tiny: 4 MB, for tests and the demo (default); bench: ~60 MB, big enough that the encoder "
+        "forward dominates CPU benchmarks",
+    )
     tiny.set_defaults(func=_make_tiny_model)
 
     data = sub.add_parser(

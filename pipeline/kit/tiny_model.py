@@ -10,6 +10,7 @@ seed gives byte-identical weight files.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,40 @@ _TOKENIZER_CORPUS = [
     "0123456789 the of and to in is with on for a an",
 ]
 
-TINY_TEXT_HIDDEN = 64  # joint_attention_dim of the tiny transformer
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths and depths of the three networks; everything else follows the published configs."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to text head_dim / 2
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+    vision_intermediate: int
+    vision_full_attention: tuple[int, ...]
+    dit_layers: int
+    dit_head_dim: int
+    dit_heads: int
+    dit_axes_rope: tuple[int, int, int]  # sums to dit_head_dim
+    vae_base_dim: int
+    vae_res_blocks: int
+
+
+SIZES = {
+    # tests, demo, CI: seconds on a CPU
+    "tiny": ModelSize(64, 2, 4, 2, 128, (2, 3, 3), 32, 2, 2, 64, (1,), 2, 16, 2, (4, 6, 6), 8, 1),
+    # CPU benchmarks: the encoder forward dominates extraction time
+    "bench": ModelSize(512, 8, 8, 2, 1536, (8, 12, 12), 128, 4, 4, 256, (3,), 4, 32, 4, (8, 12, 12), 16, 1),
+    # the published Qwen-Image-Edit-2509 sizes (random weights, for GPU throughput checks)
+    "real": ModelSize(
+        3584, 28, 28, 4, 18944, (16, 24, 24), 1280, 32, 16, 3420, (7, 15, 23, 31), 60, 128, 24, (16, 56, 56), 96, 2
+    ),
+}
+TINY_TEXT_HIDDEN = SIZES["tiny"].text_hidden
 
 
 def build_tokenizer(vocab_size: int = 1024):
@@ -144,37 +178,41 @@ def build_processor(tokenizer):
     )
 
 
-def text_encoder_config(tokenizer) -> dict[str, Any]:
-    """Qwen2.5-VL config at tiny width; token ids taken from ``tokenizer``."""
+def text_encoder_config(tokenizer, size: ModelSize = SIZES["tiny"]) -> dict[str, Any]:
+    """Qwen2.5-VL config at ``size``; token ids taken from ``tokenizer``."""
     ids = special_token_ids(tokenizer)
     vocab_size = ((len(tokenizer) + 63) // 64) * 64
     return {
         "text_config": {
             "vocab_size": vocab_size,
-            "hidden_size": TINY_TEXT_HIDDEN,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            "hidden_size": size.text_hidden,
+            "intermediate_size": size.text_intermediate,
+            "num_hidden_layers": size.text_layers,
+            "num_attention_heads": size.text_heads,
+            "num_key_value_heads": size.text_kv_heads,
+            "max_position_embeddings": 128000,
             "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": list(size.mrope_section),
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": size.vision_intermediate,
+            "num_heads": size.vision_heads,
             "in_channels": 3,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 112,
-            "out_hidden_size": TINY_TEXT_HIDDEN,
-            "fullatt_block_indexes": [1],
+            "out_hidden_size": size.text_hidden,
+            "fullatt_block_indexes": list(size.vision_full_attention),
         },
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
@@ -184,25 +222,29 @@ def text_encoder_config(tokenizer) -> dict[str, Any]:
     }
 
 
-TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": TINY_TEXT_HIDDEN,
-    "axes_dims_rope": (4, 6, 6),
-}
+def transformer_config(size: ModelSize = SIZES["tiny"]) -> dict[str, Any]:
+    return {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": size.dit_layers,
+        "attention_head_dim": size.dit_head_dim,
+        "num_attention_heads": size.dit_heads,
+        "joint_attention_dim": size.text_hidden,
+        "axes_dims_rope": size.dit_axes_rope,
+    }
 
-VAE_CONFIG: dict[str, Any] = {
-    "base_dim": 8,
-    "z_dim": 16,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 1,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-}
+
+def vae_config(size: ModelSize = SIZES["tiny"]) -> dict[str, Any]:
+    return {
+        "base_dim": size.vae_base_dim,
+        "z_dim": 16,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": size.vae_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+    }
+
 
 # The published Qwen-Image scheduler configuration.
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -223,36 +265,37 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_components(seed: int = 0) -> dict[str, Any]:
-    """All six pipeline components, seeded; weights in float32."""
+def build_components(seed: int = 0, size: str = "tiny") -> dict[str, Any]:
+    """All six pipeline components at ``size`` (a key of SIZES), seeded; weights in float32."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_encoder_config(tokenizer))).eval()
+    dims = SIZES[size]
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_encoder_config(tokenizer, dims)))
     torch.manual_seed(seed + 1)
-    transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+    transformer = QwenImageTransformer2DModel(**transformer_config(dims))
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKLQwenImage(**VAE_CONFIG).eval()
+    vae = AutoencoderKLQwenImage(**vae_config(dims))
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return {
         "tokenizer": tokenizer,
         "processor": processor,
-        "text_encoder": text_encoder,
-        "transformer": transformer,
-        "vae": vae,
+        "text_encoder": text_encoder.eval(),
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
         "scheduler": scheduler,
     }
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model to ``out_dir`` in the Qwen-Image-Edit-2509 layout."""
+def make_tiny_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write the model to ``out_dir`` in the Qwen-Image-Edit-2509 layout."""
     from diffusers import QwenImageEditPlusPipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = QwenImageEditPlusPipeline(**build_components(seed))
+    pipe = QwenImageEditPlusPipeline(**build_components(seed, size))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
