@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -32,10 +33,10 @@ def main() -> None:
     args = p.parse_args()
 
     from pipeline.extract import Extractor, PromptBatcher, build_parser
-    from pipeline.kit.sample_data import make_sample_data
+    from pipeline.kit.sample_data import combined_jsonl, make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
     from pipeline.logs import setup_logging
-    from pipeline.prepare import LineDataset, PreparedSample
+    from pipeline.prepare import LineDataset, PreparedSample, PrepareOptions
     from pipeline.records import Columns
 
     setup_logging()
@@ -46,31 +47,33 @@ def main() -> None:
     data = work / f"data-{args.samples}"
     if not data.exists():
         make_sample_data(data, samples=args.samples, seed=0)
-    jsonl = work / f"mixed-{args.samples}.jsonl"
-    rows = []
-    for task in ("edit_single", "compose_multi", "text_to_image"):
-        base = data / task
-        for line in (base / "data.jsonl").read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            src = row["source_image"]
-            row["source_image"] = None if src is None else [str(base / s) for s in ([src] if isinstance(src, str) else src)]
-            row["target_image"] = str(base / row["target_image"])
-            rows.append(json.dumps(row, ensure_ascii=False))
-    jsonl.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    jsonl = combined_jsonl(data, work / f"mixed-{args.samples}.jsonl")
     out = work / "out" / "mixed"
     shutil.rmtree(out, ignore_errors=True)
 
     cli = build_parser().parse_args(
-        [str(jsonl), "--output_dir", str(out), "--model_path", str(model), "--num_workers", str(args.num_workers),
-         "--batch_size", str(args.batch_size), "--batching", args.batching, "--max_samples_per_shard", "16"]
+        [
+            str(jsonl),
+            "--output_dir",
+            str(out),
+            "--model_path",
+            str(model),
+            "--num_workers",
+            str(args.num_workers),
+            "--batch_size",
+            str(args.batch_size),
+            "--batching",
+            args.batching,
+            "--max_samples_per_shard",
+            "16",
+        ]
     )
     extractor = Extractor(cli, 0, 1)
     stats = extractor.run()
     extractor.finish()
 
     # Replay: the same prompts, prepared up front, grouped by the same batcher, forward only.
-    dataset = LineDataset(str(jsonl), 0, 1, __import__("numpy").zeros(0, bool), extractor.builder,
-                          __import__("pipeline.prepare", fromlist=["PrepareOptions"]).PrepareOptions(), Columns())
+    dataset = LineDataset(str(jsonl), 0, 1, np.zeros(0, bool), extractor.builder, PrepareOptions(), Columns())
     batcher = PromptBatcher(args.batch_size, args.batching == "exact", max(64, 16 * args.batch_size))
     batches = []
     for sid, item in enumerate(dataset):

@@ -12,6 +12,8 @@ import fsspec
 import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
+from pipeline.kit.sample_data import combined_jsonl  # noqa: F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,20 +65,3 @@ def read_samples(task_url: str, **storage_options) -> dict[str, dict[str, bytes]
         assert key not in samples, f"duplicate key {key}"
         samples[key] = sample
     return samples
-
-
-def combined_jsonl(sample_data_dir: Path, out: Path, tasks=("edit_single", "compose_multi", "text_to_image")) -> Path:
-    """One JSONL with the rows of several sample-data tasks, image paths made absolute."""
-    from pipeline.records import parse_line
-
-    lines = []
-    for task in tasks:
-        jsonl = sample_data_dir / task / "data.jsonl"
-        for number, text in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
-            rec = parse_line(text, str(jsonl), number)
-            row = json.loads(text)
-            row["source_image"] = list(rec.sources) or None
-            row["target_image"] = rec.target
-            lines.append(json.dumps(row, ensure_ascii=False))
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out

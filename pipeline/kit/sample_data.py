@@ -322,3 +322,21 @@ def make_sample_data(out_dir: str | Path, samples: int = 12, seed: int = 0) -> d
         _write_jsonl(jsonl, rows)
         written[task] = jsonl
     return written
+
+
+def combined_jsonl(data_dir: str | Path, out: str | Path, tasks: tuple[str, ...] = tuple(TASKS)) -> Path:
+    """One JSONL with the rows of several task folders, image paths made absolute (benchmarks, tests)."""
+    from pipeline.records import parse_line
+
+    lines = []
+    for task in tasks:
+        jsonl = Path(data_dir) / task / "data.jsonl"
+        for number, text in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
+            rec = parse_line(text, str(jsonl), number)
+            row = json.loads(text)
+            row["source_image"] = list(rec.sources) or None
+            row["target_image"] = rec.target
+            lines.append(json.dumps(row, ensure_ascii=False))
+    out = Path(out)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

@@ -85,6 +85,7 @@ _TOKENIZER_CORPUS = [
     "0123456789 the of and to in is with on for a an",
 ]
 
+
 @dataclass(frozen=True)
 class ModelSize:
     """Widths and depths of the three networks; everything else follows the published configs."""
