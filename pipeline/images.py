@@ -10,6 +10,7 @@ bytes when they are already PNG/JPEG/WebP, lossless PNG otherwise.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -149,3 +150,27 @@ def firered_condition_image(img: Image.Image, target_bucket: float) -> Image.Ima
     cropped = center_crop_to_aspect(img, target_bucket)
     w, h = condition_size(target_bucket)
     return _resizer().resize(cropped, h, w)
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode stored image bytes as diffusers' ``load_image`` would (EXIF orientation, RGB)."""
+    from diffusers.utils import load_image
+
+    return load_image(Image.open(io.BytesIO(data)))
+
+
+def crop_size(aspect: float, area: int, multiple: int = 32) -> tuple[int, int]:
+    """(width, height) with about ``area`` pixels at ``aspect``, sides multiples of ``multiple``."""
+    width = (area * aspect) ** 0.5
+    height = width / aspect
+    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
+
+
+def resize_and_crop(img: Image.Image, size: tuple[int, int], fraction: tuple[float, float]) -> Image.Image:
+    """Scale so ``img`` covers ``size`` (short side first), then crop at ``fraction`` of the excess."""
+    cw, ch = size
+    scale = max(cw / img.width, ch / img.height)
+    rw, rh = max(cw, math.ceil(img.width * scale)), max(ch, math.ceil(img.height * scale))
+    resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
+    return resized.crop((x0, y0, x0 + cw, y0 + ch))

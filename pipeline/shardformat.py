@@ -55,8 +55,19 @@ def embedding_to_npy(tensor: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def check_npy(data: bytes) -> None:
+    """Raise if the ``.npy`` header does not match the payload length (a truncated member)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buf)
+    if len(data) - buf.tell() != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"embedding npy holds {len(data) - buf.tell()} bytes, its header says {shape} {dtype}")
+
+
 def npy_to_embedding(data: bytes) -> torch.Tensor:
-    """Inverse of :func:`embedding_to_npy`; never unpickles."""
+    """Inverse of :func:`embedding_to_npy`; never unpickles; a short (truncated) array is an error."""
+    check_npy(data)
     array = np.load(io.BytesIO(data), allow_pickle=False)
     if array.dtype != np.dtype(EMBEDDING_NPY_DTYPE) or array.ndim != 2:
         raise ValueError(f"embedding npy must be 2-D {EMBEDDING_NPY_DTYPE}, got {array.dtype} {array.shape}")

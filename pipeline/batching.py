@@ -1,0 +1,157 @@
+"""Raw samples of one (task, N, bucket) → a training batch (DESIGN §6).
+
+Per sample: the text (uniform among non-empty instructions, inverse ones with
+``enable_inverse``), text dropout to the ``drop`` variant, the inverse swap of
+target and source 0, and the null embedding for empty text without sources.
+Per batch: one crop size (area ≈ image_sample_size², aspect = batch mean, sides
+multiples of 32) for the target and one per source position, with the same crop
+randomness for a sample's target and sources.  All draws come from (seed, rank,
+step), so a resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import images as imaging
+from pipeline.shardformat import npy_to_embedding
+from pipeline.sources import RangeReader, RawSample, Task
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELDS = {
+    "en": "instruction",
+    "cn": "instruction_cn",
+    "en_inv": "inverse_instruction",
+    "cn_inv": "inverse_instruction_cn",
+}
+
+
+def choose_variant(meta: dict[str, Any], rng: np.random.Generator, enable_inverse: bool, drop_ratio: float):
+    """(variant, text, inverse?) for one sample; variant "null" means the task's null embedding."""
+    present = meta.get("variants", {})
+    options = [v for v in ("en", "cn") if meta.get(TEXT_FIELDS[v]) and v in present]
+    if enable_inverse and meta["num_sources"] == 1:
+        options += [v for v in ("en_inv", "cn_inv") if meta.get(TEXT_FIELDS[v]) and v in present]
+    chosen = options[int(rng.integers(len(options)))] if options else None
+    dropped = rng.random() < drop_ratio or chosen is None
+    inverse = chosen is not None and chosen.endswith("_inv")
+    if not dropped:
+        return chosen, meta[TEXT_FIELDS[chosen]], inverse
+    if meta["num_sources"] == 0:
+        return "null", "", False
+    return ("drop_inv" if inverse else "drop"), "", inverse
+
+
+def to_tensor(img) -> torch.Tensor:
+    """PIL RGB → float CHW in [-1, 1]."""
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``[L_i, D]`` to ``[B, max L, D]`` with a 0/1 mask."""
+    longest = max(e.shape[0] for e in embeddings)
+    out = torch.zeros((len(embeddings), longest, embeddings[0].shape[1]), dtype=embeddings[0].dtype)
+    mask = torch.zeros((len(embeddings), longest), dtype=torch.long)
+    for i, e in enumerate(embeddings):
+        out[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = 1
+    return out, mask
+
+
+def fetch_embedding(sample: RawSample, variant: str, reader: RangeReader) -> torch.Tensor:
+    """Only this variant's bytes are fetched when the shard is indexed."""
+    if variant in sample.embeddings:
+        return npy_to_embedding(sample.embeddings[variant])
+    start, end = sample.embedding_ranges[variant]
+    return npy_to_embedding(reader.read(sample.shard_url, start, end))
+
+
+def null_embedding(task: Task, reader: RangeReader, cache: dict[str, bytes]) -> torch.Tensor:
+    if task.null_embedding_url is None:
+        raise RuntimeError(f"task {task.name} has text-to-image samples with empty text but no null_embedding.npy")
+    if task.name not in cache:
+        cache[task.name] = reader.read(task.null_embedding_url)
+    return npy_to_embedding(cache[task.name])
+
+
+def assemble_batch(
+    samples: list[RawSample],
+    task: Task,
+    num_sources: int,
+    step: int,
+    rank: int,
+    config,
+    reader: RangeReader,
+    null_cache: dict[str, bytes],
+    with_embeddings: bool = True,
+    replace: Callable[[tuple], RawSample] | None = None,
+) -> dict[str, Any]:
+    from pipeline.stream import step_rng
+
+    rng = step_rng(config.seed, 4, rank, step)
+    samples = list(samples)
+    variants, texts, targets, sources = [], [], [], [[] for _ in range(num_sources)]
+    embeddings = []
+    i = 0
+    while i < len(samples):
+        sample = samples[i]
+        try:
+            variant, text, inverse = choose_variant(sample.meta, rng, config.enable_inverse, config.text_drop_ratio)
+            target = imaging.open_rgb(sample.images["target"])
+            srcs = [imaging.open_rgb(sample.images[f"source{k}"]) for k in range(num_sources)]
+            if with_embeddings:
+                emb = (
+                    null_embedding(task, reader, null_cache)
+                    if variant == "null"
+                    else fetch_embedding(sample, variant, reader)
+                )
+        except Exception as exc:  # a broken sample is replaced by another of the same bucket
+            if replace is None:
+                raise
+            log.warning(
+                "task %s: sample %s unusable (%s: %s); replaced", task.name, sample.key, type(exc).__name__, exc
+            )
+            samples[i] = replace(tuple(sample.meta["bucket"]))
+            continue
+        if inverse:
+            target, srcs[0] = srcs[0], target
+        variants.append(variant)
+        texts.append(text)
+        targets.append(target)
+        for k, img in enumerate(srcs):
+            sources[k].append(img)
+        if with_embeddings:
+            embeddings.append(emb)
+        i += 1
+
+    area = config.image_sample_size**2
+    fractions = rng.random((len(samples), 2))
+    target_size = imaging.crop_size(float(np.mean([t.width / t.height for t in targets])), area)
+    source_sizes = [imaging.crop_size(float(np.mean([s.width / s.height for s in col])), area) for col in sources]
+    batch: dict[str, Any] = {
+        "step": step,
+        "rank": rank,
+        "task": task.name,
+        "num_sources": num_sources,
+        "bucket": samples[0].meta["bucket"],
+        "keys": [s.key for s in samples],
+        "variants": variants,
+        "texts": texts,
+        "target": torch.stack(
+            [to_tensor(imaging.resize_and_crop(t, target_size, f)) for t, f in zip(targets, fractions, strict=True)]
+        ),
+        "sources": [
+            torch.stack([to_tensor(imaging.resize_and_crop(s, size, f)) for s, f in zip(col, fractions, strict=True)])
+            for col, size in zip(sources, source_sizes, strict=True)
+        ],
+    }
+    if with_embeddings:
+        batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
+    return batch

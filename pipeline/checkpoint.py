@@ -1,0 +1,109 @@
+"""Checkpoint folders: ``checkpoint-{step}/`` published atomically, found, pruned.
+
+All ranks write into a hidden temporary folder; once every rank is done, rank 0
+adds ``checkpoint.json`` and renames the folder into place, so a crash never
+leaves a folder that ``--resume_from_checkpoint latest`` would take as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MARKER = "checkpoint.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f".checkpoint-{step}.incomplete"
+
+
+def final_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
+    """``latest`` → newest complete checkpoint (None if there is none); a path must be complete."""
+    if not value:
+        return None
+    if value == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(value)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
+    return path
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def write_json_file(path: str | os.PathLike, value: Any) -> None:
+    """Write JSON through a temporary file and rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    rank: int,
+    barrier: Callable[[], None],
+    write_rank_files: Callable[[Path], None],
+    marker: dict[str, Any],
+    total_limit: int | None = None,
+) -> Path:
+    """Collective: every rank calls it; returns the published folder."""
+    staging = staging_dir(output_dir, step)
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    write_rank_files(staging)
+    barrier()
+    final = final_dir(output_dir, step)
+    if rank == 0:
+        write_json_file(staging / MARKER, {"step": step, **marker})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        prune(output_dir, total_limit)
+        log.info("saved %s", final)
+    barrier()
+    return final
+
+
+def prune(output_dir: str | os.PathLike, total_limit: int | None) -> None:
+    """Keep the newest ``total_limit`` complete checkpoints."""
+    if not total_limit or total_limit <= 0:
+        return
+    found = complete_checkpoints(output_dir)
+    for _, path in found[: max(0, len(found) - total_limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed old checkpoint %s", path)
