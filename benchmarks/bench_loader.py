@@ -1,0 +1,261 @@
+"""Training loader vs the original tool's layout, on the same synthetic data and worker count.
+
+    python benchmarks/bench_loader.py --samples 96 --workers 2 --steps 60
+
+Writes one realistic task twice: as shards (this project) and in the original
+layout (JSONL + one ``.pt`` per embedding + image files).  Hidden size 3584,
+250-800 tokens per embedding, six variants, 512-1024 px JPEG/PNG images.  Page
+cache is dropped for the dataset files (posix_fadvise DONTNEED) before each
+measurement.  Prints samples/s and MB/s of both loaders and their ratio, bytes
+read per sample vs bytes the batch uses, peak RSS per worker, and time to the
+first batch when resuming at step 0 vs at a late step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+HIDDEN = 3584
+VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
+
+
+def drop_cache(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def make_image(rng: np.random.Generator) -> tuple[bytes, str, tuple[int, int]]:
+    w, h = (int(x) for x in rng.integers(512, 1025, size=2))
+    base = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    fmt = "JPEG" if rng.random() < 0.5 else "PNG"
+    img.save(buf, format=fmt, quality=90)
+    return buf.getvalue(), "jpg" if fmt == "JPEG" else "png", (w, h)
+
+
+def build(root: Path, samples: int) -> tuple[Path, Path]:
+    """Shards + manifest under root/shards/task, original layout under root/legacy."""
+    from pipeline.images import aspect_bucket
+    from pipeline.shardformat import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
+
+    shard_dir, legacy = root / "shards" / "task", root / "legacy"
+    (shard_dir / "src1").mkdir(parents=True)
+    (legacy / "emb").mkdir(parents=True)
+    (legacy / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    manifest = new_manifest("task", {"path": "synthetic", "hidden_size": HIDDEN}, "diffusers", {"edit": 64, "t2i": 34})
+    rows, per_shard = [], 16
+    for first in range(0, samples, per_shard):
+        seq = first // per_shard
+        url = f"src1/00000-{seq:06d}.tar"
+        writer = TarShardWriter(str(shard_dir / url))
+        for i in range(first, min(samples, first + per_shard)):
+            key = f"data-{i:09d}"
+            (src, src_ext, src_size), (tgt, tgt_ext, tgt_size) = make_image(rng), make_image(rng)
+            embs = {v: torch.randn(int(rng.integers(250, 801)), HIDDEN).bfloat16() for v in VARIANTS}
+            meta = {
+                "key": key,
+                "line": i,
+                "num_sources": 1,
+                "instruction": "make it so",
+                "instruction_cn": "照做",
+                "inverse_instruction": "undo",
+                "inverse_instruction_cn": "撤销",
+                "sources": [{"member": f"source0.{src_ext}", "size": list(src_size)}],
+                "target": {"member": f"target.{tgt_ext}", "size": list(tgt_size)},
+                "bucket": [aspect_bucket(src_size), aspect_bucket(tgt_size)],
+                "variants": {v: list(e.shape) for v, e in embs.items()},
+            }
+            writer.add(
+                key,
+                sample_members(
+                    meta,
+                    {"target": (tgt_ext, tgt), "source0": (src_ext, src)},
+                    {v: embedding_to_npy(e) for v, e in embs.items()},
+                ),
+            )
+            (legacy / "img" / f"{key}_src.{src_ext}").write_bytes(src)
+            (legacy / "img" / f"{key}_tgt.{tgt_ext}").write_bytes(tgt)
+            row = {
+                "source_image": f"img/{key}_src.{src_ext}",
+                "edit_image": f"img/{key}_tgt.{tgt_ext}",
+                "instruction": "make it so",
+                "instruction_cn": "照做",
+                "inverse_instruction": "undo",
+                "inverse_instruction_cn": "撤销",
+                "source_image_size": list(src_size),
+                "edit_image_size": list(tgt_size),
+            }
+            for v, e in embs.items():
+                torch.save(e.clone(), legacy / "emb" / f"{key}_{v}.pt")
+                row[f"embeddings_tensor_{v.replace('drop', 'droptext')}"] = f"emb/{key}_{v}.pt"
+            rows.append(row)
+        size, digest = writer.close()
+        index = json.dumps({"shard": url, "samples": writer.index})
+        (shard_dir / index_name(url)).write_text(index)
+        manifest["shards"].append(
+            {
+                "url": url,
+                "num_sources": 1,
+                "samples": len(writer),
+                "bytes": size,
+                "sha256": digest,
+                "index": index_name(url),
+            }
+        )
+    manifest["variants"] = list(VARIANTS)
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    (legacy / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return shard_dir.parent, legacy
+
+
+class LegacyDataset(Dataset):
+    """The original tool's reading pattern: a JSONL row, its images, one .pt for the chosen text."""
+
+    def __init__(self, legacy: Path, image_sample_size: int, seed: int):
+        self.root = legacy
+        self.rows = [json.loads(x) for x in (legacy / "meta.jsonl").read_text().splitlines()]
+        self.size, self.seed = image_sample_size, seed
+        self.bytes_read = 0
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, idx):
+        from pipeline import images as imaging
+
+        row = self.rows[idx % len(self.rows)]
+        rng = np.random.default_rng([self.seed, idx])
+        field = ["embeddings_tensor_en", "embeddings_tensor_cn"][int(rng.integers(2))]
+        paths = [self.root / row["source_image"], self.root / row["edit_image"], self.root / row[field]]
+        self.bytes_read += sum(p.stat().st_size for p in paths)
+        emb = torch.load(paths[2], weights_only=True)
+        imgs = [imaging.open_rgb(p.read_bytes()) for p in paths[:2]]
+        size = imaging.crop_size(imgs[1].width / imgs[1].height, self.size**2)
+        tensors = [torch.from_numpy(np.asarray(imaging.resize_and_crop(i, size, (0.5, 0.5)))) for i in imgs]
+        return {
+            "emb": emb,
+            "images": tensors,
+            "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "bytes": self.bytes_read,
+        }
+
+
+def run_ours(shards_root: Path, workers: int, steps: int, state=None, want_state_at=None):
+    from pipeline.sources import discover_tasks
+    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
+
+    class Measured(MixedBatchDataset):
+        def __iter__(self):
+            for batch in super().__iter__():
+                batch["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                batch["bytes"] = self.reader.bytes_read
+                yield batch
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    tasks = discover_tasks(str(shards_root), None)
+    plan = plan_mix(tasks, {"task": 1.0}, {"1": 1})
+    dataset = Measured(tasks, plan, 0, 1, StreamConfig(batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512))
+    loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+    if state is not None:
+        loader.load_state_dict(state)
+    t0 = time.perf_counter()
+    first, rss, used, read_by_worker, saved = None, {}, 0, {}, None
+    for i, batch in enumerate(loader):
+        if first is None:
+            first = time.perf_counter() - t0
+        worker = batch["step"] % max(workers, 1)
+        rss[worker] = max(rss.get(worker, 0), batch["rss_kb"])
+        read_by_worker[worker] = batch["bytes"]
+        used += batch["prompt_embeds"].numel() * 2 + batch["target"].numel() + sum(s.numel() for s in batch["sources"])
+        if want_state_at is not None and i + 1 == want_state_at:
+            saved = json.loads(json.dumps(loader.state_dict()))
+        if i + 1 >= steps:
+            break
+    return time.perf_counter() - t0, first, rss, sum(read_by_worker.values()), used, saved
+
+
+def run_legacy(legacy: Path, workers: int, steps: int):
+    loader = DataLoader(
+        LegacyDataset(legacy, 512, 1), batch_size=None, num_workers=workers, prefetch_factor=2, shuffle=False
+    )
+    t0 = time.perf_counter()
+    rss, read_by_worker = {}, {}
+    for i, item in enumerate(loader):
+        worker = i % max(workers, 1)
+        rss[worker] = max(rss.get(worker, 0), item["rss_kb"])
+        read_by_worker[worker] = item["bytes"]
+        if i + 1 >= steps:
+            break
+    return time.perf_counter() - t0, rss, sum(read_by_worker.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--work_dir", default=None)
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
+    if not (root / "shards").exists():
+        shards_root, legacy = build(root, args.samples)
+    else:
+        shards_root, legacy = root / "shards", root / "legacy"
+    total_bytes = sum(f.stat().st_size for f in (root / "shards").rglob("*") if f.is_file())
+
+    drop_cache(root)
+    legacy_time, legacy_rss, legacy_read = run_legacy(legacy, args.workers, args.steps)
+    drop_cache(root)
+    ours_time, first0, ours_rss, ours_read, used, state = run_ours(
+        shards_root, args.workers, args.steps, want_state_at=args.steps // 2
+    )
+    drop_cache(root)
+    _, first_late, _, _, _, _ = run_ours(shards_root, args.workers, 1, state=state)
+    result = {
+        "samples_in_dataset": args.samples,
+        "dataset_GB": round(total_bytes / 1e9, 2),
+        "steps": args.steps,
+        "workers": args.workers,
+        "ours_samples_per_s": round(args.steps / ours_time, 2),
+        "legacy_samples_per_s": round(args.steps / legacy_time, 2),
+        "speed_ratio_ours_over_legacy": round(legacy_time / ours_time, 2),
+        "ours_MB_per_s": round(ours_read / 1e6 / ours_time, 1),
+        "legacy_MB_per_s": round(legacy_read / 1e6 / legacy_time, 1),
+        "ours_MB_read_per_sample": round(ours_read / 1e6 / args.steps, 2),
+        "legacy_MB_read_per_sample": round(legacy_read / 1e6 / args.steps, 2),
+        "MB_used_per_sample": round(used / 1e6 / args.steps, 2),
+        "peak_rss_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_rss.items())},
+        "peak_rss_MB_per_worker_legacy": {k: round(v / 1024) for k, v in sorted(legacy_rss.items())},
+        "first_batch_s_fresh": round(first0, 2),
+        f"first_batch_s_resumed_at_step_{args.steps // 2}": round(first_late, 2),
+        "resume_ratio": round(first_late / first0, 2),
+    }
+    print(json.dumps(result, indent=1))
+    if not args.keep and not args.work_dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
