@@ -32,12 +32,17 @@ TEXT_FIELDS = {
 }
 
 
-def choose_variant(meta: dict[str, Any], rng: np.random.Generator, enable_inverse: bool, drop_ratio: float):
-    """(variant, text, inverse?) for one sample; variant "null" means the task's null embedding."""
+def choose_variant(
+    meta: dict[str, Any], rng: np.random.Generator, enable_inverse: bool, drop_ratio: float, stored: bool = True
+):
+    """(variant, text, inverse?) for one sample; variant "null" means the task's null embedding.
+
+    ``stored``: only variants with a stored embedding count (offline); otherwise any non-empty text (online).
+    """
     present = meta.get("variants", {})
-    options = [v for v in ("en", "cn") if meta.get(TEXT_FIELDS[v]) and v in present]
+    options = [v for v in ("en", "cn") if meta.get(TEXT_FIELDS[v]) and (v in present or not stored)]
     if enable_inverse and meta["num_sources"] == 1:
-        options += [v for v in ("en_inv", "cn_inv") if meta.get(TEXT_FIELDS[v]) and v in present]
+        options += [v for v in ("en_inv", "cn_inv") if meta.get(TEXT_FIELDS[v]) and (v in present or not stored)]
     chosen = options[int(rng.integers(len(options)))] if options else None
     dropped = rng.random() < drop_ratio or chosen is None
     inverse = chosen is not None and chosen.endswith("_inv")
@@ -90,23 +95,36 @@ def assemble_batch(
     config,
     reader: RangeReader,
     null_cache: dict[str, bytes],
-    with_embeddings: bool = True,
     replace: Callable[[tuple], RawSample] | None = None,
 ) -> dict[str, Any]:
+    """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts."""
     from pipeline.stream import step_rng
 
     rng = step_rng(config.seed, 4, rank, step)
     samples = list(samples)
     variants, texts, targets, sources = [], [], [], [[] for _ in range(num_sources)]
-    embeddings = []
+    embeddings, conditions = [], []
+    online = getattr(config, "online_prompts", False)
     i = 0
     while i < len(samples):
         sample = samples[i]
         try:
-            variant, text, inverse = choose_variant(sample.meta, rng, config.enable_inverse, config.text_drop_ratio)
+            variant, text, inverse = choose_variant(
+                sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
+            )
             target = imaging.open_rgb(sample.images["target"])
             srcs = [imaging.open_rgb(sample.images[f"source{k}"]) for k in range(num_sources)]
-            if with_embeddings:
+            if online:
+                role_images = (
+                    [sample.images["target"]] if inverse else [sample.images[f"source{k}"] for k in range(num_sources)]
+                )
+                emb = {
+                    "kind": "t2i" if num_sources == 0 else "edit",
+                    "text": text,
+                    "images": role_images if num_sources else [],
+                    "bucket": sample.meta["bucket"][-1],
+                }
+            else:
                 emb = (
                     null_embedding(task, reader, null_cache)
                     if variant == "null"
@@ -127,8 +145,7 @@ def assemble_batch(
         targets.append(target)
         for k, img in enumerate(srcs):
             sources[k].append(img)
-        if with_embeddings:
-            embeddings.append(emb)
+        (conditions if online else embeddings).append(emb)
         i += 1
 
     area = config.image_sample_size**2
@@ -152,6 +169,8 @@ def assemble_batch(
             for col, size in zip(sources, source_sizes, strict=True)
         ],
     }
-    if with_embeddings:
+    if online:
+        batch["conditions"] = conditions
+    else:
         batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
     return batch

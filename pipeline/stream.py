@@ -314,6 +314,7 @@ class StreamConfig:
     enable_inverse: bool = False
     text_drop_ratio: float = 0.05
     storage_options: dict | None = None
+    online_prompts: bool = False  # --condition_encoder_mode sync: batches carry images + text, not embeddings
 
 
 class MixedBatchDataset(IterableDataset):

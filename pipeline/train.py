@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.logs import setup_logging
+from pipeline.model import DEFAULT_LORA_TARGETS
 from pipeline.sources import (
     DataConfigError,
     Task,
@@ -89,6 +90,69 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_only", action="store_true", help="run the real data loader without a model")
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="Qwen-Image-Edit(-2509) diffusers folder")
+    g.add_argument("--transformer_path", default=None, help="load the transformer from this folder instead")
+    g.add_argument("--vae_path", default=None, help="load the VAE from this folder instead")
+    g.add_argument(
+        "--trainable_modules", default=".", help='full fine-tuning: parameter-name substrings that train ("." = all)'
+    )
+    g.add_argument(
+        "--trainable_modules_low_learning_rate", default="", help="substrings of parameters trained at half the LR"
+    )
+    g.add_argument("--use_peft_lora", action="store_true", help="train a LoRA adapter instead of full weights")
+    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="comma-separated LoRA target modules")
+    g.add_argument("--lora_path", default=None, help="initialise the LoRA from this safetensors file")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--vae_mini_batch", type=int, default=1, help="images per VAE encode call")
+    g.add_argument(
+        "--condition_encoder_mode",
+        choices=["offline", "sync"],
+        default="offline",
+        help="offline: embeddings from the shards; sync: encode prompts during training from the shard's images "
+        "and text with the extraction code (for shards made with --skip_embeddings)",
+    )
+    g.add_argument("--prompt_style", choices=["diffusers", "firered"], default="diffusers", help="for sync mode")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
+    o.add_argument("--scale_lr", action="store_true", help="multiply the LR by accumulation × batch × processes")
+    o.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name (constant_with_warmup …)")
+    o.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
+    o.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    o.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=1,
+        help="kept for compatibility; the stream is endless and --max_train_steps decides the length",
+    )
+    o.add_argument("--adam_beta1", type=float, default=0.9)
+    o.add_argument("--adam_beta2", type=float, default=0.999)
+    o.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    o.add_argument("--adam_epsilon", type=float, default=1e-8)
+    o.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed)")
+    o.add_argument("--use_came", action="store_true", help="CAME optimizer (came-pytorch must be installed)")
+    o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    o.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="accelerate mixed precision")
+    o.add_argument("--train_sampling_steps", type=int, default=1000, help="T of the sigma schedule")
+    o.add_argument("--uniform_sampling", action="store_true", help="timestep index range split evenly across ranks")
+    o.add_argument(
+        "--weighting_scheme",
+        choices=["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"],
+        default="none",
+        help="timestep density and SD3 loss weighting",
+    )
+    o.add_argument("--logit_mean", type=float, default=0.0)
+    o.add_argument("--logit_std", type=float, default=1.0)
+    o.add_argument("--mode_scale", type=float, default=1.29)
+    o.add_argument("--report_to", default="tensorboard", help="tensorboard (default), wandb, or none")
+    o.add_argument("--export_checkpoint", default=None, help="export this checkpoint for diffusers and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.train",
@@ -96,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_arguments(p)
     add_run_arguments(p)
+    add_model_arguments(p)
     return p
 
 
@@ -132,6 +197,7 @@ def build_dataset(args: argparse.Namespace, rank: int, world: int) -> MixedBatch
         enable_inverse=args.enable_inverse,
         text_drop_ratio=args.text_drop_ratio,
         storage_options=storage_options,
+        online_prompts=getattr(args, "condition_encoder_mode", "offline") == "sync",
     )
     return MixedBatchDataset(tasks, plan, rank, world, config)
 
@@ -261,7 +327,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.data_only:
             return run_data_only(args)
-        raise SystemExit("model training is not available yet: run with --data_only")
+        if not args.pretrained_model_name_or_path:
+            raise DataConfigError("--pretrained_model_name_or_path is required (or --data_only)")
+        from pipeline.trainer import Trainer
+
+        trainer = Trainer(args)
+        trainer.setup()
+        if args.export_checkpoint:
+            trainer.load(Path(args.export_checkpoint))
+            if trainer.accelerator.is_main_process:
+                log.info("exported %s", trainer.export(args.output_dir))
+            return 0
+        result = trainer.train()
+        if trainer.accelerator.is_main_process:
+            log.info(
+                "final loss %.4f; outputs %s",
+                result["losses"][-1] if result["losses"] else float("nan"),
+                result["outputs"],
+            )
+        return 0
     except DataConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -74,3 +74,14 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     env["BUCKET"] = bucket
     return env
+
+
+@pytest.fixture(scope="session")
+def meta_dir(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    """The three sample tasks extracted under one meta dir, small shards so there are several per stream."""
+    from helpers import extract
+
+    root = tmp_path_factory.mktemp("meta")
+    for task in ("edit_single", "compose_multi", "text_to_image"):
+        extract(sample_data_dir / task / "data.jsonl", root / task, tiny_model_dir, "--max_samples_per_shard", "3")
+    return root

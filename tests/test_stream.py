@@ -27,15 +27,6 @@ from pipeline.weights import parse_weights
 TASKS = ("edit_single", "compose_multi", "text_to_image")
 
 
-@pytest.fixture(scope="module")
-def meta_dir(sample_data_dir, tiny_model_dir, tmp_path_factory):
-    """Three extracted tasks under one meta dir, small shards so there are several per stream."""
-    root = tmp_path_factory.mktemp("meta")
-    for task in TASKS:
-        extract(sample_data_dir / task / "data.jsonl", root / task, tiny_model_dir, "--max_samples_per_shard", "3")
-    return root
-
-
 def train_data(*args: str, env=None, nproc: int = 1):
     """Run ``pipeline.train --data_only`` (under torchrun when nproc > 1)."""
     if nproc == 1:

@@ -1,0 +1,115 @@
+"""Flow-matching training math (DESIGN §7): latents, timesteps, noisy input, loss.
+
+Kept from the original tool, with one defect fixed: the noise/timestep generator
+is seeded from (seed, rank, global step) — reproducible and resumable, and
+different at every step (the original re-seeded it to the same value each step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+OUTLIER_THRESHOLD = 50.0  # prediction errors above this are left out of the loss
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """CPU generator for one (seed, rank, step); the same draws after a resume."""
+    mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, rank, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(mixed))
+
+
+def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latents mean and std as [1, C, 1, 1, 1]."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, mini_batch: int = 1) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] → normalised latents [B, C, H/8, W/8] (distribution mode, frozen VAE)."""
+    mean, std = latent_stats(vae)
+    outs = []
+    step = max(1, mini_batch)
+    for start in range(0, pixels.shape[0], step):
+        chunk = pixels[start : start + step].to(vae.device, vae.dtype).unsqueeze(2)
+        outs.append(vae.encode(chunk).latent_dist.mode())
+    latents = torch.cat(outs)
+    latents = (latents - mean.to(latents)) / std.to(latents)
+    return latents[:, :, 0]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/2)(W/2), 4C]: 2×2 patches, as the Qwen-Image transformer takes them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def shift_mu(image_seq_len: int, scheduler_config) -> float:
+    """The scheduler's dynamic shift for an image of ``image_seq_len`` packed tokens."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    return calculate_shift(
+        image_seq_len,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+
+
+def training_schedule(scheduler, steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [T], sigmas [T]) from sigmas ``linspace(1, 1/T, T)`` shifted for this image size."""
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    mu = shift_mu(image_seq_len, scheduler.config) if scheduler.config.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device="cpu")
+    return scheduler.timesteps.clone(), scheduler.sigmas[:steps].clone()
+
+
+def sample_indices(
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    uniform_sampling: bool,
+    rank: int,
+    world_size: int,
+    weighting_scheme: str = "none",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Indices into the schedule: each rank's own slice of [0, T) (uniform), or SD3 density sampling."""
+    if uniform_sampling:
+        lo = rank * steps // world_size
+        hi = max(lo + 1, (rank + 1) * steps // world_size)
+        return torch.randint(lo, hi, (batch_size,), generator=generator)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme, batch_size, logit_mean, logit_std, mode_scale, generator=generator
+    )
+    return (u * steps).long().clamp(0, steps - 1)
+
+
+def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t = (1-σ)·x0 + σ·noise, target = noise - x0) with σ per sample."""
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0)
+    return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def img_shapes(target_latents: torch.Tensor, source_latents: list[torch.Tensor]) -> list[list[tuple[int, int, int]]]:
+    """Per sample: the target's then each source's (frames, h/2, w/2) packed grid."""
+    shapes = [(1, lat.shape[-2] // 2, lat.shape[-1] // 2) for lat in (target_latents, *source_latents)]
+    return [shapes] * target_latents.shape[0]
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str) -> torch.Tensor:
+    """MSE without the elements where |pred - target| > 50, times the SD3 weighting, mean."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    diff = pred.float() - target.float()
+    keep = (diff.abs() <= OUTLIER_THRESHOLD).float()
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float()).view(-1, *([1] * (diff.dim() - 1)))
+    return (weighting * diff.pow(2) * keep).mean()

@@ -1,0 +1,111 @@
+"""Models for training: load the transformer and VAE, choose what trains, LoRA, export for diffusers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = (
+    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
+    "txt_mlp.net.2,txt_mod.1"
+)
+
+
+def split_patterns(text: str | None) -> list[str]:
+    """``"a,b c"`` → ``["a", "b", "c"]``."""
+    return [p for p in (text or "").replace(",", " ").split() if p]
+
+
+def load_transformer(model_path: str, transformer_path: str | None = None):
+    from diffusers import QwenImageTransformer2DModel
+
+    if transformer_path:
+        return QwenImageTransformer2DModel.from_pretrained(transformer_path)
+    return QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer")
+
+
+def load_vae(model_path: str, vae_path: str | None = None):
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = (
+        AutoencoderKLQwenImage.from_pretrained(vae_path)
+        if vae_path
+        else AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae")
+    )
+    return vae.eval().requires_grad_(False)
+
+
+def load_scheduler(model_path: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler")
+
+
+def select_trainable(
+    transformer: torch.nn.Module, modules: list[str], low_lr_modules: list[str]
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Full fine-tuning: parameters whose name contains a pattern train ("." matches all).
+
+    Returns (normal-LR params, half-LR params); everything else is frozen.
+    """
+    normal, low = [], []
+    for name, param in transformer.named_parameters():
+        if any(p in name for p in low_lr_modules):
+            param.requires_grad_(True)
+            low.append(param)
+        elif any(p in name for p in modules):
+            param.requires_grad_(True)
+            normal.append(param)
+        else:
+            param.requires_grad_(False)
+    if not normal and not low:
+        raise ValueError(f"no transformer parameter matches --trainable_modules {modules} / {low_lr_modules}")
+    return normal, low
+
+
+def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None):
+    """Freeze the transformer and add a PEFT LoRA adapter (optionally initialised from a file)."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
+    transformer.add_adapter(config)
+    if lora_path:
+        from diffusers import QwenImagePipeline
+
+        state = QwenImagePipeline.lora_state_dict(lora_path)
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+        if result is not None and getattr(result, "unexpected_keys", None):
+            log.warning("unexpected keys in --lora_path: %s", result.unexpected_keys[:5])
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def trainable_state(transformer) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name (what checkpoints hold)."""
+    return {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def export_transformer(transformer, out_dir: str | Path) -> Path:
+    """Full fine-tune → a diffusers ``transformer/`` folder (safetensors)."""
+    out = Path(out_dir) / "transformer"
+    transformer.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def export_lora(transformer, out_dir: str | Path) -> Path:
+    """LoRA → ``pytorch_lora_weights.safetensors`` that ``QwenImageEditPlusPipeline.load_lora_weights`` accepts."""
+    from diffusers import QwenImagePipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return out / "pytorch_lora_weights.safetensors"

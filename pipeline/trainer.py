@@ -1,0 +1,374 @@
+"""The training loop under accelerate: loss per batch, optimisation, checkpoints, exact resume, export.
+
+Checkpoints (``checkpoint-{step}/``) hold no pickle: trainable weights and the
+optimizer's tensors as safetensors, optimizer/scheduler structure and the data
+state as JSON, each rank's torch RNG state as safetensors.  Under FSDP,
+accelerate's sharded ``save_state`` holds model and optimizer instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pipeline import checkpoint as ckpt
+from pipeline import flow
+from pipeline import model as models
+
+log = logging.getLogger("pipeline.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# loss for one batch
+
+
+def batch_loss(batch: dict[str, Any], transformer, vae, scheduler, args, rank: int, world: int, loader_step: int):
+    """Flow-matching loss of one batch (DESIGN §7); the noise depends on (seed, rank, step) only."""
+    device = next(p.device for p in transformer.parameters())
+    x0 = flow.encode_latents(vae, batch["target"], args.vae_mini_batch)
+    sources = [flow.encode_latents(vae, s, args.vae_mini_batch) for s in batch["sources"]]
+    generator = flow.step_generator(args.seed, rank, loader_step)
+    packed_x0 = flow.pack_latents(x0)
+    timesteps, sigmas = flow.training_schedule(scheduler, args.train_sampling_steps, packed_x0.shape[1])
+    idx = flow.sample_indices(
+        x0.shape[0],
+        args.train_sampling_steps,
+        generator,
+        args.uniform_sampling,
+        rank,
+        world,
+        args.weighting_scheme,
+        args.logit_mean,
+        args.logit_std,
+        args.mode_scale,
+    )
+    noise = torch.randn(packed_x0.shape, generator=generator, dtype=packed_x0.dtype)
+    sigma = sigmas[idx]
+    noisy, target = flow.noisy_input(packed_x0, noise, sigma)
+    hidden = torch.cat([noisy, *[flow.pack_latents(s) for s in sources]], dim=1)
+    dtype = next(p.dtype for p in transformer.parameters())
+    mask = batch["prompt_mask"].to(device)
+    pred = transformer(
+        hidden_states=hidden.to(device, dtype),
+        timestep=(timesteps[idx] / 1000).to(device, dtype),
+        encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
+        encoder_hidden_states_mask=mask,
+        img_shapes=flow.img_shapes(x0, sources),
+        return_dict=False,
+    )[0]
+    pred = pred[:, : packed_x0.shape[1]]
+    return flow.flow_loss(pred, target.to(device), sigma.to(device), args.weighting_scheme)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints without pickle
+
+
+def optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.args = args
+        use_cpu = not torch.cuda.is_available()
+        report_to = None if args.report_to == "none" else args.report_to
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+            cpu=use_cpu,
+            # the last block's text-stream outputs do not reach the loss, so some parameters get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.fsdp = str(self.accelerator.distributed_type) == "DistributedType.FSDP"
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        from pipeline.train import build_dataset, build_loader
+
+        args, acc = self.args, self.accelerator
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        transformer = models.load_transformer(args.pretrained_model_name_or_path, args.transformer_path)
+        self.vae = models.load_vae(args.pretrained_model_name_or_path, args.vae_path).to(acc.device)
+        self.scheduler = models.load_scheduler(args.pretrained_model_name_or_path)
+        if args.use_peft_lora:
+            params = models.add_lora(
+                transformer,
+                args.lora_rank,
+                args.lora_alpha,
+                args.lora_dropout,
+                models.split_patterns(args.lora_target_modules),
+                args.lora_path,
+            )
+            groups = [{"params": params, "lr": args.learning_rate}]
+        else:
+            normal, low = models.select_trainable(
+                transformer,
+                models.split_patterns(args.trainable_modules),
+                models.split_patterns(args.trainable_modules_low_learning_rate),
+            )
+            groups = [{"params": normal, "lr": args.learning_rate}]
+            if low:
+                groups.append({"params": low, "lr": args.learning_rate / 2})
+        if args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if args.scale_lr:
+            for g in groups:
+                g["lr"] *= args.gradient_accumulation_steps * args.train_batch_size * self.world
+        groups = [g for g in groups if g["params"]]
+        optimizer = self._optimizer(groups)
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+        )
+        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        self.dataset = build_dataset(args, self.rank, self.world)
+        self.loader = build_loader(self.dataset, args)
+        self.encoder = None
+        if args.condition_encoder_mode == "sync":
+            from pipeline.encoder import PromptBuilder, PromptEncoder
+
+            self.builder = PromptBuilder(args.pretrained_model_name_or_path, args.prompt_style)
+            self.encoder = PromptEncoder(args.pretrained_model_name_or_path, str(acc.device), "auto")
+        if report_to := (None if args.report_to == "none" else args.report_to):
+            del report_to
+            acc.init_trackers(
+                "qwen-edit-sft", config={k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+            )
+
+    def _optimizer(self, groups):
+        args = self.args
+        kwargs = {
+            "betas": (args.adam_beta1, args.adam_beta2),
+            "weight_decay": args.adam_weight_decay,
+            "eps": args.adam_epsilon,
+        }
+        if args.use_8bit_adam:
+            import bitsandbytes as bnb  # optional dependency
+
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        if args.use_came:
+            from came_pytorch import CAME  # optional dependency
+
+            return CAME(groups, weight_decay=args.adam_weight_decay)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        acc, args = self.accelerator, self.args
+        data_state = json.loads(json.dumps(self.loader.state_dict()))
+        unwrapped = acc.unwrap_model(self.transformer)
+        weights = models.trainable_state(unwrapped) if not self.fsdp else None
+        opt = optimizer_to_files(self.optimizer) if not self.fsdp else None
+
+        def write(folder: Path) -> None:
+            ckpt.write_json_file(folder / f"data_state_rank{self.rank}.json", {"step": step, "loader": data_state})
+            save_file(rng_state(), str(folder / f"rng_rank{self.rank}.safetensors"))
+            if self.fsdp:
+                acc.save_state(str(folder / "fsdp_state"))
+            elif self.rank == 0:
+                save_file(weights, str(folder / "trainable.safetensors"))
+                save_file(opt[0], str(folder / "optimizer.safetensors"))
+                ckpt.write_json_file(folder / "optimizer.json", opt[1])
+                ckpt.write_json_file(folder / "scheduler.json", self.lr_scheduler.state_dict())
+
+        marker = {"world_size": self.world, "lora": bool(args.use_peft_lora), "fsdp": self.fsdp}
+        return ckpt.save_checkpoint(
+            args.output_dir, step, self.rank, acc.wait_for_everyone, write, marker, args.checkpoints_total_limit
+        )
+
+    def load(self, folder: Path) -> int:
+        acc = self.accelerator
+        marker = ckpt.read_marker(folder)
+        if self.fsdp:
+            acc.load_state(str(folder / "fsdp_state"))
+        else:
+            weights = load_file(str(folder / "trainable.safetensors"))
+            missing = acc.unwrap_model(self.transformer).load_state_dict(weights, strict=False)
+            if missing.unexpected_keys:
+                raise RuntimeError(f"{folder}: unexpected weights {missing.unexpected_keys[:5]}")
+            meta = json.loads((folder / "optimizer.json").read_text())
+            self.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
+            self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        restore_rng(load_file(str(folder / f"rng_rank{self.rank}.safetensors")))
+        data = json.loads((folder / f"data_state_rank{self.rank}.json").read_text())
+        self.loader.load_state_dict(data["loader"])
+        log.info("resumed from %s (step %d)", folder, marker["step"])
+        return int(marker["step"])
+
+    # ---- online prompt encoding ----------------------------------------------------------------
+    def encode_online(self, batch: dict[str, Any]) -> None:
+        """``--condition_encoder_mode sync``: the same prompt code as extraction, on this device."""
+        from pipeline import images as imaging
+        from pipeline.batching import pad_embeddings
+
+        embeddings = []
+        for cond in batch.pop("conditions"):
+            if cond["kind"] == "t2i":
+                inputs = self.builder.t2i(cond["text"])
+            else:
+                pictures = [imaging.open_rgb(b) for b in cond["images"]]
+                inputs = self.builder.edit(self.builder.condition_images(pictures, cond["bucket"]), cond["text"])
+            embeddings.append(self.encoder.encode([inputs], self.builder.drop_index)[0].to(torch.bfloat16))
+        batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        from pipeline.train import TraceWriter
+
+        args, acc = self.args, self.accelerator
+        start = 0
+        resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        if resume is not None:
+            start = self.load(resume)
+        trace = TraceWriter(args.data_trace)
+        ga = args.gradient_accumulation_steps
+        batches = iter(self.loader)
+        bar = tqdm(
+            total=args.max_train_steps, initial=start, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
+        )
+        norms: deque[float] = deque(maxlen=100)
+        losses = []
+        wait_total = step_total = 0.0
+        samples_done = 0
+        for step in range(start, args.max_train_steps):
+            t_step = time.perf_counter()
+            waited, loss_sum = 0.0, 0.0
+            for micro in range(ga):
+                loader_step = step * ga + micro
+                t0 = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - t0
+                if batch["step"] != loader_step:
+                    raise RuntimeError(f"loader produced step {batch['step']} where {loader_step} was expected")
+                trace.write(loader_step + 1, batch)
+                if step == 0 and micro == 0 and acc.is_main_process:
+                    self.sanity_sheet(batch)
+                if self.encoder is not None:
+                    self.encode_online(batch)
+                with acc.accumulate(self.transformer):
+                    loss = batch_loss(
+                        batch, self.transformer, self.vae, self.scheduler, args, self.rank, self.world, loader_step
+                    )
+                    acc.backward(loss)
+                    grad_norm = None
+                    if acc.sync_gradients:
+                        grad_norm = self.clip(norms)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().item() / ga
+                samples_done += batch["target"].shape[0] * self.world
+            self.lr_scheduler.step()
+            elapsed = time.perf_counter() - t_step
+            wait_total += waited
+            step_total += elapsed
+            losses.append(loss_sum)
+            done = step + 1
+            lr = self.lr_scheduler.get_last_lr()[0]
+            sps = args.train_batch_size * ga * self.world / max(elapsed, 1e-9)
+            logs = {
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm or 0.0,
+                "samples_per_s": sps,
+                "data_wait_fraction": waited / max(elapsed, 1e-9),
+            }
+            acc.log(logs, step=done)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.2f}")
+            bar.update(1)
+            if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
+                self.save(done)
+        bar.close()
+        trace.close()
+        acc.wait_for_everyone()
+        outputs = self.export(args.output_dir) if acc.is_main_process else {}
+        acc.end_training()
+        return {
+            "losses": losses,
+            "data_wait_fraction": wait_total / max(step_total, 1e-9),
+            "outputs": outputs,
+            "samples": samples_done,
+        }
+
+    def clip(self, norms: deque) -> float:
+        """``--max_grad_norm`` clipping, and a tighter bound when a norm is abnormal (> 5× the running mean)."""
+        args = self.args
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        total = self.accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        value = float(total)
+        if len(norms) >= 10 and value > 5 * (sum(norms) / len(norms)):
+            bound = 5 * sum(norms) / len(norms)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(bound / value)
+            log.warning(
+                "abnormal gradient norm %.3g (running mean %.3g): scaled to %.3g", value, sum(norms) / len(norms), bound
+            )
+        if math.isfinite(value):
+            norms.append(value)
+        return value
+
+    def sanity_sheet(self, batch: dict[str, Any]) -> None:
+        """One contact sheet of the first batch: target, sources, instruction."""
+        from pipeline.preview import contact_sheet, tensor_to_image
+
+        rows = []
+        for i in range(batch["target"].shape[0]):
+            pictures = [tensor_to_image(s[i]) for s in batch["sources"]] + [tensor_to_image(batch["target"][i])]
+            rows.append((pictures, f"{batch['task']} {batch['keys'][i]} [{batch['variants'][i]}] {batch['texts'][i]}"))
+        contact_sheet(rows).save(Path(self.args.output_dir) / "first_batch.png")
+
+    def export(self, out_dir: str | Path) -> dict[str, str]:
+        unwrapped = self.accelerator.unwrap_model(self.transformer)
+        if self.args.use_peft_lora:
+            return {"lora": str(models.export_lora(unwrapped, out_dir))}
+        return {"transformer": str(models.export_transformer(unwrapped, out_dir))}

@@ -1,0 +1,349 @@
+"""The trainer: it learns, trains only what it should, resumes bit for bit, exports what diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, extract, run_module
+from safetensors.torch import load_file
+
+BASE = [
+    "--train_batch_size",
+    "1",
+    "--image_sample_size",
+    "64",
+    "--dataloader_num_workers",
+    "1",
+    "--seed",
+    "3",
+    "--report_to",
+    "none",
+]
+
+
+def train(model_dir, meta, out, *extra, env=None, nproc: int = 1):
+    args = [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--train_data_meta_dir",
+        str(meta),
+        "--output_dir",
+        str(out),
+        *BASE,
+        *extra,
+    ]
+    if nproc == 1:
+        return run_module("pipeline.train", *args, env=env, check=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipeline.train",
+        *args,
+    ]
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.fixture(scope="module")
+def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    """A handful of single-source edits to overfit."""
+    root = tmp_path_factory.mktemp("overfit")
+    rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
+    jsonl = sample_data_dir / "edit_single" / "four.jsonl"
+    jsonl.write_text("\n".join(rows) + "\n")
+    extract(jsonl, root / "four", tiny_model_dir)
+    return root
+
+
+def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, edit_meta, tmp_path):
+    from argparse import Namespace
+
+    from pipeline import trainer as trainer_mod
+    from pipeline.model import load_scheduler, load_transformer, load_vae
+    from pipeline.sources import discover_tasks
+    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
+
+    tasks = discover_tasks(str(edit_meta), None)
+    dataset = MixedBatchDataset(
+        tasks,
+        plan_mix(tasks, {"four": 1}, {"1": 1}),
+        0,
+        1,
+        StreamConfig(batch_size=4, seed=1, shuffle_buffer=0, image_sample_size=64, text_drop_ratio=0.0),
+    )
+    batch = next(iter(dataset))
+    args = Namespace(
+        vae_mini_batch=4,
+        seed=0,
+        train_sampling_steps=1000,
+        uniform_sampling=False,
+        weighting_scheme="none",
+        logit_mean=0.0,
+        logit_std=1.0,
+        mode_scale=1.29,
+    )
+    model_dir = str(tiny_model_dir)
+    vae, sched = load_vae(model_dir), load_scheduler(model_dir)
+
+    def loss_with(transformer):
+        with torch.no_grad():
+            return float(
+                sum(trainer_mod.batch_loss(batch, transformer, vae, sched, args, 0, 1, s) for s in range(8)) / 8
+            )
+
+    before = loss_with(load_transformer(model_dir))
+    out = tmp_path / "run"
+    train(
+        tiny_model_dir,
+        edit_meta,
+        out,
+        "--max_train_steps",
+        "150",
+        "--checkpointing_steps",
+        "1000",
+        "--learning_rate",
+        "2e-3",
+        "--train_batch_size",
+        "4",
+        "--text_drop_ratio",
+        "0",
+        "--shuffle_buffer",
+        "0",
+        "--seed",
+        "1",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--lr_warmup_steps",
+        "10",
+    )
+    after = loss_with(load_transformer(str(out / "transformer"), str(out / "transformer")))
+    assert after < 0.5 * before, (before, after)
+
+
+def test_full_finetune_trains_only_the_chosen_modules(tiny_model_dir, edit_meta, tmp_path):
+    out = tmp_path / "partial"
+    train(
+        tiny_model_dir,
+        edit_meta,
+        out,
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "100",
+        "--learning_rate",
+        "1e-2",
+        "--trainable_modules",
+        "transformer_blocks.1.",
+        "--trainable_modules_low_learning_rate",
+        "proj_out",
+    )
+    base = transformer_weights(tiny_model_dir / "transformer")
+    tuned = transformer_weights(out / "transformer")
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.startswith(("transformer_blocks.1.", "proj_out")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("proj_out") for k in changed) and any(
+        k.startswith("transformer_blocks.1.") for k in changed
+    )
+    ckpt = load_file(str(out / "checkpoint-3" / "trainable.safetensors"))
+    assert set(ckpt) == {k for k in base if k.startswith(("transformer_blocks.1.", "proj_out"))}
+    groups = json.loads((out / "checkpoint-3" / "optimizer.json").read_text())["param_groups"]
+    assert sorted(g["lr"] for g in groups) == [5e-3, 1e-2], "low-LR modules train at half the LR"
+
+
+def _generate(pipe):
+    from PIL import Image
+
+    return pipe(
+        image=[Image.new("RGB", (64, 48), (200, 40, 40))],
+        prompt="Make it blue.",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+
+
+def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
+    tiny_model_dir, edit_meta, tmp_path, small_vae_inputs
+):
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    out = tmp_path / "lora"
+    train(
+        tiny_model_dir,
+        edit_meta,
+        out,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--use_peft_lora",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--checkpoints_total_limit",
+        "1",
+    )
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"], "total limit prunes older checkpoints"
+    adapter = load_file(str(out / "checkpoint-4" / "trainable.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter}
+    assert {"to_q", "to_k", "to_v", "add_q_proj"} <= targets | {k.split(".lora_")[0].split(".")[-1] for k in adapter}
+    lora_file = out / "pytorch_lora_weights.safetensors"
+    assert lora_file.exists()
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir)
+    base = _generate(pipe)
+    pipe.load_lora_weights(str(lora_file))
+    with_lora = _generate(pipe)
+    assert with_lora.shape == base.shape and not (with_lora == base).all(), "the LoRA changes the output"
+
+    full = tmp_path / "full"
+    train(
+        tiny_model_dir,
+        edit_meta,
+        full,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "100",
+        "--learning_rate",
+        "1e-2",
+    )
+    tuned = QwenImageTransformer2DModel.from_pretrained(full / "transformer")
+    pipe2 = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir, transformer=tuned)
+    image = _generate(pipe2)
+    assert image.shape == (64, 64, 3) and not (image == base).all()
+    assert (full / "first_batch.png").exists()
+
+
+def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir, tmp_path):
+    common = [
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--learning_rate",
+        "5e-3",
+        "--train_batch_size",
+        "2",
+        "--enable_inverse",
+        "--uniform_sampling",
+        "--dataloader_num_workers",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--report_to",
+        "tensorboard",
+    ]
+    straight = tmp_path / "straight"
+    train(tiny_model_dir, meta_dir, straight, *common, "--data_trace", str(tmp_path / "a.jsonl"), nproc=2)
+    resumed = tmp_path / "resumed"
+    first = [c if c != "6" else "3" for c in common]
+    train(tiny_model_dir, meta_dir, resumed, *first, "--data_trace", str(tmp_path / "b0.jsonl"), nproc=2)
+    train(
+        tiny_model_dir,
+        meta_dir,
+        resumed,
+        *common,
+        "--resume_from_checkpoint",
+        "latest",
+        "--data_trace",
+        str(tmp_path / "b.jsonl"),
+        nproc=2,
+    )
+
+    def lines(path):
+        return sorted(json.dumps(json.loads(x), sort_keys=True) for x in path.read_text().splitlines())
+
+    straight_lines = lines(tmp_path / "a.jsonl")
+    assert len(straight_lines) == 12  # 6 steps x 2 ranks
+    resumed_part = lines(tmp_path / "b.jsonl")
+    assert len(resumed_part) == 6 and all(json.loads(x)["step"] > 3 for x in resumed_part)
+    assert sorted(lines(tmp_path / "b0.jsonl") + resumed_part) == straight_lines
+    a, b = transformer_weights(straight / "transformer"), transformer_weights(resumed / "transformer")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
+    base = transformer_weights(tiny_model_dir / "transformer")
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((straight / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("loss")) == 6
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    from pipeline import checkpoint as ckpt
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / ckpt.MARKER).write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint-6").mkdir()  # crashed before the marker
+    (tmp_path / ".checkpoint-8.incomplete").mkdir()
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
+    with pytest.raises(FileNotFoundError):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-6"))
+    ckpt.prune(tmp_path, 1)
+    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
+
+
+def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_dir, tmp_path):
+    from argparse import Namespace
+
+    from pipeline.shardformat import npy_to_embedding
+    from pipeline.sources import discover_tasks
+    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.trainer import Trainer
+
+    for name, extra in (("offline", []), ("online", ["--skip_embeddings"])):
+        extract(sample_data_dir / "compose_multi" / "data.jsonl", tmp_path / name / "task", tiny_model_dir, *extra)
+    config = StreamConfig(
+        batch_size=1, seed=2, shuffle_buffer=0, image_sample_size=64, text_drop_ratio=0.3, online_prompts=True
+    )
+    tasks = discover_tasks(str(tmp_path / "online"), None)
+    assert not any(k.startswith("emb_") for k in tasks["task"].manifest["variants"])
+    dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"task": 1}, {"2": 1, "3": 1}), 0, 1, config)
+    trainer = Trainer.__new__(Trainer)
+    trainer.args = Namespace()
+    from pipeline.encoder import PromptBuilder, PromptEncoder
+
+    trainer.builder, trainer.encoder = PromptBuilder(str(tiny_model_dir)), PromptEncoder(str(tiny_model_dir))
+    offline = read_offline(tmp_path / "offline" / "task")
+    checked = set()
+    for _, batch in zip(range(10), iter(dataset), strict=False):
+        assert "prompt_embeds" not in batch
+        trainer.encode_online(batch)
+        key, variant = batch["keys"][0], batch["variants"][0]
+        stored = npy_to_embedding(offline[key][f"emb_{variant}.npy"])
+        length = int(batch["prompt_mask"][0].sum())
+        assert torch.equal(batch["prompt_embeds"][0, :length], stored), (key, variant)
+        checked.add(variant)
+    assert {"en", "cn", "drop"} & checked and len(checked) >= 2
+
+
+def read_offline(task_dir: Path):
+    from helpers import read_samples
+
+    return read_samples(str(task_dir))
