@@ -1,0 +1,125 @@
+"""Training step time with the real loader vs the same batches pre-built in memory (the data-stall fraction).
+
+    python benchmarks/bench_train.py --steps 30 --workers 2
+
+Uses the tiny model and the sample data (built under --work_dir).  Run 1 trains
+with the real StatefulDataLoader; run 2 replays exactly the batches run 1 saw,
+held in memory.  Prints mean step time of both, their ratio and the data-wait
+fraction of run 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "bench-train"))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--image_sample_size", type=int, default=256)
+    args = p.parse_args()
+
+    from pipeline import extract
+    from pipeline.kit.sample_data import make_sample_data
+    from pipeline.kit.tiny_model import make_tiny_model
+    from pipeline.logs import setup_logging
+    from pipeline.train import build_parser
+    from pipeline.trainer import Trainer, batch_loss
+
+    setup_logging()
+    work = Path(args.work_dir)
+    model = work / "model"
+    if not (model / "model_index.json").exists():
+        make_tiny_model(model)
+    shards = work / "shards"
+    if not shards.exists():
+        for task, jsonl in make_sample_data(work / "data", samples=16).items():
+            extract.main(
+                [
+                    str(jsonl),
+                    "--output_dir",
+                    str(shards / task),
+                    "--model_path",
+                    str(model),
+                    "--num_workers",
+                    "1",
+                    "--max_samples_per_shard",
+                    "8",
+                ]
+            )
+    cli = build_parser().parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--train_data_meta_dir",
+            str(shards),
+            "--output_dir",
+            str(work / "run"),
+            "--max_train_steps",
+            str(args.steps),
+            "--checkpointing_steps",
+            "100000",
+            "--train_batch_size",
+            str(args.batch_size),
+            "--image_sample_size",
+            str(args.image_sample_size),
+            "--dataloader_num_workers",
+            str(args.workers),
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-4",
+        ]
+    )
+    trainer = Trainer(cli)
+    trainer.setup()
+
+    def step(batch, i):
+        loss = batch_loss(batch, trainer.transformer, trainer.vae, trainer.scheduler, cli, 0, 1, i)
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    seen, waits, t_all = [], 0.0, time.perf_counter()
+    batches = iter(trainer.loader)
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waits += time.perf_counter() - t0
+        seen.append(batch)
+        step(batch, i)
+    real = (time.perf_counter() - t_all) / args.steps
+
+    torch.manual_seed(0)
+    t_all = time.perf_counter()
+    for i, batch in enumerate(seen):
+        step(batch, i)
+    memory = (time.perf_counter() - t_all) / args.steps
+    print(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "image_sample_size": args.image_sample_size,
+                "step_s_real_loader": round(real, 4),
+                "step_s_prebuilt_batches": round(memory, 4),
+                "ratio": round(real / memory, 3),
+                "data_wait_fraction": round(waits / (real * args.steps), 3),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
