@@ -85,46 +85,42 @@ def prepare_record(
         except imaging.ImageLoadError as exc:
             return Failure(record.file, record.line, exc.kind, str(exc), fieldname, text)
 
-    source_images = [loaded[f"source{i}"] for i in range(len(sources))]
-    target = loaded["target"]
-    buckets = [imaging.aspect_bucket(img.size) for img in (*source_images, target)]
-    texts = record.texts
-    inverse = opts.inverse and not opts.t2i_mode
-    plan = [] if opts.skip_embeddings else plan_variants(texts, len(sources), inverse)
+    sample = sample_from_images(record, [loaded[f"source{i}"] for i in range(len(sources))], loaded["target"])
+    plan = [] if opts.skip_embeddings else plan_variants(record.texts, len(sources), opts.inverse and not opts.t2i_mode)
+    conditions: dict[str, list] = {}
+    for variant, role, prompt_text in plan:
+        if role == "none":
+            sample.prompts.append((variant, builder.t2i(prompt_text)))
+            continue
+        if role not in conditions:
+            pictures = (
+                [loaded[f"source{i}"].rgb for i in range(len(sources))] if role == "sources" else [loaded["target"].rgb]
+            )
+            conditions[role] = builder.condition_images(pictures, target_bucket=sample.meta["bucket"][-1])
+        sample.prompts.append((variant, builder.edit(conditions[role], prompt_text)))
+    return sample
 
-    prompts: list[tuple[str, PromptInputs]] = []
-    if plan:
-        conditions: dict[str, list] = {}
-        for variant, role, prompt_text in plan:
-            if role == "none":
-                prompts.append((variant, builder.t2i(prompt_text)))
-                continue
-            if role not in conditions:
-                pictures = [s.rgb for s in source_images] if role == "sources" else [target.rgb]
-                conditions[role] = builder.condition_images(pictures, target_bucket=buckets[-1])
-            prompts.append((variant, builder.edit(conditions[role], prompt_text)))
 
+def sample_from_images(
+    record: Record, sources: list[imaging.LoadedImage], target: imaging.LoadedImage
+) -> PreparedSample:
+    """The shard sample of ``record`` (metadata and original image bytes), before any embedding."""
     key = sample_key(record.file, record.line)
     meta = {
         "key": key,
         "input": record.file,
         "line": record.line,
         "num_sources": len(sources),
-        **texts,
-        "sources": [_image_meta(img, f"source{i}") for i, img in enumerate(source_images)],
+        **record.texts,
+        "sources": [_image_meta(img, f"source{i}") for i, img in enumerate(sources)],
         "target": _image_meta(target, "target"),
-        "bucket": buckets,
+        "bucket": [imaging.aspect_bucket(img.size) for img in (*sources, target)],
         "variants": {},
         "extra": record.extra,
     }
-    return PreparedSample(
-        key=key,
-        line=record.line,
-        num_sources=len(sources),
-        meta=meta,
-        images={role: (img.ext, img.data) for role, img in loaded.items()},
-        prompts=prompts,
-    )
+    images = {f"source{i}": (img.ext, img.data) for i, img in enumerate(sources)}
+    images["target"] = (target.ext, target.data)
+    return PreparedSample(key=key, line=record.line, num_sources=len(sources), meta=meta, images=images)
 
 
 def _image_meta(img: imaging.LoadedImage, role: str) -> dict[str, Any]:

@@ -160,8 +160,8 @@ def sample_members(
 
 
 def is_forbidden_member(name: str) -> bool:
-    """Members that default decoders would unpickle; never decoded here."""
-    return name.lower().endswith(FORBIDDEN_SUFFIXES)
+    """Members that default decoders would unpickle (``x.pyd``, or the bare extension ``pyd``); never decoded."""
+    return ("." + name).lower().endswith(FORBIDDEN_SUFFIXES)
 
 
 def new_manifest(task: str, model: dict[str, Any], prompt_style: str, drop_index: dict[str, int]) -> dict[str, Any]:

@@ -21,7 +21,14 @@ import torch
 from pipeline.prepare import Failure, PreparedSample
 from pipeline.progress import Commit, ProgressLog
 from pipeline.prompts import VARIANTS
-from pipeline.shardformat import TarShardWriter, embedding_to_npy, index_name, sample_members, shard_name
+from pipeline.shardformat import (
+    TarShardWriter,
+    embedding_to_npy,
+    index_name,
+    npy_to_embedding,
+    sample_members,
+    shard_name,
+)
 from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,7 @@ class ShardSink:
         self._thread.start()
 
     # ---- main thread -------------------------------------------------------------------------
-    def add_sample(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
+    def add_sample(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor | bytes]) -> None:
         self._put(("sample", sample, embeddings))
 
     def add_failure(self, failure: Failure) -> None:
@@ -114,8 +121,12 @@ class ShardSink:
 
     def _write(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
         embeddings = {v: embeddings[v] for v in VARIANTS if v in embeddings}  # fixed member order
-        npys = {variant: embedding_to_npy(t) for variant, t in embeddings.items()}
-        sample.meta["variants"] = {variant: list(t.shape) for variant, t in embeddings.items()}
+        # tensors are encoded here; ready .npy bytes (resharding, conversion) are stored as they are
+        npys = {v: t if isinstance(t, bytes) else embedding_to_npy(t) for v, t in embeddings.items()}
+        shapes = {
+            v: list(npy_to_embedding(t).shape) if isinstance(t, bytes) else list(t.shape) for v, t in embeddings.items()
+        }
+        sample.meta["variants"] = shapes
         members = sample_members(sample.meta, sample.images, npys)
         shard = self.open.get(sample.num_sources)
         if shard is None:

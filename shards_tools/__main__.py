@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -25,6 +26,73 @@ def _make_sample_data(args: argparse.Namespace) -> int:
     for task, jsonl in make_sample_data(args.out_dir, samples=args.samples, seed=args.seed).items():
         log.info("task %-14s %s", task, jsonl)
     return 0
+
+
+def _emit(args: argparse.Namespace, payload, human: str, failed: bool) -> int:
+    print(json.dumps(payload, ensure_ascii=False, indent=1) if args.json else human)
+    return 1 if failed else 0
+
+
+def _storage(args: argparse.Namespace) -> dict:
+    from pipeline.storage import parse_storage_options
+
+    return parse_storage_options(args.storage_options)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from shards_tools.summary import format_inspect, inspect_samples
+
+    rows, problems = inspect_samples(args.url, _storage(args), args.limit)
+    human = format_inspect(rows) + "".join(f"\nPROBLEM {p['shard']} [{p['key']}]: {p['problem']}" for p in problems)
+    return _emit(args, {"samples": rows, "problems": problems}, human, bool(problems))
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shards_tools.summary import format_stats, task_stats
+
+    rows, problems = task_stats(args.url, _storage(args))
+    human = format_stats(rows) + "".join(f"\nPROBLEM {p['task']} {p['shard']}: {p['problem']}" for p in problems)
+    return _emit(args, {"rows": rows, "problems": problems}, human, bool(problems))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from shards_tools.verify import format_problems, verify
+
+    summary, problems = verify(args.url, _storage(args))
+    return _emit(args, {**summary, "problems": problems}, format_problems(summary, problems), bool(problems))
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from shards_tools.sheet import preview
+
+    count = preview(args.url, args.out, args.samples, _storage(args))
+    return _emit(args, {"out": args.out, "samples": count}, f"wrote {args.out} ({count} samples)", False)
+
+
+def _convert_legacy(args: argparse.Namespace) -> int:
+    from shards_tools.convert import convert_legacy
+
+    m = convert_legacy(args.meta_dir, args.output_dir, _storage(args), args.max_samples_per_shard)
+    human = (
+        f"converted {m['samples']} sample(s) into {len(m['shards'])} shard(s) at {args.output_dir}; "
+        f"{m['failures']} line(s) in _failures/ {m['failures_by_reason']}"
+    )
+    return _emit(args, m, human, m["samples"] == 0)
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    from shards_tools.convert import reshard
+
+    m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard)
+    human = f"wrote {m['samples']} sample(s) in {len(m['shards'])} shard(s) to {args.output_dir}"
+    return _emit(args, m, human, False)
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_argument(
+        "--storage_options", default=None, help="JSON fsspec options, flat or per protocol (AWS_*/FSSPEC_* also work)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +129,85 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--samples", type=int, default=12, help="samples per task (default: 12)")
     data.add_argument("--seed", type=int, default=0, help="random seed for crops and scenes (default: 0)")
     data.set_defaults(func=_make_sample_data)
+
+    cmd = sub.add_parser(
+        "inspect",
+        help="one line per sample: key, N, sizes, bucket, variants, instruction",
+        description="List samples of a shard (.tar URL) or of a task / meta directory.",
+    )
+    cmd.add_argument("url", help="shard URL, task directory or meta directory (local or fsspec URL)")
+    cmd.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    _common(cmd)
+    cmd.set_defaults(func=_inspect)
+
+    cmd = sub.add_parser(
+        "stats",
+        help="table per task and source count",
+        description="Samples, shards, bytes, aspect buckets, variants and recorded failures per "
+        "task and number of sources.",
+    )
+    cmd.add_argument("url", help="task directory or meta directory")
+    _common(cmd)
+    cmd.set_defaults(func=_stats)
+
+    cmd = sub.add_parser(
+        "verify",
+        help="check manifest against shards, member by member",
+        description="Counts, sizes and sha256 against the manifest; every member decodes (images, "
+        "embeddings with the manifest's dtype and hidden size, JSON); no pickle members; unique "
+        "keys. Exit code 1 when anything is wrong.",
+    )
+    cmd.add_argument("url", help="task directory or meta directory")
+    _common(cmd)
+    cmd.set_defaults(func=_verify)
+
+    cmd = sub.add_parser(
+        "preview",
+        help="contact sheet PNG: sources -> target, instruction under each row",
+        description="Write a contact sheet of the first samples of a shard or task.",
+    )
+    cmd.add_argument("url", help="shard URL, task directory or meta directory")
+    cmd.add_argument("--out", required=True, help="PNG file to write")
+    cmd.add_argument("--samples", type=int, default=16, help="rows (default 16)")
+    _common(cmd)
+    cmd.set_defaults(func=_preview)
+
+    cmd = sub.add_parser(
+        "convert-legacy",
+        help="convert the original tool's JSONL + .pt output into shards",
+        description="Read every *.jsonl in META_DIR (and its per-rank sub-folders) whose lines carry "
+        "embeddings_tensor_{en,cn,droptext,en_inv,cn_inv,droptext_inv} .pt paths, source_image, "
+        "edit_image and instructions; write shards + manifest without running the VLM. .pt files "
+        "load with weights_only=True; lines with missing files go to _failures/.",
+    )
+    cmd.add_argument("meta_dir", help="folder of the original tool's output JSONL files")
+    cmd.add_argument("--output_dir", required=True, help="new task directory (local or fsspec URL)")
+    cmd.add_argument("--max_samples_per_shard", type=int, default=1000, help="samples per shard")
+    _common(cmd)
+    cmd.set_defaults(func=_convert_legacy)
+
+    cmd = sub.add_parser(
+        "reshard",
+        help="merge small shards or split large ones into a new task directory",
+        description="Copy a task into shards of --max_samples_per_shard samples with a new manifest "
+        "(member bytes unchanged).",
+    )
+    cmd.add_argument("url", help="task directory")
+    cmd.add_argument("--output_dir", required=True, help="new task directory")
+    cmd.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
+    _common(cmd)
+    cmd.set_defaults(func=_reshard)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
-    return args.func(args)
+    setup_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":
