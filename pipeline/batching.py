@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import images as imaging
+from pipeline.seeding import step_rng
 from pipeline.shardformat import npy_to_embedding
 from pipeline.sources import RangeReader, RawSample, Task
 
@@ -98,8 +99,6 @@ def assemble_batch(
     replace: Callable[[tuple], RawSample] | None = None,
 ) -> dict[str, Any]:
     """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts."""
-    from pipeline.stream import step_rng
-
     rng = step_rng(config.seed, 4, rank, step)
     samples = list(samples)
     variants, texts, targets, sources = [], [], [], [[] for _ in range(num_sources)]

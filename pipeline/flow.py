@@ -13,12 +13,6 @@ import torch
 OUTLIER_THRESHOLD = 50.0  # prediction errors above this are left out of the loss
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """CPU generator for one (seed, rank, step); the same draws after a resume."""
-    mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, rank, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator("cpu").manual_seed(int(mixed))
-
-
 def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's per-channel latents mean and std as [1, C, 1, 1, 1]."""
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)

@@ -67,8 +67,6 @@ def fetch(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
 
 def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode fully (so truncation is caught here), apply EXIF orientation, convert to RGB."""
-    from diffusers.utils import load_image
-
     if not data:
         raise ImageLoadError("not_an_image", uri, "empty file")
     try:
@@ -89,7 +87,7 @@ def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loade
         raise ImageLoadError("truncated_image", uri, f"cannot decode: {exc}") from exc
     fmt = img.format or ""
     mode = img.mode
-    rgb = load_image(img)
+    rgb = _as_inference_rgb(img)
     if fmt in KEPT_FORMATS:
         stored, ext = data, KEPT_FORMATS[fmt]
     else:
@@ -152,11 +150,16 @@ def firered_condition_image(img: Image.Image, target_bucket: float) -> Image.Ima
     return _resizer().resize(cropped, h, w)
 
 
-def open_rgb(data: bytes) -> Image.Image:
-    """Decode stored image bytes as diffusers' ``load_image`` would (EXIF orientation, RGB)."""
+def _as_inference_rgb(img: Image.Image) -> Image.Image:
+    """What diffusers' ``load_image`` does to a PIL image: EXIF orientation applied, converted to RGB."""
     from diffusers.utils import load_image
 
-    return load_image(Image.open(io.BytesIO(data)))
+    return load_image(img)
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode stored image bytes as a user's inference script would see them."""
+    return _as_inference_rgb(Image.open(io.BytesIO(data)))
 
 
 def crop_size(aspect: float, area: int, multiple: int = 32) -> tuple[int, int]:

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.batching import assemble_batch
+from pipeline.seeding import step_rng
 from pipeline.sources import (
     CorruptSample,
     DataConfigError,
@@ -46,10 +48,6 @@ SOURCE_COUNTS = (0, 1, 2, 3)
 
 # ---------------------------------------------------------------------------------------------
 # per-step draws (pure functions of seed, rank, step)
-
-
-def step_rng(seed: int, *parts: int) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, *parts])
 
 
 def draw_num_sources(seed: int, step: int, n_probs: dict[int, float]) -> int:
@@ -360,8 +358,6 @@ class MixedBatchDataset(IterableDataset):
         return self._worker + made * self._workers
 
     def __iter__(self):
-        from pipeline.batching import assemble_batch
-
         self._setup_worker()
         if self._loaded is not None:
             self._restore(self._loaded)

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from pipeline import checkpoint as ckpt
 from pipeline import flow
 from pipeline import model as models
+from pipeline.seeding import step_generator
+from pipeline.train import json_state
 
 log = logging.getLogger("pipeline.train")
 
@@ -37,7 +39,7 @@ def batch_loss(batch: dict[str, Any], transformer, vae, scheduler, args, rank: i
     device = next(p.device for p in transformer.parameters())
     x0 = flow.encode_latents(vae, batch["target"], args.vae_mini_batch)
     sources = [flow.encode_latents(vae, s, args.vae_mini_batch) for s in batch["sources"]]
-    generator = flow.step_generator(args.seed, rank, loader_step)
+    generator = step_generator(args.seed, rank, loader_step)
     packed_x0 = flow.pack_latents(x0)
     timesteps, sigmas = flow.training_schedule(scheduler, args.train_sampling_steps, packed_x0.shape[1])
     idx = flow.sample_indices(
@@ -179,8 +181,7 @@ class Trainer:
 
             self.builder = PromptBuilder(args.pretrained_model_name_or_path, args.prompt_style)
             self.encoder = PromptEncoder(args.pretrained_model_name_or_path, str(acc.device), "auto")
-        if report_to := (None if args.report_to == "none" else args.report_to):
-            del report_to
+        if args.report_to != "none":
             acc.init_trackers(
                 "qwen-edit-sft", config={k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
             )
@@ -205,7 +206,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int) -> Path:
         acc, args = self.accelerator, self.args
-        data_state = json.loads(json.dumps(self.loader.state_dict()))
+        data_state = json_state(self.loader.state_dict())
         unwrapped = acc.unwrap_model(self.transformer)
         weights = models.trainable_state(unwrapped) if not self.fsdp else None
         opt = optimizer_to_files(self.optimizer) if not self.fsdp else None

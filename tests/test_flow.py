@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import flow
+from pipeline.seeding import step_generator
 
 
 class _Cfg(dict):
@@ -86,7 +87,7 @@ def test_uniform_per_rank_ranges_and_density_sampling():
 
 
 def test_generator_depends_on_seed_rank_and_step():
-    draw = lambda *a: torch.rand(4, generator=flow.step_generator(*a))  # noqa: E731
+    draw = lambda *a: torch.rand(4, generator=step_generator(*a))  # noqa: E731
     assert torch.equal(draw(1, 0, 5), draw(1, 0, 5))
     assert not torch.equal(draw(1, 0, 5), draw(1, 0, 6))
     assert not torch.equal(draw(1, 0, 5), draw(1, 1, 5))
