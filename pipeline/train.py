@@ -244,6 +244,16 @@ class TraceWriter:
             self.fd = None
 
 
+def next_batch(batches, expected_step: int) -> tuple[dict[str, Any], float]:
+    """The next batch and the seconds spent waiting for it; checks it is the step the loop expects."""
+    t0 = time.perf_counter()
+    batch = next(batches)
+    waited = time.perf_counter() - t0
+    if batch["step"] != expected_step:
+        raise RuntimeError(f"loader produced step {batch['step']} where {expected_step} was expected")
+    return batch, waited
+
+
 def data_state_file(rank: int) -> str:
     return f"data_state_rank{rank}.json"
 
@@ -287,11 +297,8 @@ def run_data_only(args: argparse.Namespace) -> int:
     started, waited, batches = time.perf_counter(), 0.0, iter(loader)
     try:
         for step in range(start, args.max_train_steps):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - t0
-            if batch["step"] != step:
-                raise RuntimeError(f"loader produced step {batch['step']} where {step} was expected")
+            batch, wait = next_batch(batches, step)
+            waited += wait
             trace.write(step + 1, batch)
             done = step + 1
             if done % args.checkpointing_steps == 0 or done == args.max_train_steps:

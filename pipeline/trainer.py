@@ -264,7 +264,7 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        from pipeline.train import TraceWriter
+        from pipeline.train import TraceWriter, next_batch
 
         args, acc = self.args, self.accelerator
         start = 0
@@ -286,11 +286,8 @@ class Trainer:
             waited, loss_sum = 0.0, 0.0
             for micro in range(ga):
                 loader_step = step * ga + micro
-                t0 = time.perf_counter()
-                batch = next(batches)
-                waited += time.perf_counter() - t0
-                if batch["step"] != loader_step:
-                    raise RuntimeError(f"loader produced step {batch['step']} where {loader_step} was expected")
+                batch, wait = next_batch(batches, loader_step)
+                waited += wait
                 trace.write(loader_step + 1, batch)
                 if step == 0 and micro == 0 and acc.is_main_process:
                     self.sanity_sheet(batch)

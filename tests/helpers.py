@@ -28,6 +28,16 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     return result
 
 
+def torchrun(nproc: int, module: str, *args: str, env: dict | None = None, timeout: int = 900):
+    """``torchrun --standalone --nproc_per_node=N -m module args`` on CPU; fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {module} exited {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
 def extract(jsonl, out_dir, model_dir, *extra: str, env: dict | None = None, check: bool = True):
     return run_module(
         "pipeline.extract",

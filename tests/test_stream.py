@@ -5,10 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, extract, run_module
+from helpers import extract, run_module, torchrun
 
 from pipeline import stream as stream_mod
 from pipeline.batching import choose_variant
@@ -31,21 +28,7 @@ def train_data(*args: str, env=None, nproc: int = 1):
     """Run ``pipeline.train --data_only`` (under torchrun when nproc > 1)."""
     if nproc == 1:
         return run_module("pipeline.train", "--data_only", *args, env=env, check=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        "--data_only",
-        *args,
-    ]
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return torchrun(nproc, "pipeline.train", "--data_only", *args, env=env, timeout=600)
 
 
 def read_trace(path: Path) -> list[dict]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, extract, run_module
+from helpers import extract, run_module, torchrun
 from safetensors.torch import load_file
 
 BASE = [
@@ -40,20 +37,7 @@ def train(model_dir, meta, out, *extra, env=None, nproc: int = 1):
     ]
     if nproc == 1:
         return run_module("pipeline.train", *args, env=env, check=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        *args,
-    ]
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return torchrun(nproc, "pipeline.train", *args, env=env)
 
 
 def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
