@@ -409,3 +409,22 @@ def test_reads_from_s3_through_a_flaky_proxy(meta_dir, s3_env, tmp_path):
 
 def test_stream_module_documents_why_it_exists():
     assert "webdataset cannot do" in stream_mod.__doc__
+
+
+def test_http_shards_are_read_by_range_like_local_ones(meta_dir):
+    from range_server import RangeServer
+
+    shards = sorted((meta_dir / "edit_single" / "src1").glob("*.tar"))
+    last = f"{len(shards) - 1:06d}"
+    local = task_from_patterns("t", [str(shards[0].parent) + "/00000-{000000.." + last + "}.tar"], None)
+    config = StreamConfig(batch_size=1, seed=4, shuffle_buffer=2, image_sample_size=64)
+    with RangeServer(meta_dir) as server:
+        remote = task_from_patterns("t", [server.url + "/edit_single/src1/00000-{000000.." + last + "}.tar"], None)
+        assert all(s.index_url and s.samples for s in remote.shards[1]), "the .index.json beside each shard is found"
+        out = []
+        for task in (local, remote):
+            ds = MixedBatchDataset({"t": task}, plan_mix({"t": task}, {"t": 1}, {"1": 1}), 0, 1, config)
+            out.append([(b["keys"], b["variants"]) for _, b in zip(range(12), iter(ds), strict=False)])
+        ranged = [r for p, r in server.requests if p.endswith(".tar") and r]
+    assert out[0] == out[1]
+    assert ranged and all(r.startswith("bytes=") for r in ranged), "tar data came by byte ranges"
