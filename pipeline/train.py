@@ -130,10 +130,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="kept for compatibility; the stream is endless and --max_train_steps decides the length",
     )
-    o.add_argument("--adam_beta1", type=float, default=0.9)
-    o.add_argument("--adam_beta2", type=float, default=0.999)
-    o.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    o.add_argument("--adam_epsilon", type=float, default=1e-8)
+    o.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    o.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    o.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    o.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     o.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed)")
     o.add_argument("--use_came", action="store_true", help="CAME optimizer (came-pytorch must be installed)")
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
@@ -146,9 +146,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         help="timestep density and SD3 loss weighting",
     )
-    o.add_argument("--logit_mean", type=float, default=0.0)
-    o.add_argument("--logit_std", type=float, default=1.0)
-    o.add_argument("--mode_scale", type=float, default=1.29)
+    o.add_argument("--logit_mean", type=float, default=0.0, help="mean of logit_normal timestep sampling")
+    o.add_argument("--logit_std", type=float, default=1.0, help="std of logit_normal timestep sampling")
+    o.add_argument("--mode_scale", type=float, default=1.29, help="scale of mode timestep sampling")
     o.add_argument("--report_to", default="tensorboard", help="tensorboard (default), wandb, or none")
     o.add_argument("--export_checkpoint", default=None, help="export this checkpoint for diffusers and exit")
 

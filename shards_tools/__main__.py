@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m shards_tools",
         description="Inspect and maintain shard datasets; write the offline tiny model and sample data.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND", help="run one with --help")
 
     tiny = sub.add_parser(
         "make-tiny-model",

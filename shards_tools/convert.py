@@ -132,6 +132,12 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
                 key=key, line=int(meta.get("line", 0)), num_sources=int(meta["num_sources"]), meta=meta, images=images
             )
             writer.add(sample, embeddings)
+    source_store = Store(url, storage_options)
+    for name in source_store.listdir("_failures"):  # failures recorded for the source task stay recorded
+        for text in source_store.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
+            if text.strip():
+                entry = json.loads(text)
+                writer.fail(Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")}))
     null = None
     if task.manifest.get("null_embedding"):
         null = Store(url, storage_options).read_bytes(task.manifest["null_embedding"])
