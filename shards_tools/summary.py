@@ -6,7 +6,8 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
-from pipeline.storage import Store
+from pipeline.sources import RangeReader
+from pipeline.storage import Store, join
 from shards_tools.reading import iter_samples, open_tasks, sample_meta, shard_list
 
 
@@ -72,8 +73,7 @@ def task_stats(url: str, storage_options: dict | None) -> tuple[list[dict], list
             entry["shards"] += 1
             entry["bytes"] += shard["bytes"]
             try:
-                for _, members in iter_samples(f"{task.url.rstrip('/')}/{shard['url']}", storage_options):
-                    meta = sample_meta(members)
+                for meta in shard_metas(task.url, shard, storage_options):
                     entry["samples"] += 1
                     entry["buckets"][json.dumps(meta["bucket"])] += 1
                     entry["variants"].update(meta.get("variants", {}).keys())
@@ -109,6 +109,19 @@ def task_stats(url: str, storage_options: dict | None) -> tuple[list[dict], list
                 }
             )
     return rows, problems
+
+
+def shard_metas(task_url: str, shard: dict, storage_options: dict | None):
+    """Each sample's json: one small range read per sample through the shard index, else a streamed read."""
+    shard_url = join(task_url, shard["url"])
+    if not shard.get("index"):
+        for _, members in iter_samples(shard_url, storage_options):
+            yield sample_meta(members)
+        return
+    reader = RangeReader(storage_options)
+    for entry in json.loads(reader.read(join(task_url, shard["index"])))["samples"]:
+        offset, size = entry["members"]["json"]
+        yield json.loads(reader.read(shard_url, offset, offset + size))
 
 
 def format_stats(rows: list[dict]) -> str:
