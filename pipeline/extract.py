@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         extractor.run()
         _barrier(world)
         code = extractor.finish() if rank == 0 else 0
+    except (FileNotFoundError, ValueError) as exc:  # a missing input file, bad --storage_options ...
+        log.error("%s", exc)
+        code = 2
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

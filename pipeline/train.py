@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["outputs"],
             )
         return 0
-    except DataConfigError as exc:
+    except (DataConfigError, ValueError, FileNotFoundError) as exc:  # errors in what the user gave us
         log.error("%s", exc)
         return 2
 

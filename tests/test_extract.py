@@ -307,3 +307,8 @@ def test_nothing_written_exits_non_zero(tmp_path, tiny_model_dir):
     jsonl.write_text('{"target_image": "missing.png"}\n{oops\n')
     result = extract(jsonl, tmp_path / "empty_task", tiny_model_dir, "--max_failure_ratio", "1.0", check=False)
     assert result.returncode == 1 and "nothing could be written" in result.stderr
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path, tiny_model_dir):
+    result = extract(tmp_path / "nope.jsonl", tmp_path / "task", tiny_model_dir, check=False)
+    assert result.returncode == 2 and "nope.jsonl" in result.stderr and "Traceback" not in result.stderr

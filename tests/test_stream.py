@@ -428,3 +428,28 @@ def test_http_shards_are_read_by_range_like_local_ones(meta_dir):
         ranged = [r for p, r in server.requests if p.endswith(".tar") and r]
     assert out[0] == out[1]
     assert ranged and all(r.startswith("bytes=") for r in ranged), "tar data came by byte ranges"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train_data_weights", "edit_single=1,nope=2"], "available tasks: ['compose_multi', 'edit_single'"),
+        (["--train_data_weights", "edit_single=x"], "not a number"),
+        (["--train_src_img_num_weights", "0=1"], "nothing to train on"),
+    ],
+)
+def test_cli_reports_bad_data_flags(meta_dir, tmp_path, flags, message):
+    args = [
+        "--data_only",
+        "--train_data_meta_dir",
+        str(meta_dir),
+        "--max_train_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--train_data_weights",
+        "edit_single=1",
+        *flags,
+    ]
+    result = run_module("pipeline.train", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
