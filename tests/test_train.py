@@ -148,6 +148,23 @@ def test_full_finetune_trains_only_the_chosen_modules(tiny_model_dir, edit_meta,
     assert set(ckpt) == {k for k in base if k.startswith(("transformer_blocks.1.", "proj_out"))}
     groups = json.loads((out / "checkpoint-3" / "optimizer.json").read_text())["param_groups"]
     assert sorted(g["lr"] for g in groups) == [5e-3, 1e-2], "low-LR modules train at half the LR"
+    # exporting a checkpoint on request gives the same transformer as the end of the run
+    exported = tmp_path / "exported"
+    train(
+        tiny_model_dir,
+        edit_meta,
+        exported,
+        "--max_train_steps",
+        "3",
+        "--trainable_modules",
+        "transformer_blocks.1.",
+        "--trainable_modules_low_learning_rate",
+        "proj_out",
+        "--export_checkpoint",
+        str(out / "checkpoint-3"),
+    )
+    again = transformer_weights(exported / "transformer")
+    assert again.keys() == tuned.keys() and all(torch.equal(again[k], tuned[k]) for k in tuned)
 
 
 def _generate(pipe):
