@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--image_sample_size", type=int, default=256)
     args = p.parse_args()
 
-    from pipeline import extract
+    from pipeline.demo import extract_tasks
     from pipeline.kit.sample_data import make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
     from pipeline.logs import setup_logging
@@ -42,20 +42,7 @@ def main() -> None:
         make_tiny_model(model)
     shards = work / "shards"
     if not shards.exists():
-        for task, jsonl in make_sample_data(work / "data", samples=16).items():
-            extract.main(
-                [
-                    str(jsonl),
-                    "--output_dir",
-                    str(shards / task),
-                    "--model_path",
-                    str(model),
-                    "--num_workers",
-                    "1",
-                    "--max_samples_per_shard",
-                    "8",
-                ]
-            )
+        extract_tasks(make_sample_data(work / "data", samples=16), shards, model, max_samples_per_shard=8)
     cli = build_parser().parse_args(
         [
             "--pretrained_model_name_or_path",

@@ -20,26 +20,10 @@ log = logging.getLogger("pipeline.demo")
 TASKS = ("edit_single", "compose_multi", "text_to_image")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
-    parser.add_argument("--work_dir", default=None, help="where to write everything (default: a new temp folder)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per sample-data task")
-    parser.add_argument("--steps", type=int, default=20, help="training steps (a checkpoint and resume at half)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
-    started = time.perf_counter()
+def extract_tasks(data: dict[str, Path], shards: Path, model: Path, max_samples_per_shard: int) -> int:
+    """``python -m pipeline.extract`` for every task's JSONL into ``shards/<task>``; first non-zero exit code."""
+    from pipeline import extract
 
-    from pipeline import extract, train
-    from pipeline.kit.sample_data import make_sample_data
-    from pipeline.kit.tiny_model import make_tiny_model
-
-    model = make_tiny_model(work / "tiny-model", seed=0)
-    log.info("1/5 tiny model: %s", model)
-    data = make_sample_data(work / "sample-data", samples=args.samples, seed=0)
-    log.info("2/5 sample data: %s", ", ".join(str(p) for p in data.values()))
-
-    shards = work / "shards"
     for task, jsonl in data.items():
         code = extract.main(
             [
@@ -51,11 +35,37 @@ def main(argv: list[str] | None = None) -> int:
                 "--num_workers",
                 "1",
                 "--max_samples_per_shard",
-                "4",
+                str(max_samples_per_shard),
             ]
         )
         if code:
             return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
+    parser.add_argument("--work_dir", default=None, help="where to write everything (default: a new temp folder)")
+    parser.add_argument("--samples", type=int, default=8, help="samples per sample-data task")
+    parser.add_argument("--steps", type=int, default=20, help="training steps (a checkpoint and resume at half)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
+    started = time.perf_counter()
+
+    from pipeline import train
+    from pipeline.kit.sample_data import make_sample_data
+    from pipeline.kit.tiny_model import make_tiny_model
+
+    model = make_tiny_model(work / "tiny-model", seed=0)
+    log.info("1/5 tiny model: %s", model)
+    data = make_sample_data(work / "sample-data", samples=args.samples, seed=0)
+    log.info("2/5 sample data: %s", ", ".join(str(p) for p in data.values()))
+
+    shards = work / "shards"
+    code = extract_tasks(data, shards, model, max_samples_per_shard=4)
+    if code:
+        return code
     log.info("3/5 shards: %s (manifest.json per task)", shards)
 
     run = work / "run"
