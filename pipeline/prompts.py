@@ -32,11 +32,6 @@ REAL_DROP_INDEX = {"edit": 64, "t2i": 34}
 REAL_IM_START_ID = 151644
 
 
-def template_for(num_sources: int) -> str:
-    """Edit-Plus template for edits, the T2I template when there is no source."""
-    return EDIT_TEMPLATE if num_sources > 0 else T2I_TEMPLATE
-
-
 def template_prefix(template: str) -> str:
     """The part of ``template`` before the user's text."""
     return template.split("{}", 1)[0]

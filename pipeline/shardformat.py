@@ -14,7 +14,6 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,29 +73,6 @@ def npy_to_embedding(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int16, copy=False).copy()).view(torch.bfloat16)
 
 
-@dataclass
-class ShardStats:
-    """What the manifest records for one finished shard."""
-
-    url: str
-    num_sources: int
-    samples: int
-    bytes: int
-    sha256: str
-    index_url: str
-    keys: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "num_sources": self.num_sources,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "index": self.index_url,
-        }
-
-
 class TarShardWriter:
     """Writes one tar to a local file and records each member's byte range.
 
@@ -109,7 +85,6 @@ class TarShardWriter:
         self._file = open(local_path, "wb")  # noqa: SIM115 - closed in close()
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self.index: list[dict[str, Any]] = []
-        self.keys: list[str] = []
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample; ``members`` maps extension (``json``, ``target.png`` …) to bytes."""
@@ -124,14 +99,13 @@ class TarShardWriter:
             padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             offsets[ext] = [self._tar.offset - padded, len(data)]
         self.index.append({"key": key, "offset": start, "size": self._tar.offset - start, "members": offsets})
-        self.keys.append(key)
 
     @property
     def bytes_written(self) -> int:
         return self._file.tell()
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.index)
 
     def close(self) -> tuple[int, str]:
         """Finish the tar; returns (size, sha256)."""

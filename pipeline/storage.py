@@ -85,12 +85,6 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel).decode("utf-8"))
 
-    def read_range(self, rel: str, start: int, end: int) -> bytes:
-        return self.fs.cat_file(self.path(rel), start=start, end=end)
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
-
     def listdir(self, rel: str) -> list[str]:
         """Names directly under ``rel`` (empty when it does not exist)."""
         try:

@@ -10,6 +10,7 @@ from typing import Any
 import fsspec
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import tar_file_iterator
 
 from pipeline.shardformat import is_forbidden_member
 from pipeline.storage import Store, options_for
@@ -111,8 +112,6 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
                 continue
             count = 0
             try:
-                from webdataset.tariterators import tar_file_iterator
-
                 with fsspec.open(shard_url, "rb", **options_for(shard_url, storage_options)) as raw:
                     reader = HashingReader(raw)
                     current, members = None, {}
