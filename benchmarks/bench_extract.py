@@ -32,12 +32,13 @@ def main() -> None:
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     args = p.parse_args()
 
-    from pipeline.extract import Extractor, PromptBatcher, build_parser
+    from pipeline.common.logs import setup_logging
+    from pipeline.extract.cli import build_parser
+    from pipeline.extract.extractor import Extractor, PromptBatcher
+    from pipeline.extract.prepare import LineDataset, PreparedSample, PrepareOptions
+    from pipeline.extract.records import Columns
     from pipeline.kit.sample_data import combined_jsonl, make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
-    from pipeline.logs import setup_logging
-    from pipeline.prepare import LineDataset, PreparedSample, PrepareOptions
-    from pipeline.records import Columns
 
     setup_logging()
     work = Path(args.work_dir)

@@ -28,8 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.shards.format import VARIANTS
+
 HIDDEN = 3584
-VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
 
 
 def drop_cache(root: Path) -> None:
@@ -54,8 +55,8 @@ def make_image(rng: np.random.Generator) -> tuple[bytes, str, tuple[int, int]]:
 
 def build(root: Path, samples: int) -> tuple[Path, Path]:
     """Shards + manifest under root/shards/task, original layout under root/legacy."""
-    from pipeline.images import aspect_bucket
-    from pipeline.shardformat import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
+    from pipeline.common.images import aspect_bucket
+    from pipeline.shards.format import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
 
     shard_dir, legacy = root / "shards" / "task", root / "legacy"
     (shard_dir / "src1").mkdir(parents=True)
@@ -141,7 +142,7 @@ class LegacyDataset(Dataset):
         return 10**9
 
     def __getitem__(self, idx):
-        from pipeline import images as imaging
+        from pipeline.common import images as imaging
 
         row = self.rows[idx % len(self.rows)]
         rng = np.random.default_rng([self.seed, idx])
@@ -161,8 +162,8 @@ class LegacyDataset(Dataset):
 
 
 def run_ours(shards_root: Path, workers: int, steps: int, state=None, want_state_at=None):
-    from pipeline.sources import discover_tasks
-    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
     class Measured(MixedBatchDataset):
         def __iter__(self):

@@ -28,12 +28,13 @@ def main() -> None:
     p.add_argument("--image_sample_size", type=int, default=256)
     args = p.parse_args()
 
+    from pipeline.common.logs import setup_logging
     from pipeline.demo import extract_tasks
     from pipeline.kit.sample_data import make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
-    from pipeline.logs import setup_logging
-    from pipeline.train import build_parser
-    from pipeline.trainer import Trainer, batch_loss
+    from pipeline.train.cli import build_parser
+    from pipeline.train.config import config_from_args
+    from pipeline.train.loop import Trainer, batch_loss
 
     setup_logging()
     work = Path(args.work_dir)
@@ -67,11 +68,12 @@ def main() -> None:
             "1e-4",
         ]
     )
-    trainer = Trainer(cli)
+    config = config_from_args(cli)
+    trainer = Trainer(config)
     trainer.setup()
 
     def step(batch, i):
-        loss = batch_loss(batch, trainer.transformer, trainer.vae, trainer.scheduler, cli, 0, 1, i)
+        loss = batch_loss(batch, trainer.transformer, trainer.vae, trainer.scheduler, config.flow, 0, 1, i)
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.logs import setup_logging
+from pipeline.common.logs import setup_logging
 
 log = logging.getLogger("pipeline.demo")
 TASKS = ("edit_single", "compose_multi", "text_to_image")
@@ -22,7 +22,7 @@ TASKS = ("edit_single", "compose_multi", "text_to_image")
 
 def extract_tasks(data: dict[str, Path], shards: Path, model: Path, max_samples_per_shard: int) -> int:
     """``python -m pipeline.extract`` for every task's JSONL into ``shards/<task>``; first non-zero exit code."""
-    from pipeline import extract
+    from pipeline.extract import cli as extract
 
     for task, jsonl in data.items():
         code = extract.main(
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
     started = time.perf_counter()
 
-    from pipeline import train
     from pipeline.kit.sample_data import make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
+    from pipeline.train import cli as train
 
     model = make_tiny_model(work / "tiny-model", seed=0)
     log.info("1/5 tiny model: %s", model)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from diffusers.utils import load_image
 
-    from pipeline.records import read_records
+    from pipeline.extract.records import read_records
 
     edit_plus.VAE_IMAGE_SIZE = 256 * 256  # keep CPU inference quick with the tiny VAE
     pipe = QwenImageEditPlusPipeline.from_pretrained(

@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from pipeline.logs import setup_logging
+from pipeline.common.flags import add_shard_size, add_storage_options
+from pipeline.common.logs import setup_logging
 
 log = logging.getLogger("shards_tools")
 
@@ -34,7 +35,7 @@ def _emit(args: argparse.Namespace, payload, human: str, failed: bool) -> int:
 
 
 def _storage(args: argparse.Namespace) -> dict:
-    from pipeline.storage import parse_storage_options
+    from pipeline.shards.storage import parse_storage_options
 
     return parse_storage_options(args.storage_options)
 
@@ -90,9 +91,7 @@ def _reshard(args: argparse.Namespace) -> int:
 
 def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sub.add_argument(
-        "--storage_options", default=None, help="JSON fsspec options, flat or per protocol (AWS_*/FSSPEC_* also work)"
-    )
+    add_storage_options(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("meta_dir", help="folder of the original tool's output JSONL files")
     cmd.add_argument("--output_dir", required=True, help="new task directory (local or fsspec URL)")
-    cmd.add_argument("--max_samples_per_shard", type=int, default=1000, help="samples per shard")
+    add_shard_size(cmd)
     _common(cmd)
     cmd.set_defaults(func=_convert_legacy)
 
@@ -194,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("url", help="task directory")
     cmd.add_argument("--output_dir", required=True, help="new task directory")
-    cmd.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
+    add_shard_size(cmd, default=None)
     _common(cmd)
     cmd.set_defaults(func=_reshard)
     return parser

@@ -10,12 +10,14 @@ from typing import Any
 import fsspec
 import torch
 
-from pipeline import images as imaging
-from pipeline.prepare import Failure, PreparedSample, sample_from_images
-from pipeline.records import RecordError, iter_lines, parse_line
-from pipeline.shardformat import embedding_to_npy, new_manifest, sample_key
-from pipeline.storage import Store, join, options_for
-from shards_tools.reading import iter_samples, open_task, sample_meta
+from pipeline.common import images as imaging
+from pipeline.extract.prepare import sample_from_images
+from pipeline.extract.records import RecordError, iter_lines, parse_line
+from pipeline.shards.format import embedding_to_npy, new_manifest, sample_key
+from pipeline.shards.reader import iter_samples, sample_meta
+from pipeline.shards.storage import Store, join, options_for
+from pipeline.shards.tasks import open_task
+from pipeline.shards.writer import Failure, PreparedSample
 from shards_tools.writer import TaskWriter
 
 log = logging.getLogger("shards_tools")

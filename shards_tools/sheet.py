@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import images as imaging
-from pipeline.preview import contact_sheet
-from shards_tools.reading import iter_samples, sample_meta, shard_list
+from pipeline.common import images as imaging
+from pipeline.common.preview import contact_sheet
+from pipeline.shards.reader import iter_samples, sample_meta
+from pipeline.shards.tasks import shard_list
 
 
 def preview(url: str, out: str, samples: int, storage_options: dict | None) -> int:

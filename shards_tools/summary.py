@@ -6,9 +6,9 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
-from pipeline.sources import RangeReader
-from pipeline.storage import Store, join
-from shards_tools.reading import iter_samples, open_tasks, sample_meta, shard_list
+from pipeline.shards.reader import RangeReader, iter_samples, sample_meta
+from pipeline.shards.storage import Store, join
+from pipeline.shards.tasks import open_tasks, shard_list
 
 
 def inspect_samples(url: str, storage_options: dict | None, limit: int | None) -> tuple[list[dict], list[dict]]:

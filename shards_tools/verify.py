@@ -7,15 +7,14 @@ import io
 import json
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
-from pipeline.shardformat import is_forbidden_member
-from pipeline.storage import Store, options_for
-from pipeline.stream import SOURCE_COUNTS
-from shards_tools.reading import open_tasks, split_name
+from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, source_dir
+from pipeline.shards.reader import open_stream, split_name
+from pipeline.shards.storage import Store
+from pipeline.shards.tasks import open_tasks
 
 
 class HashingReader(io.RawIOBase):
@@ -99,10 +98,10 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
         manifest, keys = task.manifest, {}
         store = Store(task.url, storage_options)
         listed = {s["url"] for s in manifest["shards"]}
-        for n in SOURCE_COUNTS:
-            for name in store.listdir(f"src{n}"):
-                if name.endswith(".tar") and f"src{n}/{name}" not in listed:
-                    report(task.name, f"src{n}/{name}", None, "shard on storage but not in the manifest")
+        for folder in map(source_dir, SOURCE_COUNTS):
+            for name in store.listdir(folder):
+                if name.endswith(".tar") and f"{folder}/{name}" not in listed:
+                    report(task.name, f"{folder}/{name}", None, "shard on storage but not in the manifest")
         for shard in manifest["shards"]:
             summary["shards"] += 1
             rel, n = shard["url"], int(shard["num_sources"])
@@ -112,7 +111,7 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
                 continue
             count = 0
             try:
-                with fsspec.open(shard_url, "rb", **options_for(shard_url, storage_options)) as raw:
+                with open_stream(shard_url, storage_options) as raw:
                     reader = HashingReader(raw)
                     current, members = None, {}
                     for item in tar_file_iterator(io.BufferedReader(reader, 1 << 20), skip_meta=None):

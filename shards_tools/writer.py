@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 
-from pipeline import progress as prog
-from pipeline.prepare import Failure, PreparedSample
-from pipeline.shardformat import MANIFEST, NULL_EMBEDDING
-from pipeline.storage import Store
-from pipeline.writer import ShardSink
+from pipeline.shards import commits as prog
+from pipeline.shards.format import MANIFEST, NULL_EMBEDDING
+from pipeline.shards.storage import Store
+from pipeline.shards.writer import Failure, PreparedSample, ShardSink
 
 
 class TaskWriter:

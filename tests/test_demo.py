@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import run_module
+
+# integration: subprocess runs of the real CLIs on the tiny model (servers, torchrun, SIGKILL)
+pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_the_whole_workflow(tmp_path):

@@ -14,7 +14,10 @@ import torch
 from helpers import combined_jsonl, extract, read_manifest, read_samples
 from PIL import Image
 
-from pipeline.shardformat import npy_to_embedding
+from pipeline.shards.format import npy_to_embedding
+
+# integration: subprocess runs of the real CLIs on the tiny model (servers, torchrun, SIGKILL)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

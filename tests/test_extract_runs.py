@@ -13,6 +13,9 @@ import fsspec
 import pytest
 from helpers import REPO, combined_jsonl, extract, read_manifest, read_samples, torchrun
 
+# integration: subprocess runs of the real CLIs on the tiny model (servers, torchrun, SIGKILL)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mixed_jsonl(sample_data_dir, tmp_path_factory):

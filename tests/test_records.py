@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.records import Columns, Record, RecordError, parse_line, read_records, resolve_ref
+from pipeline.extract.records import Columns, Record, RecordError, parse_line, read_records, resolve_ref
 
 FILE = "/data/task/train.jsonl"
 

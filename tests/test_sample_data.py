@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.records import Record, read_records
+from pipeline.extract.records import Record, read_records
 
 
 def load_all(root):

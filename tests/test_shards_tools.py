@@ -15,7 +15,10 @@ import torch
 from helpers import read_samples, run_module
 from PIL import Image
 
-from pipeline.shardformat import npy_to_embedding
+from pipeline.shards.format import npy_to_embedding
+
+# integration: subprocess runs of the real CLIs on the tiny model (servers, torchrun, SIGKILL)
+pytestmark = pytest.mark.slow
 
 
 def tool(*args: str, env=None, expect: int = 0):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers import extract, run_module, torchrun
 
-from pipeline import stream as stream_mod
-from pipeline.batching import choose_variant
-from pipeline.sources import DataConfigError, Task, discover_tasks, task_from_patterns
-from pipeline.stream import MixedBatchDataset, StreamConfig, draw_num_sources, draw_task, plan_mix
-from pipeline.weights import parse_weights
+from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
+from pipeline.train import stream as stream_mod
+from pipeline.train.batching import choose_variant
+from pipeline.train.config import parse_weights
+from pipeline.train.stream import MixedBatchDataset, StreamConfig, draw_num_sources, draw_task, plan_mix
 
 TASKS = ("edit_single", "compose_multi", "text_to_image")
 
@@ -52,7 +52,7 @@ def test_parse_weights_errors():
 
 
 def _task(name: str, ns: list[int]) -> Task:
-    from pipeline.sources import Shard
+    from pipeline.shards.tasks import Shard
 
     return Task(name, {n: [Shard(f"/x/{name}/src{n}/0.tar", n, 1, "/x/i.json")] for n in ns})
 
@@ -114,6 +114,7 @@ def test_choose_variant_rules():
     assert choose_variant(t2i, np.random.default_rng(0), True, 0.0) == ("null", "", False)
 
 
+@pytest.mark.slow
 def test_batches_follow_the_design(meta_dir):
     tasks = discover_tasks(str(meta_dir), None)
     plan = plan_mix(tasks, {t: 1.0 for t in tasks}, {"0": 1, "1": 1, "2": 1, "3": 1})
@@ -158,8 +159,9 @@ def test_batches_follow_the_design(meta_dir):
     assert seen_null and seen_inverse
 
 
+@pytest.mark.slow
 def test_only_the_chosen_embedding_is_fetched(meta_dir, monkeypatch):
-    from pipeline.sources import RangeReader
+    from pipeline.shards.reader import RangeReader
 
     tasks = discover_tasks(str(meta_dir), None)
     plan = plan_mix(tasks, {"edit_single": 1.0}, {"1": 1})
@@ -191,6 +193,7 @@ def test_only_the_chosen_embedding_is_fetched(meta_dir, monkeypatch):
 # --- running the real loader -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_shard_two_ranks_three_workers_never_starve(sample_data_dir, tiny_model_dir, tmp_path):
     task_dir = tmp_path / "tiny_task"
     extract(
@@ -258,6 +261,7 @@ def _run_args(meta_dir, out, trace, steps, workers=2):
     ]
 
 
+@pytest.mark.slow
 def test_exact_resume_two_ranks_two_workers(meta_dir, tmp_path):
     straight_trace = tmp_path / "straight.jsonl"
     train_data(*_run_args(meta_dir, tmp_path / "straight", straight_trace, 18), nproc=2)
@@ -285,6 +289,7 @@ def test_exact_resume_two_ranks_two_workers(meta_dir, tmp_path):
     assert len({line["num_sources"] for line in lines}) >= 3
 
 
+@pytest.mark.slow
 def test_resume_is_a_seek_not_a_replay(meta_dir):
     tasks = discover_tasks(str(meta_dir), None)
     plan = plan_mix(tasks, {t: 1.0 for t in tasks}, {"0": 1, "1": 1, "2": 1, "3": 1})
@@ -329,6 +334,7 @@ class _Boom:
         return (Path.touch, (Path(self.path),))
 
 
+@pytest.mark.slow
 def test_pickle_members_are_never_executed_and_broken_shards_are_skipped(meta_dir, tmp_path, caplog):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Boom(str(marker)))
@@ -355,6 +361,7 @@ def test_pickle_members_are_never_executed_and_broken_shards_are_skipped(meta_di
     assert sum(s.skipped for s in dataset._streams.values()) >= 1, "and counted"
 
 
+@pytest.mark.slow
 def test_pipe_and_brace_urls_give_the_same_batches_as_indexed_reads(meta_dir):
     shards = sorted((meta_dir / "edit_single" / "src1").glob("*.tar"))
     last = f"{len(shards) - 1:06d}"
@@ -371,6 +378,7 @@ def test_pipe_and_brace_urls_give_the_same_batches_as_indexed_reads(meta_dir):
     assert out[0] == out[1]
 
 
+@pytest.mark.slow
 def test_reads_from_s3_through_a_flaky_proxy(meta_dir, s3_env, tmp_path):
     import fsspec
     from flaky_proxy import FlakyProxy
@@ -411,6 +419,7 @@ def test_stream_module_documents_why_it_exists():
     assert "webdataset cannot do" in stream_mod.__doc__
 
 
+@pytest.mark.slow
 def test_http_shards_are_read_by_range_like_local_ones(meta_dir):
     from range_server import RangeServer
 
@@ -430,6 +439,7 @@ def test_http_shards_are_read_by_range_like_local_ones(meta_dir):
     assert ranged and all(r.startswith("bytes=") for r in ranged), "tar data came by byte ranges"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import prompts
+from pipeline.common import prompts
 from pipeline.kit import tiny_model
 
 

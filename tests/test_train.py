@@ -55,13 +55,13 @@ def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, edit_meta, tmp_path):
-    from argparse import Namespace
-
-    from pipeline import trainer as trainer_mod
-    from pipeline.model import load_scheduler, load_transformer, load_vae
-    from pipeline.sources import discover_tasks
-    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train import loop as trainer_mod
+    from pipeline.train.config import FlowConfig
+    from pipeline.train.model import load_scheduler, load_transformer, load_vae
+    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
     tasks = discover_tasks(str(edit_meta), None)
     dataset = MixedBatchDataset(
@@ -72,10 +72,10 @@ def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, e
         StreamConfig(batch_size=4, seed=1, shuffle_buffer=0, image_sample_size=64, text_drop_ratio=0.0),
     )
     batch = next(iter(dataset))
-    args = Namespace(
+    args = FlowConfig(
         vae_mini_batch=4,
         seed=0,
-        train_sampling_steps=1000,
+        sampling_steps=1000,
         uniform_sampling=False,
         weighting_scheme="none",
         logit_mean=0.0,
@@ -120,6 +120,7 @@ def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, e
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_only_the_chosen_modules(tiny_model_dir, edit_meta, tmp_path):
     out = tmp_path / "partial"
     train(
@@ -181,6 +182,7 @@ def _generate(pipe):
     ).images[0]
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     tiny_model_dir, edit_meta, tmp_path, small_vae_inputs
 ):
@@ -238,6 +240,7 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     assert (full / "first_batch.png").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir, tmp_path):
     common = [
         "--max_train_steps",
@@ -296,7 +299,7 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    from pipeline import checkpoint as ckpt
+    from pipeline.train import checkpoint as ckpt
 
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -310,13 +313,12 @@ def test_latest_ignores_incomplete_checkpoints(tmp_path):
     assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_dir, tmp_path):
-    from argparse import Namespace
-
-    from pipeline.shardformat import npy_to_embedding
-    from pipeline.sources import discover_tasks
-    from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
-    from pipeline.trainer import Trainer
+    from pipeline.shards.format import npy_to_embedding
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.loop import Trainer
+    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
     for name, extra in (("offline", []), ("online", ["--skip_embeddings"])):
         extract(sample_data_dir / "compose_multi" / "data.jsonl", tmp_path / name / "task", tiny_model_dir, *extra)
@@ -327,8 +329,7 @@ def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_d
     assert not any(k.startswith("emb_") for k in tasks["task"].manifest["variants"])
     dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"task": 1}, {"2": 1, "3": 1}), 0, 1, config)
     trainer = Trainer.__new__(Trainer)
-    trainer.args = Namespace()
-    from pipeline.encoder import PromptBuilder, PromptEncoder
+    from pipeline.common.encoder import PromptBuilder, PromptEncoder
 
     trainer.builder, trainer.encoder = PromptBuilder(str(tiny_model_dir)), PromptEncoder(str(tiny_model_dir))
     offline = read_offline(tmp_path / "offline" / "task")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.prompts import EDIT_TEMPLATE, T2I_TEMPLATE
+from pipeline.common.prompts import EDIT_TEMPLATE, T2I_TEMPLATE
 
 # Qwen2.5 special tokens in the order of their ids in the real vocabulary
 # (151643 onwards); the tiny vocabulary keeps the order, so relative ids match.

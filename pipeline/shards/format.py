@@ -26,10 +26,19 @@ NULL_EMBEDDING = "null_embedding.npy"
 EMBEDDING_NPY_DTYPE = "<u2"  # bfloat16 bit pattern, little-endian
 EMBEDDING_DTYPE = "bfloat16"
 FORBIDDEN_SUFFIXES = (".pyd", ".pickle", ".pkl", ".pth", ".pt")
+MAX_SOURCES = 3  # source images per sample: 0 (text-to-image) to 3
+SOURCE_COUNTS = tuple(range(MAX_SOURCES + 1))
+# embedding variants of a sample, in member order (DESIGN §4)
+VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
+
+
+def source_dir(num_sources: int) -> str:
+    """The folder of a task holding the shards of samples with ``num_sources`` source images."""
+    return f"src{num_sources}"
 
 
 def shard_name(num_sources: int, rank: int, seq: int) -> str:
-    return f"src{num_sources}/{rank:05d}-{seq:06d}.tar"
+    return f"{source_dir(num_sources)}/{rank:05d}-{seq:06d}.tar"
 
 
 def index_name(shard: str) -> str:

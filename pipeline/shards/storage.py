@@ -20,8 +20,6 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from pipeline.records import has_scheme
-
 LOCAL_PROTOCOLS = {"file", "local"}
 
 
@@ -36,6 +34,12 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("--storage_options must be a JSON object")
     return value
+
+
+def has_scheme(ref: str) -> bool:
+    """True for URLs such as ``s3://b/k``, ``https://h/p`` or ``file:///x``."""
+    head, sep, _ = ref.partition("://")
+    return bool(sep) and head.replace("+", "").replace("-", "").replace(".", "").isalnum()
 
 
 def protocol_of(url: str) -> str:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import images as imaging
-from pipeline.seeding import step_rng
-from pipeline.shardformat import npy_to_embedding
-from pipeline.sources import RangeReader, RawSample, Task
+from pipeline.common import images as imaging
+from pipeline.shards.format import npy_to_embedding
+from pipeline.shards.reader import RangeReader, RawSample
+from pipeline.shards.tasks import Task
+from pipeline.train.seeding import step_rng
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ accelerate's sharded ``save_state`` holds model and optimizer instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -21,11 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from pipeline import checkpoint as ckpt
-from pipeline import flow
-from pipeline import model as models
-from pipeline.seeding import step_generator
-from pipeline.train import json_state
+from pipeline.common import images as imaging
+from pipeline.common.flags import distributed_env
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import flow
+from pipeline.train import model as models
+from pipeline.train.batching import pad_embeddings
+from pipeline.train.config import FlowConfig, TrainConfig
+from pipeline.train.data import TraceWriter, build_dataset, build_loader, data_state_file, json_state, next_batch
+from pipeline.train.seeding import step_generator
 
 log = logging.getLogger("pipeline.train")
 
@@ -34,25 +37,27 @@ log = logging.getLogger("pipeline.train")
 # loss for one batch
 
 
-def batch_loss(batch: dict[str, Any], transformer, vae, scheduler, args, rank: int, world: int, loader_step: int):
+def batch_loss(
+    batch: dict[str, Any], transformer, vae, scheduler, cfg: FlowConfig, rank: int, world: int, loader_step: int
+):
     """Flow-matching loss of one batch (DESIGN §7); the noise depends on (seed, rank, step) only."""
     device = next(p.device for p in transformer.parameters())
-    x0 = flow.encode_latents(vae, batch["target"], args.vae_mini_batch)
-    sources = [flow.encode_latents(vae, s, args.vae_mini_batch) for s in batch["sources"]]
-    generator = step_generator(args.seed, rank, loader_step)
+    x0 = flow.encode_latents(vae, batch["target"], cfg.vae_mini_batch)
+    sources = [flow.encode_latents(vae, s, cfg.vae_mini_batch) for s in batch["sources"]]
+    generator = step_generator(cfg.seed, rank, loader_step)
     packed_x0 = flow.pack_latents(x0)
-    timesteps, sigmas = flow.training_schedule(scheduler, args.train_sampling_steps, packed_x0.shape[1])
+    timesteps, sigmas = flow.training_schedule(scheduler, cfg.sampling_steps, packed_x0.shape[1])
     idx = flow.sample_indices(
         x0.shape[0],
-        args.train_sampling_steps,
+        cfg.sampling_steps,
         generator,
-        args.uniform_sampling,
+        cfg.uniform_sampling,
         rank,
         world,
-        args.weighting_scheme,
-        args.logit_mean,
-        args.logit_std,
-        args.mode_scale,
+        cfg.weighting_scheme,
+        cfg.logit_mean,
+        cfg.logit_std,
+        cfg.mode_scale,
     )
     noise = torch.randn(packed_x0.shape, generator=generator, dtype=packed_x0.dtype)
     sigma = sigmas[idx]
@@ -69,7 +74,7 @@ def batch_loss(batch: dict[str, Any], transformer, vae, scheduler, args, rank: i
         return_dict=False,
     )[0]
     pred = pred[:, : packed_x0.shape[1]]
-    return flow.flow_loss(pred, target.to(device), sigma.to(device), args.weighting_scheme)
+    return flow.flow_loss(pred, target.to(device), sigma.to(device), cfg.weighting_scheme)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,18 +117,21 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
+    """One rank's training run under accelerate, configured by a :class:`TrainConfig`."""
+
+    def __init__(self, config: TrainConfig):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-        self.args = args
+        self.config = config
         use_cpu = not torch.cuda.is_available()
-        report_to = None if args.report_to == "none" else args.report_to
+        report_to = None if config.report_to == "none" else config.report_to
+        out = config.output_dir
         self.accelerator = Accelerator(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=config.optim.mixed_precision,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+            project_config=ProjectConfiguration(project_dir=out, logging_dir=f"{out}/logs"),
             cpu=use_cpu,
             # the last block's text-stream outputs do not reach the loss, so some parameters get no gradient
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -136,83 +144,77 @@ class Trainer:
     def setup(self) -> None:
         from diffusers.optimization import get_scheduler
 
-        from pipeline.train import build_dataset, build_loader
-
-        args, acc = self.args, self.accelerator
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        transformer = models.load_transformer(args.pretrained_model_name_or_path, args.transformer_path)
-        self.vae = models.load_vae(args.pretrained_model_name_or_path, args.vae_path).to(acc.device)
-        self.scheduler = models.load_scheduler(args.pretrained_model_name_or_path)
-        if args.use_peft_lora:
+        config, acc = self.config, self.accelerator
+        model, optim = config.model, config.optim
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        transformer = models.load_transformer(model.pretrained, model.transformer_path)
+        self.vae = models.load_vae(model.pretrained, model.vae_path).to(acc.device)
+        self.scheduler = models.load_scheduler(model.pretrained)
+        if model.lora is not None:
+            lora = model.lora
             params = models.add_lora(
-                transformer,
-                args.lora_rank,
-                args.lora_alpha,
-                args.lora_dropout,
-                models.split_patterns(args.lora_target_modules),
-                args.lora_path,
+                transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path
             )
-            groups = [{"params": params, "lr": args.learning_rate}]
+            groups = [{"params": params, "lr": optim.learning_rate}]
         else:
             normal, low = models.select_trainable(
-                transformer,
-                models.split_patterns(args.trainable_modules),
-                models.split_patterns(args.trainable_modules_low_learning_rate),
+                transformer, list(model.trainable_modules), list(model.low_lr_modules)
             )
-            groups = [{"params": normal, "lr": args.learning_rate}]
+            groups = [{"params": normal, "lr": optim.learning_rate}]
             if low:
-                groups.append({"params": low, "lr": args.learning_rate / 2})
-        if args.gradient_checkpointing:
+                groups.append({"params": low, "lr": optim.learning_rate / 2})
+        if model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        if args.scale_lr:
+        if optim.scale_lr:
             for g in groups:
-                g["lr"] *= args.gradient_accumulation_steps * args.train_batch_size * self.world
+                g["lr"] *= optim.gradient_accumulation_steps * config.stream.batch_size * self.world
         groups = [g for g in groups if g["params"]]
         optimizer = self._optimizer(groups)
         self.lr_scheduler = get_scheduler(
-            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+            optim.lr_scheduler,
+            optimizer,
+            num_warmup_steps=optim.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
         )
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
-        self.dataset = build_dataset(args, self.rank, self.world)
-        self.loader = build_loader(self.dataset, args)
+        self.dataset = build_dataset(config.data, config.stream, self.rank, self.world)
+        self.loader = build_loader(self.dataset, config.data)
         self.encoder = None
-        if args.condition_encoder_mode == "sync":
-            from pipeline.encoder import PromptBuilder, PromptEncoder
+        if model.condition_encoder_mode == "sync":
+            from pipeline.common.encoder import PromptBuilder, PromptEncoder
 
-            self.builder = PromptBuilder(args.pretrained_model_name_or_path, args.prompt_style)
-            self.encoder = PromptEncoder(args.pretrained_model_name_or_path, str(acc.device), "auto")
-        if args.report_to != "none":
-            acc.init_trackers(
-                "qwen-edit-sft", config={k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
-            )
+            self.builder = PromptBuilder(model.pretrained, model.prompt_style)
+            self.encoder = PromptEncoder(model.pretrained, str(acc.device), "auto")
+        if config.report_to != "none":
+            acc.init_trackers("qwen-edit-sft", config=config.scalars())
 
     def _optimizer(self, groups):
-        args = self.args
+        optim = self.config.optim
         kwargs = {
-            "betas": (args.adam_beta1, args.adam_beta2),
-            "weight_decay": args.adam_weight_decay,
-            "eps": args.adam_epsilon,
+            "betas": (optim.adam_beta1, optim.adam_beta2),
+            "weight_decay": optim.adam_weight_decay,
+            "eps": optim.adam_epsilon,
         }
-        if args.use_8bit_adam:
+        if optim.use_8bit_adam:
             import bitsandbytes as bnb  # optional dependency
 
             return bnb.optim.AdamW8bit(groups, **kwargs)
-        if args.use_came:
+        if optim.use_came:
             from came_pytorch import CAME  # optional dependency
 
-            return CAME(groups, weight_decay=args.adam_weight_decay)
+            return CAME(groups, weight_decay=optim.adam_weight_decay)
         return torch.optim.AdamW(groups, **kwargs)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int) -> Path:
-        acc, args = self.accelerator, self.args
+        acc, config = self.accelerator, self.config
         data_state = json_state(self.loader.state_dict())
         unwrapped = acc.unwrap_model(self.transformer)
         weights = models.trainable_state(unwrapped) if not self.fsdp else None
         opt = optimizer_to_files(self.optimizer) if not self.fsdp else None
 
         def write(folder: Path) -> None:
-            ckpt.write_json_file(folder / f"data_state_rank{self.rank}.json", {"step": step, "loader": data_state})
+            ckpt.write_json_file(folder / data_state_file(self.rank), {"step": step, "loader": data_state})
             save_file(rng_state(), str(folder / f"rng_rank{self.rank}.safetensors"))
             if self.fsdp:
                 acc.save_state(str(folder / "fsdp_state"))
@@ -222,9 +224,9 @@ class Trainer:
                 ckpt.write_json_file(folder / "optimizer.json", opt[1])
                 ckpt.write_json_file(folder / "scheduler.json", self.lr_scheduler.state_dict())
 
-        marker = {"world_size": self.world, "lora": bool(args.use_peft_lora), "fsdp": self.fsdp}
+        marker = {"world_size": self.world, "lora": config.model.lora is not None, "fsdp": self.fsdp}
         return ckpt.save_checkpoint(
-            args.output_dir, step, self.rank, acc.wait_for_everyone, write, marker, args.checkpoints_total_limit
+            config.output_dir, step, self.rank, acc.wait_for_everyone, write, marker, config.checkpoint.total_limit
         )
 
     def load(self, folder: Path) -> int:
@@ -241,7 +243,7 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
             self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
         restore_rng(load_file(str(folder / f"rng_rank{self.rank}.safetensors")))
-        data = json.loads((folder / f"data_state_rank{self.rank}.json").read_text())
+        data = json.loads((folder / data_state_file(self.rank)).read_text())
         self.loader.load_state_dict(data["loader"])
         log.info("resumed from %s (step %d)", folder, marker["step"])
         return int(marker["step"])
@@ -249,9 +251,6 @@ class Trainer:
     # ---- online prompt encoding ----------------------------------------------------------------
     def encode_online(self, batch: dict[str, Any]) -> None:
         """``--condition_encoder_mode sync``: the same prompt code as extraction, on this device."""
-        from pipeline import images as imaging
-        from pipeline.batching import pad_embeddings
-
         embeddings = []
         for cond in batch.pop("conditions"):
             if cond["kind"] == "t2i":
@@ -264,24 +263,26 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        from pipeline.train import TraceWriter, next_batch
-
-        args, acc = self.args, self.accelerator
+        config, acc = self.config, self.accelerator
         start = 0
-        resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        resume = ckpt.resolve_resume(config.output_dir, config.checkpoint.resume_from)
         if resume is not None:
             start = self.load(resume)
-        trace = TraceWriter(args.data_trace)
-        ga = args.gradient_accumulation_steps
+        trace = TraceWriter(config.data.trace_path)
+        ga = config.optim.gradient_accumulation_steps
         batches = iter(self.loader)
         bar = tqdm(
-            total=args.max_train_steps, initial=start, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
+            total=config.max_train_steps,
+            initial=start,
+            desc="train",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
         )
         norms: deque[float] = deque(maxlen=100)
         losses = []
         wait_total = step_total = 0.0
         samples_done = 0
-        for step in range(start, args.max_train_steps):
+        for step in range(start, config.max_train_steps):
             t_step = time.perf_counter()
             waited, loss_sum = 0.0, 0.0
             for micro in range(ga):
@@ -295,7 +296,14 @@ class Trainer:
                     self.encode_online(batch)
                 with acc.accumulate(self.transformer):
                     loss = batch_loss(
-                        batch, self.transformer, self.vae, self.scheduler, args, self.rank, self.world, loader_step
+                        batch,
+                        self.transformer,
+                        self.vae,
+                        self.scheduler,
+                        config.flow,
+                        self.rank,
+                        self.world,
+                        loader_step,
                     )
                     acc.backward(loss)
                     grad_norm = None
@@ -312,7 +320,7 @@ class Trainer:
             losses.append(loss_sum)
             done = step + 1
             lr = self.lr_scheduler.get_last_lr()[0]
-            sps = args.train_batch_size * ga * self.world / max(elapsed, 1e-9)
+            sps = config.stream.batch_size * ga * self.world / max(elapsed, 1e-9)
             logs = {
                 "loss": loss_sum,
                 "lr": lr,
@@ -323,12 +331,12 @@ class Trainer:
             acc.log(logs, step=done)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.2f}")
             bar.update(1)
-            if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
+            if done % config.checkpoint.every == 0 or done == config.max_train_steps:
                 self.save(done)
         bar.close()
         trace.close()
         acc.wait_for_everyone()
-        outputs = self.export(args.output_dir) if acc.is_main_process else {}
+        outputs = self.export(config.output_dir) if acc.is_main_process else {}
         acc.end_training()
         return {
             "losses": losses,
@@ -339,9 +347,9 @@ class Trainer:
 
     def clip(self, norms: deque) -> float:
         """``--max_grad_norm`` clipping, and a tighter bound when a norm is abnormal (> 5× the running mean)."""
-        args = self.args
+        max_norm = self.config.optim.max_grad_norm
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        total = self.accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        total = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         value = float(total)
         if len(norms) >= 10 and value > 5 * (sum(norms) / len(norms)):
             bound = 5 * sum(norms) / len(norms)
@@ -357,16 +365,72 @@ class Trainer:
 
     def sanity_sheet(self, batch: dict[str, Any]) -> None:
         """One contact sheet of the first batch: target, sources, instruction."""
-        from pipeline.preview import contact_sheet, tensor_to_image
+        from pipeline.common.preview import contact_sheet, tensor_to_image
 
         rows = []
         for i in range(batch["target"].shape[0]):
             pictures = [tensor_to_image(s[i]) for s in batch["sources"]] + [tensor_to_image(batch["target"][i])]
             rows.append((pictures, f"{batch['task']} {batch['keys'][i]} [{batch['variants'][i]}] {batch['texts'][i]}"))
-        contact_sheet(rows).save(Path(self.args.output_dir) / "first_batch.png")
+        contact_sheet(rows).save(Path(self.config.output_dir) / "first_batch.png")
 
     def export(self, out_dir: str | Path) -> dict[str, str]:
         unwrapped = self.accelerator.unwrap_model(self.transformer)
-        if self.args.use_peft_lora:
+        if self.config.model.lora is not None:
             return {"lora": str(models.export_lora(unwrapped, out_dir))}
         return {"transformer": str(models.export_transformer(unwrapped, out_dir))}
+
+
+def run_data_only(config: TrainConfig) -> int:
+    """The real loader without a model: trace, checkpoints of the data state, exact resume."""
+    env = distributed_env()
+    rank, world = env.rank, env.world
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+
+    def barrier() -> None:
+        if world > 1:
+            torch.distributed.barrier()
+
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(config.data, config.stream, rank, world)
+    loader = build_loader(dataset, config.data)
+    start = 0
+    resume = ckpt.resolve_resume(config.output_dir, config.checkpoint.resume_from)
+    if resume is not None:
+        state = json.loads((resume / data_state_file(rank)).read_text())
+        loader.load_state_dict(state["loader"])
+        start = state["step"]
+        log.info("resuming data at step %d from %s", start, resume)
+    trace = TraceWriter(config.data.trace_path)
+    started, waited, batches = time.perf_counter(), 0.0, iter(loader)
+    try:
+        for step in range(start, config.max_train_steps):
+            batch, wait = next_batch(batches, step)
+            waited += wait
+            trace.write(step + 1, batch)
+            done = step + 1
+            if done % config.checkpoint.every == 0 or done == config.max_train_steps:
+                state = {"step": done, "loader": json_state(loader.state_dict())}
+
+                def write_rank_files(folder: Path, state=state) -> None:
+                    ckpt.write_json_file(folder / data_state_file(rank), state)
+
+                ckpt.save_checkpoint(
+                    config.output_dir,
+                    done,
+                    rank,
+                    barrier,
+                    write_rank_files,
+                    {"data_only": True, "world_size": world},
+                    config.checkpoint.total_limit,
+                )
+    finally:
+        trace.close()
+    elapsed = time.perf_counter() - started
+    steps = config.max_train_steps - start
+    log.info(
+        "%d steps in %.1fs (%.2f steps/s), waiting for data %.1fs", steps, elapsed, steps / max(elapsed, 1e-9), waited
+    )
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0

@@ -1,35 +1,24 @@
-"""``python -m pipeline.train``: stream shards, mix tasks, train (or, with ``--data_only``, just load).
+"""``python -m pipeline.train``: flags → :class:`TrainConfig` → the loop (or, with ``--data_only``, the loader alone).
 
-Data path: tasks (``sources``) → per-(task, N) partitions and mixing
-(``stream``) → batches (``batching``) → torchdata's ``StatefulDataLoader``,
-whose JSON state goes into every checkpoint (``checkpoint``).
+Data path: tasks (``shards.tasks``) → per-(task, N) partitions and mixing
+(``stream``) → batches (``batching``) → torchdata's ``StatefulDataLoader``
+(``data``), whose JSON state goes into every checkpoint (``checkpoint``); the
+loop (``loop``) turns batches into the flow-matching loss (``flow``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from pipeline.logs import setup_logging
-from pipeline.model import DEFAULT_LORA_TARGETS
-from pipeline.sources import (
-    DataConfigError,
-    Task,
-    discover_tasks,
-    parse_shard_flags,
-    task_from_patterns,
-)
-from pipeline.storage import parse_storage_options
-from pipeline.stream import MixedBatchDataset, StreamConfig, plan_mix
-from pipeline.weights import parse_weights
+from pipeline.common.flags import add_prompt_style, add_storage_options
+from pipeline.common.logs import setup_logging
+from pipeline.shards.tasks import DataConfigError
+from pipeline.train.config import config_from_args
+from pipeline.train.loop import Trainer, run_data_only
+from pipeline.train.model import DEFAULT_LORA_TARGETS
 
 log = logging.getLogger("pipeline.train")
 
@@ -68,9 +57,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch_factor", type=int, default=2, help="batches each worker prepares ahead")
     g.add_argument("--shuffle_buffer", type=int, default=64, help="samples in each stream's shuffle buffer")
     g.add_argument("--seed", type=int, default=42, help="seed of every data and noise draw")
-    g.add_argument(
-        "--storage_options", default=None, help="JSON fsspec options, flat or per protocol (see pipeline.extract)"
-    )
+    add_storage_options(g)
     g.add_argument(
         "--data_trace",
         default=None,
@@ -116,7 +103,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="offline: embeddings from the shards; sync: encode prompts during training from the shard's images "
         "and text with the extraction code (for shards made with --skip_embeddings)",
     )
-    g.add_argument("--prompt_style", choices=["diffusers", "firered"], default="diffusers", help="for sync mode")
+    add_prompt_style(g, when="sync mode only. ")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
@@ -164,186 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def load_tasks(args: argparse.Namespace, storage_options: dict) -> dict[str, Task]:
-    tasks: dict[str, Task] = {}
-    if args.train_data_meta_dir:
-        tasks.update(discover_tasks(args.train_data_meta_dir, storage_options))
-    for name, patterns in parse_shard_flags(args.train_shards).items():
-        tasks[name] = task_from_patterns(name, patterns, storage_options)
-    if not tasks:
-        raise DataConfigError("give --train_data_meta_dir or --train_shards")
-    return tasks
-
-
-def build_dataset(args: argparse.Namespace, rank: int, world: int) -> MixedBatchDataset:
-    storage_options = parse_storage_options(args.storage_options)
-    tasks = load_tasks(args, storage_options)
-    if args.train_data_weights:
-        task_weights = parse_weights(args.train_data_weights, "--train_data_weights")
-    else:
-        task_weights = {name: 1.0 for name in tasks}
-    n_weights = parse_weights(args.train_src_img_num_weights, "--train_src_img_num_weights")
-    plan = plan_mix(tasks, task_weights, n_weights)
-    if rank == 0:
-        log.info("mix: N %s; tasks per N %s", plan.n_probs, plan.task_probs)
-    config = StreamConfig(
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        image_sample_size=args.image_sample_size,
-        enable_inverse=args.enable_inverse,
-        text_drop_ratio=args.text_drop_ratio,
-        storage_options=storage_options,
-        online_prompts=getattr(args, "condition_encoder_mode", "offline") == "sync",
-    )
-    return MixedBatchDataset(tasks, plan, rank, world, config)
-
-
-def build_loader(dataset: MixedBatchDataset, args: argparse.Namespace):
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    return StatefulDataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=args.dataloader_num_workers,
-        prefetch_factor=args.prefetch_factor if args.dataloader_num_workers else None,
-        persistent_workers=False,
-    )
-
-
-class TraceWriter:
-    """One JSON line per step and rank; every rank appends to the same file, each line in one write."""
-
-    def __init__(self, path: str | None):
-        self.fd = None
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, step: int, batch: dict[str, Any]) -> None:
-        if self.fd is None:
-            return
-        record = {
-            "step": step,
-            "rank": batch["rank"],
-            "task": batch["task"],
-            "num_sources": batch["num_sources"],
-            "bucket": batch["bucket"],
-            "keys": batch["keys"],
-            "variants": batch["variants"],
-            "texts": batch["texts"],
-        }
-        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def next_batch(batches, expected_step: int) -> tuple[dict[str, Any], float]:
-    """The next batch and the seconds spent waiting for it; checks it is the step the loop expects."""
-    t0 = time.perf_counter()
-    batch = next(batches)
-    waited = time.perf_counter() - t0
-    if batch["step"] != expected_step:
-        raise RuntimeError(f"loader produced step {batch['step']} where {expected_step} was expected")
-    return batch, waited
-
-
-def data_state_file(rank: int) -> str:
-    return f"data_state_rank{rank}.json"
-
-
-def load_data_state(checkpoint: Path, rank: int) -> dict[str, Any]:
-    return json.loads((checkpoint / data_state_file(rank)).read_text())
-
-
-def json_state(state: Any) -> Any:
-    """StatefulDataLoader state as plain JSON (a round trip checks nothing un-JSON-able slipped in)."""
-    return json.loads(json.dumps(state))
-
-
-def distributed_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def run_data_only(args: argparse.Namespace) -> int:
-    """The real loader without a model: trace, checkpoints of the data state, exact resume."""
-    from pipeline import checkpoint as ckpt
-
-    rank, world = distributed_env()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-
-    def barrier() -> None:
-        if world > 1:
-            torch.distributed.barrier()
-
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(args, rank, world)
-    loader = build_loader(dataset, args)
-    start = 0
-    resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        state = load_data_state(resume, rank)
-        loader.load_state_dict(state["loader"])
-        start = state["step"]
-        log.info("resuming data at step %d from %s", start, resume)
-    trace = TraceWriter(args.data_trace)
-    started, waited, batches = time.perf_counter(), 0.0, iter(loader)
-    try:
-        for step in range(start, args.max_train_steps):
-            batch, wait = next_batch(batches, step)
-            waited += wait
-            trace.write(step + 1, batch)
-            done = step + 1
-            if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
-                state = {"step": done, "loader": json_state(loader.state_dict())}
-
-                def write_rank_files(folder: Path, state=state) -> None:
-                    ckpt.write_json_file(folder / data_state_file(rank), state)
-
-                ckpt.save_checkpoint(
-                    args.output_dir,
-                    done,
-                    rank,
-                    barrier,
-                    write_rank_files,
-                    {"data_only": True, "world_size": world},
-                    args.checkpoints_total_limit,
-                )
-    finally:
-        trace.close()
-    elapsed = time.perf_counter() - started
-    steps = args.max_train_steps - start
-    log.info(
-        "%d steps in %.1fs (%.2f steps/s), waiting for data %.1fs", steps, elapsed, steps / max(elapsed, 1e-9), waited
-    )
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        if args.data_only:
-            return run_data_only(args)
-        if not args.pretrained_model_name_or_path:
-            raise DataConfigError("--pretrained_model_name_or_path is required (or --data_only)")
-        from pipeline.trainer import Trainer
-
-        trainer = Trainer(args)
+        config = config_from_args(args)
+        if config.model is None:
+            return run_data_only(config)
+        trainer = Trainer(config)
         trainer.setup()
-        if args.export_checkpoint:
-            trainer.load(Path(args.export_checkpoint))
+        if config.export_checkpoint:
+            trainer.load(Path(config.export_checkpoint))
             if trainer.accelerator.is_main_process:
-                log.info("exported %s", trainer.export(args.output_dir))
+                log.info("exported %s", trainer.export(config.output_dir))
             return 0
         result = trainer.train()
         if trainer.accelerator.is_main_process:

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.storage import read_uri
+from pipeline.shards.storage import read_uri
 
 CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE for Edit-Plus
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shardformat import MANIFEST, add_totals
-from pipeline.storage import Store
+from pipeline.shards.format import MANIFEST, SOURCE_COUNTS, add_totals, source_dir
+from pipeline.shards.storage import Store
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "_progress"
 FAILURES = "_failures"
-SOURCE_DIRS = tuple(f"src{n}" for n in range(4))
 
 
 def rank_dir(rank: int) -> str:
@@ -89,7 +88,7 @@ def remove_orphans(store: Store, commits: list[Commit], owns: Callable[[int], bo
     """Delete shards (and indexes) of ranks ``owns`` accepts that no commit names: leftovers of a killed run."""
     committed = {c.shard["url"] for c in commits if c.shard}
     removed = []
-    for folder in SOURCE_DIRS:
+    for folder in map(source_dir, SOURCE_COUNTS):
         for name in store.listdir(folder):
             rel = f"{folder}/{name}"
             prefix = name.split("-", 1)[0]

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline import images as imaging
-from pipeline import prompts
+from pipeline.common import images as imaging
+from pipeline.common import prompts
+from pipeline.common.flags import distributed_env
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", distributed_env().local_rank)
     return torch.device("cpu")
 
 

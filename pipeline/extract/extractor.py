@@ -1,4 +1,4 @@
-"""``python -m pipeline.extract``: JSONL → per-task WebDataset shards with prompt embeddings.
+"""One rank's extraction: JSONL lines → prepared samples → encoder batches → shards, then the manifest.
 
 Flow per rank: DataLoader workers turn this rank's pending lines into prepared
 samples (``prepare``); the main process groups their prompts into encoder
@@ -14,100 +14,24 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import images as imaging
-from pipeline import progress as prog
-from pipeline.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
-from pipeline.logs import setup_logging
-from pipeline.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
-from pipeline.records import Columns
-from pipeline.shardformat import NULL_EMBEDDING, embedding_to_npy, new_manifest
-from pipeline.storage import Store, parse_storage_options
-from pipeline.writer import ShardSink
+from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
+from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
+from pipeline.extract.records import Columns
+from pipeline.shards import commits as prog
+from pipeline.shards.format import NULL_EMBEDDING, embedding_to_npy, new_manifest
+from pipeline.shards.storage import Store, parse_storage_options
+from pipeline.shards.writer import ShardSink
 
 log = logging.getLogger("pipeline.extract")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.extract",
-        description="Encode the prompts of a JSONL of editing samples with the Qwen2.5-VL text encoder and write "
-        "per-task WebDataset shards (images, instructions, bf16 embeddings) to a local path or fsspec URL. "
-        "Run under torchrun for one process per GPU; rerun the same command to resume.",
-    )
-    p.add_argument("jsonl_path", help="input JSONL (local path or fsspec URL), one sample per line")
-    p.add_argument("--output_dir", required=True, help="task directory to write: local path, s3://, gs://, ...")
-    p.add_argument("--model_path", required=True, help="Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)")
-    p.add_argument("--batch_size", type=int, default=4, help="prompts per encoder forward (a sample has 1-6)")
-    p.add_argument(
-        "--image_sample_size",
-        type=int,
-        default=512,
-        help="kept for command compatibility with the original tool and recorded in the manifest; images are "
-        "stored at original resolution and cropped at training time",
-    )
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers loading and preprocessing images")
-    p.add_argument("--prefetch_factor", type=int, default=4, help="samples each worker prepares ahead")
-    p.add_argument("--disable_inverse", action="store_true", help="do not store inverse-instruction embeddings")
-    p.add_argument(
-        "--t2i_mode",
-        action="store_true",
-        help="text-to-image data: every sample is encoded with the T2I template, source images are ignored; "
-        "implies --disable_inverse",
-    )
-    p.add_argument(
-        "--prompt_style",
-        choices=["diffusers", "firered"],
-        default="diffusers",
-        help="diffusers: exactly what QwenImageEditPlusPipeline.encode_prompt computes (default); "
-        "firered: the original tool's chat-template variant with bucket-cropped condition images",
-    )
-    p.add_argument(
-        "--batching",
-        choices=["exact", "padded"],
-        default="exact",
-        help="exact: batch only prompts of equal token length, so every embedding is bit-identical to a "
-        "one-prompt forward (default); padded: pad mixed lengths with a mask, fuller batches, equal only up "
-        "to float rounding",
-    )
-    p.add_argument("--max_samples_per_shard", type=int, default=1000, help="start a new shard after this many")
-    p.add_argument("--max_shard_bytes", type=int, default=1 << 30, help="start a new shard after this many bytes")
-    p.add_argument(
-        "--max_failure_ratio",
-        type=float,
-        default=0.05,
-        help="exit non-zero when more than this fraction of the lines failed (default 0.05)",
-    )
-    p.add_argument("--max_image_pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS, help="reject larger images")
-    p.add_argument("--source_column", default="source_image", help="JSONL field with the source image(s)")
-    p.add_argument("--target_column", default="target_image", help="JSONL field with the target image")
-    p.add_argument(
-        "--storage_options",
-        default=None,
-        help='JSON fsspec options, flat or per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'; '
-        "AWS_* and FSSPEC_* environment variables are honoured without it",
-    )
-    p.add_argument("--skip_embeddings", action="store_true", help="write image-only shards (online encoding)")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        default="auto",
-        help="encoder compute dtype; auto = bfloat16 on CUDA, float32 on CPU (embeddings are stored as bfloat16)",
-    )
-    p.add_argument("--tmp_dir", default=None, help="local folder for shards being assembled (default: system temp)")
-    p.add_argument("--queue_size", type=int, default=32, help="finished samples buffered for the shard writer")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,20 +86,6 @@ class PromptBatcher:
 
 def _identity(item):
     return item
-
-
-def _init_distributed() -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        # gloo only synchronises the ranks at the end; the encoder itself is not distributed.
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
-    return rank, world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 class Extractor:
@@ -371,25 +281,3 @@ class Extractor:
 
     def _drop_index(self) -> dict[str, int]:
         return self.builder.drop_index if self.builder else {}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    rank, world = _init_distributed()
-    try:
-        extractor = Extractor(args, rank, world)
-        extractor.run()
-        _barrier(world)
-        code = extractor.finish() if rank == 0 else 0
-    except (FileNotFoundError, ValueError) as exc:  # a missing input file, bad --storage_options ...
-        log.error("%s", exc)
-        code = 2
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,25 +25,16 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.batching import assemble_batch
-from pipeline.seeding import step_rng
-from pipeline.sources import (
-    CorruptSample,
-    DataConfigError,
-    IndexCache,
-    RangeReader,
-    RawSample,
-    Shard,
-    Task,
-    read_indexed_sample,
-    stable_id,
-    stream_shard,
-)
+from pipeline.shards.format import SOURCE_COUNTS
+from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, read_indexed_sample, stream_shard
+from pipeline.shards.tasks import DataConfigError, Shard, Task
+from pipeline.train.batching import assemble_batch
+from pipeline.train.config import StreamConfig
+from pipeline.train.seeding import stable_id, step_rng
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 1000
-SOURCE_COUNTS = (0, 1, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,18 +292,6 @@ class PartitionStream:
 
 # ---------------------------------------------------------------------------------------------
 # the dataset the DataLoader iterates
-
-
-@dataclass
-class StreamConfig:
-    batch_size: int
-    seed: int = 42
-    shuffle_buffer: int = 64
-    image_sample_size: int = 512
-    enable_inverse: bool = False
-    text_drop_ratio: float = 0.05
-    storage_options: dict | None = None
-    online_prompts: bool = False  # --condition_encoder_mode sync: batches carry images + text, not embeddings
 
 
 class MixedBatchDataset(IterableDataset):

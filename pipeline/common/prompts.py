@@ -70,7 +70,6 @@ def t2i_prompt_text(instruction: str) -> str:
 EDIT_SYSTEM = EDIT_TEMPLATE.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
 
 PROMPT_STYLES = ("diffusers", "firered")
-VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
 
 
 def firered_messages(instruction: str, num_images: int) -> list[dict]:

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_SOURCES = 3
+from pipeline.shards.format import MAX_SOURCES
+from pipeline.shards.storage import has_scheme
 
 TEXT_FIELDS = ("instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 
@@ -67,12 +68,6 @@ class Record:
     @property
     def texts(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in TEXT_FIELDS}
-
-
-def has_scheme(ref: str) -> bool:
-    """True for URLs such as ``s3://b/k``, ``https://h/p`` or ``file:///x``."""
-    head, sep, _ = ref.partition("://")
-    return bool(sep) and head.replace("+", "").replace("-", "").replace(".", "").isalnum()
 
 
 def parent_of(uri: str) -> str:

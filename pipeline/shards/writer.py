@@ -7,6 +7,7 @@ open shard per source count.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,13 +16,13 @@ import queue
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from pipeline.prepare import Failure, PreparedSample
-from pipeline.progress import Commit, ProgressLog
-from pipeline.prompts import VARIANTS
-from pipeline.shardformat import (
+from pipeline.shards.commits import Commit, ProgressLog
+from pipeline.shards.format import (
+    VARIANTS,
     TarShardWriter,
     embedding_to_npy,
     index_name,
@@ -29,12 +30,40 @@ from pipeline.shardformat import (
     sample_members,
     shard_name,
 )
-from pipeline.storage import Store
+from pipeline.shards.storage import Store
 
 log = logging.getLogger(__name__)
 
 FAILURES_PER_COMMIT = 1000
 _STOP = object()
+
+
+@dataclass
+class Failure:
+    """A line that goes to ``_failures/``: where, why, and the line itself."""
+
+    file: str
+    line: int
+    kind: str
+    reason: str
+    field: str | None = None
+    text: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PreparedSample:
+    """Everything the shard needs except the embeddings, plus the prompts to encode."""
+
+    key: str
+    line: int
+    num_sources: int
+    meta: dict[str, Any]
+    images: dict[str, tuple[str, bytes]]  # role -> (ext, original bytes)
+    # (variant, encoder inputs) still to encode; extraction fills it, the writer ignores it
+    prompts: list[tuple[str, Any]] = field(default_factory=list)
 
 
 @dataclass

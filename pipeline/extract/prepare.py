@@ -7,46 +7,19 @@ process, so the encoder does not wait on I/O.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline import images as imaging
-from pipeline.encoder import PromptBuilder, PromptInputs
-from pipeline.prompts import plan_variants
-from pipeline.records import Columns, Record, RecordError, iter_lines, parse_line
-from pipeline.shardformat import sample_key
-
-
-@dataclass
-class Failure:
-    """A line that goes to ``_failures/``: where, why, and the line itself."""
-
-    file: str
-    line: int
-    kind: str
-    reason: str
-    field: str | None = None
-    text: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class PreparedSample:
-    """Everything the shard needs except the embeddings, plus the prompts to encode."""
-
-    key: str
-    line: int
-    num_sources: int
-    meta: dict[str, Any]
-    images: dict[str, tuple[str, bytes]]  # role -> (ext, original bytes)
-    prompts: list[tuple[str, PromptInputs]] = field(default_factory=list)
+from pipeline.common import images as imaging
+from pipeline.common.encoder import PromptBuilder
+from pipeline.common.prompts import plan_variants
+from pipeline.extract.records import Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.shards.format import sample_key
+from pipeline.shards.writer import Failure, PreparedSample
 
 
 @dataclass(frozen=True)

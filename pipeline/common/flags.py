@@ -1,0 +1,63 @@
+"""Command-line flags shared by the CLIs, each defined once, and the distributed environment they run in."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from pipeline.common.prompts import PROMPT_STYLES
+
+STORAGE_OPTIONS_HELP = (
+    'JSON fsspec options, flat or per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'; '
+    "AWS_* and FSSPEC_* environment variables are honoured without it"
+)
+
+PROMPT_STYLE_HELP = {
+    "diffusers": "exactly what QwenImageEditPlusPipeline.encode_prompt computes (default)",
+    "firered": "the original tool's chat-template variant with bucket-cropped condition images",
+}
+
+
+def add_storage_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--storage_options``: how every CLI reaches object storage."""
+    parser.add_argument("--storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+
+
+def add_prompt_style(parser: argparse.ArgumentParser | argparse._ArgumentGroup, when: str = "") -> None:
+    """``--prompt_style`` with the one list of styles."""
+    styles = "; ".join(f"{name}: {PROMPT_STYLE_HELP[name]}" for name in PROMPT_STYLES)
+    parser.add_argument(
+        "--prompt_style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0], help=f"{when}{styles}".strip()
+    )
+
+
+def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = 1000) -> None:
+    """``--max_samples_per_shard``: a new shard starts after this many samples (required when no default)."""
+    if default is None:
+        parser.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
+    else:
+        parser.add_argument(
+            "--max_samples_per_shard",
+            type=int,
+            default=default,
+            help=f"start a new shard after this many samples (default {default})",
+        )
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in a torchrun / accelerate launch (rank 0 of 1 when launched alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def distributed_env() -> DistributedEnv:
+    """The one reader of ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``."""
+    return DistributedEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )

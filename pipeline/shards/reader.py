@@ -1,0 +1,226 @@
+"""Reading shards: byte ranges through the index, or whole shards as a stream; used by training and the tools.
+
+Two ways to read a shard, chosen per shard:
+
+* **indexed** (local files, s3://, gs://, http(s) with a ``.index.json`` beside
+  the shard): byte-range reads of just the members a sample needs.  webdataset
+  reads tars as a stream and cannot fetch one member by offset, so this reader
+  is ours; it is what makes resume a seek and lets a batch fetch only the
+  embedding variant it uses.
+* **streamed** (``pipe:`` URLs, or shards without an index): the shard is read
+  front to back (webdataset's tar iterator) and members are grouped into
+  samples by key; training skips the samples another (rank, worker) owns.
+
+Members ending in ``.pyd``/``.pickle``/``.pth``/``.pt`` are never decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from pipeline.shards.format import check_npy, is_forbidden_member
+from pipeline.shards.storage import options_for, protocol_of
+
+log = logging.getLogger(__name__)
+
+READ_RETRIES = 4
+
+
+def _with_retries(what: str, fn, retries: int = READ_RETRIES):
+    """Retry transient read errors (network resets, throttling) with backoff; missing files fail at once."""
+    for attempt in range(retries):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if attempt == retries - 1:
+                raise
+            delay = 0.2 * 2**attempt
+            log.warning(
+                "transient error reading %s (%s: %s); retry %d in %.1fs",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt + 1,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RangeReader:
+    """Byte ranges and whole objects from any fsspec URL, with retries; counts bytes read."""
+
+    def __init__(self, storage_options: dict | None):
+        self.storage_options = storage_options
+        self._fs: dict[str, Any] = {}
+        self.bytes_read = 0
+
+    def _resolve(self, url: str):
+        protocol = protocol_of(url)
+        if protocol not in self._fs:
+            self._fs[protocol] = fsspec.core.url_to_fs(url, **options_for(url, self.storage_options))[0]
+        fs = self._fs[protocol]
+        return fs, fs._strip_protocol(url)
+
+    def read(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        fs, path = self._resolve(url)
+        data = _with_retries(url, lambda: fs.cat_file(path, start=start, end=end))
+        if start is not None and end is not None and len(data) != end - start:
+            raise OSError(f"{url}: short read at [{start}, {end}) — truncated shard?")
+        self.bytes_read += len(data)
+        return data
+
+
+class IndexCache:
+    """Per-shard ``.index.json`` documents, least recently used first out (memory stays bounded)."""
+
+    def __init__(self, reader: RangeReader, capacity: int = 64):
+        self.reader, self.capacity = reader, capacity
+        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def get(self, url: str) -> list[dict]:
+        if url in self._items:
+            self._items.move_to_end(url)
+            return self._items[url]
+        samples = json.loads(self.reader.read(url))["samples"]
+        self._items[url] = samples
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return samples
+
+
+@dataclass
+class RawSample:
+    """One sample as read: metadata, image bytes, and embeddings (bytes, or offsets to fetch later)."""
+
+    key: str
+    meta: dict[str, Any]
+    images: dict[str, bytes]  # role -> encoded bytes
+    shard_url: str
+    embeddings: dict[str, bytes] = field(default_factory=dict)  # variant -> npy bytes (streamed reads)
+    embedding_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant -> [start, end)
+
+
+def split_members(key: str, members: dict[str, bytes], shard_url: str) -> RawSample:
+    """Turn webdataset-style members into a RawSample; forbidden members are dropped undecoded."""
+    meta = json.loads(members["json"].decode("utf-8"))
+    images, embeddings = {}, {}
+    for ext, data in members.items():
+        if ext == "json" or is_forbidden_member(ext):
+            continue
+        if ext.startswith("emb_") and ext.endswith(".npy"):
+            embeddings[ext[4:-4]] = data
+        else:
+            images[ext.split(".", 1)[0]] = data
+    return RawSample(key=key, meta=meta, images=images, shard_url=shard_url, embeddings=embeddings)
+
+
+def expected_members(meta: dict[str, Any]) -> set[str]:
+    """Member extensions a complete sample has, according to its own json."""
+    images = [meta["target"]["member"], *(s["member"] for s in meta.get("sources", []))]
+    return {"json", *images, *(f"emb_{v}.npy" for v in meta.get("variants", {}))}
+
+
+def read_indexed_sample(reader: RangeReader, shard_url: str, entry: dict) -> RawSample:
+    """Read json + images of one sample in one range request; embeddings stay as offsets."""
+    members = entry["members"]
+    wanted = [ext for ext in members if not ext.startswith("emb_") and not is_forbidden_member(ext)]
+    start = min(members[ext][0] for ext in wanted)
+    end = max(members[ext][0] + members[ext][1] for ext in wanted)
+    blob = reader.read(shard_url, start, end)
+    chosen = {ext: blob[members[ext][0] - start : members[ext][0] - start + members[ext][1]] for ext in wanted}
+    sample = split_members(entry["key"], chosen, shard_url)
+    for ext, (offset, size) in members.items():
+        if ext.startswith("emb_") and ext.endswith(".npy"):
+            sample.embedding_ranges[ext[4:-4]] = (offset, offset + size)
+    return sample
+
+
+def open_stream(url: str, storage_options: dict | None):
+    """A readable binary stream: ``pipe:`` commands through webdataset's opener, everything else through fsspec."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return fsspec.open(url, "rb", **options_for(url, storage_options)).open()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` → (``dir/key``, ``ext.more``): webdataset's key convention."""
+    folder, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext
+
+
+def iter_samples(url: str, storage_options: dict | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a shard, in file order: consecutive members sharing a key.
+
+    Members that could hold pickle are skipped undecoded.  A read error raises
+    after the sample it cut short; the caller decides what it costs.
+    """
+    from webdataset.tariterators import tar_file_iterator
+
+    key, members = None, {}
+    with open_stream(url, storage_options) as handle:
+        try:
+            for item in tar_file_iterator(handle, skip_meta=None, select_files=lambda n: not is_forbidden_member(n)):
+                k, ext = split_name(item["fname"])
+                if k != key and members:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = item["data"]
+        except Exception:
+            if members:  # the sample cut off by the error, so the caller sees which members it lacks
+                yield key, members
+            raise
+    if members:
+        yield key, members
+
+
+def sample_meta(members: dict[str, bytes]) -> dict[str, Any]:
+    """The sample's own json member."""
+    return json.loads(members["json"].decode("utf-8"))
+
+
+@dataclass
+class CorruptSample:
+    """Placeholder yielded by :func:`stream_shard` for a sample that cannot be used."""
+
+    reason: str
+
+
+def stream_shard(url: str, storage_options: dict | None) -> Iterator[RawSample | CorruptSample]:
+    """Samples of one shard in file order, checked; a read error ends the shard with a warning."""
+    samples = iter_samples(url, storage_options)
+    while True:
+        try:
+            key, members = next(samples)
+        except StopIteration:
+            return
+        except Exception as exc:
+            log.warning("shard read error, rest of the shard skipped: %s: %s", url, exc)
+            return
+        try:
+            if "json" not in members:
+                raise ValueError("no json member")
+            raw = split_members(key, members, url)
+            missing = expected_members(raw.meta) - set(members)
+            if missing:
+                raise ValueError(f"members missing (truncated shard?): {sorted(missing)}")
+            for data in raw.embeddings.values():
+                check_npy(data)
+        except Exception as exc:  # the caller counts and skips it
+            yield CorruptSample(f"{url}: sample {key}: {type(exc).__name__}: {exc}")
+            continue
+        yield raw

@@ -1,0 +1,158 @@
+"""Task directories: which exist under a meta directory, their manifests, and their shards per source count.
+
+Training (strict: a missing manifest is a configuration error) and the shard
+tools (tolerant: a broken task is reported, the others still checked) find and
+open tasks through the same functions here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import braceexpand
+import fsspec
+
+from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, index_name
+from pipeline.shards.storage import Store, join, options_for, protocol_of
+
+# protocols on which a shard can be read by byte ranges (through its .index.json)
+SEEKABLE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "http", "https", "memory"}
+
+
+class DataConfigError(ValueError):
+    """A problem with the data a user pointed us at that they can fix (unknown task, nothing to train on ...)."""
+
+
+@dataclass
+class Shard:
+    url: str  # absolute URL or path
+    num_sources: int
+    samples: int | None = None  # known from the manifest
+    index_url: str | None = None
+
+
+@dataclass
+class Task:
+    """A task: its shards by number of source images, its null embedding, its manifest when it has one."""
+
+    name: str
+    shards: dict[int, list[Shard]] = field(default_factory=dict)  # N -> shards, sorted by URL
+    null_embedding_url: str | None = None
+    manifest: dict[str, Any] | None = None
+    url: str | None = None  # the task directory (None for a task given as shard patterns)
+    error: str | None = None  # why the manifest could not be read (tolerant opening only)
+
+    def counts(self) -> dict[int, int]:
+        return {n: len(s) for n, s in self.shards.items() if s}
+
+    def shard_urls(self) -> list[str]:
+        """Every shard the manifest lists, in manifest order."""
+        return [join(self.url, s["url"]) for s in (self.manifest or {}).get("shards", [])]
+
+
+def task_dirs(url: str, storage_options: dict | None) -> list[str]:
+    """``url`` itself when it holds a manifest, else its direct subfolders that do (one listing)."""
+    store = Store(url, storage_options)
+    if store.exists(MANIFEST):
+        return [url]
+    return [join(url, name) for name in store.listdir("") if store.exists(f"{name}/{MANIFEST}")]
+
+
+def task_from_manifest(name: str, task_url: str, manifest: dict[str, Any]) -> Task:
+    task = Task(name=name, manifest=manifest, url=task_url)
+    for entry in manifest["shards"]:
+        shard = Shard(
+            url=join(task_url, entry["url"]),
+            num_sources=int(entry["num_sources"]),
+            samples=int(entry["samples"]),
+            index_url=join(task_url, entry["index"]) if entry.get("index") else None,
+        )
+        task.shards.setdefault(shard.num_sources, []).append(shard)
+    for shards in task.shards.values():
+        shards.sort(key=lambda s: s.url)
+    if manifest.get("null_embedding"):
+        task.null_embedding_url = join(task_url, manifest["null_embedding"])
+    return task
+
+
+def open_task(url: str, storage_options: dict | None) -> Task:
+    """A task directory; an unreadable manifest gives a task with ``manifest=None`` and the reason in ``error``."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        manifest = Store(url, storage_options).read_json(MANIFEST)
+    except FileNotFoundError:
+        return Task(name, url=url, error=f"{join(url, MANIFEST)}: missing")
+    except (ValueError, OSError) as exc:
+        return Task(name, url=url, error=f"{join(url, MANIFEST)}: unreadable ({exc})")
+    return task_from_manifest(name, url, manifest)
+
+
+def open_tasks(url: str, storage_options: dict | None) -> list[Task]:
+    """A task directory, or every task directory directly under a meta directory (tolerant)."""
+    tasks = [open_task(u, storage_options) for u in task_dirs(url, storage_options)]
+    if not tasks:
+        raise FileNotFoundError(f"{url}: no {MANIFEST} here or in any subfolder")
+    return tasks
+
+
+def discover_tasks(meta_dir: str, storage_options: dict | None) -> dict[str, Task]:
+    """Task directories with a manifest directly under ``meta_dir`` (one listing, at start-up; strict)."""
+    store = Store(meta_dir, storage_options)
+    tasks = {}
+    for url in task_dirs(meta_dir, storage_options):
+        if url == meta_dir:  # a meta directory is not itself a task
+            continue
+        name = url.rsplit("/", 1)[-1]
+        tasks[name] = task_from_manifest(name, url, store.read_json(f"{name}/{MANIFEST}"))
+    if not tasks:
+        raise DataConfigError(f"no task directory with a {MANIFEST} under {meta_dir}")
+    return tasks
+
+
+def shard_list(url: str, storage_options: dict | None) -> list[str]:
+    """A single ``.tar`` URL, or every shard a task (or meta) directory's manifests list."""
+    if url.endswith(".tar"):
+        return [url]
+    return [s for task in open_tasks(url, storage_options) for s in task.shard_urls()]
+
+
+_SRC_DIR = re.compile(r"(?:^|/)src(\d)/")
+
+
+def task_from_patterns(name: str, patterns: list[str], storage_options: dict | None) -> Task:
+    """A task from explicit shard URL patterns (brace expansion); N from the ``src{N}/`` folder."""
+    task = Task(name=name)
+    for pattern in patterns:
+        for url in braceexpand.braceexpand(pattern):
+            match = _SRC_DIR.search(url.split("::")[0])
+            if not match:
+                raise DataConfigError(f"{url}: cannot tell the number of source images (expected a src{{N}}/ folder)")
+            n = int(match.group(1))
+            index, count = None, None
+            seekable = protocol_of(url) in SEEKABLE_PROTOCOLS and url.endswith(".tar")
+            if seekable and _exists(index_name(url), storage_options):
+                index = index_name(url)
+                with fsspec.open(index, "rb", **options_for(index, storage_options)) as handle:
+                    count = len(json.loads(handle.read())["samples"])
+            task.shards.setdefault(n, []).append(Shard(url=url, num_sources=n, samples=count, index_url=index))
+    for shards in task.shards.values():
+        shards.sort(key=lambda s: s.url)
+    # a manifest next to the src{N}/ folders gives the null embedding
+    first = next((s.url for ss in task.shards.values() for s in ss), None)
+    if first and protocol_of(first) in SEEKABLE_PROTOCOLS:
+        root = first[: _SRC_DIR.search(first).start()]
+        null = join(root, NULL_EMBEDDING) if root else NULL_EMBEDDING
+        if _exists(null, storage_options):
+            task.null_embedding_url = null
+    return task
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+        return fs.exists(path)
+    except Exception:  # unreachable: treated as absent (the shard is then streamed)
+        return False

@@ -1,0 +1,1 @@
+"""Step 2: stream shards, mix tasks, train the DiT with flow matching under accelerate."""

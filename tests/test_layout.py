@@ -1,0 +1,105 @@
+"""The folder layout is the architecture: imports point down the layers, and no module imports itself back.
+
+Every ``import`` of the project's own modules is read from the source (function-level
+imports included), so a lazy import cannot hide an upward dependency or a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# lower layers never import higher ones; packages in one layer never import each other
+LAYERS = {
+    "pipeline.shards": 0,  # shard format, storage, commit records, shard reading
+    "pipeline.common": 1,  # images, prompts, encoder, shared flags, logging: used by both halves
+    "pipeline.extract": 2,
+    "pipeline.train": 2,
+    "pipeline.kit": 3,
+    "pipeline.demo": 4,
+    "shards_tools": 4,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    files = [*ROOT.joinpath("pipeline").rglob("*.py"), *ROOT.joinpath("shards_tools").rglob("*.py")]
+    return {module_name(f): f for f in files}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules ``path`` imports (``from pkg import mod`` resolves to the module when it is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            ]
+        else:
+            continue
+        found.update(n for n in names if n in modules)
+    return found
+
+
+def package_of(module: str) -> str:
+    return next(p for p in sorted(LAYERS, key=len, reverse=True) if module == p or module.startswith(p + "."))
+
+
+def test_every_module_belongs_to_a_layer():
+    assert {
+        m for m in project_modules() if m != "pipeline" and not any(m == p or m.startswith(p + ".") for p in LAYERS)
+    } == set()
+
+
+def test_imports_point_down_the_layers():
+    modules = project_modules()
+    wrong = []
+    for name, path in modules.items():
+        if name == "pipeline":
+            continue
+        here = package_of(name)
+        for target in imports_of(path, modules):
+            if target == "pipeline":
+                continue
+            there = package_of(target)
+            if there != here and LAYERS[there] >= LAYERS[here]:
+                wrong.append(f"{name} -> {target}")
+    assert wrong == []
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_the_checker_sees_lazy_imports(tmp_path):
+    """The import reader must catch imports inside functions (where cycles used to hide)."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from pipeline.train import loop\n    import pipeline.shards.storage\n")
+    assert imports_of(source, project_modules()) == {"pipeline.train.loop", "pipeline.shards.storage"}
