@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16, help="samples per sample-data task (3 tasks)")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--batching", choices=["exact", "padded"], default="exact")
+    p.add_argument("--batching", choices=["padded", "exact"], default="padded")
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     args = p.parse_args()
 
@@ -100,6 +100,7 @@ def main() -> None:
         "prompts": prompts,
         "encoder_batches": len(batches),
         "mean_batch": round(prompts / len(batches), 2),
+        "prompts_per_forward_in_run": round(stats["prompts_per_forward"], 2),
         "wall_s": round(wall, 2),
         "forward_in_run_s": round(stats["forward_seconds"], 2),
         "forward_alone_s": round(forward_alone, 2),

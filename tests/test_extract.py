@@ -20,13 +20,30 @@ from pipeline.shards.format import npy_to_embedding
 pytestmark = pytest.mark.slow
 
 
+def _extract_mixed(sample_data_dir, tiny_model_dir, root, *flags):
+    jsonl = combined_jsonl(sample_data_dir, root / "mixed.jsonl")
+    out = root / "mixed_task"
+    result = extract(jsonl, out, tiny_model_dir, "--max_samples_per_shard", "5", *flags)
+    return {"jsonl": jsonl, "out": out, "result": result}
+
+
 @pytest.fixture(scope="module")
 def extracted(sample_data_dir, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("extract")
-    jsonl = combined_jsonl(sample_data_dir, root / "mixed.jsonl")
-    out = root / "mixed_task"
-    result = extract(jsonl, out, tiny_model_dir, "--max_samples_per_shard", "5", "--batch_size", "3")
-    return {"jsonl": jsonl, "out": out, "result": result}
+    return _extract_mixed(sample_data_dir, tiny_model_dir, root, "--batch_size", "3", "--batching", "exact")
+
+
+@pytest.fixture(scope="module")
+def extracted_padded(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    """The default batching: similar lengths padded into full batches."""
+    return _extract_mixed(
+        sample_data_dir, tiny_model_dir, tmp_path_factory.mktemp("extract_padded"), "--batch_size", "4"
+    )
+
+
+# padded batches change the float rounding of the attention sums: measured at most 3 bf16 ulps (of the
+# reference value) on the sample data; the stated promise is 4
+PADDED_TOLERANCE_ULPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +72,23 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
 
 
-def test_every_embedding_is_bit_identical_to_diffusers_encode_prompt(extracted, pipes):
+def _ulps(stored: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference in units of the last place of the bf16 reference value."""
+    ref = ref.detach().to(torch.bfloat16).float()
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(2.0**-126))) - 7)
+    return float(((stored.float() - ref).abs() / ulp).max())
+
+
+def _same(stored: torch.Tensor, ref: torch.Tensor, batching: str) -> bool:
+    if batching == "exact":
+        return np.array_equal(_bits(stored), _bits(ref))
+    return _ulps(stored, ref) <= PADDED_TOLERANCE_ULPS
+
+
+@pytest.mark.parametrize("batching", ["exact", "padded"])
+def test_every_embedding_matches_diffusers_encode_prompt(batching, request, pipes):
+    """exact: bit for bit; padded (the default): within PADDED_TOLERANCE_ULPS, per variant."""
+    extracted = request.getfixturevalue("extracted" if batching == "exact" else "extracted_padded")
     edit_pipe, t2i_pipe = pipes
     samples = read_samples(str(extracted["out"]))
     assert len(samples) == 36
@@ -79,13 +112,17 @@ def test_every_embedding_is_bit_identical_to_diffusers_encode_prompt(extracted, 
                     prompt=text, image=_inference_condition_images(edit_pipe, uris), device="cpu"
                 )
             assert list(stored.shape) == meta["variants"][variant]
-            assert np.array_equal(_bits(stored), _bits(ref[0])), (key, variant)
+            assert _same(stored, ref[0], batching), (key, variant, _ulps(stored, ref[0]))
             checked += 1
     assert checked > 100
     manifest = read_manifest(str(extracted["out"]))
     null = npy_to_embedding((extracted["out"] / manifest["null_embedding"]).read_bytes())
     ref, _ = t2i_pipe.encode_prompt(prompt="", device="cpu")
-    assert np.array_equal(_bits(null), _bits(ref[0]))
+    assert _same(null, ref[0], batching)
+    if batching == "padded":
+        log = extracted["result"].stderr
+        per_forward = float(log.split(" prompts per forward")[0].rsplit(", ", 1)[1])
+        assert per_forward >= 0.9 * 4, f"padded batches fill >= 90% of --batch_size 4, got {per_forward}"
 
 
 def test_variants_follow_the_design(extracted):

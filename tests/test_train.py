@@ -320,7 +320,7 @@ def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_d
     from pipeline.train.loop import Trainer
     from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
-    for name, extra in (("offline", []), ("online", ["--skip_embeddings"])):
+    for name, extra in (("offline", ["--batching", "exact"]), ("online", ["--skip_embeddings"])):
         extract(sample_data_dir / "compose_multi" / "data.jsonl", tmp_path / name / "task", tiny_model_dir, *extra)
     config = StreamConfig(
         batch_size=1, seed=2, shuffle_buffer=0, image_sample_size=64, text_drop_ratio=0.3, online_prompts=True
@@ -349,3 +349,29 @@ def read_offline(task_dir: Path):
     from helpers import read_samples
 
     return read_samples(str(task_dir))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_and_never_checkpointed(tiny_model_dir, edit_meta, tmp_path):
+    out = tmp_path / "diverges"
+    flags = ["--max_train_steps", "12", "--checkpointing_steps", "1", "--learning_rate", "1e30", "--max_grad_norm", "0"]
+    result = run_module(
+        "pipeline.train",
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+        "--train_data_meta_dir",
+        str(edit_meta),
+        "--output_dir",
+        str(out),
+        *BASE,
+        *flags,
+        "--max_nonfinite_steps",
+        "3",
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "non-finite gradient norm" in result.stderr and "update skipped" in result.stderr
+    saved = sorted(out.glob("checkpoint-*"))
+    assert saved and len(saved) < 12, "the run stopped early"
+    for folder in saved:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), f"{folder.name} holds NaN/Inf weights"

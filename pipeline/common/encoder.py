@@ -121,7 +121,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, batch: list[PromptInputs], drop_index: dict[str, int]) -> list[torch.Tensor]:
-        """Last hidden states per prompt, template prefix dropped, in the encoder's dtype, on CPU.
+        """Last hidden states per prompt, template prefix dropped, in the encoder's dtype, on its device.
 
         Prompts of one length run without padding, which keeps every result
         bit-identical to a one-prompt forward (``encode_prompt`` at inference);
@@ -147,4 +147,4 @@ class PromptEncoder:
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
         ).last_hidden_state
         drop = drop_index[kind]
-        return [hidden[row, drop : p.length].to("cpu") for row, p in enumerate(batch)]
+        return [hidden[row, drop : p.length] for row, p in enumerate(batch)]

@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_style(p)
     p.add_argument(
         "--batching",
-        choices=["exact", "padded"],
-        default="exact",
-        help="exact: batch only prompts of equal token length, so every embedding is bit-identical to a "
-        "one-prompt forward (default); padded: pad mixed lengths with a mask, fuller batches, equal only up "
-        "to float rounding",
+        choices=["padded", "exact"],
+        default="padded",
+        help="padded (default): prompts of similar length (64-token buckets) share a forward, padded with a "
+        "mask: full batches, embeddings equal a one-prompt forward up to float rounding (a few bf16 ulps); "
+        "exact: only prompts of equal token length share a forward, no padding, so on CPU every embedding is "
+        "bit-identical to diffusers' encode_prompt (a CPU promise: cuBLAS does not guarantee bit-equality "
+        "across batch shapes); batches are often half full",
     )
     add_shard_size(p)
     p.add_argument("--max_shard_bytes", type=int, default=1 << 30, help="start a new shard after this many bytes")

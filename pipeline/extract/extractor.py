@@ -100,6 +100,8 @@ class Extractor:
         self.builder = None if args.skip_embeddings else PromptBuilder(args.model_path, args.prompt_style)
         self.encoder = None if args.skip_embeddings else PromptEncoder(args.model_path, args.device, args.dtype)
         self.forward_seconds = 0.0
+        self.forwards = 0  # encoder forwards and the prompts they carried: how full the batches are
+        self.prompts_encoded = 0
         self.failures_by_kind: dict[str, int] = defaultdict(int)
 
     # ---- main loop -------------------------------------------------------------------------
@@ -164,17 +166,21 @@ class Extractor:
             "rank": self.rank,
             "wall_seconds": wall,
             "forward_seconds": self.forward_seconds,
+            "prompts_per_forward": self.prompts_encoded / max(self.forwards, 1),
             "samples_written": sink.written_samples,
             "bytes_written": sink.written_bytes,
             "failed": dict(self.failures_by_kind),
         }
         log.info(
-            "rank done: %d samples, %.1f MB in %.1fs (%.2f samples/s), encoder %.1fs; failed %s",
+            "rank done: %d samples, %.1f MB in %.1fs (%.2f samples/s), encoder %.1fs, %.2f prompts per forward "
+            "(--batch_size %d); failed %s",
             sink.written_samples,
             sink.written_bytes / 1e6,
             wall,
             sink.written_samples / wall if wall else 0.0,
             self.forward_seconds,
+            stats["prompts_per_forward"],
+            self.args.batch_size,
             dict(self.failures_by_kind) or "none",
         )
         return stats
@@ -190,6 +196,8 @@ class Extractor:
         if not live:
             return self._settle(batch, entries, sink, bar)
         t0 = time.perf_counter()
+        self.forwards += 1
+        self.prompts_encoded += len(live)
         try:
             outputs = self.encoder.encode([p for _, _, p in live], self.builder.drop_index)
         except Exception as exc:  # retry one by one so a single bad prompt fails only its sample
@@ -207,8 +215,8 @@ class Extractor:
                         self._fail(sink, Failure(s.meta["input"], s.line, "encode_error", str(one_exc)), bar)
         self.forward_seconds += time.perf_counter() - t0
         for (sid, variant, _), out in zip(live, outputs, strict=True):
-            if out is not None:
-                entries[sid].embeddings[variant] = out
+            if out is not None:  # off the accelerator: finished samples wait in the writer's queue
+                entries[sid].embeddings[variant] = out.to("cpu")
         self._settle(batch, entries, sink, bar)
 
     def _settle(self, batch: list, entries: dict[int, _Entry], sink: ShardSink, bar: tqdm) -> None:

@@ -64,8 +64,9 @@ def to_tensor(img) -> torch.Tensor:
 def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``[L_i, D]`` to ``[B, max L, D]`` with a 0/1 mask."""
     longest = max(e.shape[0] for e in embeddings)
-    out = torch.zeros((len(embeddings), longest, embeddings[0].shape[1]), dtype=embeddings[0].dtype)
-    mask = torch.zeros((len(embeddings), longest), dtype=torch.long)
+    first = embeddings[0]
+    out = torch.zeros((len(embeddings), longest, first.shape[1]), dtype=first.dtype, device=first.device)
+    mask = torch.zeros((len(embeddings), longest), dtype=torch.long, device=first.device)
     for i, e in enumerate(embeddings):
         out[i, : e.shape[0]] = e
         mask[i, : e.shape[0]] = 1

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
         return None
     if value == "latest":
         found = complete_checkpoints(output_dir)
+        if not found:
+            log.info("--resume_from_checkpoint latest: no complete checkpoint in %s; starting at step 0", output_dir)
         return found[-1][1] if found else None
     path = Path(value)
     if not (path / MARKER).is_file():
@@ -100,10 +103,63 @@ def save_checkpoint(
 
 
 def prune(output_dir: str | os.PathLike, total_limit: int | None) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints."""
+    """Keep the newest ``total_limit`` complete checkpoints.
+
+    The marker goes first: a prune cut short leaves a folder ``latest`` ignores,
+    never a half-deleted one it would take as complete.
+    """
     if not total_limit or total_limit <= 0:
         return
     found = complete_checkpoints(output_dir)
     for _, path in found[: max(0, len(found) - total_limit)]:
+        (path / MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
         log.info("removed old checkpoint %s", path)
+
+
+def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of saves that a crash interrupted (rank 0, before any save)."""
+    root = Path(output_dir)
+    stale = sorted(root.glob(".checkpoint-*.incomplete")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed the unfinished checkpoint %s", path)
+    return stale
+
+
+def set_aside_newer(output_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Rename complete checkpoints newer than ``step`` (a run abandoned by resuming earlier) out of the way.
+
+    Otherwise ``latest`` would point back into the abandoned run and pruning
+    would count its checkpoints as newer than the ones this run saves.
+    """
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for found_step, path in complete_checkpoints(output_dir):
+        if found_step > step:
+            target = path.with_name(f"abandoned-{stamp}-{path.name}")
+            os.replace(path, target)
+            moved.append(target)
+            log.warning("resuming at step %d: %s belongs to an abandoned run, moved to %s", step, path, target)
+    return moved
+
+
+def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, world: int, device) -> Path | None:
+    """Collective: rank 0 cleans stale saves, resolves ``value`` once and sets abandoned checkpoints aside;
+    every rank gets the same answer (the step travels as a tensor, no pickle)."""
+    import torch
+
+    step, found = -1, None
+    if rank == 0:
+        clean_stale(output_dir)
+        found = resolve_resume(output_dir, value)
+        if found is not None:
+            step = int(read_marker(found)["step"])
+            set_aside_newer(output_dir, step)
+    if world > 1:
+        shared = torch.tensor([step], dtype=torch.long, device=device)
+        torch.distributed.broadcast(shared, src=0)
+        step = int(shared.item())
+    if step < 0:
+        return None
+    return found if rank == 0 and found is not None else final_dir(output_dir, step)

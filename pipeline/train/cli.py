@@ -17,7 +17,7 @@ from pipeline.common.flags import add_prompt_style, add_storage_options
 from pipeline.common.logs import setup_logging
 from pipeline.shards.tasks import DataConfigError
 from pipeline.train.config import config_from_args
-from pipeline.train.loop import Trainer, run_data_only
+from pipeline.train.loop import NonFiniteTraining, Trainer, run_data_only
 from pipeline.train.model import DEFAULT_LORA_TARGETS
 
 log = logging.getLogger("pipeline.train")
@@ -124,7 +124,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed)")
     o.add_argument("--use_came", action="store_true", help="CAME optimizer (came-pytorch must be installed)")
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
-    o.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="accelerate mixed precision")
+    o.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="compute precision; default: what accelerate launch / its config file says (else no). LoRA loads the "
+        "frozen transformer and the VAE in this dtype; full fine-tuning keeps fp32 master weights",
+    )
+    o.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs (faster fp32 parts)")
+    o.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=5,
+        help="a step whose gradient norm is NaN/Inf is skipped; this many in a row stop the run",
+    )
     o.add_argument("--train_sampling_steps", type=int, default=1000, help="T of the sigma schedule")
     o.add_argument("--uniform_sampling", action="store_true", help="timestep index range split evenly across ranks")
     o.add_argument(
@@ -173,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["outputs"],
             )
         return 0
+    except NonFiniteTraining as exc:
+        log.error("%s", exc)
+        return 1
     except (DataConfigError, ValueError, FileNotFoundError) as exc:  # errors in what the user gave us
         log.error("%s", exc)
         return 2

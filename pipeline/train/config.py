@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.shards.format import SOURCE_COUNTS
-from pipeline.shards.storage import parse_storage_options
+from pipeline.shards.storage import has_scheme, parse_storage_options
 from pipeline.shards.tasks import DataConfigError
 
 
@@ -116,7 +116,9 @@ class OptimConfig:
     use_8bit_adam: bool = False
     use_came: bool = False
     max_grad_norm: float = 1.0
-    mixed_precision: str | None = "no"
+    mixed_precision: str | None = None  # None: accelerate's launch configuration decides
+    allow_tf32: bool = False
+    max_nonfinite_steps: int = 5
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise DataConfigError("give --train_data_meta_dir or --train_shards")
     if not args.data_only and not args.pretrained_model_name_or_path:
         raise DataConfigError("--pretrained_model_name_or_path is required (or --data_only)")
+    if has_scheme(args.output_dir):
+        raise ValueError(
+            f"--output_dir {args.output_dir}: checkpoints and exports are written with local file operations "
+            "(atomic renames); give a local or mounted folder (for object storage, mount it or copy afterwards)"
+        )
     storage_options = parse_storage_options(args.storage_options)
     data = DataConfig(
         meta_dir=args.train_data_meta_dir,

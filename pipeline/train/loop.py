@@ -32,6 +32,12 @@ from pipeline.train.seeding import step_generator
 
 log = logging.getLogger("pipeline.train")
 
+TRAINER_STATE = "trainer_state.json"
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/Inf gradient norm."""
+
 
 # ---------------------------------------------------------------------------------------------
 # loss for one batch
@@ -59,8 +65,9 @@ def batch_loss(
         cfg.logit_std,
         cfg.mode_scale,
     )
-    noise = torch.randn(packed_x0.shape, generator=generator, dtype=packed_x0.dtype)
-    sigma = sigmas[idx]
+    # drawn on the CPU generator so the values do not depend on the device, then moved to the latents
+    noise = torch.randn(packed_x0.shape, generator=generator, dtype=torch.float32).to(packed_x0.device, packed_x0.dtype)
+    sigma = sigmas[idx].to(packed_x0.device)
     noisy, target = flow.noisy_input(packed_x0, noise, sigma)
     hidden = torch.cat([noisy, *[flow.pack_latents(s) for s in sources]], dim=1)
     dtype = next(p.dtype for p in transformer.parameters())
@@ -139,6 +146,12 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.fsdp = str(self.accelerator.distributed_type) == "DistributedType.FSDP"
+        if config.optim.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.grad_norms: deque[float] = deque(maxlen=100)  # the adaptive clip's history, checkpointed
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -147,28 +160,13 @@ class Trainer:
         config, acc = self.config, self.accelerator
         model, optim = config.model, config.optim
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        transformer = models.load_transformer(model.pretrained, model.transformer_path)
-        self.vae = models.load_vae(model.pretrained, model.vae_path).to(acc.device)
-        self.scheduler = models.load_scheduler(model.pretrained)
-        if model.lora is not None:
-            lora = model.lora
-            params = models.add_lora(
-                transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path
-            )
-            groups = [{"params": params, "lr": optim.learning_rate}]
-        else:
-            normal, low = models.select_trainable(
-                transformer, list(model.trainable_modules), list(model.low_lr_modules)
-            )
-            groups = [{"params": normal, "lr": optim.learning_rate}]
-            if low:
-                groups.append({"params": low, "lr": optim.learning_rate / 2})
-        if model.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        transformer, vae, self.scheduler, groups = models.build_training_models(
+            model, acc.mixed_precision, optim.learning_rate
+        )
+        self.vae = vae.to(acc.device)
         if optim.scale_lr:
             for g in groups:
                 g["lr"] *= optim.gradient_accumulation_steps * config.stream.batch_size * self.world
-        groups = [g for g in groups if g["params"]]
         optimizer = self._optimizer(groups)
         self.lr_scheduler = get_scheduler(
             optim.lr_scheduler,
@@ -212,10 +210,13 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.transformer)
         weights = models.trainable_state(unwrapped) if not self.fsdp else None
         opt = optimizer_to_files(self.optimizer) if not self.fsdp else None
+        trainer_state = self.trainer_state()
 
         def write(folder: Path) -> None:
             ckpt.write_json_file(folder / data_state_file(self.rank), {"step": step, "loader": data_state})
             save_file(rng_state(), str(folder / f"rng_rank{self.rank}.safetensors"))
+            if self.rank == 0:
+                ckpt.write_json_file(folder / TRAINER_STATE, trainer_state)
             if self.fsdp:
                 acc.save_state(str(folder / "fsdp_state"))
             elif self.rank == 0:
@@ -243,10 +244,26 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
             self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
         restore_rng(load_file(str(folder / f"rng_rank{self.rank}.safetensors")))
+        state_file = folder / TRAINER_STATE
+        if state_file.is_file():
+            self.load_trainer_state(json.loads(state_file.read_text()))
         data = json.loads((folder / data_state_file(self.rank)).read_text())
         self.loader.load_state_dict(data["loader"])
         log.info("resumed from %s (step %d)", folder, marker["step"])
         return int(marker["step"])
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The loop's own state: identical on every rank (global gradient norms), so rank 0 writes it."""
+        return {
+            "grad_norms": list(self.grad_norms),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.grad_norms = deque(state["grad_norms"], maxlen=self.grad_norms.maxlen)
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
 
     # ---- online prompt encoding ----------------------------------------------------------------
     def encode_online(self, batch: dict[str, Any]) -> None:
@@ -262,14 +279,66 @@ class Trainer:
         batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
 
     # ---- the loop ----------------------------------------------------------------------------
+    def train_step(self, step: int, batches, trace: TraceWriter) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` batches; a non-finite gradient skips the update.
+
+        The skip decision reads the global gradient norm (the same on every rank
+        after the all-reduce), so all ranks skip together.
+        """
+        config, acc = self.config, self.accelerator
+        ga = config.optim.gradient_accumulation_steps
+        waited, loss_sum, grad_norm = 0.0, 0.0, 0.0
+        for micro in range(ga):
+            loader_step = step * ga + micro
+            batch, wait = next_batch(batches, loader_step)
+            waited += wait
+            trace.write(loader_step + 1, batch)
+            if step == 0 and micro == 0 and acc.is_main_process:
+                self.sanity_sheet(batch)
+            if self.encoder is not None:
+                self.encode_online(batch)
+            with acc.accumulate(self.transformer):
+                loss = batch_loss(
+                    batch, self.transformer, self.vae, self.scheduler, config.flow, self.rank, self.world, loader_step
+                )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = self.clip()
+                    if math.isfinite(grad_norm):
+                        self.nonfinite_in_a_row = 0
+                        self.optimizer.step()
+                    else:
+                        self.skip_nonfinite(step + 1, grad_norm)
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().item() / ga
+        self.lr_scheduler.step()
+        return {"loss": loss_sum, "grad_norm": grad_norm, "waited": waited}
+
+    def skip_nonfinite(self, step: int, grad_norm: float) -> None:
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        log.warning(
+            "step %d: gradient norm %s, update skipped (%d in a row, %d in all)",
+            step,
+            grad_norm,
+            self.nonfinite_in_a_row,
+            self.nonfinite_steps,
+        )
+        limit = self.config.optim.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite gradient norm (--max_nonfinite_steps "
+                f"{limit}); the weights were not updated by any of them. Lower the learning rate, check the data "
+                f"(shards_tools verify), or resume from an earlier checkpoint"
+            )
+
     def train(self) -> dict[str, Any]:
         config, acc = self.config, self.accelerator
         start = 0
-        resume = ckpt.resolve_resume(config.output_dir, config.checkpoint.resume_from)
+        resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, self.rank, self.world, acc.device)
         if resume is not None:
             start = self.load(resume)
         trace = TraceWriter(config.data.trace_path)
-        ga = config.optim.gradient_accumulation_steps
         batches = iter(self.loader)
         bar = tqdm(
             total=config.max_train_steps,
@@ -278,58 +347,31 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        norms: deque[float] = deque(maxlen=100)
         losses = []
         wait_total = step_total = 0.0
         samples_done = 0
+        per_step = config.stream.batch_size * config.optim.gradient_accumulation_steps * self.world
         for step in range(start, config.max_train_steps):
             t_step = time.perf_counter()
-            waited, loss_sum = 0.0, 0.0
-            for micro in range(ga):
-                loader_step = step * ga + micro
-                batch, wait = next_batch(batches, loader_step)
-                waited += wait
-                trace.write(loader_step + 1, batch)
-                if step == 0 and micro == 0 and acc.is_main_process:
-                    self.sanity_sheet(batch)
-                if self.encoder is not None:
-                    self.encode_online(batch)
-                with acc.accumulate(self.transformer):
-                    loss = batch_loss(
-                        batch,
-                        self.transformer,
-                        self.vae,
-                        self.scheduler,
-                        config.flow,
-                        self.rank,
-                        self.world,
-                        loader_step,
-                    )
-                    acc.backward(loss)
-                    grad_norm = None
-                    if acc.sync_gradients:
-                        grad_norm = self.clip(norms)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().item() / ga
-                samples_done += batch["target"].shape[0] * self.world
-            self.lr_scheduler.step()
+            result = self.train_step(step, batches, trace)
             elapsed = time.perf_counter() - t_step
-            wait_total += waited
+            wait_total += result["waited"]
             step_total += elapsed
-            losses.append(loss_sum)
+            samples_done += per_step
+            losses.append(result["loss"])
             done = step + 1
             lr = self.lr_scheduler.get_last_lr()[0]
-            sps = config.stream.batch_size * ga * self.world / max(elapsed, 1e-9)
+            sps = per_step / max(elapsed, 1e-9)
             logs = {
-                "loss": loss_sum,
+                "loss": result["loss"],
                 "lr": lr,
-                "grad_norm": grad_norm or 0.0,
+                "grad_norm": result["grad_norm"] if math.isfinite(result["grad_norm"]) else 0.0,
                 "samples_per_s": sps,
-                "data_wait_fraction": waited / max(elapsed, 1e-9),
+                "data_wait_fraction": result["waited"] / max(elapsed, 1e-9),
+                "nonfinite_steps": self.nonfinite_steps,
             }
             acc.log(logs, step=done)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.2f}")
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.2f}")
             bar.update(1)
             if done % config.checkpoint.every == 0 or done == config.max_train_steps:
                 self.save(done)
@@ -343,11 +385,13 @@ class Trainer:
             "data_wait_fraction": wait_total / max(step_total, 1e-9),
             "outputs": outputs,
             "samples": samples_done,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
-    def clip(self, norms: deque) -> float:
+    def clip(self) -> float:
         """``--max_grad_norm`` clipping, and a tighter bound when a norm is abnormal (> 5× the running mean)."""
         max_norm = self.config.optim.max_grad_norm
+        norms = self.grad_norms
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         total = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         value = float(total)
@@ -395,7 +439,7 @@ def run_data_only(config: TrainConfig) -> int:
     dataset = build_dataset(config.data, config.stream, rank, world)
     loader = build_loader(dataset, config.data)
     start = 0
-    resume = ckpt.resolve_resume(config.output_dir, config.checkpoint.resume_from)
+    resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, rank, world, "cpu")
     if resume is not None:
         state = json.loads((resume / data_state_file(rank)).read_text())
         loader.load_state_dict(state["loader"])

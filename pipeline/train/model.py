@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.train.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = (
@@ -15,26 +17,39 @@ DEFAULT_LORA_TARGETS = (
 )
 
 
-def split_patterns(text: str | None) -> list[str]:
-    """``"a,b c"`` → ``["a", "b", "c"]``."""
-    return [p for p in (text or "").replace(",", " ").split() if p]
+def weight_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype frozen weights are loaded in: the compute dtype of the mixed precision mode."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no", torch.float32)
 
 
-def load_transformer(model_path: str, transformer_path: str | None = None):
+def training_dtypes(mixed_precision: str | None, lora: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(transformer load dtype, VAE dtype) for a mode.
+
+    LoRA: the frozen base and the VAE in the compute dtype (a 20B DiT is ~41 GB in
+    bf16, ~82 GB in fp32); the adapter is cast to fp32 after it is added.
+    Full fine-tuning: fp32 master weights (optimizer updates of 1e-5 relative size
+    vanish in bf16), bf16 compute through autocast (DDP) or FSDP's param dtype;
+    the frozen VAE in the compute dtype.
+    """
+    frozen = weight_dtype(mixed_precision)
+    return (frozen if lora else torch.float32), frozen
+
+
+def load_transformer(model_path: str, transformer_path: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import QwenImageTransformer2DModel
 
     if transformer_path:
-        return QwenImageTransformer2DModel.from_pretrained(transformer_path)
-    return QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer")
+        return QwenImageTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
+    return QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
 
 
-def load_vae(model_path: str, vae_path: str | None = None):
+def load_vae(model_path: str, vae_path: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLQwenImage
 
     vae = (
-        AutoencoderKLQwenImage.from_pretrained(vae_path)
+        AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=dtype)
         if vae_path
-        else AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae")
+        else AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
     )
     return vae.eval().requires_grad_(False)
 
@@ -85,12 +100,39 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
         result = set_peft_model_state_dict(transformer, state, adapter_name="default")
         if result is not None and getattr(result, "unexpected_keys", None):
             log.warning("unexpected keys in --lora_path: %s", result.unexpected_keys[:5])
-    return [p for p in transformer.parameters() if p.requires_grad]
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    for param in trainable:  # adapters train in fp32 whatever the base dtype
+        param.data = param.data.float()
+    return trainable
 
 
 def trainable_state(transformer) -> dict[str, torch.Tensor]:
     """The parameters that train, by name (what checkpoints hold)."""
     return {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def build_training_models(model: ModelConfig, mixed_precision: str | None, learning_rate: float):
+    """(transformer in train mode, frozen VAE, scheduler, optimizer parameter groups) for a mode, on the CPU.
+
+    The caller moves them to the device (or shards them); dtypes follow :func:`training_dtypes`.
+    """
+    transformer_dtype, vae_dtype = training_dtypes(mixed_precision, model.lora is not None)
+    transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype)
+    vae = load_vae(model.pretrained, model.vae_path, vae_dtype)
+    scheduler = load_scheduler(model.pretrained)
+    if model.lora is not None:
+        lora = model.lora
+        params = add_lora(transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path)
+        groups = [{"params": params, "lr": learning_rate}]
+    else:
+        normal, low = select_trainable(transformer, list(model.trainable_modules), list(model.low_lr_modules))
+        groups = [{"params": normal, "lr": learning_rate}]
+        if low:
+            groups.append({"params": low, "lr": learning_rate / 2})
+    if model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()  # diffusers returns models in eval mode: LoRA dropout would do nothing
+    return transformer, vae, scheduler, [g for g in groups if g["params"]]
 
 
 def export_transformer(transformer, out_dir: str | Path) -> Path:

@@ -1,0 +1,245 @@
+"""What breaks on GPUs, caught on a CPU machine.
+
+Device placement: the models live on the ``meta`` device while the batch arrives on the
+CPU, as it does from the DataLoader; every op that mixes the two raises, as CUDA does.
+Dtypes: what each training mode loads in. Checkpoints: resume and prune cannot poison a run.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import FlowConfig, LoraConfig, ModelConfig
+
+HIDDEN_STATES_OF = "last_hidden_state"
+
+
+def tiny_configs(model_dir):
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    return (
+        QwenImageTransformer2DModel.load_config(model_dir, subfolder="transformer"),
+        AutoencoderKLQwenImage.load_config(model_dir, subfolder="vae"),
+    )
+
+
+def models_on_meta(model_dir):
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    transformer_config, vae_config = tiny_configs(model_dir)
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config(transformer_config)
+        vae = AutoencoderKLQwenImage.from_config(vae_config)
+    return transformer.train(), vae.eval().requires_grad_(False)
+
+
+def cpu_batch(joint_dim: int, sources: int = 1, batch: int = 2, side: int = 64) -> dict:
+    """A batch as the DataLoader delivers it: every tensor on the CPU."""
+    return {
+        "target": torch.rand(batch, 3, side, side) * 2 - 1,
+        "sources": [torch.rand(batch, 3, side, side) * 2 - 1 for _ in range(sources)],
+        "prompt_embeds": torch.randn(batch, 12, joint_dim).bfloat16(),
+        "prompt_mask": torch.ones(batch, 12, dtype=torch.long),
+    }
+
+
+@pytest.mark.parametrize("sources", [0, 1, 3])
+def test_a_whole_training_step_runs_with_the_models_on_another_device(tiny_model_dir, sources):
+    from pipeline.train.loop import batch_loss
+    from pipeline.train.model import load_scheduler
+
+    transformer, vae = models_on_meta(tiny_model_dir)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4)
+    batch = cpu_batch(transformer.config.joint_attention_dim, sources)
+    loss = batch_loss(batch, transformer, vae, load_scheduler(str(tiny_model_dir)), FlowConfig(), 0, 1, 0)
+    assert loss.device.type == "meta" and loss.dim() == 0
+    loss.backward()
+    grads = [p.grad for p in transformer.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
+    optimizer.step()
+
+
+class DeviceCheckingVLM(torch.nn.Module):
+    """Stands in for Qwen2.5-VL's language model on the ``meta`` device (its vision tower reads grid values,
+    which meta tensors do not have): it refuses any input that is not on its device."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(1, hidden, device="meta")
+        self.seen: list[str] = []
+
+    def forward(self, **inputs):
+        for name, value in inputs.items():
+            if torch.is_tensor(value):
+                if value.device.type != "meta":
+                    raise RuntimeError(f"{name} arrived on {value.device}, the model is on meta")
+                self.seen.append(name)
+        ids = inputs["input_ids"]
+        return SimpleNamespace(**{HIDDEN_STATES_OF: self.proj(ids.unsqueeze(-1).float())})
+
+
+def encoder_on_meta(model_dir):
+    from pipeline.common.encoder import PromptEncoder
+
+    encoder = PromptEncoder.__new__(PromptEncoder)
+    encoder.device, encoder.dtype, encoder.hidden_size, encoder.pad_token_id = (
+        torch.device("meta"),
+        torch.float32,
+        32,
+        0,
+    )
+    encoder.model = SimpleNamespace(model=DeviceCheckingVLM(encoder.hidden_size))
+    return encoder
+
+
+def test_extraction_encoder_call_moves_every_input_to_the_encoder_device(tiny_model_dir):
+    from PIL import Image
+
+    from pipeline.common.encoder import PromptBuilder
+
+    builder = PromptBuilder(str(tiny_model_dir))
+    encoder = encoder_on_meta(tiny_model_dir)
+    picture = builder.condition_images([Image.new("RGB", (80, 48), "red")], 1.5)
+    edit = builder.edit(picture, "make it blue")
+    outputs = encoder.encode([edit, edit], builder.drop_index)
+    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= set(encoder.model.model.seen)
+    assert [o.device.type for o in outputs] == ["meta", "meta"]
+    assert outputs[0].shape == (edit.length - builder.drop_index["edit"], encoder.hidden_size)
+
+
+def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir):
+    from PIL import Image
+
+    from pipeline.common.encoder import PromptBuilder
+    from pipeline.train.loop import Trainer, batch_loss
+    from pipeline.train.model import load_scheduler
+
+    transformer, vae = models_on_meta(tiny_model_dir)
+    encoder = encoder_on_meta(tiny_model_dir)
+    encoder.hidden_size = transformer.config.joint_attention_dim
+    encoder.model.model = DeviceCheckingVLM(encoder.hidden_size)
+    trainer = Trainer.__new__(Trainer)
+    trainer.builder, trainer.encoder = PromptBuilder(str(tiny_model_dir)), encoder
+    png = __import__("io").BytesIO()
+    Image.new("RGB", (64, 64), "green").save(png, format="PNG")
+    batch = cpu_batch(encoder.hidden_size, sources=1)
+    del batch["prompt_embeds"], batch["prompt_mask"]
+    batch["conditions"] = [
+        {"kind": "edit", "images": [png.getvalue()], "bucket": 1.0, "text": "paint it"},
+        {"kind": "edit", "images": [png.getvalue()], "bucket": 1.0, "text": ""},
+    ]
+    trainer.encode_online(batch)
+    assert batch["prompt_embeds"].device.type == "meta" and batch["prompt_mask"].device.type == "meta"
+    loss = batch_loss(batch, transformer, vae, load_scheduler(str(tiny_model_dir)), FlowConfig(), 0, 1, 0)
+    loss.backward()
+
+
+# --- dtypes by mode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mixed_precision, lora, base, vae",
+    [
+        ("bf16", True, torch.bfloat16, torch.bfloat16),
+        ("bf16", False, torch.float32, torch.bfloat16),
+        ("fp16", True, torch.float16, torch.float16),
+        ("no", True, torch.float32, torch.float32),
+        (None, False, torch.float32, torch.float32),
+    ],
+)
+def test_weights_load_in_the_dtype_of_their_mode(tiny_model_dir, mixed_precision, lora, base, vae):
+    from pipeline.train.model import build_training_models
+
+    model = ModelConfig(
+        pretrained=str(tiny_model_dir),
+        lora=LoraConfig(rank=4, alpha=2, dropout=0.1, target_modules=("to_q", "to_k")) if lora else None,
+    )
+    transformer, vae_model, _, groups = build_training_models(model, mixed_precision, 1e-4)
+    frozen = {p.dtype for p in transformer.parameters() if not p.requires_grad}
+    trained = {p.dtype for g in groups for p in g["params"]}
+    if lora:
+        assert frozen == {base}, "the frozen base is in the compute dtype"
+        assert trained == {torch.float32}, "the adapter trains in fp32"
+    else:
+        assert trained == {torch.float32}, "full fine-tuning keeps fp32 master weights"
+    assert {p.dtype for p in vae_model.parameters()} == {vae}
+    assert transformer.training, "train mode, so LoRA dropout acts"
+    assert not vae_model.training
+
+
+def test_mixed_precision_comes_from_accelerate_launch_unless_given(tiny_model_dir, monkeypatch, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from pipeline.train.cli import build_parser
+    from pipeline.train.config import config_from_args
+    from pipeline.train.loop import Trainer
+
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir", str(tmp_path)]
+    flags += ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--report_to", "none"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    try:
+        for extra, expected in (([], "bf16"), (["--mixed_precision", "no"], "no")):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            trainer = Trainer(config_from_args(build_parser().parse_args(flags + extra)))
+            assert trainer.accelerator.mixed_precision == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# --- checkpoints that cannot poison a run ----------------------------------------------------------
+
+
+def fake_save(out, step, limit=None):
+    def write(folder):
+        (folder / "weights.txt").write_text(str(step))
+
+    return ckpt.save_checkpoint(out, step, 0, lambda: None, write, {}, limit)
+
+
+def test_resuming_earlier_then_saving_keeps_the_new_timeline(tmp_path):
+    for step in (2, 4, 6):
+        fake_save(tmp_path, step)
+    resume = ckpt.resume_point(tmp_path, str(tmp_path / "checkpoint-2"), 0, 1, "cpu")
+    assert resume == tmp_path / "checkpoint-2"
+    fake_save(tmp_path, 3, limit=1)
+    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-3"], "the fresh save survives"
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert sorted(p.name.split("-", 3)[-1] for p in tmp_path.glob("abandoned-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_stale_staging_folders_are_removed_and_latest_without_checkpoints_is_none(tmp_path, caplog):
+    (tmp_path / ".checkpoint-8.incomplete").mkdir()
+    with caplog.at_level("INFO"):
+        assert ckpt.resume_point(tmp_path, "latest", 0, 1, "cpu") is None
+    assert "no complete checkpoint" in caplog.text
+    assert not (tmp_path / ".checkpoint-8.incomplete").exists()
+
+
+def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch):
+    import shutil
+
+    for step in (1, 2):
+        fake_save(tmp_path, step)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # a removal that gets nowhere
+    ckpt.prune(tmp_path, 1)
+    assert not (tmp_path / "checkpoint-1" / ckpt.MARKER).exists()
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+
+def test_loop_state_round_trips_through_json():
+    from collections import deque
+
+    from pipeline.train.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.grad_norms, trainer.nonfinite_steps, trainer.nonfinite_in_a_row = deque([1.5, 2.0], maxlen=100), 3, 1
+    state = json.loads(json.dumps(trainer.trainer_state()))
+    other = Trainer.__new__(Trainer)
+    other.grad_norms = deque(maxlen=100)
+    other.load_trainer_state(state)
+    assert list(other.grad_norms) == [1.5, 2.0] and other.nonfinite_steps == 3 and other.nonfinite_in_a_row == 1
