@@ -52,12 +52,14 @@ class DistributedEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    fsdp_requested: bool = False  # accelerate launch with an FSDP configuration
 
 
 def distributed_env() -> DistributedEnv:
-    """The one reader of ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``."""
+    """The one reader of ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (and accelerate's ``ACCELERATE_USE_FSDP``)."""
     return DistributedEnv(
         rank=int(os.environ.get("RANK", "0")),
         world=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        fsdp_requested=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"),
     )

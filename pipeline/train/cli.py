@@ -149,6 +149,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--logit_mean", type=float, default=0.0, help="mean of logit_normal timestep sampling")
     o.add_argument("--logit_std", type=float, default=1.0, help="std of logit_normal timestep sampling")
     o.add_argument("--mode_scale", type=float, default=1.29, help="scale of mode timestep sampling")
+    o.add_argument(
+        "--parallelism",
+        choices=["auto", "ddp", "fsdp"],
+        default="auto",
+        help="fsdp: shard the transformer blocks with PyTorch FSDP2 (fp32 master weights, compute in the mixed "
+        "precision dtype, sharded checkpoints); ddp: replicate it. auto: fsdp when accelerate launch runs an FSDP "
+        "configuration (e.g. examples/accelerate_fsdp.yaml), else ddp",
+    )
     o.add_argument("--report_to", default="tensorboard", help="tensorboard (default), wandb, or none")
     o.add_argument("--export_checkpoint", default=None, help="export this checkpoint for diffusers and exit")
 
@@ -175,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         if config.export_checkpoint:
             trainer.load(Path(config.export_checkpoint))
+            outputs = trainer.export(config.output_dir)  # collective under FSDP
             if trainer.accelerator.is_main_process:
-                log.info("exported %s", trainer.export(config.output_dir))
+                log.info("exported %s", outputs)
             return 0
         result = trainer.train()
         if trainer.accelerator.is_main_process:

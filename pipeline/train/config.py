@@ -162,6 +162,7 @@ class TrainConfig:
     model: ModelConfig | None = None  # None: --data_only
     report_to: str = "tensorboard"
     export_checkpoint: str | None = None
+    parallelism: str = "auto"  # auto | ddp | fsdp
 
     @property
     def output_dir(self) -> str:
@@ -272,4 +273,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=None if args.data_only else model,
         report_to=args.report_to,
         export_checkpoint=args.export_checkpoint,
+        parallelism=args.parallelism,
     )

@@ -8,6 +8,7 @@ accelerate's sharded ``save_state`` holds model and optimizer instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.common import images as imaging
 from pipeline.common.flags import distributed_env
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import flow
+from pipeline.train import flow, parallel
 from pipeline.train import model as models
 from pipeline.train.batching import pad_embeddings
 from pipeline.train.config import FlowConfig, TrainConfig
@@ -145,7 +146,7 @@ class Trainer:
         )
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
-        self.fsdp = str(self.accelerator.distributed_type) == "DistributedType.FSDP"
+        self.fsdp = use_fsdp(config.parallelism, str(self.accelerator.distributed_type))
         if config.optim.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -161,12 +162,18 @@ class Trainer:
         model, optim = config.model, config.optim
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         transformer, vae, self.scheduler, groups = models.build_training_models(
-            model, acc.mixed_precision, optim.learning_rate
+            model, acc.mixed_precision, optim.learning_rate, config.flow.seed
         )
         self.vae = vae.to(acc.device)
         if optim.scale_lr:
             for g in groups:
                 g["lr"] *= optim.gradient_accumulation_steps * config.stream.batch_size * self.world
+        if self.fsdp:  # sharding replaces the parameters: find each group's again by name
+            names = {id(p): n for n, p in transformer.named_parameters()}
+            group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+            parallel.shard_transformer(transformer, acc.mixed_precision, acc.device)
+            params = dict(transformer.named_parameters())
+            groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
         optimizer = self._optimizer(groups)
         self.lr_scheduler = get_scheduler(
             optim.lr_scheduler,
@@ -174,7 +181,11 @@ class Trainer:
             num_warmup_steps=optim.lr_warmup_steps,
             num_training_steps=config.max_train_steps,
         )
-        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        if self.fsdp:  # our own FSDP2 wrapping (see parallel.py); accelerate does not touch the model
+            self.transformer, self.optimizer = transformer, optimizer
+            self.trainable = parallel.trainable_names(transformer)
+        else:
+            self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.dataset = build_dataset(config.data, config.stream, self.rank, self.world)
         self.loader = build_loader(self.dataset, config.data)
         self.encoder = None
@@ -207,9 +218,8 @@ class Trainer:
     def save(self, step: int) -> Path:
         acc, config = self.accelerator, self.config
         data_state = json_state(self.loader.state_dict())
-        unwrapped = acc.unwrap_model(self.transformer)
-        weights = models.trainable_state(unwrapped) if not self.fsdp else None
-        opt = optimizer_to_files(self.optimizer) if not self.fsdp else None
+        weights = None if self.fsdp else models.trainable_state(acc.unwrap_model(self.transformer))
+        opt = None if self.fsdp else optimizer_to_files(self.optimizer)
         trainer_state = self.trainer_state()
 
         def write(folder: Path) -> None:
@@ -217,13 +227,13 @@ class Trainer:
             save_file(rng_state(), str(folder / f"rng_rank{self.rank}.safetensors"))
             if self.rank == 0:
                 ckpt.write_json_file(folder / TRAINER_STATE, trainer_state)
+                ckpt.write_json_file(folder / "scheduler.json", self.lr_scheduler.state_dict())
             if self.fsdp:
-                acc.save_state(str(folder / "fsdp_state"))
+                parallel.save_shards(folder, self.transformer, self.optimizer, self.trainable)
             elif self.rank == 0:
                 save_file(weights, str(folder / "trainable.safetensors"))
                 save_file(opt[0], str(folder / "optimizer.safetensors"))
                 ckpt.write_json_file(folder / "optimizer.json", opt[1])
-                ckpt.write_json_file(folder / "scheduler.json", self.lr_scheduler.state_dict())
 
         marker = {"world_size": self.world, "lora": config.model.lora is not None, "fsdp": self.fsdp}
         return ckpt.save_checkpoint(
@@ -233,8 +243,13 @@ class Trainer:
     def load(self, folder: Path) -> int:
         acc = self.accelerator
         marker = ckpt.read_marker(folder)
+        if bool(marker.get("fsdp")) != self.fsdp:
+            raise ValueError(
+                f"{folder} was saved {'with' if marker.get('fsdp') else 'without'} FSDP; resume it the same way "
+                "(--parallelism), or export it with --export_checkpoint and start from the export"
+            )
         if self.fsdp:
-            acc.load_state(str(folder / "fsdp_state"))
+            parallel.load_shards(folder, self.transformer, self.optimizer, self.trainable)
         else:
             weights = load_file(str(folder / "trainable.safetensors"))
             missing = acc.unwrap_model(self.transformer).load_state_dict(weights, strict=False)
@@ -242,7 +257,7 @@ class Trainer:
                 raise RuntimeError(f"{folder}: unexpected weights {missing.unexpected_keys[:5]}")
             meta = json.loads((folder / "optimizer.json").read_text())
             self.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
-            self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
         restore_rng(load_file(str(folder / f"rng_rank{self.rank}.safetensors")))
         state_file = folder / TRAINER_STATE
         if state_file.is_file():
@@ -297,22 +312,35 @@ class Trainer:
                 self.sanity_sheet(batch)
             if self.encoder is not None:
                 self.encode_online(batch)
-            with acc.accumulate(self.transformer):
+            last = micro == ga - 1
+            with self.accumulating(last):
                 loss = batch_loss(
                     batch, self.transformer, self.vae, self.scheduler, config.flow, self.rank, self.world, loader_step
                 )
-                acc.backward(loss)
-                if acc.sync_gradients:
+                if self.fsdp:
+                    (loss / ga).backward()
+                else:
+                    acc.backward(loss)
+                sync = last if self.fsdp else acc.sync_gradients
+                if sync:
                     grad_norm = self.clip()
                     if math.isfinite(grad_norm):
                         self.nonfinite_in_a_row = 0
                         self.optimizer.step()
                     else:
                         self.skip_nonfinite(step + 1, grad_norm)
-                self.optimizer.zero_grad(set_to_none=True)
+                if sync or not self.fsdp:  # accelerate's optimizer ignores zero_grad between syncs
+                    self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().item() / ga
         self.lr_scheduler.step()
         return {"loss": loss_sum, "grad_norm": grad_norm, "waited": waited}
+
+    def accumulating(self, last: bool):
+        """Gradient accumulation: FSDP reduces gradients on the last micro-batch only; accelerate's own otherwise."""
+        if self.fsdp:
+            self.transformer.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return self.accelerator.accumulate(self.transformer)
 
     def skip_nonfinite(self, step: int, grad_norm: float) -> None:
         self.nonfinite_steps += 1
@@ -378,7 +406,7 @@ class Trainer:
         bar.close()
         trace.close()
         acc.wait_for_everyone()
-        outputs = self.export(config.output_dir) if acc.is_main_process else {}
+        outputs = self.export(config.output_dir)
         acc.end_training()
         return {
             "losses": losses,
@@ -393,7 +421,12 @@ class Trainer:
         max_norm = self.config.optim.max_grad_norm
         norms = self.grad_norms
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        total = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        bound = max_norm if max_norm > 0 else math.inf
+        if self.fsdp:  # sharded gradients: the norm is a DTensor until its partial sums are reduced
+            total = torch.nn.utils.clip_grad_norm_(params, bound)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        else:
+            total = self.accelerator.clip_grad_norm_(params, bound)
         value = float(total)
         if len(norms) >= 10 and value > 5 * (sum(norms) / len(norms)):
             bound = 5 * sum(norms) / len(norms)
@@ -418,10 +451,17 @@ class Trainer:
         contact_sheet(rows).save(Path(self.config.output_dir) / "first_batch.png")
 
     def export(self, out_dir: str | Path) -> dict[str, str]:
-        unwrapped = self.accelerator.unwrap_model(self.transformer)
-        if self.config.model.lora is not None:
-            return {"lora": str(models.export_lora(unwrapped, out_dir))}
-        return {"transformer": str(models.export_transformer(unwrapped, out_dir))}
+        """Collective: diffusers files on rank 0 (gathered from the shards under FSDP); ``{}`` on other ranks."""
+        lora = self.config.model.lora is not None
+        state = None
+        if self.fsdp:
+            state = parallel.gather_full_state(self.transformer, self.trainable if lora else None)
+        if not self.accelerator.is_main_process:
+            return {}
+        model = self.accelerator.unwrap_model(self.transformer) if not self.fsdp else self.transformer
+        if lora:
+            return {"lora": str(models.export_lora(model, out_dir, state))}
+        return {"transformer": str(models.export_transformer(model, out_dir, state))}
 
 
 def run_data_only(config: TrainConfig) -> int:
@@ -478,3 +518,10 @@ def run_data_only(config: TrainConfig) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def use_fsdp(parallelism: str, accelerate_distributed_type: str) -> bool:
+    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch configuration (on GPUs or CPUs)."""
+    if parallelism == "auto":
+        return distributed_env().fsdp_requested or accelerate_distributed_type.endswith("FSDP")
+    return parallelism == "fsdp"

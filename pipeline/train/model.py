@@ -82,8 +82,14 @@ def select_trainable(
     return normal, low
 
 
-def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None):
-    """Freeze the transformer and add a PEFT LoRA adapter (optionally initialised from a file)."""
+def add_lora(
+    transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None, seed: int = 0
+):
+    """Freeze the transformer and add a PEFT LoRA adapter (optionally initialised from a file).
+
+    The random init is drawn from ``seed`` alone, so every rank (and every run of the
+    same seed, under DDP or FSDP) starts from the same adapter.
+    """
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
@@ -91,7 +97,9 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
     )
-    transformer.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
     if lora_path:
         from diffusers import QwenImagePipeline
 
@@ -111,7 +119,7 @@ def trainable_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def build_training_models(model: ModelConfig, mixed_precision: str | None, learning_rate: float):
+def build_training_models(model: ModelConfig, mixed_precision: str | None, learning_rate: float, seed: int = 0):
     """(transformer in train mode, frozen VAE, scheduler, optimizer parameter groups) for a mode, on the CPU.
 
     The caller moves them to the device (or shards them); dtypes follow :func:`training_dtypes`.
@@ -122,7 +130,9 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
     scheduler = load_scheduler(model.pretrained)
     if model.lora is not None:
         lora = model.lora
-        params = add_lora(transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path)
+        params = add_lora(
+            transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path, seed
+        )
         groups = [{"params": params, "lr": learning_rate}]
     else:
         normal, low = select_trainable(transformer, list(model.trainable_modules), list(model.low_lr_modules))
@@ -135,19 +145,32 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
     return transformer, vae, scheduler, [g for g in groups if g["params"]]
 
 
-def export_transformer(transformer, out_dir: str | Path) -> Path:
-    """Full fine-tune → a diffusers ``transformer/`` folder (safetensors)."""
+def export_transformer(transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Full fine-tune → a diffusers ``transformer/`` folder (safetensors).
+
+    ``state``: the full weights gathered from FSDP shards; they go into a copy of the
+    model built on the ``meta`` device, so no second full model is allocated.
+    """
     out = Path(out_dir) / "transformer"
+    if state is not None:
+        with torch.device("meta"):
+            plain = type(transformer).from_config(transformer.config)
+        plain.load_state_dict(state, assign=True)
+        transformer = plain
     transformer.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def export_lora(transformer, out_dir: str | Path) -> Path:
-    """LoRA → ``pytorch_lora_weights.safetensors`` that ``QwenImageEditPlusPipeline.load_lora_weights`` accepts."""
+def export_lora(transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """LoRA → ``pytorch_lora_weights.safetensors`` that ``QwenImageEditPlusPipeline.load_lora_weights`` accepts.
+
+    ``state``: the adapter weights gathered from FSDP shards.
+    """
     from diffusers import QwenImagePipeline
     from peft.utils import get_peft_model_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    layers = get_peft_model_state_dict(transformer, state_dict=state)
+    QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=layers)
     return out / "pytorch_lora_weights.safetensors"
