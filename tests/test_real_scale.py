@@ -243,3 +243,47 @@ def test_loop_state_round_trips_through_json():
     other.grad_norms = deque(maxlen=100)
     other.load_trainer_state(state)
     assert list(other.grad_norms) == [1.5, 2.0] and other.nonfinite_steps == 3 and other.nonfinite_in_a_row == 1
+
+
+# --- memory plan -------------------------------------------------------------------------------------
+
+
+def test_the_published_config_has_the_published_size():
+    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, build_on_meta
+
+    transformer, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
+    params = sum(p.numel() for p in transformer.parameters())
+    assert abs(params / 20.4e9 - 1) < 0.01, params  # "a 20B MMDiT": 20.43 B
+    assert len(transformer.transformer_blocks) == 60 and transformer.config.joint_attention_dim == 3584
+    assert all(p.device.type == "meta" for p in transformer.parameters()), "nothing allocated"
+    assert 120e6 < sum(p.numel() for p in vae.parameters()) < 135e6
+
+
+def test_plan_bytes_follow_the_mode():
+    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, GiB, PlanRequest, build_on_meta, memory_plan
+
+    transformer, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
+    params = sum(p.numel() for p in transformer.parameters())
+    targets = ("to_q", "to_k", "to_v")
+    lora = memory_plan(transformer, vae, PlanRequest(lora=True, lora_rank=16, lora_targets=targets))
+    adapter = lora["trainable_parameters"]
+    assert adapter == 60 * 3 * 16 * (3072 + 3072), "rank × (in + out) per targeted Linear"
+    assert lora["gib_per_gpu"]["weights"] == pytest.approx((params * 2 + adapter * 4) / GiB)
+    assert lora["gib_per_gpu"]["optimizer"] == pytest.approx(adapter * 8 / GiB)
+    assert lora["fits"]
+    full = dict(lora=False, processes=8, gradient_checkpointing=True)
+    fsdp = memory_plan(transformer, vae, PlanRequest(fsdp=True, **full))
+    ddp = memory_plan(transformer, vae, PlanRequest(fsdp=False, **full))
+    assert fsdp["gib_per_gpu"]["optimizer"] == pytest.approx(params * 8 / 8 / GiB), "sharded over 8"
+    assert fsdp["fits"] and not ddp["fits"], "20B full fine-tuning needs FSDP on 80 GB cards"
+    no_gc = memory_plan(transformer, vae, PlanRequest(fsdp=True, **{**full, "gradient_checkpointing": False}))
+    assert no_gc["gib_per_gpu"]["activations_estimate"] > 5 * fsdp["gib_per_gpu"]["activations_estimate"]
+
+
+def test_plan_cli_reads_only_the_config(tiny_model_dir, capsys):
+    from pipeline.train.cli import main
+
+    args = ["--plan", "--pretrained_model_name_or_path", str(tiny_model_dir), "--use_peft_lora", "--lora_rank", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "memory plan per GPU: LoRA r4, DDP over 1 process(es)" in out and "fits in 80 GiB" in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", required=True, help="checkpoints and outputs")
-    g.add_argument("--max_train_steps", type=int, required=True, help="optimizer steps to run")
+    g.add_argument("--output_dir", default=None, help="checkpoints and outputs (required unless --plan)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps to run (required unless --plan)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument(
@@ -169,13 +170,61 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     add_run_arguments(p)
     add_model_arguments(p)
+    add_plan_arguments(p)
     return p
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory plan (--plan: nothing is loaded, nothing allocated)")
+    g.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory each GPU needs for this mode and exit; the model is built on the meta device from "
+        "--pretrained_model_name_or_path's config.json, or give that flag the name qwen-image-edit-2509",
+    )
+    g.add_argument("--plan_gpu_memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
+    g.add_argument(
+        "--plan_processes", type=int, default=None, help="processes (GPUs) of the run (default: WORLD_SIZE or 1)"
+    )
+    g.add_argument("--plan_num_sources", type=int, default=1, help="source images per sample to plan for")
+    g.add_argument("--plan_text_tokens", type=int, default=512, help="prompt embedding length to plan for")
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    from pipeline.common.flags import distributed_env
+    from pipeline.train.config import split_patterns
+    from pipeline.train.plan import PlanRequest, build_on_meta, format_plan, memory_plan, read_configs
+
+    if not args.pretrained_model_name_or_path:
+        raise ValueError("--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509)")
+    env = distributed_env()
+    request = PlanRequest(
+        lora=args.use_peft_lora,
+        lora_rank=args.lora_rank,
+        lora_targets=tuple(split_patterns(args.lora_target_modules)),
+        trainable_modules=tuple(split_patterns(args.trainable_modules)),
+        fsdp=args.parallelism == "fsdp" or (args.parallelism == "auto" and env.fsdp_requested),
+        processes=args.plan_processes or env.world,
+        mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+        gradient_checkpointing=args.gradient_checkpointing,
+        batch_size=args.train_batch_size,
+        image_sample_size=args.image_sample_size,
+        num_sources=args.plan_num_sources,
+        text_tokens=args.plan_text_tokens,
+        optimizer_bytes_per_param=2 if args.use_8bit_adam else 8,
+        gpu_memory_gib=args.plan_gpu_memory,
+    )
+    transformer, vae = build_on_meta(*read_configs(args.pretrained_model_name_or_path))
+    print(format_plan(memory_plan(transformer, vae, request)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        if args.plan:
+            return print_plan(args)
         config = config_from_args(args)
         if config.model is None:
             return run_data_only(config)

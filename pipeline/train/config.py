@@ -195,6 +195,9 @@ def _from_flags(cls, args: argparse.Namespace, **flag_of: str):
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The one place where flags become configs and are checked against each other."""
+    for flag in ("output_dir", "max_train_steps"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required")
     _positive("--max_train_steps", args.max_train_steps)
     _positive("--train_batch_size", args.train_batch_size)
     _positive("--checkpointing_steps", args.checkpointing_steps)
