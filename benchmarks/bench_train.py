@@ -34,7 +34,8 @@ def main() -> None:
     from pipeline.kit.tiny_model import make_tiny_model
     from pipeline.train.cli import build_parser
     from pipeline.train.config import config_from_args
-    from pipeline.train.loop import Trainer, batch_loss
+    from pipeline.train.data import TraceWriter
+    from pipeline.train.loop import Trainer
 
     setup_logging()
     work = Path(args.work_dir)
@@ -71,27 +72,35 @@ def main() -> None:
     config = config_from_args(cli)
     trainer = Trainer(config)
     trainer.setup()
+    trace = TraceWriter(None)
 
-    def step(batch, i):
-        loss = batch_loss(batch, trainer.transformer, trainer.vae, trainer.scheduler, config.flow, 0, 1, i)
-        trainer.accelerator.backward(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    class Recording:
+        """The real loader, remembering each batch so the baseline can replay exactly the same ones."""
 
-    seen, waits, t_all = [], 0.0, time.perf_counter()
-    batches = iter(trainer.loader)
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        waits += time.perf_counter() - t0
-        seen.append(batch)
-        step(batch, i)
-    real = (time.perf_counter() - t_all) / args.steps
+        def __init__(self, batches):
+            self.batches, self.seen, self.waited = batches, [], 0.0
 
-    torch.manual_seed(0)
+        def __next__(self):
+            t0 = time.perf_counter()
+            batch = next(self.batches)
+            self.waited += time.perf_counter() - t0
+            self.seen.append(batch)
+            return batch
+
+    # the real step (pipeline.train.loop.Trainer.train_step) fed by the real loader ...
+    recording = Recording(iter(trainer.loader))
     t_all = time.perf_counter()
-    for i, batch in enumerate(seen):
-        step(batch, i)
+    for i in range(args.steps):
+        trainer.train_step(i, recording, trace)
+    real = (time.perf_counter() - t_all) / args.steps
+    waits = recording.waited
+
+    # ... and the same step replaying those batches from memory
+    torch.manual_seed(0)
+    replay = iter(recording.seen)
+    t_all = time.perf_counter()
+    for i in range(args.steps):
+        trainer.train_step(i, replay, trace)
     memory = (time.perf_counter() - t_all) / args.steps
     print(
         json.dumps(

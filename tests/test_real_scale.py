@@ -287,3 +287,28 @@ def test_plan_cli_reads_only_the_config(tiny_model_dir, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "memory plan per GPU: LoRA r4, DDP over 1 process(es)" in out and "fits in 80 GiB" in out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_tiny_model_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--work_dir", str(tmp_path), "--steps", "2"]
+        + ["--samples", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["model"] == "tiny" and set(report["extraction"]) == {"padded", "exact"}
+    assert report["extraction"]["padded"]["prompts_per_s"] > 0
+    for run in ("lora", "full_fsdp"):
+        assert report["training"][run]["median_step_s"] > 0 and report["training"][run]["step_over_bare"] > 0
+    assert report["resume"]["same_keys"] and report["resume"]["max_abs_weight_difference"] == 0.0
+    assert report["exports_in_diffusers"]["loaded"]

@@ -166,6 +166,7 @@ class Extractor:
             "rank": self.rank,
             "wall_seconds": wall,
             "forward_seconds": self.forward_seconds,
+            "prompts_encoded": self.prompts_encoded,
             "prompts_per_forward": self.prompts_encoded / max(self.forwards, 1),
             "samples_written": sink.written_samples,
             "bytes_written": sink.written_bytes,

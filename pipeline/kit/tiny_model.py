@@ -266,15 +266,15 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_components(seed: int = 0, size: str = "tiny") -> dict[str, Any]:
-    """All six pipeline components at ``size`` (a key of SIZES), seeded; weights in float32."""
+def build_components(seed: int = 0, size: str | ModelSize = "tiny") -> dict[str, Any]:
+    """All six pipeline components at ``size`` (a key of SIZES, or a ModelSize), seeded; weights in float32."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     torch.manual_seed(seed)
-    dims = SIZES[size]
+    dims = SIZES[size] if isinstance(size, str) else size
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_encoder_config(tokenizer, dims)))
     torch.manual_seed(seed + 1)
     transformer = QwenImageTransformer2DModel(**transformer_config(dims))
@@ -291,7 +291,7 @@ def build_components(seed: int = 0, size: str = "tiny") -> dict[str, Any]:
     }
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def make_tiny_model(out_dir: str | Path, seed: int = 0, size: str | ModelSize = "tiny") -> Path:
     """Write the model to ``out_dir`` in the Qwen-Image-Edit-2509 layout."""
     from diffusers import QwenImageEditPlusPipeline
 

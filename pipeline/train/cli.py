@@ -9,6 +9,7 @@ loop (``loop``) turns batches into the flow-matching loss (``flow``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -237,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("exported %s", outputs)
             return 0
         result = trainer.train()
-        if trainer.accelerator.is_main_process:
+        if trainer.accelerator.is_main_process:  # what the run measured, for scripts (benchmarks/gpu_check.py)
+            summary = {k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1:]}
+            (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
             log.info(
                 "final loss %.4f; outputs %s",
                 result["losses"][-1] if result["losses"] else float("nan"),

@@ -375,7 +375,7 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        losses = []
+        losses, step_seconds = [], []
         wait_total = step_total = 0.0
         samples_done = 0
         per_step = config.stream.batch_size * config.optim.gradient_accumulation_steps * self.world
@@ -385,6 +385,7 @@ class Trainer:
             elapsed = time.perf_counter() - t_step
             wait_total += result["waited"]
             step_total += elapsed
+            step_seconds.append(elapsed)
             samples_done += per_step
             losses.append(result["loss"])
             done = step + 1
@@ -414,6 +415,10 @@ class Trainer:
             "outputs": outputs,
             "samples": samples_done,
             "nonfinite_steps": self.nonfinite_steps,
+            "step_seconds": step_seconds,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "world_size": self.world,
+            "fsdp": self.fsdp,
         }
 
     def clip(self) -> float:

@@ -35,8 +35,17 @@ def shard_transformer(transformer: torch.nn.Module, mixed_precision: str | None,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_initialized() or dist.get_world_size() < 2:
-        raise ValueError("FSDP needs 2 or more processes (accelerate launch / torchrun); use DDP for one")
+    if not dist.is_initialized():  # one process: accelerate starts no process group; FSDP over 1 rank still runs
+        import os
+        import socket
+
+        if "MASTER_PORT" not in os.environ:  # launched without torchrun
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype(mixed_precision), reduce_dtype=torch.float32)
     # no transformer.to(device) first: fully_shard moves each block to the mesh's device as it shards it,

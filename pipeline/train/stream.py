@@ -366,6 +366,8 @@ class MixedBatchDataset(IterableDataset):
         self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state["made"] == 0 and not state["streams"]:
+            return  # this worker had not made a batch when the checkpoint was taken: nothing to restore
         if state["workers"] != self._workers or state["world_size"] != self.world_size:
             raise DataConfigError(
                 f"exact resume needs the same ranks × workers as the checkpoint "

@@ -1,0 +1,258 @@
+"""One command to check the real-scale path on a GPU, ready the moment one is available.
+
+    python benchmarks/gpu_check.py            # real widths on CUDA, the tiny model on a CPU
+
+No downloads: random weights in the real configurations — the Qwen-Image DiT at full
+width with --blocks of its 60 blocks, the real VAE config, Qwen2.5-VL at full width
+with 2 text and 2 vision layers. It runs the project's own entry points and prints
+one JSON with:
+
+* extraction prompts/s with the default (padded) batching and with exact batching;
+* LoRA (one process) and full fine-tuning under FSDP: median training step time, the
+  same model's bare forward+backward on synthetic tensors of the same shapes, their
+  ratio, the data-wait fraction, peak memory, and (from a half-depth run) peak memory
+  per block extrapolated to 60 blocks;
+* one checkpoint + resume (the largest weight difference against the straight run);
+* the LoRA and full exports loaded in diffusers' QwenImageEditPlusPipeline.
+
+On a CPU the same steps run on the tiny model (so CI keeps this script working); the
+figures only mean something on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 1024**3
+
+
+def build_model(out: Path, real: bool, blocks: int, device: str) -> Path:
+    from pipeline.kit.tiny_model import SIZES, make_tiny_model
+
+    if (out / "model_index.json").exists():
+        return out
+    size = "tiny"
+    if real:
+        size = dataclasses.replace(
+            SIZES["real"], dit_layers=blocks, text_layers=2, vision_depth=2, vision_full_attention=(1,)
+        )
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        return make_tiny_model(out, seed=0, size=size)
+
+
+def half_depth(model: Path) -> tuple[Path, int]:
+    """A transformer folder with the first half of the blocks (same weight files, smaller config)."""
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    half = max(1, config["num_layers"] // 2)
+    folder = model.parent / "transformer_half"
+    folder.mkdir(exist_ok=True)
+    for f in (model / "transformer").iterdir():
+        if f.name != "config.json" and not (folder / f.name).exists():
+            os.symlink(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps({**config, "num_layers": half}))
+    return folder, half
+
+
+def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: int) -> dict:
+    from pipeline.extract.cli import build_parser
+    from pipeline.extract.extractor import Extractor
+
+    out = work / f"shards_{batching}" / "check"
+    if out.exists():
+        shutil.rmtree(out)
+    args = build_parser().parse_args(
+        [str(data), "--output_dir", str(out), "--model_path", str(model), "--batching", batching]
+        + ["--batch_size", str(batch_size), "--num_workers", "2"]
+    )
+    extractor = Extractor(args, 0, 1)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
+        stats = extractor.run()
+        extractor.finish()
+    return {
+        "prompts_per_s": round(stats["prompts_encoded"] / stats["wall_seconds"], 2),
+        "prompts_per_forward": round(stats["prompts_per_forward"], 2),
+        "samples_per_s": round(stats["samples_written"] / stats["wall_seconds"], 2),
+        "task": str(out),
+    }
+
+
+def train(model: Path, meta: Path, out: Path, steps: int, extra: list[str], mixed: str, size: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "pipeline.train"]
+    cmd += ["--pretrained_model_name_or_path", str(model), "--train_data_meta_dir", str(meta)]
+    cmd += ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 2)]
+    cmd += ["--image_sample_size", str(size), "--mixed_precision", mixed, "--report_to", "none"]
+    cmd += ["--dataloader_num_workers", "2", "--learning_rate", "1e-5", *extra]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    summary = json.loads((out / "run_summary.json").read_text())
+    steady = summary["step_seconds"][1:] or summary["step_seconds"]
+    summary["median_step_s"] = statistics.median(steady)
+    return summary
+
+
+def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: str, repeats: int = 5) -> float:
+    """The transformer alone: forward + loss + backward on random tensors shaped like one training step."""
+    from pipeline.train.config import LoraConfig, ModelConfig
+    from pipeline.train.model import DEFAULT_LORA_TARGETS, build_training_models
+
+    lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=tuple(DEFAULT_LORA_TARGETS.split(","))) if lora else None
+    transformer, _, _, _ = build_training_models(ModelConfig(pretrained=str(model), lora=lora_cfg), mixed, 1e-5)
+    transformer.to(device)
+    side = size // 16  # 8× VAE, 2×2 packing
+    tokens = side * side
+    dtype = {"bf16": torch.bfloat16}.get(mixed, torch.float32)
+    hidden = torch.randn(1, 2 * tokens, transformer.config.in_channels, device=device, dtype=dtype)
+    text = torch.randn(1, 512, transformer.config.joint_attention_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 512, dtype=torch.long, device=device)
+    timestep = torch.full((1,), 0.5, device=device, dtype=dtype)
+
+    def once() -> None:
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            out = transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=mask,
+                img_shapes=[[(1, side, side), (1, side, side)]],
+                return_dict=False,
+            )[0]
+        out[:, :tokens].float().pow(2).mean().backward()
+        transformer.zero_grad(set_to_none=True)
+
+    once()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / repeats
+    transformer.to("cpu")
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def load_exports(model: Path, full: Path, lora_file: Path, size: int) -> dict:
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from PIL import Image
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(
+        model, transformer=QwenImageTransformer2DModel.from_pretrained(full / "transformer")
+    )
+    pipe.load_lora_weights(str(lora_file))
+    if torch.cuda.is_available():
+        pipe.to("cuda", torch.bfloat16)
+    image = pipe(
+        image=[Image.new("RGB", (size, size), (180, 60, 60))],
+        prompt="Make it blue.",
+        height=size,
+        width=size,
+        num_inference_steps=2,
+        output_type="np",
+    ).images[0]
+    return {"loaded": True, "image_shape": list(image.shape)}
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", default=None, help="where to write (default: a new temp folder)")
+    p.add_argument(
+        "--size", choices=["auto", "real", "tiny"], default="auto", help="auto: real widths on CUDA, tiny otherwise"
+    )
+    p.add_argument("--blocks", type=int, default=4, help="DiT blocks of the real-width model (of 60)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 10 on CUDA, 4 on CPU)")
+    p.add_argument("--samples", type=int, default=None, help="sample-data rows per task (default 16 / 4)")
+    args = p.parse_args()
+    real = args.size == "real" or (args.size == "auto" and cuda)
+    device = "cuda" if cuda else "cpu"
+    steps = args.steps or (10 if cuda else 4)
+    samples = args.samples or (16 if cuda else 4)
+    size = 512 if real else 64
+    mixed = "bf16" if cuda else "no"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
+    started = time.perf_counter()
+    sys.path.insert(0, str(REPO))
+    from pipeline.common.logs import setup_logging
+    from pipeline.kit.sample_data import combined_jsonl, make_sample_data
+
+    setup_logging()
+    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": "real" if real else "tiny"}
+    model = build_model(work / "model", real, args.blocks, device)
+    blocks = json.loads((model / "transformer" / "config.json").read_text())["num_layers"]
+    report["dit_blocks"] = blocks
+    data = make_sample_data(work / "data", samples=samples, seed=0)
+    jsonl = combined_jsonl(work / "data", work / "all.jsonl")
+    del data
+    report["extraction"] = {b: extraction(model, jsonl, work, b, 8 if cuda else 4) for b in ("padded", "exact")}
+    meta = Path(report["extraction"]["padded"]["task"]).parent
+
+    lora_flags = ["--use_peft_lora", "--lora_rank", "64", "--lora_alpha", "64", "--gradient_checkpointing"]
+    fsdp_flags = ["--parallelism", "fsdp", "--gradient_checkpointing"]
+    runs = {}
+    for name, flags, lora in (("lora", lora_flags, True), ("full_fsdp", fsdp_flags, False)):
+        summary = train(model, meta, work / name, steps, flags, mixed, size)
+        bare = bare_step_seconds(model, lora, mixed, size, device)
+        half_folder, half = half_depth(model)
+        half_run = train(model, meta, work / f"{name}_half", steps, [*flags, "--transformer_path", str(half_folder)],
+                         mixed, size)  # fmt: skip
+        entry = {
+            "median_step_s": round(summary["median_step_s"], 4),
+            "bare_forward_backward_s": round(bare, 4),
+            "step_over_bare": round(summary["median_step_s"] / bare, 3),
+            "data_wait_fraction": round(summary["data_wait_fraction"], 4),
+        }
+        if summary["peak_memory_bytes"]:
+            per_block = (summary["peak_memory_bytes"] - half_run["peak_memory_bytes"]) / (blocks - half)
+            entry["peak_memory_gib"] = round(summary["peak_memory_bytes"] / GiB, 2)
+            entry["peak_memory_per_block_gib"] = round(per_block / GiB, 3)
+            entry["peak_memory_60_blocks_gib"] = round(
+                (summary["peak_memory_bytes"] + (60 - blocks) * per_block) / GiB, 1
+            )
+        runs[name] = entry
+    report["training"] = runs
+
+    # one checkpoint + resume: restart the LoRA run from its middle checkpoint
+    resumed = work / "lora_resumed"
+    shutil.rmtree(resumed, ignore_errors=True)
+    resumed.mkdir()
+    shutil.copytree(work / "lora" / f"checkpoint-{steps // 2}", resumed / f"checkpoint-{steps // 2}")
+    train(model, meta, resumed, steps, [*lora_flags, "--resume_from_checkpoint", "latest"], mixed, size)
+    a = weights(work / "lora")
+    b = weights(resumed)
+    report["resume"] = {
+        "same_keys": a.keys() == b.keys(),
+        "max_abs_weight_difference": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+    }
+    report["exports_in_diffusers"] = load_exports(
+        model, work / "full_fsdp", work / "lora" / "pytorch_lora_weights.safetensors", size
+    )
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
