@@ -163,3 +163,82 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
     if step < 0:
         return None
     return found if rank == 0 and found is not None else final_dir(output_dir, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# what goes into a checkpoint: named parts, each saving and loading its own files
+
+
+class JsonPart:
+    """A JSON-able state in one file: per rank (``{rank}`` in the name) or written by rank 0 and read by all."""
+
+    def __init__(self, filename: str, get: Callable[[], Any], put: Callable[[Any], None], rank: int, optional=False):
+        self.filename, self.get, self.put, self.rank, self.optional = filename, get, put, rank, optional
+        self.per_rank = "{rank}" in filename
+
+    def _file(self, folder: Path) -> Path:
+        return folder / self.filename.format(rank=self.rank)
+
+    def save(self, folder: Path) -> None:
+        if self.per_rank or self.rank == 0:
+            write_json_file(self._file(folder), self.get())
+
+    def load(self, folder: Path) -> None:
+        path = self._file(folder)
+        if self.optional and not path.is_file():  # written by an older version
+            return
+        self.put(json.loads(path.read_text()))
+
+
+class RngPart:
+    """This rank's torch RNG states (CPU and CUDA), as safetensors."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(state, str(folder / f"rng_rank{self.rank}.safetensors"))
+
+    def load(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / f"rng_rank{self.rank}.safetensors"))
+        torch.set_rng_state(state["torch"])
+        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class Checkpointer:
+    """Collective save and load of named parts (``save(folder)`` / ``load(folder)``) into ``checkpoint-{step}/``."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        rank: int,
+        barrier: Callable[[], None],
+        parts: dict[str, Any],
+        marker: dict[str, Any],
+        total_limit: int | None = None,
+    ):
+        self.output_dir, self.rank, self.barrier = output_dir, rank, barrier
+        self.parts, self.marker, self.total_limit = parts, marker, total_limit
+
+    def save(self, step: int) -> Path:
+        def write(folder: Path) -> None:
+            for part in self.parts.values():
+                part.save(folder)
+
+        return save_checkpoint(self.output_dir, step, self.rank, self.barrier, write, self.marker, self.total_limit)
+
+    def load(self, folder: Path) -> int:
+        for part in self.parts.values():
+            part.load(folder)
+        return int(read_marker(folder)["step"])

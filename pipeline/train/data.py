@@ -92,10 +92,6 @@ def next_batch(batches, expected_step: int) -> tuple[dict[str, Any], float]:
     return batch, waited
 
 
-def data_state_file(rank: int) -> str:
-    return f"data_state_rank{rank}.json"
-
-
 def json_state(state: Any) -> Any:
     """StatefulDataLoader state as plain JSON (a round trip checks nothing un-JSON-able slipped in)."""
     return json.loads(json.dumps(state))

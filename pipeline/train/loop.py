@@ -1,9 +1,10 @@
-"""The training loop under accelerate: loss per batch, optimisation, checkpoints, exact resume, export.
+"""The training loop: the loss of a batch, one ``train_step``, checkpoints of named parts, export.
 
-Checkpoints (``checkpoint-{step}/``) hold no pickle: trainable weights and the
-optimizer's tensors as safetensors, optimizer/scheduler structure and the data
-state as JSON, each rank's torch RNG state as safetensors.  Under FSDP,
-accelerate's sharded ``save_state`` holds model and optimizer instead.
+Checkpoints (``checkpoint-{step}/``) hold no pickle: a :class:`Checkpointer` saves
+named parts — model and optimizer (safetensors + JSON under DDP; sharded with
+torch.distributed.checkpoint under FSDP), scheduler and loop state (JSON), each
+rank's RNG (safetensors) and data-loader state (JSON).  The data-only run uses
+the same checkpointer with the data part alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.train import flow, parallel
 from pipeline.train import model as models
 from pipeline.train.batching import pad_embeddings
 from pipeline.train.config import FlowConfig, TrainConfig
-from pipeline.train.data import TraceWriter, build_dataset, build_loader, data_state_file, json_state, next_batch
+from pipeline.train.data import TraceWriter, build_dataset, build_loader, json_state, next_batch
 from pipeline.train.seeding import step_generator
 
 log = logging.getLogger("pipeline.train")
@@ -109,19 +110,56 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda{i}"] = s
-    return out
+def data_part(loader, rank: int) -> ckpt.JsonPart:
+    """The StatefulDataLoader's state of this rank, as JSON."""
+    return ckpt.JsonPart(
+        "data_state_rank{rank}.json",
+        lambda: {"loader": json_state(loader.state_dict())},
+        lambda state: loader.load_state_dict(state["loader"]),
+        rank,
+    )
 
 
-def restore_rng(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+class ReplicatedWeights:
+    """DDP / one process: rank 0 writes the trainable weights and the optimizer's tensors as safetensors."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, folder: Path) -> None:
+        t = self.trainer
+        if t.rank != 0:
+            return
+        save_file(
+            models.trainable_state(t.accelerator.unwrap_model(t.transformer)), str(folder / "trainable.safetensors")
+        )
+        tensors, meta = optimizer_to_files(t.optimizer)
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        ckpt.write_json_file(folder / "optimizer.json", meta)
+
+    def load(self, folder: Path) -> None:
+        t = self.trainer
+        weights = load_file(str(folder / "trainable.safetensors"))
+        missing = t.accelerator.unwrap_model(t.transformer).load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"{folder}: unexpected weights {missing.unexpected_keys[:5]}")
+        meta = json.loads((folder / "optimizer.json").read_text())
+        t.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
+
+
+class FSDPShards:
+    """FSDP: every rank writes its shards of the trainable weights and optimizer state (DCP)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, folder: Path) -> None:
+        t = self.trainer
+        parallel.save_shards(folder, t.transformer, t.optimizer, t.trainable)
+
+    def load(self, folder: Path) -> None:
+        t = self.trainer
+        parallel.load_shards(folder, t.transformer, t.optimizer, t.trainable)
 
 
 class Trainer:
@@ -194,6 +232,7 @@ class Trainer:
 
             self.builder = PromptBuilder(model.pretrained, model.prompt_style)
             self.encoder = PromptEncoder(model.pretrained, str(acc.device), "auto")
+        self.checkpointer = self._checkpointer()
         if config.report_to != "none":
             acc.init_trackers("qwen-edit-sft", config=config.scalars())
 
@@ -215,57 +254,37 @@ class Trainer:
         return torch.optim.AdamW(groups, **kwargs)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def save(self, step: int) -> Path:
-        acc, config = self.accelerator, self.config
-        data_state = json_state(self.loader.state_dict())
-        weights = None if self.fsdp else models.trainable_state(acc.unwrap_model(self.transformer))
-        opt = None if self.fsdp else optimizer_to_files(self.optimizer)
-        trainer_state = self.trainer_state()
-
-        def write(folder: Path) -> None:
-            ckpt.write_json_file(folder / data_state_file(self.rank), {"step": step, "loader": data_state})
-            save_file(rng_state(), str(folder / f"rng_rank{self.rank}.safetensors"))
-            if self.rank == 0:
-                ckpt.write_json_file(folder / TRAINER_STATE, trainer_state)
-                ckpt.write_json_file(folder / "scheduler.json", self.lr_scheduler.state_dict())
-            if self.fsdp:
-                parallel.save_shards(folder, self.transformer, self.optimizer, self.trainable)
-            elif self.rank == 0:
-                save_file(weights, str(folder / "trainable.safetensors"))
-                save_file(opt[0], str(folder / "optimizer.safetensors"))
-                ckpt.write_json_file(folder / "optimizer.json", opt[1])
-
+    def _checkpointer(self) -> ckpt.Checkpointer:
+        """Every part of the run's state, by name; each saves and loads its own files (no pickle)."""
+        config, acc = self.config, self.accelerator
+        weights = FSDPShards(self) if self.fsdp else ReplicatedWeights(self)
+        parts = {
+            "model_and_optimizer": weights,
+            "scheduler": ckpt.JsonPart(
+                "scheduler.json", self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict, self.rank
+            ),
+            "loop": ckpt.JsonPart(TRAINER_STATE, self.trainer_state, self.load_trainer_state, self.rank, optional=True),
+            "rng": ckpt.RngPart(self.rank),
+            "data": data_part(self.loader, self.rank),
+        }
         marker = {"world_size": self.world, "lora": config.model.lora is not None, "fsdp": self.fsdp}
-        return ckpt.save_checkpoint(
-            config.output_dir, step, self.rank, acc.wait_for_everyone, write, marker, config.checkpoint.total_limit
+        return ckpt.Checkpointer(
+            config.output_dir, self.rank, acc.wait_for_everyone, parts, marker, config.checkpoint.total_limit
         )
 
+    def save(self, step: int) -> Path:
+        return self.checkpointer.save(step)
+
     def load(self, folder: Path) -> int:
-        acc = self.accelerator
         marker = ckpt.read_marker(folder)
         if bool(marker.get("fsdp")) != self.fsdp:
             raise ValueError(
                 f"{folder} was saved {'with' if marker.get('fsdp') else 'without'} FSDP; resume it the same way "
                 "(--parallelism), or export it with --export_checkpoint and start from the export"
             )
-        if self.fsdp:
-            parallel.load_shards(folder, self.transformer, self.optimizer, self.trainable)
-        else:
-            weights = load_file(str(folder / "trainable.safetensors"))
-            missing = acc.unwrap_model(self.transformer).load_state_dict(weights, strict=False)
-            if missing.unexpected_keys:
-                raise RuntimeError(f"{folder}: unexpected weights {missing.unexpected_keys[:5]}")
-            meta = json.loads((folder / "optimizer.json").read_text())
-            self.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
-        self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-        restore_rng(load_file(str(folder / f"rng_rank{self.rank}.safetensors")))
-        state_file = folder / TRAINER_STATE
-        if state_file.is_file():
-            self.load_trainer_state(json.loads(state_file.read_text()))
-        data = json.loads((folder / data_state_file(self.rank)).read_text())
-        self.loader.load_state_dict(data["loader"])
-        log.info("resumed from %s (step %d)", folder, marker["step"])
-        return int(marker["step"])
+        step = self.checkpointer.load(folder)
+        log.info("resumed from %s (step %d)", folder, step)
+        return step
 
     def trainer_state(self) -> dict[str, Any]:
         """The loop's own state: identical on every rank (global gradient norms), so rank 0 writes it."""
@@ -483,12 +502,18 @@ def run_data_only(config: TrainConfig) -> int:
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(config.data, config.stream, rank, world)
     loader = build_loader(dataset, config.data)
+    checkpointer = ckpt.Checkpointer(
+        config.output_dir,
+        rank,
+        barrier,
+        {"data": data_part(loader, rank)},
+        {"data_only": True, "world_size": world},
+        config.checkpoint.total_limit,
+    )
     start = 0
     resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, rank, world, "cpu")
     if resume is not None:
-        state = json.loads((resume / data_state_file(rank)).read_text())
-        loader.load_state_dict(state["loader"])
-        start = state["step"]
+        start = checkpointer.load(resume)
         log.info("resuming data at step %d from %s", start, resume)
     trace = TraceWriter(config.data.trace_path)
     started, waited, batches = time.perf_counter(), 0.0, iter(loader)
@@ -499,20 +524,7 @@ def run_data_only(config: TrainConfig) -> int:
             trace.write(step + 1, batch)
             done = step + 1
             if done % config.checkpoint.every == 0 or done == config.max_train_steps:
-                state = {"step": done, "loader": json_state(loader.state_dict())}
-
-                def write_rank_files(folder: Path, state=state) -> None:
-                    ckpt.write_json_file(folder / data_state_file(rank), state)
-
-                ckpt.save_checkpoint(
-                    config.output_dir,
-                    done,
-                    rank,
-                    barrier,
-                    write_rank_files,
-                    {"data_only": True, "world_size": world},
-                    config.checkpoint.total_limit,
-                )
+                checkpointer.save(done)
     finally:
         trace.close()
     elapsed = time.perf_counter() - started
