@@ -216,22 +216,21 @@ def main() -> None:
     for name, flags, lora in (("lora", lora_flags, True), ("full_fsdp", fsdp_flags, False)):
         summary = train(model, meta, work / name, steps, flags, mixed, size)
         bare = bare_step_seconds(model, lora, mixed, size, device)
-        half_folder, half = half_depth(model)
-        half_run = train(model, meta, work / f"{name}_half", steps, [*flags, "--transformer_path", str(half_folder)],
-                         mixed, size)  # fmt: skip
         entry = {
             "median_step_s": round(summary["median_step_s"], 4),
             "bare_forward_backward_s": round(bare, 4),
             "step_over_bare": round(summary["median_step_s"] / bare, 3),
             "data_wait_fraction": round(summary["data_wait_fraction"], 4),
         }
-        if summary["peak_memory_bytes"]:
+        if summary["peak_memory_bytes"]:  # CUDA only: a half-depth run gives the memory one block adds
+            half_folder, half = half_depth(model)
+            flags_half = [*flags, "--transformer_path", str(half_folder)]
+            half_run = train(model, meta, work / f"{name}_half", steps, flags_half, mixed, size)
             per_block = (summary["peak_memory_bytes"] - half_run["peak_memory_bytes"]) / (blocks - half)
+            at_60 = summary["peak_memory_bytes"] + (60 - blocks) * per_block
             entry["peak_memory_gib"] = round(summary["peak_memory_bytes"] / GiB, 2)
             entry["peak_memory_per_block_gib"] = round(per_block / GiB, 3)
-            entry["peak_memory_60_blocks_gib"] = round(
-                (summary["peak_memory_bytes"] + (60 - blocks) * per_block) / GiB, 1
-            )
+            entry["peak_memory_60_blocks_gib"] = round(at_60 / GiB, 1)
         runs[name] = entry
     report["training"] = runs
 

@@ -343,7 +343,8 @@ def test_pickle_members_are_never_executed_and_broken_shards_are_skipped(meta_di
     evil.parent.mkdir(parents=True)
     _copy_shard_with_extra_members(src, evil, {"pyd": payload, "pickle": payload, "pth": payload})
     broken = tmp_path / "evil" / "src2" / "00000-000001.tar"
-    good = next((meta_dir / "compose_multi" / "src2").glob("*0001.tar"))
+    # the second src2 shard (shard numbers count all of a rank's shards, so they depend on completion order)
+    good = sorted((meta_dir / "compose_multi" / "src2").glob("*.tar"))[1]
     second = json.loads(good.with_name(good.name.replace(".tar", ".index.json")).read_text())["samples"][1]
     offset, size = second["members"]["emb_en.npy"]
     broken.write_bytes(good.read_bytes()[: offset + size // 2])  # truncated inside the second sample
