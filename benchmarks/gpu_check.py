@@ -76,7 +76,7 @@ def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: i
         shutil.rmtree(out)
     args = build_parser().parse_args(
         [str(data), "--output_dir", str(out), "--model_path", str(model), "--batching", batching]
-        + ["--batch_size", str(batch_size), "--num_workers", "2"]
+        + ["--batch_size", str(batch_size), "--num_workers", "2" if torch.cuda.is_available() else "0"]
     )
     extractor = Extractor(args, 0, 1)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
@@ -95,7 +95,8 @@ def train(model: Path, meta: Path, out: Path, steps: int, extra: list[str], mixe
     cmd += ["--pretrained_model_name_or_path", str(model), "--train_data_meta_dir", str(meta)]
     cmd += ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 2)]
     cmd += ["--image_sample_size", str(size), "--mixed_precision", mixed, "--report_to", "none"]
-    cmd += ["--dataloader_num_workers", "2", "--learning_rate", "1e-5", *extra]
+    workers = "2" if torch.cuda.is_available() else "1"
+    cmd += ["--dataloader_num_workers", workers, "--learning_rate", "1e-5", *extra]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
