@@ -20,13 +20,11 @@ from typing import Any
 
 import torch
 
+from pipeline.train.model import weight_dtype
+
 log = logging.getLogger(__name__)
 
 FSDP_STATE = "fsdp"  # folder inside a checkpoint
-
-
-def compute_dtype(mixed_precision: str | None) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
 
 
 def shard_transformer(transformer: torch.nn.Module, mixed_precision: str | None, device: torch.device):
@@ -47,7 +45,8 @@ def shard_transformer(transformer: torch.nn.Module, mixed_precision: str | None,
             os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(mixed_precision), reduce_dtype=torch.float32)
+    compute = weight_dtype(mixed_precision) if mixed_precision in ("bf16", "fp16") else None  # None: as stored
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     # no transformer.to(device) first: fully_shard moves each block to the mesh's device as it shards it,
     # so a GPU holds one unsharded block at a time, never the whole 20B model
     for block in transformer.transformer_blocks:
