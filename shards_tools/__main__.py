@@ -71,14 +71,34 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _convert_legacy(args: argparse.Namespace) -> int:
-    from shards_tools.convert import convert_legacy
+    from shards_tools.convert import ConvertOptions, convert_legacy
 
-    m = convert_legacy(args.meta_dir, args.output_dir, _storage(args), args.max_samples_per_shard)
-    human = (
-        f"converted {m['samples']} sample(s) into {len(m['shards'])} shard(s) at {args.output_dir}; "
-        f"{m['failures']} line(s) in _failures/ {m['failures_by_reason']}"
+    options = ConvertOptions(
+        max_samples_per_shard=args.max_samples_per_shard,
+        null_embedding=args.null_embedding,
+        model_path=args.model_path,
+        path_map=[_path_map(text) for text in args.path_map],
     )
-    return _emit(args, m, human, m["samples"] == 0)
+    result = convert_legacy(args.legacy_dir, args.output_dir, _storage(args), options, args.layout)
+    lines = [
+        f"{name}: {m['samples']} sample(s) in {len(m['shards'])} shard(s); "
+        f"{m['failures']} line(s) in _failures/ {m['failures_by_reason']}"
+        for name, m in result["tasks"].items()
+    ]
+    lines += [f"{name}: REFUSED: {reason}" for name, reason in result["refused"].items()]
+    human = f"{result['layout']} layout -> {args.output_dir}\n" + "\n".join(lines)
+    payload = next(iter(result["tasks"].values())) if result["layout"] == "task" and result["tasks"] else result
+    if result["refused"]:
+        _emit(args, payload, human, True)
+        return 2
+    return _emit(args, payload, human, any(m["samples"] == 0 for m in result["tasks"].values()))
+
+
+def _path_map(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise ValueError(f"--path_map expects OLD_PREFIX=NEW_PREFIX, got {text!r}")
+    return old, new
 
 
 def _reshard(args: argparse.Namespace) -> int:
@@ -95,6 +115,8 @@ def _common(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shards_tools.convert import LAYOUTS
+
     parser = argparse.ArgumentParser(
         prog="python -m shards_tools",
         description="Inspect and maintain shard datasets; write the offline tiny model and sample data.",
@@ -173,14 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser(
         "convert-legacy",
-        help="convert the original tool's JSONL + .pt output into shards",
-        description="Read every *.jsonl in META_DIR (and its per-rank sub-folders) whose lines carry "
-        "embeddings_tensor_{en,cn,droptext,en_inv,cn_inv,droptext_inv} .pt paths, source_image, "
-        "edit_image and instructions; write shards + manifest without running the VLM. .pt files "
-        "load with weights_only=True; lines with missing files go to _failures/.",
+        help="convert the original tool's output (JSONL + .pt embeddings) into shards, resumably",
+        description="Read the original tool's output JSONLs ({stem}_rank_{r}.jsonl, lines with source_image, "
+        "edit_image, instructions and embeddings_tensor_{en,cn,droptext,en_inv,cn_inv,droptext_inv} .pt paths) and "
+        "write shards + manifest without running the VLM. LEGACY_DIR is either one --output_jsonl_dir (JSONLs at "
+        "its top or in per-rank sub-folders: one task, written to --output_dir) or a --train_data_meta_dir whose "
+        "sub-folders are tasks (each written to --output_dir/<task>). Relative paths in the lines are resolved "
+        "against the JSONL's folder and its parents up to LEGACY_DIR's parent. .pt files load with "
+        "weights_only=True; bad lines go to _failures/. Interrupted? Rerun the same command: it resumes.",
     )
-    cmd.add_argument("meta_dir", help="folder of the original tool's output JSONL files")
-    cmd.add_argument("--output_dir", required=True, help="new task directory (local or fsspec URL)")
+    cmd.add_argument("legacy_dir", metavar="LEGACY_DIR", help="the original tool's output folder (local or fsspec URL)")
+    cmd.add_argument("--output_dir", required=True, help="new task directory, or meta directory for a meta layout")
+    cmd.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="task: LEGACY_DIR is one task; meta: each sub-folder is a task; auto (default): task when LEGACY_DIR "
+        "holds JSONLs or only per-rank sub-folders (rank0, 003) do, else meta",
+    )
+    cmd.add_argument(
+        "--null_embedding",
+        default=None,
+        help="the empty-prompt (T2I template) embedding file the original tool ships (.pt, loaded with "
+        "weights_only=True, or .npy): the null embedding of tasks with text-to-image lines",
+    )
+    cmd.add_argument(
+        "--model_path",
+        default=None,
+        help="Qwen-Image-Edit(-2509) folder: compute the null embedding with our encoder when a task needs one "
+        "and --null_embedding is not given; also recorded as the tasks' encoder",
+    )
+    cmd.add_argument(
+        "--path_map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rewrite paths starting with OLD to start with NEW (files moved since extraction); repeatable",
+    )
     add_shard_size(cmd)
     _common(cmd)
     cmd.set_defaults(func=_convert_legacy)

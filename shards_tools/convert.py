@@ -1,21 +1,38 @@
-"""``convert-legacy`` (the original tool's JSONL + ``.pt`` output → shards) and ``reshard``."""
+"""``convert-legacy`` (the original tool's output JSONL + ``.pt`` embeddings → shards) and ``reshard``.
+
+The original extraction writes ``{--output_jsonl_dir}/{stem}_rank_{rank:03d}.jsonl``:
+each line is the input row (``source_image``, ``edit_image``, instructions) plus
+``source_image_size``/``edit_image_size`` and ``embeddings_tensor_{en,cn,droptext,
+en_inv,cn_inv,droptext_inv}``: paths of ``.pt`` files under ``--embeddings_save_dir``
+as its command line gave them, so often relative to the folder it ran in.  Its
+training reads a meta folder whose sub-folders are tasks.  Text-to-image lines
+(``--t2i_mode``) carry only ``en``/``cn``; their dropped text used an empty-prompt
+embedding file shipped with that tool, which becomes the task's null embedding.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+import posixpath
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.common import images as imaging
+from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.extract.prepare import sample_from_images
-from pipeline.extract.records import RecordError, iter_lines, parse_line
-from pipeline.shards.format import embedding_to_npy, new_manifest, sample_key
+from pipeline.extract.records import RecordError, iter_lines, parse_line, resolve_ref
+from pipeline.shards.format import embedding_to_npy, new_manifest, npy_to_embedding, sample_key
 from pipeline.shards.reader import iter_samples, sample_meta
-from pipeline.shards.storage import Store, join, options_for
+from pipeline.shards.storage import Store, has_scheme, join, options_for, uri_exists
 from pipeline.shards.tasks import open_task
 from pipeline.shards.writer import Failure, PreparedSample
 from shards_tools.writer import TaskWriter
@@ -31,6 +48,30 @@ LEGACY_FIELDS = {
     "embeddings_tensor_cn_inv": "cn_inv",
     "embeddings_tensor_droptext_inv": "drop_inv",
 }
+LAYOUTS = ("auto", "task", "meta")
+# names of per-rank sub-folders (rank0, rank_001, 3): a folder of those is one task, not a meta folder
+_RANK_FOLDER = re.compile(r"^(rank)?[_-]?\d+$", re.IGNORECASE)
+
+
+class ConversionRefused(ValueError):
+    """A task that must not be converted as it is (the message says how to fix it)."""
+
+
+@dataclass
+class ConvertOptions:
+    max_samples_per_shard: int = 1000
+    null_embedding: str | None = None  # .pt or .npy of the empty-prompt (T2I template) embedding
+    model_path: str | None = None  # compute the null embedding with our encoder instead
+    path_map: list[tuple[str, str]] = field(default_factory=list)  # (old prefix, new prefix) for moved files
+
+
+@dataclass
+class LegacyTask:
+    """One task of the original layout: its folder and its output JSONLs (relative to the folder)."""
+
+    name: str
+    root: str
+    jsonls: list[str]
 
 
 def load_pt_tensor(uri: str, storage_options: dict | None) -> torch.Tensor:
@@ -39,6 +80,24 @@ def load_pt_tensor(uri: str, storage_options: dict | None) -> torch.Tensor:
         value = torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
     if isinstance(value, dict):  # {"prompt_embeds": tensor, ...} style files
         value = next(v for v in value.values() if torch.is_tensor(v))
+    return _as_2d(value)
+
+
+def load_embedding_file(uri: str, storage_options: dict | None) -> torch.Tensor:
+    """A ``.pt`` (``weights_only``) or ``.npy`` (``allow_pickle=False``; ours or plain floats) embedding."""
+    if not uri.endswith(".npy"):
+        return load_pt_tensor(uri, storage_options)
+    with fsspec.open(uri, "rb", **options_for(uri, storage_options)) as handle:
+        data = handle.read()
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype == np.uint16:  # our bfloat16 bit pattern
+        return npy_to_embedding(data) if array.ndim == 2 else _as_2d(npy_to_embedding(data[None]))
+    return _as_2d(torch.from_numpy(np.ascontiguousarray(array)))
+
+
+def _as_2d(value: Any) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        raise ValueError(f"expected a tensor, got {type(value).__name__}")
     if value.dim() == 3 and value.shape[0] == 1:
         value = value[0]
     if value.dim() != 2:
@@ -46,72 +105,280 @@ def load_pt_tensor(uri: str, storage_options: dict | None) -> torch.Tensor:
     return value
 
 
-def convert_legacy(meta_dir: str, output_url: str, storage_options: dict | None, max_samples_per_shard: int) -> dict:
-    """Every line of every ``*.jsonl`` under ``meta_dir`` → a sample; bad lines → ``_failures/``."""
-    store = Store(meta_dir, storage_options)
-    jsonls = sorted(n for n in store.listdir("") if n.endswith(".jsonl"))
-    for folder in store.listdir(""):  # per-rank sub-folders
-        jsonls += sorted(f"{folder}/{n}" for n in store.listdir(folder) if n.endswith(".jsonl"))
-    if not jsonls:
-        raise FileNotFoundError(f"{meta_dir}: no *.jsonl files")
-    writer = TaskWriter(output_url, storage_options, max_samples_per_shard)
-    null, hidden = None, None
-    for rel in jsonls:
-        jsonl = join(meta_dir, rel)
-        for number, text in iter_lines(jsonl, storage_options):
-            try:
-                record = parse_line(text, jsonl, number)
-            except RecordError as err:
-                writer.fail(Failure(err.file, err.line, "invalid_row", err.reason, err.field, text))
-                continue
-            row = json.loads(text)
-            base = jsonl.rsplit("/", 1)[0]
-            try:
-                sources = [imaging.load(u, storage_options) for u in record.sources]
-                target = imaging.load(record.target, storage_options)
-            except imaging.ImageLoadError as exc:
-                writer.fail(Failure(jsonl, number, exc.kind, str(exc), None, text))
-                continue
-            embeddings: dict[str, Any] = {}
-            try:
-                for field, variant in LEGACY_FIELDS.items():
-                    if row.get(field):
-                        ref = (
-                            row[field] if "://" in row[field] or row[field].startswith("/") else join(base, row[field])
-                        )
-                        embeddings[variant] = load_pt_tensor(ref, storage_options)
-            except FileNotFoundError as exc:
-                writer.fail(Failure(jsonl, number, "missing_embedding", f"{field}: {exc}", field, text))
-                continue
-            except Exception as exc:
-                writer.fail(
-                    Failure(jsonl, number, "bad_embedding", f"{field}: {type(exc).__name__}: {exc}", field, text)
-                )
-                continue
-            sample: PreparedSample = sample_from_images(record, sources, target)
-            # per-rank files may share a name: the key comes from the path under meta_dir
-            sample.key = sample.meta["key"] = sample_key(rel.replace("/", "_"), number)
-            for size_field in ("source_image_size", "edit_image_size"):
-                if size_field in row:
-                    sample.meta["extra"].pop(size_field, None)
-            if not sources and "drop" in embeddings:  # T2I empty text is the task's null embedding
-                null = null if null is not None else embeddings["drop"]
-                del embeddings["drop"]
-            hidden = hidden or next((int(t.shape[1]) for t in embeddings.values()), None)
-            writer.add(sample, embeddings)
-    if hidden is None and null is not None:
-        hidden = int(null.shape[1])
-    base_manifest = new_manifest(
-        output_url.rstrip("/").rsplit("/", 1)[-1],
-        {"path": None, "config_sha256": None, "hidden_size": hidden, "compute_dtype": None, "converted_from": meta_dir},
-        "firered",
-        {},
-    )
-    return writer.close(
-        base_manifest,
-        {"inverse": True, "converted_from": meta_dir},
-        embedding_to_npy(null) if null is not None else None,
-    )
+# ---- finding the original layout ---------------------------------------------------------------
+
+
+def _rel(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p)
+
+
+def _jsonls(store: Store, rel: str = "", depth: int = 3) -> list[str]:
+    """JSONL files (paths under ``rel``) at the shallowest of ``depth`` folder levels that has any.
+
+    Level by level, so the original's ``out_jsonl/`` (or its per-rank sub-folders)
+    is found without listing deeper folders of embeddings.
+    """
+    level = [""]
+    for _ in range(depth):
+        found, deeper = [], []
+        for folder in level:
+            subfolders, files = store.folders_and_files(_rel(rel, folder))
+            found += [_rel(folder, f) for f in files if f.endswith(".jsonl")]
+            deeper += [_rel(folder, sub) for sub in subfolders]
+        if found:
+            return found
+        level = deeper
+    return []
+
+
+def find_legacy_tasks(
+    root: str, storage_options: dict | None, layout: str, task_name: str
+) -> tuple[str, list[LegacyTask]]:
+    """(the layout used, its tasks): ``task``: ``root`` is one output JSONL folder; ``meta``: each sub-folder is one.
+
+    ``auto`` picks ``task`` when ``root`` holds JSONLs, or only per-rank sub-folders
+    (``rank0``, ``003``) do; ``meta`` otherwise.
+    """
+    store = Store(root, storage_options)
+    folders, files = store.folders_and_files("")
+    if not folders and not files:
+        raise FileNotFoundError(f"{root}: no such folder, or it is empty")
+    if layout == "auto":
+        with_jsonl = [f for f in folders if any(n.endswith(".jsonl") for n in store.folders_and_files(f)[1])]
+        top = any(f.endswith(".jsonl") for f in files)
+        layout = "task" if top or (with_jsonl and all(_RANK_FOLDER.match(f) for f in with_jsonl)) else "meta"
+    if layout == "task":
+        tasks = [LegacyTask(task_name, root, _jsonls(store))]
+    else:
+        tasks = [LegacyTask(folder, join(root, folder), _jsonls(store, folder)) for folder in folders]
+        for task in tasks:
+            if not task.jsonls:
+                log.info("%s: no *.jsonl in it or its sub-folders; not a task, skipped", task.root)
+        tasks = [t for t in tasks if t.jsonls]
+    if not any(t.jsonls for t in tasks):
+        raise FileNotFoundError(f"{root}: no *.jsonl files (looked in it and in sub-folders up to 3 levels down)")
+    return layout, tasks
+
+
+def _ancestors(folder: str, stop: str) -> list[str]:
+    """``folder`` and its parents, up to and including ``stop``."""
+    out = [folder]
+    while folder.rstrip("/") != stop.rstrip("/"):
+        parent = posixpath.dirname(folder.rstrip("/"))
+        if not parent or parent == folder or parent.endswith(":") or parent.endswith(":/"):
+            break
+        out.append(parent)
+        folder = parent
+    return out
+
+
+class RefResolver:
+    """Where a line's relative paths point: the original tool wrote them relative to the folder it ran in.
+
+    The first of the JSONL's folder and its parents (up to the parent of the
+    converted folder) where the first relative reference exists becomes the base
+    for every relative reference of that kind in the file.  ``path_map`` rewrites
+    prefixes of moved files first.
+    """
+
+    def __init__(self, candidates: list[str], storage_options: dict | None, path_map: list[tuple[str, str]]):
+        self.candidates, self.storage_options, self.path_map = candidates, storage_options, path_map
+        self.base: str | None = None
+
+    def __call__(self, ref: str) -> str:
+        for old, new in self.path_map:
+            if ref.startswith(old):
+                ref = new + ref[len(old) :]
+                break
+        if has_scheme(ref) or posixpath.isabs(ref):
+            return ref
+        if self.base is None:
+            found = next((c for c in self.candidates if uri_exists(resolve_ref(ref, c), self.storage_options)), None)
+            if found is None:  # reported as missing where it is read
+                return resolve_ref(ref, self.candidates[0])
+            self.base = found
+        return resolve_ref(ref, self.base)
+
+
+# ---- conversion --------------------------------------------------------------------------------
+
+
+class NullEmbedding:
+    """The task's empty-text embedding for its text-to-image samples.
+
+    From ``--null_embedding``, else from a text-to-image line that carries
+    ``embeddings_tensor_droptext``, else computed with ``--model_path``; without
+    any, the first text-to-image line refuses the task.
+    """
+
+    def __init__(self, writer: TaskWriter, task: LegacyTask, options: ConvertOptions, storage_options: dict | None):
+        self.writer, self.task, self.options = writer, task, options
+        self.hidden: int | None = None
+        self.ready = writer.has_null_embedding()
+        if options.null_embedding:
+            self._write(load_embedding_file(options.null_embedding, storage_options))
+
+    def _write(self, tensor: torch.Tensor) -> None:
+        self.writer.write_null_embedding(embedding_to_npy(tensor))
+        self.hidden, self.ready = int(tensor.shape[1]), True
+
+    def offer(self, tensor: torch.Tensor) -> None:
+        if not self.ready:
+            self._write(tensor)
+
+    def require(self, jsonl: str, line: int) -> None:
+        if self.ready:
+            return
+        if self.options.model_path:
+            self._write(compute_null_embedding(self.options.model_path))
+            return
+        raise ConversionRefused(
+            f"task {self.task.name}: {jsonl} line {line} is text-to-image (no source image) and has no "
+            "embeddings_tensor_droptext, so its dropped text needs the empty-prompt embedding the original tool "
+            "ships: give --null_embedding FILE (.pt or .npy), or --model_path MODEL_DIR to compute it"
+        )
+
+
+def compute_null_embedding(model_path: str) -> torch.Tensor:
+    """The empty prompt under the T2I template, by our encoder (what extraction stores as the null embedding)."""
+    from pipeline.common.encoder import PromptBuilder, PromptEncoder
+
+    builder = PromptBuilder(model_path, "firered")
+    encoder = PromptEncoder(model_path)
+    return encoder.encode([builder.t2i("")], builder.drop_index)[0].to("cpu", torch.bfloat16)
+
+
+def _convert_line(
+    text: str, jsonl: str, number: int, rel: str, images: RefResolver, tensors: RefResolver, storage_options, hidden
+) -> tuple[PreparedSample, dict[str, torch.Tensor]] | Failure:
+    try:
+        record = parse_line(text, jsonl, number, base_dir="")  # relative paths stay as written, resolved below
+    except RecordError as err:
+        return Failure(err.file, err.line, "invalid_row", err.reason, err.field, text)
+    record = dataclasses.replace(record, sources=tuple(map(images, record.sources)), target=images(record.target))
+    row = json.loads(text)
+    try:
+        sources = [imaging.load(u, storage_options) for u in record.sources]
+        target = imaging.load(record.target, storage_options)
+    except imaging.ImageLoadError as exc:
+        return Failure(jsonl, number, exc.kind, str(exc), None, text)
+    embeddings: dict[str, torch.Tensor] = {}
+    for name, variant in LEGACY_FIELDS.items():
+        if not row.get(name):
+            continue
+        try:
+            if not isinstance(row[name], str):
+                raise ValueError(f"expected a path, got {type(row[name]).__name__}")
+            tensor = load_pt_tensor(tensors(row[name]), storage_options)
+        except FileNotFoundError as exc:
+            return Failure(jsonl, number, "missing_embedding", f"{name}: {exc}", name, text)
+        except Exception as exc:
+            return Failure(jsonl, number, "bad_embedding", f"{name}: {type(exc).__name__}: {exc}", name, text)
+        if hidden is not None and tensor.shape[1] != hidden:
+            reason = f"{name}: hidden size {tensor.shape[1]}, the task's other embeddings have {hidden}"
+            return Failure(jsonl, number, "bad_embedding", reason, name, text)
+        embeddings[variant] = tensor
+    sample = sample_from_images(record, sources, target)
+    # per-rank files may share a name: the key comes from the path under the task folder
+    sample.key = sample.meta["key"] = sample_key(rel.replace("/", "_"), number)
+    for size_field in ("source_image_size", "edit_image_size"):
+        sample.meta["extra"].pop(size_field, None)
+    return sample, embeddings
+
+
+def _hidden_from_shards(writer: TaskWriter, storage_options: dict | None) -> int | None:
+    """Hidden size of the first stored embedding (when every line was converted by an earlier run)."""
+    for commit in writer.commits:
+        if commit.shard:
+            for _, members in iter_samples(writer.store.url(commit.shard["url"]), storage_options):
+                for name, data in members.items():
+                    if name.startswith("emb_"):
+                        return int(npy_to_embedding(data).shape[1])
+    return None
+
+
+def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None, options: ConvertOptions) -> dict:
+    """Every line of the task's JSONLs → a sample or a ``_failures/`` record; resumable (same input, same output)."""
+    identity = {
+        "converted_from": task.root,
+        "inputs": task.jsonls,
+        "path_map": [list(p) for p in options.path_map],
+    }
+    writer = TaskWriter(output_url, storage_options, options.max_samples_per_shard, identity=identity)
+    null = NullEmbedding(writer, task, options, storage_options)
+    stop = posixpath.dirname(task.root.rstrip("/")) or task.root
+    hidden = null.hidden
+    bar = tqdm(desc=f"convert {task.name}", unit="sample", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for part, rel in enumerate(task.jsonls):
+            done = writer.open_part(part)
+            jsonl = join(task.root, rel)
+            candidates = _ancestors(posixpath.dirname(jsonl), stop)
+            images = RefResolver(candidates, storage_options, options.path_map)
+            tensors = RefResolver(candidates, storage_options, options.path_map)
+            for number, text in iter_lines(jsonl, options_for(jsonl, storage_options)):
+                if number < len(done) and done[number]:
+                    continue
+                result = _convert_line(text, jsonl, number, rel, images, tensors, storage_options, hidden)
+                bar.update(1)
+                if isinstance(result, Failure):
+                    log.warning("%s line %d: %s: %s", jsonl, number, result.kind, result.reason)
+                    writer.fail(result)
+                    continue
+                sample, embeddings = result
+                if sample.num_sources == 0:  # T2I: the empty text is the task's null embedding
+                    if "drop" in embeddings:
+                        null.offer(embeddings.pop("drop"))
+                    null.require(jsonl, number)
+                hidden = hidden or next((int(t.shape[1]) for t in embeddings.values()), None)
+                writer.add(sample, embeddings)
+    finally:
+        bar.close()
+        writer.close_part()
+    hidden = hidden or _hidden_from_shards(writer, storage_options)
+    if null.hidden is not None and hidden is not None and null.hidden != hidden:
+        raise ConversionRefused(
+            f"task {task.name}: the null embedding has hidden size {null.hidden}, the task's embeddings {hidden}"
+        )
+    model = {
+        "path": options.model_path,
+        "config_sha256": _config_digest(options.model_path),
+        "hidden_size": hidden,
+        "compute_dtype": None,
+        "converted_from": task.root,
+    }
+    base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
+    return writer.close(base, {"inverse": True, "converted_from": task.root})
+
+
+def _config_digest(model_path: str | None) -> str | None:
+    if not model_path:
+        return None
+    from pipeline.common.encoder import config_digest
+
+    return config_digest(model_path)
+
+
+def convert_legacy(
+    root: str, output_url: str, storage_options: dict | None, options: ConvertOptions, layout: str = "auto"
+) -> dict[str, Any]:
+    """Convert the original tool's output: one task (``--layout task``) or a meta folder of tasks (``meta``).
+
+    Returns ``{"layout", "tasks": {name: manifest}, "refused": {name: reason}}``;
+    with ``meta`` each task goes to ``output_url/<name>``.
+    """
+    name = output_url.rstrip("/").rsplit("/", 1)[-1]
+    layout, tasks = find_legacy_tasks(root, storage_options, layout, name)
+    log.info("%s: %s layout, %d task(s): %s", root, layout, len(tasks), ", ".join(t.name for t in tasks))
+    manifests, refused = {}, {}
+    for task in tasks:
+        out = output_url if layout == "task" else join(output_url, task.name)
+        try:
+            manifests[task.name] = convert_task(task, out, storage_options, options)
+        except ConversionRefused as exc:
+            log.error("%s", exc)
+            refused[task.name] = str(exc)
+    return {"layout": layout, "tasks": manifests, "refused": refused}
 
 
 def reshard(url: str, output_url: str, storage_options: dict | None, max_samples_per_shard: int) -> dict:
@@ -120,6 +387,7 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
     if task.manifest is None:
         raise FileNotFoundError(task.error)
     writer = TaskWriter(output_url, storage_options, max_samples_per_shard)
+    writer.open_part(0)
     for shard_url in task.shard_urls():
         for key, members in iter_samples(shard_url, storage_options):
             meta = sample_meta(members)
@@ -140,9 +408,8 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
             if text.strip():
                 entry = json.loads(text)
                 writer.fail(Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")}))
-    null = None
     if task.manifest.get("null_embedding"):
-        null = Store(url, storage_options).read_bytes(task.manifest["null_embedding"])
+        writer.write_null_embedding(Store(url, storage_options).read_bytes(task.manifest["null_embedding"]))
     keep = ("format", "format_version", "task", "model", "prompt_style", "drop_index", "embedding")
     base = {k: task.manifest[k] for k in keep if k in task.manifest}
     base.setdefault("shards", [])
@@ -153,4 +420,4 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
         not in (*keep, "shards", "totals", "samples", "failures", "failures_by_reason", "variants", "null_embedding")
     }
     extra["resharded_from"] = url
-    return writer.close(base, extra, null)
+    return writer.close(base, extra)

@@ -75,3 +75,36 @@ def read_samples(task_url: str, **storage_options) -> dict[str, dict[str, bytes]
         assert key not in samples, f"duplicate key {key}"
         samples[key] = sample
     return samples
+
+
+# PixArt-α's ASPECT_RATIO_512 as (h/w key, height, width), written out independently of pipeline.common.images
+PIXART_512 = [
+    ("0.25", 256, 1024), ("0.26", 256, 992), ("0.27", 256, 960), ("0.28", 256, 928), ("0.32", 288, 896),
+    ("0.33", 288, 864), ("0.35", 288, 832), ("0.4", 320, 800), ("0.42", 320, 768), ("0.48", 352, 736),
+    ("0.5", 352, 704), ("0.52", 352, 672), ("0.57", 384, 672), ("0.6", 384, 640), ("0.68", 416, 608),
+    ("0.72", 416, 576), ("0.78", 448, 576), ("0.82", 448, 544), ("0.88", 480, 544), ("0.94", 480, 512),
+    ("1.0", 512, 512), ("1.07", 512, 480), ("1.13", 544, 480), ("1.21", 544, 448), ("1.29", 576, 448),
+    ("1.38", 576, 416), ("1.46", 608, 416), ("1.67", 640, 384), ("1.75", 672, 384), ("2.0", 704, 352),
+    ("2.09", 736, 352), ("2.4", 768, 320), ("2.5", 800, 320), ("2.89", 832, 288), ("3.0", 864, 288),
+    ("3.11", 896, 288), ("3.62", 928, 256), ("3.75", 960, 256), ("3.88", 992, 256), ("4.0", 1024, 256),
+]  # fmt: skip
+
+
+def firered_reference_conditions(images, target_size, image_sample_size: int = 512):
+    """The original tool's condition images, step by step as the issue describes it, with torchvision."""
+    import math
+
+    from PIL import Image
+    from torchvision import transforms
+
+    w, h = target_size
+    _, eh, ew = min(PIXART_512, key=lambda row: abs(float(row[0]) - h / w))
+    crop = [int(eh / 512 * image_sample_size / 16) * 16, int(ew / 512 * image_sample_size / 16) * 16]
+    resize = (crop[0], int(w * crop[0] / h)) if crop[0] / h > crop[1] / w else (int(h * crop[1] / w), crop[1])
+    fit = transforms.Compose(
+        [transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(crop)]
+    )
+    ratio = crop[1] / crop[0]
+    width = math.sqrt(384 * 384 * ratio)
+    size = (round(width / 32) * 32, round(width / ratio / 32) * 32)
+    return [fit(img).resize(size, Image.Resampling.LANCZOS) for img in images]

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from helpers import combined_jsonl, extract, read_manifest, read_samples
+from helpers import combined_jsonl, extract, firered_reference_conditions, read_manifest, read_samples
 from PIL import Image
 
 from pipeline.shards.format import npy_to_embedding
@@ -220,18 +220,9 @@ def test_firered_style_matches_an_independent_reference(sample_data_dir, tiny_mo
     system = edit_pipe.prompt_template_encode.split("<|im_start|>system\n")[1].split("<|im_end|>")[0]
     for sample in list(samples.values())[:4]:
         meta = json.loads(sample["json"])
-        tw, th = meta["target"]["size"]
-        bucket = round(min(max(tw / th, 0.25), 4.0), 1)
-        crops = []
-        for src in meta["sources"]:
-            img = load_image(src["uri"])
-            # centre crop to the target's bucket, then Lanczos resize to ~384² area, sides /32
-            w, h = img.size
-            cw, ch = (round(h * bucket), h) if w / h > bucket else (w, round(w / bucket))
-            img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
-            rw = round((384 * 384 * bucket) ** 0.5 / 32) * 32
-            rh = round((384 * 384 * bucket) ** 0.5 / bucket / 32) * 32
-            crops.append(img.resize((rw, rh), Image.Resampling.LANCZOS))
+        crops = firered_reference_conditions(
+            [load_image(src["uri"]) for src in meta["sources"]], meta["target"]["size"]
+        )
         text = (
             f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
             + "<|vision_start|><|image_pad|><|vision_end|>" * len(crops)

@@ -104,7 +104,7 @@ def test_extraction_encoder_call_moves_every_input_to_the_encoder_device(tiny_mo
 
     builder = PromptBuilder(str(tiny_model_dir))
     encoder = encoder_on_meta(tiny_model_dir)
-    picture = builder.condition_images([Image.new("RGB", (80, 48), "red")], 1.5)
+    picture = builder.condition_images([Image.new("RGB", (80, 48), "red")], (80, 48))
     edit = builder.edit(picture, "make it blue")
     outputs = encoder.encode([edit, edit], builder.drop_index)
     assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= set(encoder.model.model.seen)

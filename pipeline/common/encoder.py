@@ -44,22 +44,28 @@ class PromptInputs:
 class PromptBuilder:
     """Builds :class:`PromptInputs` in the chosen prompt style."""
 
-    def __init__(self, model_path: str | Path, style: str = "diffusers"):
+    def __init__(self, model_path: str | Path, style: str = "diffusers", image_sample_size: int = 512):
         from transformers import AutoTokenizer, Qwen2VLProcessor
 
         if style not in prompts.PROMPT_STYLES:
             raise ValueError(f"unknown prompt style {style!r}; choose from {prompts.PROMPT_STYLES}")
         self.style = style
+        self.image_sample_size = image_sample_size  # the firered crop table's scale
         self.processor = Qwen2VLProcessor.from_pretrained(str(model_path), subfolder="processor")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), subfolder="tokenizer")
         self.drop_index = prompts.drop_indices(self.tokenizer)
 
-    def condition_images(self, pictures: list[Image.Image], target_bucket: float | None = None) -> list[Image.Image]:
-        """Resize as inference does (diffusers) or crop-to-target-bucket then resize (firered)."""
+    def condition_images(
+        self, pictures: list[Image.Image], target_size: tuple[int, int] | None = None
+    ) -> list[Image.Image]:
+        """Resize as inference does (diffusers), or crop to the target's table entry then resize (firered).
+
+        ``target_size`` is the sample's target image (width, height).
+        """
         if self.style == "firered":
-            if target_bucket is None:
-                raise ValueError("firered prompts need the target's aspect bucket")
-            return [imaging.firered_condition_image(p, target_bucket) for p in pictures]
+            if target_size is None:
+                raise ValueError("firered prompts need the target image's size")
+            return [imaging.firered_condition_image(p, tuple(target_size), self.image_sample_size) for p in pictures]
         return [imaging.condition_image(p) for p in pictures]
 
     def edit(self, condition_images: list[Image.Image], instruction: str) -> PromptInputs:

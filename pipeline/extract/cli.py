@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image_sample_size",
         type=int,
         default=512,
-        help="kept for command compatibility with the original tool and recorded in the manifest; images are "
+        help="scale of the --prompt_style firered crop table (the original tool's flag, same default); images are "
         "stored at original resolution and cropped at training time",
     )
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers loading and preprocessing images")

@@ -97,7 +97,9 @@ class Extractor:
         self.store = Store(args.output_dir, self.storage_options)
         self.task = args.output_dir.rstrip("/").rsplit("/", 1)[-1]
         self.inverse = not (args.disable_inverse or args.t2i_mode)
-        self.builder = None if args.skip_embeddings else PromptBuilder(args.model_path, args.prompt_style)
+        self.builder = (
+            None if args.skip_embeddings else PromptBuilder(args.model_path, args.prompt_style, args.image_sample_size)
+        )
         self.encoder = None if args.skip_embeddings else PromptEncoder(args.model_path, args.device, args.dtype)
         self.forward_seconds = 0.0
         self.forwards = 0  # encoder forwards and the prompts they carried: how full the batches are

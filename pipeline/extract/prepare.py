@@ -69,7 +69,7 @@ def prepare_record(
             pictures = (
                 [loaded[f"source{i}"].rgb for i in range(len(sources))] if role == "sources" else [loaded["target"].rgb]
             )
-            conditions[role] = builder.condition_images(pictures, target_bucket=sample.meta["bucket"][-1])
+            conditions[role] = builder.condition_images(pictures, target_size=loaded["target"].size)
         sample.prompts.append((variant, builder.edit(conditions[role], prompt_text)))
     return sample
 

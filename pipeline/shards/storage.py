@@ -97,6 +97,18 @@ class Store:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def folders_and_files(self, rel: str) -> tuple[list[str], list[str]]:
+        """(sub-folder names, file names) directly under ``rel``; both empty when it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True, refresh=True)
+        except FileNotFoundError:
+            return [], []
+        folders, files = [], []
+        for entry in entries:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            (folders if entry.get("type") == "directory" else files).append(name)
+        return sorted(folders), sorted(files)
+
     def delete(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
@@ -145,6 +157,15 @@ def _copy(src: str, dst: str) -> None:
             fout.write(chunk)
         fout.flush()
         os.fsync(fout.fileno())
+
+
+def uri_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``url`` exists; an unreachable store counts as absent (the caller reports what is missing)."""
+    try:
+        fs, path = url_to_fs(url, **options_for(url, storage_options))
+        return fs.exists(path)
+    except Exception:
+        return False
 
 
 def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

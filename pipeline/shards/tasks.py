@@ -16,7 +16,7 @@ import braceexpand
 import fsspec
 
 from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, index_name
-from pipeline.shards.storage import Store, join, options_for, protocol_of
+from pipeline.shards.storage import Store, join, options_for, protocol_of, uri_exists
 
 # protocols on which a shard can be read by byte ranges (through its .index.json)
 SEEKABLE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "http", "https", "memory"}
@@ -133,7 +133,7 @@ def task_from_patterns(name: str, patterns: list[str], storage_options: dict | N
             n = int(match.group(1))
             index, count = None, None
             seekable = protocol_of(url) in SEEKABLE_PROTOCOLS and url.endswith(".tar")
-            if seekable and _exists(index_name(url), storage_options):
+            if seekable and uri_exists(index_name(url), storage_options):
                 index = index_name(url)
                 with fsspec.open(index, "rb", **options_for(index, storage_options)) as handle:
                     count = len(json.loads(handle.read())["samples"])
@@ -145,14 +145,6 @@ def task_from_patterns(name: str, patterns: list[str], storage_options: dict | N
     if first and protocol_of(first) in SEEKABLE_PROTOCOLS:
         root = first[: _SRC_DIR.search(first).start()]
         null = join(root, NULL_EMBEDDING) if root else NULL_EMBEDDING
-        if _exists(null, storage_options):
+        if uri_exists(null, storage_options):
             task.null_embedding_url = null
     return task
-
-
-def _exists(url: str, storage_options: dict | None) -> bool:
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
-        return fs.exists(path)
-    except Exception:  # unreachable: treated as absent (the shard is then streamed)
-        return False

@@ -123,7 +123,7 @@ def assemble_batch(
                     "kind": "t2i" if num_sources == 0 else "edit",
                     "text": text,
                     "images": role_images if num_sources else [],
-                    "bucket": sample.meta["bucket"][-1],
+                    "target_size": sample.meta["target"]["size"],
                 }
             else:
                 emb = (

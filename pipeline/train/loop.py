@@ -230,7 +230,7 @@ class Trainer:
         if model.condition_encoder_mode == "sync":
             from pipeline.common.encoder import PromptBuilder, PromptEncoder
 
-            self.builder = PromptBuilder(model.pretrained, model.prompt_style)
+            self.builder = PromptBuilder(model.pretrained, model.prompt_style, config.stream.image_sample_size)
             self.encoder = PromptEncoder(model.pretrained, str(acc.device), "auto")
         self.checkpointer = self._checkpointer()
         if config.report_to != "none":
@@ -308,7 +308,7 @@ class Trainer:
                 inputs = self.builder.t2i(cond["text"])
             else:
                 pictures = [imaging.open_rgb(b) for b in cond["images"]]
-                inputs = self.builder.edit(self.builder.condition_images(pictures, cond["bucket"]), cond["text"])
+                inputs = self.builder.edit(self.builder.condition_images(pictures, cond["target_size"]), cond["text"])
             embeddings.append(self.encoder.encode([inputs], self.builder.drop_index)[0].to(torch.bfloat16))
         batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
 
