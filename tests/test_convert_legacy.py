@@ -260,3 +260,22 @@ def test_null_embedding_from_the_model(sample_data_dir, tiny_model_dir, tmp_path
     assert manifest["model"]["config_sha256"]
     null = npy_to_embedding((out / "null_embedding.npy").read_bytes())
     assert null.shape[1] == HIDDEN and null.shape[0] > 0
+
+
+@pytest.mark.slow
+def test_converts_from_and_to_s3(sample_data_dir, tmp_path, s3_env):
+    """The original output uploaded to object storage: relative paths resolved there, shards written there."""
+    import fsspec
+
+    work = tmp_path / "work"
+    expected = original_output(work, sample_data_dir, "edit_single", ranks=1)
+    bucket = s3_env["BUCKET"]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(work), f"{bucket}/old/work", recursive=True)
+    out = f"s3://{bucket}/shards/edit_a"
+    result = convert_legacy(f"s3://{bucket}/old/work/out_jsonl", out, None, ConvertOptions(max_samples_per_shard=5))
+    manifest = result["tasks"]["edit_a"]
+    assert result["layout"] == "task" and manifest["samples"] == 12 and manifest["failures"] == 0
+    local = tmp_path / "back"
+    fs.get(f"{bucket}/shards/edit_a", str(local), recursive=True)
+    assert assert_every_tensor_kept(local, expected, ["data_rank_000.jsonl"]) == 12 * 6

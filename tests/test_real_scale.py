@@ -130,8 +130,8 @@ def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir
     batch = cpu_batch(encoder.hidden_size, sources=1)
     del batch["prompt_embeds"], batch["prompt_mask"]
     batch["conditions"] = [
-        {"kind": "edit", "images": [png.getvalue()], "bucket": 1.0, "text": "paint it"},
-        {"kind": "edit", "images": [png.getvalue()], "bucket": 1.0, "text": ""},
+        {"kind": "edit", "images": [png.getvalue()], "target_size": [64, 64], "text": "paint it"},
+        {"kind": "edit", "images": [png.getvalue()], "target_size": [64, 64], "text": ""},
     ]
     trainer.encode_online(batch)
     assert batch["prompt_embeds"].device.type == "meta" and batch["prompt_mask"].device.type == "meta"

@@ -464,3 +464,59 @@ def test_cli_reports_bad_data_flags(meta_dir, tmp_path, flags, message):
     ]
     result = run_module("pipeline.train", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+# --- what the tasks' embeddings were made with (issue 13, item 5) ---------------------------------
+
+
+def _made_with(name: str, style: str, digest: str | None, hidden: int = 64, ns=(1,), null: bool = False) -> Task:
+    from pipeline.shards.tasks import Shard
+
+    manifest = {"prompt_style": style, "model": {"config_sha256": digest, "hidden_size": hidden}}
+    shards = {n: [Shard(f"/x/{name}/src{n}/0.tar", n, 12, f"/x/{name}/src{n}/0.index.json")] for n in ns}
+    return Task(name, shards, f"/x/{name}/null_embedding.npy" if null else None, manifest, f"/x/{name}")
+
+
+def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=0.05, task_weights=None):
+    from pipeline.train.config import DataConfig
+    from pipeline.train.data import mix_tasks
+
+    config = DataConfig(
+        task_weights=task_weights,
+        source_count_weights=parse_weights(weights, "w"),
+        allow_mixed_conditioning=allow_mixed,
+    )
+    return mix_tasks(tasks, config, StreamConfig(batch_size=1, text_drop_ratio=text_drop_ratio))
+
+
+def test_tasks_made_differently_are_refused_unless_allowed(caplog):
+    from pipeline.train.data import describe_tasks
+
+    same = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "diffusers", "d1", ns=(2,))}
+    _build(same)
+    styles = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "firered", None)}
+    with pytest.raises(DataConfigError, match=r"prompt style .*diffusers: a; firered: b.*--allow_mixed_conditioning"):
+        _build(styles)
+    encoders = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "diffusers", "d2")}
+    with pytest.raises(DataConfigError, match="differ in encoder"):
+        _build(encoders)
+    with caplog.at_level(logging.WARNING):
+        _build(encoders, allow_mixed=True)
+    assert "--allow_mixed_conditioning" in caplog.text
+    hidden = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "diffusers", "d1", hidden=32)}
+    with pytest.raises(DataConfigError, match="different hidden sizes"):
+        _build(hidden, allow_mixed=True)
+    # a task never drawn (its only source count has weight 0, or it is not in the weights) does not count
+    _build({"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "firered", None, ns=(2,))}, weights="1=1,2=0")
+    _build(styles, task_weights={"a": 1.0})
+    table = describe_tasks(styles, {"a": 1.0, "b": 0.5})
+    assert table[0].split() == ["task", "weight", "style", "encoder", "hidden", "samples", "N=0/1/2/3", "null"]
+    assert table[2].split() == ["b", "0.5", "firered", "?", "64", "-/12/-/-", "no"]
+
+
+def test_t2i_task_without_null_embedding_is_refused_at_start_up():
+    t2i = {"t": _made_with("t", "diffusers", "d1", ns=(0,))}
+    with pytest.raises(DataConfigError, match=r"task\(s\) t have text-to-image samples but no null_embedding.npy"):
+        _build(t2i)
+    _build(t2i, text_drop_ratio=0.0)
+    _build({"t": _made_with("t", "diffusers", "d1", ns=(0,), null=True)})

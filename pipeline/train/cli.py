@@ -51,6 +51,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         default="0=1,1=1,2=1,3=1",
         help='weight per number of source images, "0=1,1=1,2=1,3=0"; drawn per step, the same on every rank',
     )
+    g.add_argument(
+        "--allow_mixed_conditioning",
+        action="store_true",
+        help="train on tasks whose manifests disagree on prompt style or encoder (config digest); refused "
+        "by default. Different embedding hidden sizes are always refused",
+    )
     g.add_argument("--train_batch_size", type=int, default=1, help="samples per batch and rank")
     g.add_argument("--image_sample_size", type=int, default=512, help="crop area ≈ this squared (sides /32)")
     g.add_argument("--enable_inverse", action="store_true", help="also train on inverse instructions (swap roles)")

@@ -72,6 +72,7 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     trace_path: str | None = None  # one JSON line per step and rank
+    allow_mixed_conditioning: bool = False  # tasks may differ in prompt style / encoder
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_workers=args.dataloader_num_workers,
         prefetch_factor=args.prefetch_factor,
         trace_path=args.data_trace,
+        allow_mixed_conditioning=args.allow_mixed_conditioning,
     )
     stream = StreamConfig(
         batch_size=args.train_batch_size,
