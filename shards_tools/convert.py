@@ -90,8 +90,8 @@ def load_embedding_file(uri: str, storage_options: dict | None) -> torch.Tensor:
     with fsspec.open(uri, "rb", **options_for(uri, storage_options)) as handle:
         data = handle.read()
     array = np.load(io.BytesIO(data), allow_pickle=False)
-    if array.dtype == np.uint16:  # our bfloat16 bit pattern
-        return npy_to_embedding(data) if array.ndim == 2 else _as_2d(npy_to_embedding(data[None]))
+    if array.dtype == np.uint16:  # our bfloat16 bit pattern, [seq, hidden] or [1, seq, hidden]
+        return _as_2d(torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16))
     return _as_2d(torch.from_numpy(np.ascontiguousarray(array)))
 
 

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, read_samples, run_module
@@ -226,10 +227,8 @@ def test_meta_folder_refuses_t2i_without_null_then_trains(sample_data_dir, tmp_p
         "edit_a=1,t2i_b=1",
         "--train_src_img_num_weights",
         "0=1,1=1",
-        "--text_drop_ratio",
-        "0.3",
-        "--max_train_steps",
-        "40",
+        "--max_train_steps",  # the default --text_drop_ratio, 0.05 as the original's
+        "120",
         "--train_batch_size",
         "1",
         "--image_sample_size",
@@ -260,6 +259,22 @@ def test_null_embedding_from_the_model(sample_data_dir, tiny_model_dir, tmp_path
     assert manifest["model"]["config_sha256"]
     null = npy_to_embedding((out / "null_embedding.npy").read_bytes())
     assert null.shape[1] == HIDDEN and null.shape[0] > 0
+
+
+def test_null_embedding_files_load_without_pickle(tmp_path):
+    from pipeline.shards.format import embedding_to_npy
+    from shards_tools.convert import load_embedding_file
+
+    value = torch.randn(1, 6, HIDDEN).to(torch.bfloat16)
+    torch.save(value, tmp_path / "null.pt")
+    (tmp_path / "ours.npy").write_bytes(embedding_to_npy(value[0]))
+    np.save(tmp_path / "ours3d.npy", value.view(torch.int16).numpy().view(np.uint16))
+    np.save(tmp_path / "float.npy", value.float().numpy())
+    for name in ("null.pt", "ours.npy", "ours3d.npy", "float.npy"):
+        assert torch.equal(load_embedding_file(str(tmp_path / name), None).to(torch.bfloat16), value[0]), name
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_embedding_file(str(tmp_path / "objects.npy"), None)
 
 
 @pytest.mark.slow
