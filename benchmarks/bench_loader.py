@@ -9,6 +9,13 @@ cache is dropped for the dataset files (posix_fadvise DONTNEED) before each
 measurement.  Prints samples/s and MB/s of both loaders and their ratio, bytes
 read per sample vs bytes the batch uses, peak RSS per worker, and time to the
 first batch when resuming at step 0 vs at a late step.
+
+``--store_url gs://bkt/bench`` (or ``s3://…``) also uploads the shards there and
+measures our loader reading them by byte ranges from that store (credentials
+and endpoint from the environment or ``--storage_options``); ``--gcs_emulator``
+starts a local GCS emulator for it (fake-gcs-server), so stores can be compared:
+
+    python benchmarks/bench_loader.py --samples 24 --steps 20 --gcs_emulator --store_url gs://bench/shards
 """
 
 from __future__ import annotations
@@ -161,7 +168,7 @@ class LegacyDataset(Dataset):
         }
 
 
-def run_ours(shards_root: Path, workers: int, steps: int, state=None, want_state_at=None):
+def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=None, storage_options=None):
     from pipeline.shards.tasks import discover_tasks
     from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
@@ -174,9 +181,12 @@ def run_ours(shards_root: Path, workers: int, steps: int, state=None, want_state
 
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    tasks = discover_tasks(str(shards_root), None)
+    tasks = discover_tasks(str(shards_root), storage_options)
     plan = plan_mix(tasks, {"task": 1.0}, {"1": 1})
-    dataset = Measured(tasks, plan, 0, 1, StreamConfig(batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512))
+    config = StreamConfig(
+        batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512, storage_options=storage_options
+    )
+    dataset = Measured(tasks, plan, 0, 1, config)
     loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
     if state is not None:
         loader.load_state_dict(state)
@@ -211,6 +221,40 @@ def run_legacy(legacy: Path, workers: int, steps: int):
     return time.perf_counter() - t0, rss, sum(read_by_worker.values())
 
 
+def run_from_store(shards_root: Path, args, local_time: float) -> dict:
+    """Upload the shards to ``--store_url`` and run our loader from there; figures next to the local run's."""
+    import fsspec
+
+    from pipeline.shards.storage import options_for, parse_storage_options
+
+    emulator = None
+    if args.gcs_emulator:
+        from pipeline.kit.gcs_emulator import GCSEmulator
+
+        emulator = GCSEmulator()
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+        emulator.create_bucket(args.store_url.split("://", 1)[1].split("/", 1)[0])
+    try:
+        storage_options = parse_storage_options(args.storage_options)
+        protocol = args.store_url.split("://", 1)[0]
+        fs = fsspec.filesystem(protocol, **options_for(args.store_url, storage_options))
+        fs.put(str(shards_root), args.store_url.split("://", 1)[1], recursive=True)
+        store_time, first, rss, read, _, _ = run_ours(
+            args.store_url, args.workers, args.steps, storage_options=storage_options
+        )
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    return {
+        "store": args.store_url + (" (local fake-gcs-server)" if emulator else ""),
+        "store_samples_per_s": round(args.steps / store_time, 2),
+        "store_over_local_speed_ratio": round(local_time / store_time, 2),
+        "store_MB_read_per_sample": round(read / 1e6 / args.steps, 2),
+        "store_peak_rss_MB_per_worker": {k: round(v / 1024) for k, v in sorted(rss.items())},
+        "store_first_batch_s": round(first, 2),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=96)
@@ -218,6 +262,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--work_dir", default=None)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--store_url", default=None, help="also measure reading the shards from this object-store URL")
+    p.add_argument("--storage_options", default=None, help="JSON fsspec options for --store_url")
+    p.add_argument("--gcs_emulator", action="store_true", help="start a local GCS emulator for a gs:// --store_url")
     args = p.parse_args()
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
     if not (root / "shards").exists():
@@ -253,6 +300,8 @@ def main() -> None:
         f"first_batch_s_resumed_at_step_{args.steps // 2}": round(first_late, 2),
         "resume_ratio": round(first_late / first0, 2),
     }
+    if args.store_url:
+        result.update(run_from_store(shards_root, args, ours_time))
     print(json.dumps(result, indent=1))
     if not args.keep and not args.work_dir:
         shutil.rmtree(root, ignore_errors=True)

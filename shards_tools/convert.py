@@ -316,7 +316,7 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
             candidates = _ancestors(posixpath.dirname(jsonl), stop)
             images = RefResolver(candidates, storage_options, options.path_map)
             tensors = RefResolver(candidates, storage_options, options.path_map)
-            for number, text in iter_lines(jsonl, options_for(jsonl, storage_options)):
+            for number, text in iter_lines(jsonl, storage_options):
                 if number < len(done) and done[number]:
                     continue
                 result = _convert_line(text, jsonl, number, rel, images, tensors, storage_options, hidden)

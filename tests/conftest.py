@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -74,6 +75,61 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     env["BUCKET"] = bucket
     return env
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS emulator (fake-gcs-server) on 127.0.0.1; yields it (``.url``, ``.create_bucket``)."""
+    from pipeline.kit.gcs_emulator import GCSEmulator
+
+    server = GCSEmulator()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_env(gcs_server, monkeypatch):
+    """What a GCS user exports to reach an emulator, set for this process and its children; a fresh bucket."""
+    import uuid
+
+    env = {"STORAGE_EMULATOR_HOST": gcs_server.url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"bkt-{uuid.uuid4().hex[:10]}"
+    gcs_server.create_bucket(bucket)
+    env["BUCKET"] = bucket
+    return env
+
+
+@dataclass
+class ObjectStore:
+    """One object store of a parametrised test: its scheme, a fresh bucket, the environment that reaches it."""
+
+    scheme: str
+    bucket: str
+    env: dict[str, str]
+    endpoint: str
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"{self.scheme}://{self.bucket}", *parts])
+
+    def filesystem(self):
+        """An fsspec filesystem for test set-up, configured as the project configures it."""
+        import fsspec
+
+        from pipeline.shards.storage import options_for
+
+        return fsspec.filesystem(self.scheme, skip_instance_cache=True, **options_for(f"{self.scheme}://", None))
+
+
+@pytest.fixture(params=["s3", "gs"])
+def object_store(request) -> ObjectStore:
+    """The same test against S3 (moto server) and GCS (fake-gcs-server), credentials from the environment."""
+    if request.param == "s3":
+        env = request.getfixturevalue("s3_env")
+        return ObjectStore("s3", env["BUCKET"], env, env["AWS_ENDPOINT_URL"])
+    env = request.getfixturevalue("gcs_env")
+    return ObjectStore("gs", env["BUCKET"], env, env["STORAGE_EMULATOR_HOST"])
 
 
 @pytest.fixture(scope="session")

@@ -65,8 +65,9 @@ def read_samples(task_url: str, **storage_options) -> dict[str, dict[str, bytes]
     urls = [f"{task_url}/{s['url']}" for s in manifest["shards"]]
     if not urls:
         return {}
-    # webdataset has no s3 opener of its own; give it fsspec's
-    gopen_schemes.setdefault("s3", lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open())
+    # webdataset has no s3 opener of its own and pipes gs:// through gsutil; give it fsspec's for both
+    for scheme in ("s3", "gs"):
+        gopen_schemes[scheme] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
     samples = {}
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = sample.pop("__key__")

@@ -278,19 +278,18 @@ def test_null_embedding_files_load_without_pickle(tmp_path):
 
 
 @pytest.mark.slow
-def test_converts_from_and_to_s3(sample_data_dir, tmp_path, s3_env):
+def test_converts_from_and_to_object_stores(sample_data_dir, tmp_path, object_store):
     """The original output uploaded to object storage: relative paths resolved there, shards written there."""
-    import fsspec
-
     work = tmp_path / "work"
     expected = original_output(work, sample_data_dir, "edit_single", ranks=1)
-    bucket = s3_env["BUCKET"]
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.put(str(work), f"{bucket}/old/work", recursive=True)
-    out = f"s3://{bucket}/shards/edit_a"
-    result = convert_legacy(f"s3://{bucket}/old/work/out_jsonl", out, None, ConvertOptions(max_samples_per_shard=5))
+    fs = object_store.filesystem()
+    fs.put(str(work), f"{object_store.bucket}/old/work", recursive=True)
+    out = object_store.url("shards", "edit_a")
+    legacy = object_store.url("old", "work", "out_jsonl")
+    result = convert_legacy(legacy, out, None, ConvertOptions(max_samples_per_shard=5))
     manifest = result["tasks"]["edit_a"]
     assert result["layout"] == "task" and manifest["samples"] == 12 and manifest["failures"] == 0
     local = tmp_path / "back"
-    fs.get(f"{bucket}/shards/edit_a", str(local), recursive=True)
+    fs.get(f"{object_store.bucket}/shards/edit_a", str(local), recursive=True)
     assert assert_every_tensor_kept(local, expected, ["data_rank_000.jsonl"]) == 12 * 6
+    assert verify(out, None)[1] == []

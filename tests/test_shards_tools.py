@@ -8,7 +8,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 import torch
@@ -217,14 +216,13 @@ def test_reshard_merges_and_verify_passes(meta_dir, tmp_path):
     tool("reshard", str(out), "--output_dir", str(split), "--max_samples_per_shard", "1", expect=2)  # not empty
 
 
-def test_tools_work_on_s3(meta_dir, s3_env):
-    bucket = s3_env["BUCKET"]
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.put(str(meta_dir / "compose_multi"), f"{bucket}/tools/compose_multi", recursive=True)
-    url = f"s3://{bucket}/tools/compose_multi"
-    assert tool_json("verify", url, env=s3_env)["samples"] == 12
-    assert {r["num_sources"] for r in tool_json("stats", url, env=s3_env)["rows"]} == {2, 3}
-    assert len(tool_json("inspect", url, "--limit", "3", env=s3_env)["samples"]) == 3
-    out = f"s3://{bucket}/tools/resharded"
-    assert tool_json("reshard", url, "--output_dir", out, "--max_samples_per_shard", "4", env=s3_env)["samples"] == 12
-    assert tool_json("verify", out, env=s3_env)["problems"] == []
+def test_tools_work_on_object_stores(meta_dir, object_store):
+    store, env = object_store, object_store.env
+    store.filesystem().put(str(meta_dir / "compose_multi"), f"{store.bucket}/tools/compose_multi", recursive=True)
+    url = store.url("tools", "compose_multi")
+    assert tool_json("verify", url, env=env)["samples"] == 12
+    assert {r["num_sources"] for r in tool_json("stats", url, env=env)["rows"]} == {2, 3}
+    assert len(tool_json("inspect", url, "--limit", "3", env=env)["samples"]) == 3
+    out = store.url("tools", "resharded")
+    assert tool_json("reshard", url, "--output_dir", out, "--max_samples_per_shard", "4", env=env)["samples"] == 12
+    assert tool_json("verify", out, env=env)["problems"] == []

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.shards.format import MAX_SOURCES
-from pipeline.shards.storage import has_scheme
+from pipeline.shards.storage import has_scheme, options_for
 
 TEXT_FIELDS = ("instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 
@@ -152,7 +152,7 @@ def iter_lines(file: str, storage_options: dict[str, Any] | None = None) -> Iter
     """(0-based line number, text) for every non-blank line of a local or fsspec JSONL."""
     import fsspec
 
-    with fsspec.open(file, "rt", encoding="utf-8", **(storage_options or {})) as handle:
+    with fsspec.open(file, "rt", encoding="utf-8", **options_for(file, storage_options)) as handle:
         for number, text in enumerate(handle):
             if text.strip():
                 yield number, text

@@ -1,7 +1,8 @@
 """Local paths and object storage behind one small API, with atomic writes.
 
 Credentials and endpoints come from where users already configure them: the
-``AWS_*`` environment (``AWS_ENDPOINT_URL`` included, read by botocore), fsspec's
+``AWS_*`` environment (``AWS_ENDPOINT_URL`` included, read by botocore),
+``STORAGE_EMULATOR_HOST`` and ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS, fsspec's
 ``FSSPEC_S3_*`` / ``FSSPEC_GCS_*`` variables, and an optional
 ``--storage_options`` JSON.  Writes never leave a partial object a reader could
 take as complete: local files go through a temporary name and ``os.replace``;
@@ -21,6 +22,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 LOCAL_PROTOCOLS = {"file", "local"}
+GCS_PROTOCOLS = {"gs", "gcs"}
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -53,8 +55,41 @@ def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, A
     protocol = protocol_of(url)
     nested = {k: v for k, v in storage_options.items() if isinstance(v, dict) and k in fsspec.available_protocols()}
     if nested:
-        return dict(nested.get(protocol, {}))
-    return {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
+        options = dict(nested.get(protocol, {}))
+    else:
+        options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
+    if protocol in GCS_PROTOCOLS:
+        route_gcs(options)
+    return options
+
+
+def gcs_endpoint(options: dict[str, Any]) -> str | None:
+    """A GCS endpoint other than Google's: ``endpoint_url`` (options or ``FSSPEC_GCS_ENDPOINT_URL``) or
+    ``STORAGE_EMULATOR_HOST``."""
+    for source in (options, fsspec.config.conf.get("gs", {}), fsspec.config.conf.get("gcs", {})):
+        if source.get("endpoint_url"):
+            return source["endpoint_url"]
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return host if host not in ("", "default") else None
+
+
+def route_gcs(options: dict[str, Any]) -> None:
+    """With a non-Google endpoint, serve ``gs://`` by gcsfs's JSON-API client.
+
+    gcsfs's default client first asks each bucket's type over gRPC (TLS) from the
+    Storage Control API, which emulators and GCS-compatible stores do not serve:
+    against a plain-HTTP endpoint with ``token="anon"`` that probe fails only
+    after 60 s, and again on every call, and it starts gRPC state that forked
+    DataLoader workers inherit.  The JSON API is all such an endpoint speaks.
+    Google's own endpoint keeps gcsfs's default.
+    """
+    if gcs_endpoint(options) is None:
+        return
+    from gcsfs.core import GCSFileSystem
+
+    for protocol in GCS_PROTOCOLS:
+        if fsspec.get_filesystem_class(protocol) is not GCSFileSystem:
+            fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
 
 
 def join(base: str, *parts: str) -> str:
