@@ -235,7 +235,7 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
         os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
         emulator.create_bucket(args.store_url.split("://", 1)[1].split("/", 1)[0])
     try:
-        storage_options = parse_storage_options(args.storage_options)
+        storage_options = parse_storage_options(args.storage_options, args.store_url)
         protocol = args.store_url.split("://", 1)[0]
         fs = fsspec.filesystem(protocol, **options_for(args.store_url, storage_options))
         fs.put(str(shards_root), args.store_url.split("://", 1)[1], recursive=True)

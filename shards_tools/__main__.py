@@ -37,7 +37,8 @@ def _emit(args: argparse.Namespace, payload, human: str, failed: bool) -> int:
 def _storage(args: argparse.Namespace) -> dict:
     from pipeline.shards.storage import parse_storage_options
 
-    return parse_storage_options(args.storage_options)
+    target = getattr(args, "output_dir", None) or getattr(args, "url", None) or getattr(args, "legacy_dir", None)
+    return parse_storage_options(args.storage_options, target)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -403,7 +403,7 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
             )
             writer.add(sample, embeddings)
     source_store = Store(url, storage_options)
-    for name in source_store.listdir("_failures"):  # failures recorded for the source task stay recorded
+    for name in [n for n in source_store.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
         for text in source_store.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
             if text.strip():
                 entry = json.loads(text)

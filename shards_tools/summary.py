@@ -63,7 +63,7 @@ def task_stats(url: str, storage_options: dict | None) -> tuple[list[dict], list
             continue
         store = Store(task.url, storage_options)
         failures = 0
-        for name in store.listdir("_failures"):
+        for name in [n for n in store.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
             failures += len([x for x in store.read_bytes(f"_failures/{name}").splitlines() if x.strip()])
         per_n: dict[int, dict[str, Any]] = defaultdict(
             lambda: {"samples": 0, "shards": 0, "bytes": 0, "buckets": Counter(), "variants": Counter()}

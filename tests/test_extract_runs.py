@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, combined_jsonl, extract, read_manifest, read_samples, torchrun
+from helpers import REPO, alive, child_pids, combined_jsonl, extract, read_manifest, read_samples, torchrun
 
 # integration: subprocess runs of the real CLIs on the tiny model (servers, torchrun, SIGKILL)
 pytestmark = pytest.mark.slow
@@ -117,8 +117,14 @@ def test_sigkill_at_any_moment_then_rerun_loses_and_repeats_nothing(mixed_jsonl,
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        workers = child_pids(proc.pid)
+        assert workers, "the run has its DataLoader worker"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        deadline = time.time() + 20
+        while alive(workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(workers), "DataLoader workers of the killed run are still alive"
         assert not (out / "manifest.json").exists()
         committed = {
             json.loads(p.read_text())["shard"]["url"]

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pipeline.common.prompts import PROMPT_STYLES
 
 STORAGE_OPTIONS_HELP = (
-    'JSON fsspec options, flat or per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}}\'; '
-    "AWS_* and FSSPEC_* environment variables are honoured without it"
+    'JSON fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}, "gs": {...}}\', '
+    "or flat ({...}): then they apply to the protocol of the URL the command writes (or reads), not to image "
+    "fetches over http(s); AWS_*, STORAGE_EMULATOR_HOST, GOOGLE_APPLICATION_CREDENTIALS and FSSPEC_* "
+    "environment variables are honoured without it"
 )
 
 PROMPT_STYLE_HELP = {

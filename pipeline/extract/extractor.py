@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
+from pipeline.common.workers import die_with_parent
 from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
 from pipeline.extract.records import Columns
 from pipeline.shards import commits as prog
@@ -93,7 +94,7 @@ class Extractor:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
-        self.storage_options = parse_storage_options(args.storage_options)
+        self.storage_options = parse_storage_options(args.storage_options, args.output_dir)
         self.store = Store(args.output_dir, self.storage_options)
         self.task = args.output_dir.rstrip("/").rsplit("/", 1)[-1]
         self.inverse = not (args.disable_inverse or args.t2i_mode)
@@ -128,6 +129,7 @@ class Extractor:
             dataset,
             batch_size=None,
             num_workers=self.args.num_workers,
+            worker_init_fn=die_with_parent,
             prefetch_factor=self.args.prefetch_factor if self.args.num_workers else None,
             collate_fn=_identity,
         )

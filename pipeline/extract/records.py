@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,21 +140,69 @@ def parse_row(row: Any, file: str, line: int, columns: Columns = Columns(), base
     return Record(file=file, line=line, sources=sources, target=target_ref, extra=extra, **texts)
 
 
+MAX_NESTING = 64  # deeper JSON values are refused (they break json.dumps in the writer, or json.loads itself)
+
+
 def parse_line(text: str, file: str, line: int, columns: Columns = Columns(), base_dir: str | None = None) -> Record:
     """Decode and validate one JSONL line (``line`` is 0-based)."""
+    bad = _first_surrogate(text)
+    if bad is not None:  # iter_lines keeps undecodable bytes as surrogate escapes
+        raise RecordError(file, line, None, f"invalid UTF-8 (byte 0x{ord(text[bad]) - 0xDC00:02x} at column {bad + 1})")
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError(file, line, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise RecordError(file, line, None, "malformed JSON: nested too deeply to decode") from None
+    problem = _unencodable(row)
+    if problem is not None:
+        raise RecordError(file, line, *problem)
     return parse_row(row, file, line, columns, base_dir)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _first_surrogate(text: str) -> int | None:
+    """Index of the first surrogate code point (text that cannot be written as UTF-8), or None."""
+    found = _SURROGATE.search(text)
+    return found.start() if found else None
+
+
+def _unencodable(value: Any, path: str = "", depth: int = 0) -> tuple[str | None, str] | None:
+    """(field, reason) for a part of a decoded row that could not be written back as UTF-8 JSON."""
+    if depth > MAX_NESTING:
+        return path or None, f"nested deeper than {MAX_NESTING} levels"
+    if isinstance(value, str):
+        if _first_surrogate(value) is not None:
+            return path or None, "lone surrogate escape (e.g. \\ud800): not valid Unicode text"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _first_surrogate(str(key)) is not None:
+                return path or None, "a key with a lone surrogate escape: not valid Unicode text"
+            found = _unencodable(item, where, depth + 1)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{index}]", depth + 1)
+            if found:
+                return found
+    return None
+
+
 def iter_lines(file: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[int, str]]:
-    """(0-based line number, text) for every non-blank line of a local or fsspec JSONL."""
+    """(0-based line number, text) for every non-blank line of a local or fsspec JSONL.
+
+    Bytes that are not UTF-8 do not stop the file: they are kept as surrogate
+    escapes, and :func:`parse_line` reports that line (file, line, column).
+    """
     import fsspec
 
-    with fsspec.open(file, "rt", encoding="utf-8", **options_for(file, storage_options)) as handle:
-        for number, text in enumerate(handle):
+    with fsspec.open(file, "rb", **options_for(file, storage_options)) as handle:
+        for number, raw in enumerate(handle):
+            text = raw.decode("utf-8", "surrogateescape")
             if text.strip():
                 yield number, text
 

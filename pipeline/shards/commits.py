@@ -100,9 +100,25 @@ def remove_orphans(store: Store, commits: list[Commit], owns: Callable[[int], bo
             if ".tmp-" in name or shard is None or shard not in committed:
                 store.delete(rel)
                 removed.append(rel)
+    for name in store.listdir(FAILURES):  # temporary files of a write cut short
+        if ".tmp-" in name and name.startswith("rank-") and owns(_rank_of(name)):
+            store.delete(f"{FAILURES}/{name}")
+            removed.append(f"{FAILURES}/{name}")
+    for rank_name in store.listdir(PROGRESS):
+        if rank_name.startswith("rank-") and owns(_rank_of(rank_name)):
+            for name in store.listdir(f"{PROGRESS}/{rank_name}"):
+                if ".tmp-" in name:
+                    store.delete(f"{PROGRESS}/{rank_name}/{name}")
+                    removed.append(f"{PROGRESS}/{rank_name}/{name}")
     if removed:
         log.info("removed %d leftover file(s) of an interrupted run: %s", len(removed), ", ".join(removed[:5]))
     return removed
+
+
+def _rank_of(name: str) -> int:
+    """The rank in ``rank-00003``, ``rank-3.jsonl`` or ``rank-3.jsonl.tmp-…`` (-1 if none)."""
+    digits = name[len("rank-") :].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else -1
 
 
 class ProgressLog:

@@ -25,8 +25,14 @@ LOCAL_PROTOCOLS = {"file", "local"}
 GCS_PROTOCOLS = {"gs", "gcs"}
 
 
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """Parse ``--storage_options``: either per-protocol (``{"s3": {...}}``) or flat options."""
+def parse_storage_options(text: str | None, for_url: str | None = None) -> dict[str, Any]:
+    """Parse ``--storage_options``: per protocol (``{"s3": {...}}``) or flat (``{...}``).
+
+    Flat options are meant for the store the command writes or reads (``for_url``):
+    they become that protocol's options, so an S3 ``endpoint_url`` never reaches
+    ``http(s)`` image fetches.  Without a remote ``for_url`` they go to every
+    remote protocol.
+    """
     if not text:
         return {}
     try:
@@ -35,7 +41,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         raise ValueError(f"--storage_options is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError("--storage_options must be a JSON object")
+    if value and not _is_per_protocol(value) and for_url and protocol_of(for_url) not in LOCAL_PROTOCOLS:
+        return {protocol_of(for_url): value}
     return value
+
+
+def _is_per_protocol(options: dict[str, Any]) -> bool:
+    return any(isinstance(v, dict) and k in fsspec.available_protocols() for k, v in options.items())
 
 
 def has_scheme(ref: str) -> bool:
@@ -53,9 +65,8 @@ def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, A
     if not storage_options:
         return {}
     protocol = protocol_of(url)
-    nested = {k: v for k, v in storage_options.items() if isinstance(v, dict) and k in fsspec.available_protocols()}
-    if nested:
-        options = dict(nested.get(protocol, {}))
+    if _is_per_protocol(storage_options):
+        options = dict(storage_options.get(protocol, {}))
     else:
         options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
     if protocol in GCS_PROTOCOLS:
@@ -161,6 +172,7 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+            _fsync_dir(os.path.dirname(target))
         else:
             self.fs.pipe_file(target, data)
 
@@ -174,9 +186,27 @@ class Store:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex}"
             os.replace(local_file, tmp) if _same_device(local_file, target) else _copy(local_file, tmp)
+            _fsync_file(tmp)  # on disk before the name (and then the commit record) says it is there
             os.replace(tmp, target)
+            _fsync_dir(os.path.dirname(target))
         else:
             self.fs.put_file(local_file, target)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (a power loss otherwise may forget it after the commit record)."""
+    try:
+        _fsync_file(path or ".")
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
 
 
 def _same_device(a: str, b: str) -> bool:

@@ -61,6 +61,24 @@ def task_dirs(url: str, storage_options: dict | None) -> list[str]:
     return [join(url, name) for name in store.listdir("") if store.exists(f"{name}/{MANIFEST}")]
 
 
+def read_manifest(task_url: str, storage_options: dict | None) -> dict[str, Any]:
+    """A task's manifest, checked enough to open the task; a problem names the file and what is wrong."""
+    where = join(task_url, MANIFEST)
+    try:
+        manifest = Store(task_url, storage_options).read_json(MANIFEST)
+    except FileNotFoundError:
+        raise DataConfigError(f"{where}: missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataConfigError(f"{where}: not valid JSON, truncated or damaged? ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DataConfigError(f"{where}: has no 'shards' list; not a manifest written by this project")
+    for i, entry in enumerate(manifest["shards"]):
+        missing = [k for k in ("url", "num_sources", "samples") if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise DataConfigError(f"{where}: shards[{i}] lacks {', '.join(missing)}")
+    return manifest
+
+
 def task_from_manifest(name: str, task_url: str, manifest: dict[str, Any]) -> Task:
     task = Task(name=name, manifest=manifest, url=task_url)
     for entry in manifest["shards"]:
@@ -82,10 +100,10 @@ def open_task(url: str, storage_options: dict | None) -> Task:
     """A task directory; an unreadable manifest gives a task with ``manifest=None`` and the reason in ``error``."""
     name = url.rstrip("/").rsplit("/", 1)[-1]
     try:
-        manifest = Store(url, storage_options).read_json(MANIFEST)
-    except FileNotFoundError:
-        return Task(name, url=url, error=f"{join(url, MANIFEST)}: missing")
-    except (ValueError, OSError) as exc:
+        manifest = read_manifest(url, storage_options)
+    except DataConfigError as exc:
+        return Task(name, url=url, error=str(exc))
+    except OSError as exc:
         return Task(name, url=url, error=f"{join(url, MANIFEST)}: unreadable ({exc})")
     return task_from_manifest(name, url, manifest)
 
@@ -98,18 +116,21 @@ def open_tasks(url: str, storage_options: dict | None) -> list[Task]:
     return tasks
 
 
-def discover_tasks(meta_dir: str, storage_options: dict | None) -> dict[str, Task]:
-    """Task directories with a manifest directly under ``meta_dir`` (one listing, at start-up; strict)."""
-    store = Store(meta_dir, storage_options)
-    tasks = {}
-    for url in task_dirs(meta_dir, storage_options):
-        if url == meta_dir:  # a meta directory is not itself a task
-            continue
-        name = url.rsplit("/", 1)[-1]
-        tasks[name] = task_from_manifest(name, url, store.read_json(f"{name}/{MANIFEST}"))
-    if not tasks:
+def discover_tasks(meta_dir: str, storage_options: dict | None, wanted: set[str] | None = None) -> dict[str, Task]:
+    """Task directories with a manifest directly under ``meta_dir`` (one listing, at start-up; strict).
+
+    With ``wanted``, only those tasks' manifests are read (a broken manifest of a
+    task not trained on does not stop training); a wanted task that is not there
+    is an error naming the ones that are.
+    """
+    urls = {url.rsplit("/", 1)[-1]: url for url in task_dirs(meta_dir, storage_options) if url != meta_dir}
+    if not urls:
         raise DataConfigError(f"no task directory with a {MANIFEST} under {meta_dir}")
-    return tasks
+    unknown = sorted(set(wanted or ()) - set(urls))
+    if unknown:
+        raise DataConfigError(f"--train_data_weights names unknown task(s) {unknown}; available tasks: {sorted(urls)}")
+    names = sorted(urls) if wanted is None else sorted(wanted)
+    return {name: task_from_manifest(name, urls[name], read_manifest(urls[name], storage_options)) for name in names}
 
 
 def shard_list(url: str, storage_options: dict | None) -> list[str]:

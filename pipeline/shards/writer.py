@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -50,7 +51,12 @@ class Failure:
     text: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As JSON values that always encode as UTF-8 (a bad line's text may hold undecodable bytes)."""
+        return {k: _encodable(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -75,6 +81,33 @@ class _OpenShard:
     variants: set[str] = field(default_factory=set)
 
 
+def _spool_dir(store: Store, rank: int, tmp_dir: str | None) -> str:
+    """This run's local folder for shards being assembled; removes those a killed run of this task and rank left.
+
+    Named ``extract-{task digest}-r{rank}-p{pid}-…`` so a rerun recognises them
+    (up to 4 × ``--max_shard_bytes`` each) and leaves live runs' folders alone.
+    """
+    prefix = f"extract-{hashlib.sha256(store.root.encode()).hexdigest()[:12]}-r{rank}-p"
+    parent = tmp_dir or tempfile.gettempdir()
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if name.startswith(prefix):
+            pid = name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                log.info("removed %s, left by a killed run", os.path.join(parent, name))
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=tmp_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ShardSink:
     """Owns this rank's open shards; every call from the main thread only enqueues."""
 
@@ -90,7 +123,7 @@ class ShardSink:
     ):
         self.store, self.progress, self.rank = store, progress, rank
         self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
-        self.tmp_dir = tempfile.mkdtemp(prefix="extract-", dir=tmp_dir)
+        self.tmp_dir = _spool_dir(store, rank, tmp_dir)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.open: dict[int, _OpenShard] = {}
         self.failures: list[dict] = []
@@ -125,10 +158,12 @@ class ShardSink:
 
     # ---- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        stopping = False
         try:
             while True:
                 item = self.queue.get()
                 if item is _STOP:
+                    stopping = True  # nothing more will come: an error below must not wait for another
                     for n in sorted(self.open):
                         self._publish(n)
                     if self.failures:
@@ -144,12 +179,21 @@ class ShardSink:
         except BaseException as exc:  # surfaced to the main thread on its next call
             log.exception("shard writer stopped")
             self.error = exc
-            while True:  # keep draining so the producer never blocks forever
-                if self.queue.get() is _STOP:
-                    return
+            while not stopping:  # keep draining so the producer never blocks, until its stop marker
+                stopping = self.queue.get() is _STOP
 
     def _write(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
         embeddings = {v: embeddings[v] for v in VARIANTS if v in embeddings}  # fixed member order
+        for variant, tensor in embeddings.items():  # NaN/Inf (e.g. fp16 overflow) would poison training later
+            if not isinstance(tensor, bytes) and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                reason = f"embedding {variant} has {bad} non-finite value(s) of {tensor.numel()}"
+                log.warning("%s line %s: %s; sample not written", sample.meta.get("input"), sample.line, reason)
+                failure = Failure(
+                    str(sample.meta.get("input", "")), sample.line, "non_finite_embedding", reason, variant
+                )
+                self.failures.append(failure.to_json())
+                return
         # tensors are encoded here; ready .npy bytes (resharding, conversion) are stored as they are
         npys = {v: t if isinstance(t, bytes) else embedding_to_npy(t) for v, t in embeddings.items()}
         shapes = {

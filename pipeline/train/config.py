@@ -215,10 +215,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"--output_dir {args.output_dir}: checkpoints and exports are written with local file operations "
             "(atomic renames); give a local or mounted folder (for object storage, mount it or copy afterwards)"
         )
-    storage_options = parse_storage_options(args.storage_options)
+    shard_patterns = parse_shard_flags(args.train_shards)
+    data_url = args.train_data_meta_dir or next((p[0] for p in shard_patterns.values() if p), None)
+    storage_options = parse_storage_options(args.storage_options, data_url)
     data = DataConfig(
         meta_dir=args.train_data_meta_dir,
-        shard_patterns=parse_shard_flags(args.train_shards),
+        shard_patterns=shard_patterns,
         task_weights=parse_weights(args.train_data_weights, "--train_data_weights")
         if args.train_data_weights
         else None,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.workers import die_with_parent
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
 from pipeline.train.config import DataConfig, StreamConfig
 from pipeline.train.stream import MixedBatchDataset, MixPlan, plan_mix
@@ -23,7 +24,10 @@ log = logging.getLogger("pipeline.train")
 def load_tasks(data: DataConfig, storage_options: dict | None) -> dict[str, Task]:
     tasks: dict[str, Task] = {}
     if data.meta_dir:
-        tasks.update(discover_tasks(data.meta_dir, storage_options))
+        wanted = None
+        if data.task_weights is not None:  # tasks the weights do not name are not opened
+            wanted = set(data.task_weights) - set(data.shard_patterns)
+        tasks.update(discover_tasks(data.meta_dir, storage_options, wanted))
     for name, patterns in data.shard_patterns.items():
         tasks[name] = task_from_patterns(name, patterns, storage_options)
     if not tasks:
@@ -124,6 +128,7 @@ def build_loader(dataset: MixedBatchDataset, data: DataConfig):
         dataset,
         batch_size=None,
         num_workers=data.num_workers,
+        worker_init_fn=die_with_parent,
         prefetch_factor=data.prefetch_factor if data.num_workers else None,
         persistent_workers=False,
     )

@@ -1,0 +1,238 @@
+"""Faults and hostile input in extraction and the shard tools: no hang, no poison line (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from helpers import extract, read_samples
+
+from pipeline.extract.records import RecordError, parse_line
+from pipeline.shards.commits import ProgressLog
+from pipeline.shards.storage import Store
+from pipeline.shards.writer import Failure, PreparedSample, ShardSink
+
+
+class ForbiddenStore(MemoryFileSystem):
+    """An object store whose uploads are refused (expired credentials, a full disk, a permission error)."""
+
+    protocol = ("forbidden",)
+
+    def put_file(self, lpath, rpath, **kwargs):
+        raise PermissionError(f"403 Forbidden: credentials expired uploading {rpath}")
+
+    def pipe_file(self, path, value, **kwargs):
+        raise PermissionError(f"403 Forbidden: credentials expired writing {path}")
+
+
+@pytest.fixture
+def forbidden_store(monkeypatch):
+    import fsspec
+
+    fsspec.register_implementation("forbidden", ForbiddenStore, clobber=True)
+    yield "forbidden://bucket/task"
+    fsspec.register_implementation("forbidden", "fsspec.implementations.memory.MemoryFileSystem", clobber=True)
+
+
+def _sample(line: int) -> PreparedSample:
+    meta = {"key": f"k{line}", "line": line, "num_sources": 0, "variants": {}}
+    return PreparedSample(f"k{line}", line, 0, meta, {"target": ("png", b"\x89PNG fake")})
+
+
+def _close_within(sink: ShardSink, seconds: float) -> BaseException | None:
+    """Close the sink in a thread; fail the test if it does not return (the hang this guards against)."""
+    outcome: list[BaseException | None] = []
+
+    def close():
+        try:
+            sink.close()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=close, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "ShardSink.close() hung after a writer error"
+    return outcome[0]
+
+
+def test_an_upload_error_in_the_final_flush_surfaces_instead_of_hanging(forbidden_store):
+    """The last shard is published only at close(); its upload fails: close() must raise, not wait forever."""
+    store = Store(forbidden_store)
+    sink = ShardSink(store, ProgressLog(store, 0, []), 0, max_samples_per_shard=1000, max_shard_bytes=1 << 30)
+    sink.add_sample(_sample(0), {"en": torch.zeros(3, 8)})
+    sink.add_failure(Failure("in.jsonl", 1, "missing_image", "gone"))
+    error = _close_within(sink, 30)
+    assert isinstance(error, RuntimeError) and "credentials expired" in str(error)
+
+
+@pytest.mark.parametrize(
+    "text, field, words",
+    [
+        ("[" * 100_000 + "]" * 100_000, None, "nested too deeply"),
+        ('{"target_image": "t.png", "instruction": "\\ud800 broken"}', "instruction", "lone surrogate"),
+        ('{"target_image": "t\\udfff.png"}', "target_image", "lone surrogate"),
+        ('{"target_image": "t.png", "meta": {"k": ["\\ud83d"]}}', "meta.k[0]", "lone surrogate"),
+        ('{"target_image": "t.png", "x": ' + "[" * 70 + "]" * 70 + "}", "x" + "[0]" * 64, "nested deeper"),
+        ('{"target_image": "t.png", "instruction": "caf\udce9"}', None, "invalid UTF-8 (byte 0xe9 at column 46)"),
+    ],
+)
+def test_poison_lines_are_record_errors(text, field, words):
+    with pytest.raises(RecordError) as info:
+        parse_line(text, "in.jsonl", 7)
+    assert info.value.line == 7 and info.value.field == field and words in info.value.reason
+    json.dumps(Failure("in.jsonl", 7, "invalid_row", info.value.reason, field, text).to_json()).encode("utf-8")
+
+
+@pytest.mark.slow
+def test_poison_lines_do_not_stop_extraction(sample_data_dir, tiny_model_dir, tmp_path):
+    """Deep nesting, lone surrogates (text and image path) and an invalid UTF-8 byte: recorded, the run goes on."""
+    good = [json.loads(x) for x in (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:3]]
+    for row in good:
+        row["source_image"] = str(sample_data_dir / "edit_single" / row["source_image"])
+        row["target_image"] = str(sample_data_dir / "edit_single" / row["target_image"])
+
+    def escaped(row: dict, field: str, escape: str) -> bytes:  # a JSON escape json.dumps would never write
+        return json.dumps({**row, field: row.get(field, "") + "@@"}).replace("@@", escape).encode()
+
+    lines = [
+        json.dumps(good[0]).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        escaped(good[1], "instruction", "\\ud800"),
+        escaped(good[1], "target_image", "\\udfff"),
+        json.dumps({**good[1], "instruction": "caf"}).encode().replace(b'"caf"', b'"caf\xe9"'),
+        json.dumps(good[2]).encode(),
+    ]
+    jsonl = tmp_path / "poison.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "task"
+    result = extract(jsonl, out, tiny_model_dir, "--max_failure_ratio", "0.9", check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = {f["line"]: f for f in map(json.loads, (out / "_failures" / "rank-0.jsonl").read_text().splitlines())}
+    assert sorted(failures) == [1, 2, 3, 4]
+    assert failures[2]["field"] == "instruction" and failures[3]["field"] == "target_image"
+    assert "invalid UTF-8" in failures[4]["reason"] and failures[4]["file"] == str(jsonl)
+    assert {json.loads(s["json"])["line"] for s in read_samples(str(out)).values()} == {0, 5}
+
+
+def test_non_finite_embeddings_fail_their_sample_at_write_time():
+    from pipeline.shards.commits import read_commits
+
+    store = Store(f"memory://nonfinite-{id(object())}/task")
+    sink = ShardSink(store, ProgressLog(store, 0, []), 0, max_samples_per_shard=1000, max_shard_bytes=1 << 30)
+    overflow = torch.full((3, 8), 60000.0, dtype=torch.float16) * 2  # fp16 overflow -> inf
+    sink.add_sample(_sample(0), {"en": torch.zeros(3, 8), "cn": overflow})
+    sink.add_sample(_sample(1), {"en": torch.tensor([[float("nan")] * 8])})
+    sink.add_sample(_sample(2), {"en": torch.ones(3, 8)})
+    sink.close()
+    commits = read_commits(store)
+    assert [n for c in commits for n in c.lines] == [2]
+    failures = {f["line"]: f for c in commits for f in c.failures}
+    assert {line: f["kind"] for line, f in failures.items()} == {0: "non_finite_embedding", 1: "non_finite_embedding"}
+    assert failures[0]["field"] == "cn" and "24 non-finite value(s) of 24" in failures[0]["reason"]
+
+
+def test_a_broken_manifest_names_its_file_and_unlisted_tasks_are_not_opened(tmp_path):
+    from pipeline.shards.tasks import DataConfigError
+    from pipeline.train.config import DataConfig
+    from pipeline.train.data import load_tasks
+
+    good = {"shards": [{"url": "src1/00000-000000.tar", "num_sources": 1, "samples": 3}], "null_embedding": None}
+    for name, body in {
+        "good": json.dumps(good),
+        "truncated": json.dumps(good)[:40],
+        "no_shards": json.dumps({"task": "no_shards"}),
+        "bad_entry": json.dumps({"shards": [{"url": "x.tar"}]}),
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(body)
+    tasks = load_tasks(DataConfig(meta_dir=str(tmp_path), task_weights={"good": 1.0}), None)
+    assert list(tasks) == ["good"] and tasks["good"].shards[1][0].samples == 3
+    for name, words in {
+        "truncated": "not valid JSON",
+        "no_shards": "has no 'shards' list",
+        "bad_entry": "shards[0] lacks num_sources, samples",
+    }.items():
+        with pytest.raises(DataConfigError, match=str(tmp_path / name / "manifest.json")) as info:
+            load_tasks(DataConfig(meta_dir=str(tmp_path), task_weights={"good": 1.0, name: 0.5}), None)
+        assert words in str(info.value)
+    with pytest.raises(DataConfigError, match=r"unknown task\(s\) \['nope'\]; available tasks: \['bad_entry'"):
+        load_tasks(DataConfig(meta_dir=str(tmp_path), task_weights={"nope": 1.0}), None)
+
+
+def test_flat_storage_options_go_to_the_output_store_not_to_http_images(sample_data_dir):
+    from range_server import RangeServer
+
+    from pipeline.common import images as imaging
+    from pipeline.shards.storage import options_for, parse_storage_options
+
+    flat = '{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}'
+    options = parse_storage_options(flat, "s3://bucket/shards/edit_a")
+    assert options_for("s3://bucket/x", options) == json.loads(flat)
+    assert options_for("https://cdn.example/x.png", options) == {}
+    image = next((sample_data_dir / "edit_single" / "images").glob("0000_src.*"))
+    with RangeServer(sample_data_dir) as server:
+        loaded = imaging.load(f"{server.url}/edit_single/images/{image.name}", options)
+    assert loaded.size[0] > 0
+    assert parse_storage_options(flat, "/local/out") == json.loads(flat)  # no remote target: every remote protocol
+    per_protocol = '{"s3": {"endpoint_url": "http://127.0.0.1:9"}}'
+    assert parse_storage_options(per_protocol, "gs://b/t") == json.loads(per_protocol)
+
+
+def test_shards_and_their_folder_are_fsynced_before_the_commit(tmp_path, monkeypatch):
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = tmp_path / "spool.tar"
+    spool.write_bytes(b"tar bytes")
+    store = Store(str(tmp_path / "task"))
+    store.put_file(str(spool), "src1/00000-000000.tar")
+    published = str(tmp_path / "task" / "src1")
+    assert any(p.startswith(published + "/00000-000000.tar.tmp-") for p in synced), synced  # data before rename
+    assert published in synced  # the rename itself
+    store.write_bytes("_progress/rank-00000/000000.json", b"{}")
+    assert str(tmp_path / "task" / "_progress" / "rank-00000") in synced
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_run_are_removed_and_ignored(tmp_path, meta_dir):
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.shards.commits import remove_orphans
+    from shards_tools.summary import task_stats
+
+    task = tmp_path / "task"
+    shutil.copytree(meta_dir / "edit_single", task)
+    (task / "_failures").mkdir(exist_ok=True)
+    (task / "_failures" / "rank-0.jsonl.tmp-1f2e").write_text('{"line": 1}\n')
+    (task / "_progress" / "rank-00000" / "000099.json.tmp-77aa").write_text("{")
+    assert task_stats(str(task), None)[0][0]["failures_recorded"] == 0  # a temporary file is not a failure
+    removed = remove_orphans(Store(str(task)), [], lambda rank: rank == 0)
+    assert "_failures/rank-0.jsonl.tmp-1f2e" in removed and "_progress/rank-00000/000099.json.tmp-77aa" in removed
+
+    spool_root = tmp_path / "spool"
+    spool_root.mkdir()
+    store = Store(str(tmp_path / "out"))
+    prefix = f"extract-{hashlib.sha256(store.root.encode()).hexdigest()[:12]}-r0-p"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (spool_root / f"{prefix}{dead.stdout.strip()}-x1").mkdir()
+    (spool_root / f"{prefix}{dead.stdout.strip()}-x1" / "src1_00000-000003.tar").write_bytes(b"0" * 1000)
+    (spool_root / f"{prefix}{os.getpid()}-live").mkdir()  # a run still alive keeps its folder
+    sink = ShardSink(store, ProgressLog(store, 0, []), 0, 10, 1 << 20, tmp_dir=str(spool_root))
+    sink.close()
+    assert sorted(p.name for p in spool_root.iterdir()) == [f"{prefix}{os.getpid()}-live"]
