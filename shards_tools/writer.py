@@ -18,8 +18,6 @@ from pipeline.shards.format import MANIFEST, NULL_EMBEDDING
 from pipeline.shards.storage import Store
 from pipeline.shards.writer import Failure, PreparedSample, ShardSink
 
-IDENTITY = f"{prog.PROGRESS}/identity.json"
-
 
 class TaskWriter:
     """Shards, commit records, failures files and manifest of one task directory being written.
@@ -40,17 +38,16 @@ class TaskWriter:
         self.url = output_url
         self.store = Store(output_url, storage_options)
         self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
-        previous = self.store.read_json(IDENTITY) if identity is not None and self.store.exists(IDENTITY) else None
-        if previous is None and (self.store.exists(MANIFEST) or self.store.listdir(prog.PROGRESS)):
+        resumable = identity is not None and self.store.exists(prog.IDENTITY)
+        if not resumable and (self.store.exists(MANIFEST) or self.store.listdir(prog.PROGRESS)):
             raise FileExistsError(f"{output_url} already holds a task; choose an empty output directory")
-        if previous is not None and previous != identity:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise FileExistsError(
-                f"{output_url} holds a conversion of other input (differs in {', '.join(changed)}); "
-                "rerun with the same input and flags to resume, or choose an empty output directory"
-            )
-        if identity is not None and previous is None:
-            self.store.write_json(IDENTITY, identity)
+        if identity is not None:
+            try:
+                prog.check_identity(
+                    self.store, identity, "Rerun with the same input and flags to resume, or choose an empty folder."
+                )
+            except ValueError as exc:
+                raise FileExistsError(str(exc)) from None
         self.commits = prog.read_commits(self.store)
         prog.remove_orphans(self.store, self.commits, lambda rank: True)
         self.sink: ShardSink | None = None
@@ -83,6 +80,8 @@ class TaskWriter:
         """Flush the open part; write the manifest from every commit record (of this run and earlier ones)."""
         self.close_part()
         extra = {**extra, "null_embedding": NULL_EMBEDDING if self.has_null_embedding() else None}
-        manifest = prog.build_manifest(self.store, base, prog.read_commits(self.store), extra)
+        commits = prog.read_commits(self.store)
+        prog.write_failures_files(self.store, commits, by_rank=True)
+        manifest = prog.build_manifest(self.store, base, commits, extra, by_rank=True)
         prog.write_manifest(self.store, manifest)
         return manifest

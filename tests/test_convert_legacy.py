@@ -153,7 +153,7 @@ def test_a_rerun_resumes_and_other_input_is_refused(sample_data_dir, tmp_path):
     again = convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(max_samples_per_shard=5))
     assert again["tasks"]["edit_a"]["shards"] == first["tasks"]["edit_a"]["shards"]  # nothing converted twice
     (work / "out_jsonl" / "data_rank_002.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match="differs in inputs"):
+    with pytest.raises(FileExistsError, match=r"other input or flags \(inputs: "):
         convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(max_samples_per_shard=5))
 
 

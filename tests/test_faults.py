@@ -236,3 +236,159 @@ def test_leftovers_of_a_killed_run_are_removed_and_ignored(tmp_path, meta_dir):
     sink = ShardSink(store, ProgressLog(store, 0, []), 0, 10, 1 << 20, tmp_dir=str(spool_root))
     sink.close()
     assert sorted(p.name for p in spool_root.iterdir()) == [f"{prefix}{os.getpid()}-live"]
+
+
+def test_fetches_are_bounded_in_bytes_and_time(tmp_path, monkeypatch):
+    import io
+    import socket
+    import time
+
+    from PIL import Image
+    from range_server import RangeServer
+
+    from pipeline.common import images as imaging
+
+    with pytest.raises(imaging.ImageLoadError, match="image_too_large.*more than the limit of 1048576 bytes"):
+        imaging.load("/dev/zero", max_bytes=1 << 20)  # never ends: refused after the limit, not read whole
+    (tmp_path / "big.bin").write_bytes(b"\0" * (3 << 20))
+    with RangeServer(tmp_path) as server:  # a known size is refused before reading
+        with pytest.raises(imaging.ImageLoadError, match=r"image_too_large.*3145728 bytes > limit 1048576"):
+            imaging.load(f"{server.url}/big.bin", max_bytes=1 << 20)
+        assert sum(1 for path, _ in server.requests if path == "/big.bin") <= 2  # a HEAD or size probe, no body read
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        started = time.monotonic()
+        with pytest.raises(imaging.ImageLoadError, match="fetch_error"):
+            imaging.load(f"http://127.0.0.1:{silent.getsockname()[1]}/a.png", timeout=1.0)
+        assert time.monotonic() - started < 15
+
+    picture = io.BytesIO()
+    Image.new("RGB", (50, 50), "red").save(picture, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's limit below the one asked for
+    assert imaging.decode("x.png", picture.getvalue(), max_pixels=10_000).size == (50, 50)
+    with pytest.raises(imaging.ImageLoadError, match="image_too_large"):
+        imaging.decode("x.png", picture.getvalue(), max_pixels=2_000)
+
+
+def test_transient_failures_are_retried_and_superseded():
+    from pipeline.shards.commits import Commit, done_lines, standing_failures, summarize
+
+    def failure(line, kind):
+        return {"file": "in.jsonl", "line": line, "kind": kind, "reason": "r", "field": None, "text": ""}
+
+    first = [  # a first run: line 1 could not be fetched, line 2 is not an image, line 3 ran out of memory
+        Commit(0, 0, {"url": "src1/a.tar"}, [0], [failure(1, "fetch_error"), failure(2, "not_an_image")]),
+        Commit(1, 0, None, [], [failure(3, "encode_error")]),
+    ]
+    assert done_lines(first).tolist() == [True, False, True]  # 1 and 3 are tried again
+    assert summarize(first)["failed_by_reason"] == {"encode_error": 1, "fetch_error": 1, "not_an_image": 1}
+    rerun = first + [Commit(0, 1, {"url": "src1/b.tar"}, [1], [failure(3, "encode_error")])]  # one rank now
+    assert sorted(f["line"] for _, f in standing_failures(rerun)) == [2, 3]
+    assert summarize(rerun) == {"ok": 2, "failed": 2, "failed_by_reason": {"encode_error": 1, "not_an_image": 1}}
+    per_file = [Commit(0, 0, None, [], [failure(5, "bad_embedding")]), Commit(1, 0, {"url": "x"}, [5], [])]
+    assert len(standing_failures(per_file, by_rank=True)) == 1  # conversion: line 5 of another file
+
+
+def test_failures_files_are_rebuilt_from_the_commit_records(tmp_path):
+    """A kill between a commit record and the failures file, then a rerun with fewer ranks: nothing lost."""
+    from pipeline.shards.commits import read_commits, write_failures_files
+
+    store = Store(str(tmp_path / "task"))
+    for rank in (0, 1):
+        sink = ShardSink(store, ProgressLog(store, rank, []), rank, 1000, 1 << 30)
+        sink.add_sample(_sample(2 * rank), {"en": torch.ones(2, 4)})
+        sink.add_failure(Failure("in.jsonl", 2 * rank + 1, "not_an_image", "bytes are text"))
+        sink.close()
+    assert not (tmp_path / "task" / "_failures").exists()  # the records hold them until the final step
+    write_failures_files(store, read_commits(store))
+    files = sorted((tmp_path / "task" / "_failures").iterdir())
+    assert [f.name for f in files] == ["rank-0.jsonl", "rank-1.jsonl"]
+    assert [json.loads(f.read_text())["line"] for f in files] == [1, 3]
+
+
+@pytest.mark.slow
+def test_a_server_that_was_down_is_retried_on_rerun(sample_data_dir, tiny_model_dir, tmp_path):
+    import shutil
+    import socket
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    images = tmp_path / "www"
+    shutil.copytree(sample_data_dir / "edit_single" / "images", images)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows = [json.loads(x) for x in (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:3]]
+    for row in rows:
+        row["source_image"] = f"http://127.0.0.1:{port}/{row['source_image'].rsplit('/', 1)[-1]}"
+        row["target_image"] = str(sample_data_dir / "edit_single" / row["target_image"])
+    jsonl = tmp_path / "remote.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "task"
+    down = extract(jsonl, out, tiny_model_dir, "--fetch_timeout", "5", check=False)
+    assert down.returncode == 1 and "fetch_error" in (out / "_failures" / "rank-0.jsonl").read_text()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(images), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = extract(jsonl, out, tiny_model_dir, check=False)
+    finally:
+        server.shutdown()
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert "3 line(s) to process" in up.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 3 and manifest["failures"] == 0
+    assert not (out / "_failures" / "rank-0.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_from_other_input_or_flags_is_refused(sample_data_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "task"
+    first = sample_data_dir / "text_to_image" / "data.jsonl"
+    extract(first, out, tiny_model_dir, "--skip_embeddings")
+    other = extract(
+        sample_data_dir / "compose_multi" / "data.jsonl", out, tiny_model_dir, "--skip_embeddings", check=False
+    )
+    assert other.returncode == 2
+    assert "input:" in other.stderr and "input_sha256_first_64MiB" in other.stderr and "To start fresh" in other.stderr
+    styled = extract(first, out, tiny_model_dir, "--skip_embeddings", "--prompt_style", "firered", check=False)
+    assert styled.returncode == 2 and "prompt_style: 'diffusers' then, 'firered' now" in styled.stderr
+    again = extract(first, out, tiny_model_dir, "--skip_embeddings")
+    assert "0 line(s) to process" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused(sample_data_dir, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, combined_jsonl, read_manifest
+
+    jsonl = combined_jsonl(sample_data_dir, tmp_path / "mixed.jsonl")
+    out = tmp_path / "task"
+    args = [str(jsonl), "--output_dir", str(out), "--model_path", str(tiny_model_dir), "--num_workers", "0"]
+    args += ["--batch_size", "1", "--max_samples_per_shard", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.extract", *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "_progress" / "lease-rank-00000.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline.extract", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert first.poll() is None, "the first run ended before the second started; make it longer"
+    assert second.returncode == 2 and "another run" in second.stderr and "is writing rank 0" in second.stderr
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
+    manifest = read_manifest(str(out))
+    assert manifest["samples"] == 36 and not (out / "_progress" / "lease-rank-00000.json").exists()
+    assert {p.name for p in out.rglob("*.tar")} == {s["url"].rsplit("/", 1)[1] for s in manifest["shards"]}

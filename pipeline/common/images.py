@@ -17,10 +17,12 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.shards.storage import read_uri
+from pipeline.shards.storage import TooLarge, read_uri
 
 CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE for Edit-Plus
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+DEFAULT_MAX_BYTES = 64 << 20  # a bigger "image" (a mistyped URL, /dev/zero) is refused, not read whole
+DEFAULT_FETCH_TIMEOUT = 60.0  # seconds to connect / wait for data over http(s) and S3
 KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 MIN_BUCKET, MAX_BUCKET = 1 / 4, 4.0
 
@@ -49,9 +51,16 @@ class LoadedImage:
         return self.rgb.size
 
 
-def fetch(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+def fetch(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_FETCH_TIMEOUT,
+) -> bytes:
     try:
-        return read_uri(uri, storage_options)
+        return read_uri(uri, storage_options, max_bytes, timeout)
+    except TooLarge as exc:
+        raise ImageLoadError("image_too_large", uri, str(exc)) from exc
     except FileNotFoundError as exc:
         cause = exc.__cause__
         if cause is not None and not isinstance(cause, FileNotFoundError):  # fsspec/http wraps connection errors
@@ -69,6 +78,8 @@ def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loade
     """Decode fully (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     if not data:
         raise ImageLoadError("not_an_image", uri, "empty file")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):  # PIL's own limit would refuse what ours allows
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,8 +108,14 @@ def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loade
     return LoadedImage(uri=uri, data=stored, ext=ext, rgb=rgb, original_mode=mode)
 
 
-def load(uri: str, storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    return decode(uri, fetch(uri, storage_options), max_pixels)
+def load(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_FETCH_TIMEOUT,
+) -> LoadedImage:
+    return decode(uri, fetch(uri, storage_options, max_bytes, timeout), max_pixels)
 
 
 def aspect_bucket(size: tuple[int, int]) -> float:

@@ -13,6 +13,7 @@ from pipeline.common import images as imaging
 from pipeline.common.flags import add_prompt_style, add_shard_size, add_storage_options, distributed_env
 from pipeline.common.logs import setup_logging
 from pipeline.extract.extractor import Extractor
+from pipeline.shards.commits import LeaseHeld
 
 log = logging.getLogger("pipeline.extract")
 
@@ -63,7 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.05,
         help="exit non-zero when more than this fraction of the lines failed (default 0.05)",
     )
-    p.add_argument("--max_image_pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS, help="reject larger images")
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=imaging.DEFAULT_MAX_PIXELS,
+        help="reject images with more pixels (decompression bombs); may exceed PIL's own limit (default: PIL's)",
+    )
+    p.add_argument(
+        "--max_image_bytes",
+        type=int,
+        default=imaging.DEFAULT_MAX_BYTES,
+        help="reject image files larger than this, checked before and while reading (default 64 MiB)",
+    )
+    p.add_argument(
+        "--fetch_timeout",
+        type=float,
+        default=imaging.DEFAULT_FETCH_TIMEOUT,
+        help="seconds to connect to and wait for data from http(s) and S3 image URLs (default 60)",
+    )
     p.add_argument("--source_column", default="source_image", help="JSONL field with the source image(s)")
     p.add_argument("--target_column", default="target_image", help="JSONL field with the target image")
     add_storage_options(p)
@@ -103,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         extractor.run()
         _barrier(world)
         code = extractor.finish() if rank == 0 else 0
-    except (FileNotFoundError, ValueError) as exc:  # a missing input file, bad --storage_options ...
+    except (FileNotFoundError, ValueError, LeaseHeld) as exc:  # a missing input, bad flags, a second run ...
         log.error("%s", exc)
         code = 2
     finally:

@@ -11,6 +11,7 @@ embedding and, last, ``manifest.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,7 +31,7 @@ from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, Prepa
 from pipeline.extract.records import Columns
 from pipeline.shards import commits as prog
 from pipeline.shards.format import NULL_EMBEDDING, embedding_to_npy, new_manifest
-from pipeline.shards.storage import Store, parse_storage_options
+from pipeline.shards.storage import Store, options_for, parse_storage_options
 from pipeline.shards.writer import ShardSink
 
 log = logging.getLogger("pipeline.extract")
@@ -89,6 +91,24 @@ def _identity(item):
     return item
 
 
+FINGERPRINT_BYTES = 64 << 20
+
+
+def input_fingerprint(url: str, storage_options: dict | None) -> dict[str, Any]:
+    """Size and sha256 of the first 64 MiB of the input JSONL: another file under the same name is noticed."""
+    digest = hashlib.sha256()
+    fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+    with fs.open(path, "rb") as handle:
+        remaining = FINGERPRINT_BYTES
+        while remaining > 0:
+            block = handle.read(min(remaining, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return {"input_size": fs.size(path), "input_sha256_first_64MiB": digest.hexdigest()}
+
+
 class Extractor:
     """One rank's extraction run."""
 
@@ -109,6 +129,19 @@ class Extractor:
 
     # ---- main loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        prog.check_identity(
+            self.store,
+            self.identity(),
+            f"To start fresh, choose a new --output_dir or delete {self.args.output_dir}; "
+            "to resume, rerun with the first run's input and flags.",
+        )
+        lease = prog.RankLease(self.store, self.rank)
+        try:
+            return self._run()
+        finally:
+            lease.release()
+
+    def _run(self) -> dict[str, Any]:
         commits = prog.read_commits(self.store)
         # each rank cleans its own leftovers; rank 0 also those of ranks a larger earlier run had
         prog.remove_orphans(self.store, commits, lambda r: r == self.rank or (self.rank == 0 and r >= self.world))
@@ -117,6 +150,8 @@ class Extractor:
             inverse=self.inverse,
             t2i_mode=self.args.t2i_mode,
             max_pixels=self.args.max_image_pixels,
+            max_bytes=self.args.max_image_bytes,
+            fetch_timeout=self.args.fetch_timeout,
             storage_options=self.storage_options,
             skip_embeddings=self.args.skip_embeddings,
         )
@@ -255,6 +290,7 @@ class Extractor:
             "world_size": self.world,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        prog.write_failures_files(self.store, commits)
         manifest = prog.build_manifest(self.store, base, commits, extra)
         prog.write_manifest(self.store, manifest)
         print(json.dumps({"task": self.task, "output": self.args.output_dir, **summary}, ensure_ascii=False))
@@ -279,6 +315,21 @@ class Extractor:
             )
             return 1
         return 0
+
+    def identity(self) -> dict[str, Any]:
+        """What the shards are made from: the input (URL, size, digest of its start) and every output-changing flag."""
+        args = self.args
+        return {
+            "input": args.jsonl_path,
+            **input_fingerprint(args.jsonl_path, self.storage_options),
+            "model_config_sha256": None if args.skip_embeddings else config_digest(args.model_path),
+            "prompt_style": args.prompt_style,
+            "t2i_mode": args.t2i_mode,
+            "inverse": self.inverse,
+            "skip_embeddings": args.skip_embeddings,
+            "image_sample_size": args.image_sample_size,
+            "columns": [args.source_column, args.target_column],
+        }
 
     def _model_identity(self) -> dict[str, Any]:
         hidden = self.encoder.hidden_size if self.encoder else None

@@ -27,6 +27,8 @@ class PrepareOptions:
     inverse: bool = True
     t2i_mode: bool = False
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    max_bytes: int = imaging.DEFAULT_MAX_BYTES
+    fetch_timeout: float = imaging.DEFAULT_FETCH_TIMEOUT
     storage_options: dict[str, Any] | None = None
     skip_embeddings: bool = False
 
@@ -54,7 +56,7 @@ def prepare_record(
     roles.append(("target", record.target, target_field))
     for role, uri, fieldname in roles:
         try:
-            loaded[role] = imaging.load(uri, opts.storage_options, opts.max_pixels)
+            loaded[role] = imaging.load(uri, opts.storage_options, opts.max_pixels, opts.max_bytes, opts.fetch_timeout)
         except imaging.ImageLoadError as exc:
             return Failure(record.file, record.line, exc.kind, str(exc), fieldname, text)
 

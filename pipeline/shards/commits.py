@@ -3,17 +3,26 @@
 After each shard is published, its rank writes a commit record
 ``_progress/rank-{r:05d}/{seq:06d}.json`` naming the shard, the input lines in
 it and the failures seen since the previous commit.  The commit records are the
-truth: a line is done when a record lists it, shards no record names are
-orphans of a killed run and are deleted, and ``_failures/rank-{r}.jsonl`` and
-``manifest.json`` are rebuilt from the records.  So a run killed at any moment
-and started again ends with every input line exactly once in a shard or in the
-failures file.
+truth: a line is done when a record lists it in a shard or with a permanent
+failure, shards no record names are orphans of a killed run and are deleted,
+and ``_failures/rank-{r}.jsonl`` and ``manifest.json`` are written from the
+records at the end.  So a run killed at any moment and started again ends with
+every input line exactly once in a shard or in the failures file.
+
+Failures of a transient kind (a server down, an encoder out of memory) do not
+make their line done: the rerun tries it again, and a line written later, or
+failed again, no longer counts its earlier failure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +37,107 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "_progress"
 FAILURES = "_failures"
+
+
+IDENTITY = f"{PROGRESS}/identity.json"
+
+
+def check_identity(store: Store, identity: dict[str, Any], fresh_hint: str) -> None:
+    """Record what this task directory is made from on the first run; refuse a rerun made from something else.
+
+    Without it a rerun with another input or other flags would find its lines
+    "done" and describe the new input over the old samples.
+    """
+    if not store.exists(IDENTITY):
+        store.write_json(IDENTITY, identity)
+        return
+    previous = store.read_json(IDENTITY)
+    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {previous.get(k)!r} then, {identity.get(k)!r} now" for k in changed)
+        raise ValueError(f"{store.root} was written from other input or flags ({diff}). {fresh_hint}")
+
+
+LEASE_TTL = 60.0  # seconds without renewal after which a rank's lease is free
+LEASE_RENEW = 10.0
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run writes this rank of the task directory."""
+
+
+class RankLease:
+    """Which run writes a rank of this task directory: refuses a second run instead of letting both write.
+
+    A second run on the same output would delete the first run's published but
+    not yet committed shard as an orphan and reuse its sequence numbers.  The
+    lease (``_progress/lease-rank-{r}.json``: run id, host, pid, renewal time) is
+    renewed every 10 s.  A new run takes it over when its holder is gone: at once
+    when the holder was a dead process on this host, else once it has not been
+    renewed for 60 s (a run on another host restarted after a crash waits up to
+    that long); a renewal seen meanwhile means the holder is alive, and the new
+    run is refused.
+    """
+
+    def __init__(self, store: Store, rank: int, wait: float = LEASE_TTL, renew_every: float = LEASE_RENEW):
+
+        self.store, self.path, self.renew_every = store, f"{PROGRESS}/lease-rank-{rank:05d}.json", renew_every
+        self.mine = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        held = self._read()
+        deadline = time.time() + wait
+        while held and held.get("run_id") != self.mine["run_id"] and not self._gone(held):
+            if time.time() > deadline:
+                break  # not renewed for a whole wait: its holder is gone
+            time.sleep(min(1.0, renew_every / 4))
+            now = self._read()
+            if now and now.get("renewed") != held.get("renewed"):
+                raise LeaseHeld(
+                    f"another run ({now.get('host')}, pid {now.get('pid')}) is writing rank {rank} of {store.root}; "
+                    "two runs on one output directory would lose shards. Stop it, or use another --output_dir"
+                )
+            held = now
+        self._write()
+        time.sleep(0.2)  # two runs taking a free lease at once: the one whose write is not the last backs off
+        if (self._read() or {}).get("run_id") != self.mine["run_id"]:
+            raise LeaseHeld(f"another run took rank {rank} of {store.root} at the same moment; use one run")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{rank}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return self.store.read_json(self.path)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write(self) -> None:
+
+        self.store.write_json(self.path, {**self.mine, "renewed": time.time()})
+
+    def _gone(self, held: dict[str, Any]) -> bool:
+
+        if held.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                self._write()
+            except Exception as exc:  # a store hiccup: the next renewal tries again
+                log.warning("could not renew %s: %s", self.path, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if (self._read() or {}).get("run_id") == self.mine["run_id"]:
+            self.store.delete(self.path)
 
 
 def rank_dir(rank: int) -> str:
@@ -76,12 +186,40 @@ def read_commits(store: Store) -> list[Commit]:
     return sorted(commits, key=lambda c: (c.rank, c.seq))
 
 
+# failure kinds a rerun tries again: the input may be fine and the cause gone (network, memory, a bug fixed)
+TRANSIENT_KINDS = frozenset({"fetch_error", "encode_error", "prepare_error"})
+
+
 def done_lines(commits: list[Commit]) -> np.ndarray:
-    """Boolean mask over line numbers that are already in a shard or in the failures file."""
-    numbers = [n for c in commits for n in c.lines] + [f["line"] for c in commits for f in c.failures]
+    """Boolean mask over line numbers already in a shard or failed for good (transient failures are retried)."""
+    numbers = [n for c in commits for n in c.lines]
+    numbers += [f["line"] for c in commits for f in c.failures if f["kind"] not in TRANSIENT_KINDS]
     mask = np.zeros(max(numbers, default=-1) + 1, dtype=bool)
     mask[numbers] = True
     return mask
+
+
+def standing_failures(commits: list[Commit], by_rank: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(recording rank, failure) for each failed line not written since; one per line, a permanent one first.
+
+    Lines are keyed by number (one input file, any rank) or, with ``by_rank``,
+    by (rank, number) when each rank reads its own file (conversion).
+    """
+
+    def key(rank: int, line: int):
+        return (rank, line) if by_rank else line
+
+    written = {key(c.rank, n) for c in commits for n in c.lines}
+    chosen: dict[Any, tuple[int, dict[str, Any]]] = {}
+    for commit in commits:
+        for failure in commit.failures:
+            k = key(commit.rank, failure["line"])
+            if k in written:
+                continue
+            previous = chosen.get(k)
+            if previous is None or previous[1]["kind"] in TRANSIENT_KINDS:
+                chosen[k] = (commit.rank, failure)
+    return list(chosen.values())
 
 
 def remove_orphans(store: Store, commits: list[Commit], owns: Callable[[int], bool]) -> list[str]:
@@ -122,15 +260,12 @@ def _rank_of(name: str) -> int:
 
 
 class ProgressLog:
-    """Writes this rank's commit records and keeps its failures file in step with them."""
+    """Writes this rank's commit records (each lists its shard's lines and the failures since the last one)."""
 
     def __init__(self, store: Store, rank: int, commits: list[Commit]):
         self.store = store
         self.rank = rank
-        mine = [c for c in commits if c.rank == rank]
-        self.next_seq = max((c.seq for c in mine), default=-1) + 1
-        self.failures = [f for c in mine for f in c.failures]
-        self.rewrite_failures()
+        self.next_seq = max((c.seq for c in commits if c.rank == rank), default=-1) + 1
 
     def reserve_seq(self) -> int:
         seq = self.next_seq
@@ -140,31 +275,38 @@ class ProgressLog:
     def commit(self, commit: Commit) -> None:
         """Record a published shard (or failures only); the record makes its lines done."""
         self.store.write_json(f"{rank_dir(self.rank)}/{commit.seq:06d}.json", commit.to_json())
-        if commit.failures:
-            self.failures.extend(commit.failures)
-            self.rewrite_failures()
-
-    def rewrite_failures(self) -> None:
-        if not self.failures and not self.store.exists(failures_file(self.rank)):
-            return
-        body = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in self.failures)
-        self.store.write_bytes(failures_file(self.rank), body.encode("utf-8"))
 
 
-def summarize(commits: list[Commit]) -> dict[str, Any]:
-    """ok / failed counts (per reason) over all commits."""
+def write_failures_files(store: Store, commits: list[Commit], by_rank: bool = False) -> None:
+    """``_failures/rank-{r}.jsonl`` for every rank from the commit records (the final step; each file once)."""
+    per_rank: dict[int, list[dict[str, Any]]] = {}
+    for rank, failure in standing_failures(commits, by_rank):
+        per_rank.setdefault(rank, []).append(failure)
+    for name in store.listdir(FAILURES):
+        if name.startswith("rank-") and name.endswith(".jsonl") and _rank_of(name) not in per_rank:
+            store.delete(f"{FAILURES}/{name}")  # every failure it held was retried and written since
+    for rank, failures in sorted(per_rank.items()):
+        failures.sort(key=lambda f: (str(f.get("file")), f["line"]))
+        body = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+        store.write_bytes(failures_file(rank), body.encode("utf-8"))
+
+
+def summarize(commits: list[Commit], by_rank: bool = False) -> dict[str, Any]:
+    """ok / failed counts (per reason) over all commits; failures superseded by a retry do not count."""
     ok = sum(len(c.lines) for c in commits)
-    reasons = Counter(f["kind"] for c in commits for f in c.failures)
+    reasons = Counter(f["kind"] for _, f in standing_failures(commits, by_rank))
     return {"ok": ok, "failed": sum(reasons.values()), "failed_by_reason": dict(sorted(reasons.items()))}
 
 
-def build_manifest(store: Store, base: dict[str, Any], commits: list[Commit], extra: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    store: Store, base: dict[str, Any], commits: list[Commit], extra: dict[str, Any], by_rank: bool = False
+) -> dict[str, Any]:
     """Manifest from the commit records; written last and atomically by the caller."""
     manifest = dict(base)
     manifest["shards"] = [c.shard for c in commits if c.shard]
     manifest["shards"].sort(key=lambda s: s["url"])
     manifest["variants"] = sorted({v for c in commits for v in c.variants})
-    summary = summarize(commits)
+    summary = summarize(commits, by_rank)
     manifest["samples"] = summary["ok"]
     manifest["failures"] = summary["failed"]
     manifest["failures_by_reason"] = summary["failed_by_reason"]

@@ -233,7 +233,44 @@ def uri_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
         return False
 
 
-def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Whole content of a local path or any fsspec URL (http(s), s3, gs ...)."""
-    with fsspec.open(uri, "rb", **options_for(uri, storage_options)) as handle:
-        return handle.read()
+class TooLarge(ValueError):
+    """Content over the byte limit a reader set."""
+
+
+def read_uri(
+    uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None, timeout: float | None = None
+) -> bytes:
+    """Whole content of a local path or any fsspec URL (http(s), s3, gs ...).
+
+    ``max_bytes`` bounds the read: a known size above it is refused before
+    reading, an unknown one (a stream, ``/dev/zero``) after ``max_bytes + 1``
+    bytes.  ``timeout`` (seconds) bounds connecting and waiting for data over
+    http(s) and S3 unless the storage options set their own.
+    """
+    options = options_for(uri, storage_options)
+    if timeout:
+        options = _with_timeout(protocol_of(uri), options, timeout)
+    with fsspec.open(uri, "rb", **options) as handle:
+        if max_bytes is None:
+            return handle.read()
+        size = getattr(handle, "size", None)
+        if isinstance(size, int) and size > max_bytes:
+            raise TooLarge(f"{size} bytes > limit {max_bytes}")
+        data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLarge(f"more than the limit of {max_bytes} bytes")
+        return data
+
+
+def _with_timeout(protocol: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    options = dict(options)
+    if protocol in ("http", "https") and "client_kwargs" not in options:
+        import aiohttp
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30))}
+    elif protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs", {}))
+        config.setdefault("connect_timeout", min(timeout, 30))
+        config.setdefault("read_timeout", timeout)
+        options["config_kwargs"] = config
+    return options
