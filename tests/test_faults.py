@@ -361,8 +361,7 @@ def test_a_rerun_from_other_input_or_flags_is_refused(sample_data_dir, tiny_mode
     assert "input:" in other.stderr and "input_sha256_first_64MiB" in other.stderr and "To start fresh" in other.stderr
     styled = extract(first, out, tiny_model_dir, "--skip_embeddings", "--prompt_style", "firered", check=False)
     assert styled.returncode == 2 and "prompt_style: 'diffusers' then, 'firered' now" in styled.stderr
-    again = extract(first, out, tiny_model_dir, "--skip_embeddings")
-    assert "0 line(s) to process" in again.stderr
+    # (the same command resumes: the SIGKILL tests rerun with the first run's input and flags)
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ def _wait_for_commits(fs, prefix: str, proc: subprocess.Popen, count: int) -> No
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            found = [p for p in fs.find(f"{prefix}/_progress", refresh=True) if p.endswith(".json")]
+            found = [p for p in fs.find(f"{prefix}/_progress", refresh=True) if "/rank-" in p and p.endswith(".json")]
         except FileNotFoundError:
             found = []
         if len(found) >= count:

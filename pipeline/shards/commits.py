@@ -72,11 +72,10 @@ class RankLease:
     A second run on the same output would delete the first run's published but
     not yet committed shard as an orphan and reuse its sequence numbers.  The
     lease (``_progress/lease-rank-{r}.json``: run id, host, pid, renewal time) is
-    renewed every 10 s.  A new run takes it over when its holder is gone: at once
-    when the holder was a dead process on this host, else once it has not been
-    renewed for 60 s (a run on another host restarted after a crash waits up to
-    that long); a renewal seen meanwhile means the holder is alive, and the new
-    run is refused.
+    renewed every 10 s.  On the same host the holder's pid tells at once whether
+    it is alive (refused) or dead (taken over).  From another host a new run waits
+    for a renewal (the holder is alive: refused) or for 60 s without one (gone:
+    taken over), so a restart after a crash on another node waits up to a minute.
     """
 
     def __init__(self, store: Store, rank: int, wait: float = LEASE_TTL, renew_every: float = LEASE_RENEW):
@@ -85,16 +84,18 @@ class RankLease:
         self.mine = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         held = self._read()
         deadline = time.time() + wait
-        while held and held.get("run_id") != self.mine["run_id"] and not self._gone(held):
+        while held and held.get("run_id") != self.mine["run_id"]:
+            holder = self._holder_here(held)
+            if holder is False:
+                break  # a dead process on this host
+            if holder is True:
+                raise LeaseHeld(self._refusal(held, rank))
             if time.time() > deadline:
-                break  # not renewed for a whole wait: its holder is gone
+                break  # another host's holder, not renewed for a whole wait: gone
             time.sleep(min(1.0, renew_every / 4))
             now = self._read()
             if now and now.get("renewed") != held.get("renewed"):
-                raise LeaseHeld(
-                    f"another run ({now.get('host')}, pid {now.get('pid')}) is writing rank {rank} of {store.root}; "
-                    "two runs on one output directory would lose shards. Stop it, or use another --output_dir"
-                )
+                raise LeaseHeld(self._refusal(now, rank))
             held = now
         self._write()
         time.sleep(0.2)  # two runs taking a free lease at once: the one whose write is not the last backs off
@@ -114,17 +115,23 @@ class RankLease:
 
         self.store.write_json(self.path, {**self.mine, "renewed": time.time()})
 
-    def _gone(self, held: dict[str, Any]) -> bool:
+    def _refusal(self, held: dict[str, Any], rank: int) -> str:
+        return (
+            f"another run ({held.get('host')}, pid {held.get('pid')}) is writing rank {rank} of {self.store.root}; "
+            "two runs on one output directory would lose shards. Stop it, or use another --output_dir"
+        )
 
+    def _holder_here(self, held: dict[str, Any]) -> bool | None:
+        """Whether the holder's process is alive, when it ran on this host; None for another host."""
         if held.get("host") != socket.gethostname():
-            return False
+            return None
         try:
             os.kill(int(held.get("pid", -1)), 0)
         except (ProcessLookupError, ValueError):
-            return True
-        except PermissionError:
             return False
-        return False
+        except PermissionError:
+            return True
+        return True
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
