@@ -373,7 +373,9 @@ def test_a_second_run_on_the_same_output_is_refused(sample_data_dir, tiny_model_
 
     from helpers import REPO, combined_jsonl, read_manifest
 
-    jsonl = combined_jsonl(sample_data_dir, tmp_path / "mixed.jsonl")
+    rows = combined_jsonl(sample_data_dir, tmp_path / "mixed.jsonl").read_text().splitlines()
+    jsonl = tmp_path / "twice.jsonl"  # long enough that the first run outlives the second's start-up
+    jsonl.write_text("\n".join(rows * 2) + "\n")
     out = tmp_path / "task"
     args = [str(jsonl), "--output_dir", str(out), "--model_path", str(tiny_model_dir), "--num_workers", "0"]
     args += ["--batch_size", "1", "--max_samples_per_shard", "2"]
@@ -385,9 +387,9 @@ def test_a_second_run_on_the_same_output_is_refused(sample_data_dir, tiny_model_
     second = subprocess.run(
         [sys.executable, "-m", "pipeline.extract", *args], env=env, capture_output=True, text=True, timeout=300
     )
-    assert first.poll() is None, "the first run ended before the second started; make it longer"
+    # refused means it found the first run's lease held by a live process (a finished run releases it)
     assert second.returncode == 2 and "another run" in second.stderr and "is writing rank 0" in second.stderr
     assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
     manifest = read_manifest(str(out))
-    assert manifest["samples"] == 36 and not (out / "_progress" / "lease-rank-00000.json").exists()
+    assert manifest["samples"] == 72 and not (out / "_progress" / "lease-rank-00000.json").exists()
     assert {p.name for p in out.rglob("*.tar")} == {s["url"].rsplit("/", 1)[1] for s in manifest["shards"]}
