@@ -520,3 +520,28 @@ def test_t2i_task_without_null_embedding_is_refused_at_start_up():
         _build(t2i)
     _build(t2i, text_drop_ratio=0.0)
     _build({"t": _made_with("t", "diffusers", "d1", ns=(0,), null=True)})
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_in_an_indexed_shard_costs_a_sample_not_the_run(meta_dir, tmp_path, caplog):
+    import shutil
+
+    task_dir = tmp_path / "edit_single"
+    shutil.copytree(meta_dir / "edit_single", task_dir)
+    shard = sorted((task_dir / "src1").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:  # garbage of the same length: the index stays valid, the image does not
+        member = next(m for m in tf.getmembers() if ".target." in m.name)
+    data[member.offset_data : member.offset_data + member.size] = b"\x00garbage" * (member.size // 8) + b"\x00" * (
+        member.size % 8
+    )
+    shard.write_bytes(bytes(data))
+    tasks = discover_tasks(str(tmp_path), None)
+    plan = plan_mix(tasks, {"edit_single": 1.0}, {"1": 1})
+    config = StreamConfig(batch_size=2, seed=3, shuffle_buffer=0, image_sample_size=64, text_drop_ratio=0.0)
+    dataset = MixedBatchDataset(tasks, plan, 0, 1, config)
+    with caplog.at_level(logging.WARNING):
+        batches = [batch for _, batch in zip(range(12), iter(dataset), strict=False)]
+    assert len(batches) == 12 and all(len(b["keys"]) == 2 for b in batches)
+    assert "unusable" in caplog.text and "replaced" in caplog.text
+    assert all(member.name.split(".", 1)[0] not in b["keys"] for b in batches)

@@ -345,9 +345,18 @@ class MixedBatchDataset(IterableDataset):
             step = self.step_of(self.made)
             n = draw_num_sources(self.config.seed, step, self.plan.n_probs)
             task = draw_task(self.config.seed, self.rank, step, self.plan.task_probs[n])
-            raw = self._stream(task, n).next_batch(self.config.batch_size)
+            stream = self._stream(task, n)
+            raw = stream.next_batch(self.config.batch_size)
             batch = assemble_batch(
-                raw, self.tasks[task], n, step, self.rank, self.config, self.reader, self._null_cache
+                raw,
+                self.tasks[task],
+                n,
+                step,
+                self.rank,
+                self.config,
+                self.reader,
+                self._null_cache,
+                replace=stream.replacement,  # a corrupt image or embedding costs a sample, not the run
             )
             self.made += 1
             yield batch
