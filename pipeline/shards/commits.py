@@ -58,6 +58,17 @@ def check_identity(store: Store, identity: dict[str, Any], fresh_hint: str) -> N
         raise ValueError(f"{store.root} was written from other input or flags ({diff}). {fresh_hint}")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 LEASE_TTL = 60.0  # seconds without renewal after which a rank's lease is free
 LEASE_RENEW = 10.0
 
@@ -125,13 +136,8 @@ class RankLease:
         """Whether the holder's process is alive, when it ran on this host; None for another host."""
         if held.get("host") != socket.gethostname():
             return None
-        try:
-            os.kill(int(held.get("pid", -1)), 0)
-        except (ProcessLookupError, ValueError):
-            return False
-        except PermissionError:
-            return True
-        return True
+        pid = held.get("pid")
+        return isinstance(pid, int) and pid_alive(pid)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):

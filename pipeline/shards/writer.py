@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipeline.shards.commits import Commit, ProgressLog
+from pipeline.shards.commits import Commit, ProgressLog, pid_alive
 from pipeline.shards.format import (
     VARIANTS,
     TarShardWriter,
@@ -92,20 +92,10 @@ def _spool_dir(store: Store, rank: int, tmp_dir: str | None) -> str:
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         if name.startswith(prefix):
             pid = name[len(prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
                 log.info("removed %s, left by a killed run", os.path.join(parent, name))
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=tmp_dir)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ShardSink:
