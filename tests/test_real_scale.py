@@ -232,17 +232,14 @@ def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch
 
 
 def test_loop_state_round_trips_through_json():
-    from collections import deque
-
     from pipeline.train.loop import Trainer
 
     trainer = Trainer.__new__(Trainer)
-    trainer.grad_norms, trainer.nonfinite_steps, trainer.nonfinite_in_a_row = deque([1.5, 2.0], maxlen=100), 3, 1
+    trainer.nonfinite_steps, trainer.nonfinite_in_a_row = 3, 1
     state = json.loads(json.dumps(trainer.trainer_state()))
     other = Trainer.__new__(Trainer)
-    other.grad_norms = deque(maxlen=100)
-    other.load_trainer_state(state)
-    assert list(other.grad_norms) == [1.5, 2.0] and other.nonfinite_steps == 3 and other.nonfinite_in_a_row == 1
+    other.load_trainer_state({**state, "grad_norms": [1.5]})  # written by an older version: ignored
+    assert other.nonfinite_steps == 3 and other.nonfinite_in_a_row == 1
 
 
 # --- memory plan -------------------------------------------------------------------------------------

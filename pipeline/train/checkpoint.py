@@ -45,7 +45,8 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]
 
 
 def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
-    """``latest`` → newest complete checkpoint (None if there is none); a path must be complete."""
+    """``latest`` → newest complete checkpoint (None if there is none); a path, or a checkpoint's name inside
+    ``output_dir``, must be complete."""
     if not value:
         return None
     if value == "latest":
@@ -54,8 +55,12 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
             log.info("--resume_from_checkpoint latest: no complete checkpoint in %s; starting at step 0", output_dir)
         return found[-1][1] if found else None
     path = Path(value)
+    if not (path / MARKER).is_file() and (Path(output_dir) / path.name / MARKER).is_file():
+        path = Path(output_dir) / path.name  # a name inside output_dir ("checkpoint-500"), as the original accepts
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
+        raise FileNotFoundError(
+            f"{value} is not a complete checkpoint (no {MARKER}), neither as a path nor inside {output_dir}"
+        )
     return path
 
 

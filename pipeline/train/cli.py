@@ -21,6 +21,7 @@ from pipeline.shards.tasks import DataConfigError
 from pipeline.train.config import config_from_args
 from pipeline.train.loop import NonFiniteTraining, Trainer, run_data_only
 from pipeline.train.model import DEFAULT_LORA_TARGETS
+from pipeline.train.recipe import parse_with_recipe
 
 log = logging.getLogger("pipeline.train")
 
@@ -48,8 +49,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--train_src_img_num_weights",
-        default="0=1,1=1,2=1,3=1",
-        help='weight per number of source images, "0=1,1=1,2=1,3=0"; drawn per step, the same on every rank',
+        default="0=0,1=10,2=0,3=0",
+        help='weight per number of source images, "0=1,1=1,2=1,3=0"; drawn per step, the same on every rank '
+        "(default: the original tool's, single-source edits only)",
     )
     g.add_argument(
         "--allow_mixed_conditioning",
@@ -57,14 +59,16 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         help="train on tasks whose manifests disagree on prompt style or encoder (config digest); refused "
         "by default. Different embedding hidden sizes are always refused",
     )
-    g.add_argument("--train_batch_size", type=int, default=1, help="samples per batch and rank")
+    g.add_argument("--train_batch_size", type=int, default=16, help="samples per batch and rank")
     g.add_argument("--image_sample_size", type=int, default=512, help="crop area ≈ this squared (sides /32)")
     g.add_argument("--enable_inverse", action="store_true", help="also train on inverse instructions (swap roles)")
     g.add_argument("--text_drop_ratio", type=float, default=0.05, help="probability of the empty-text embedding")
-    g.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader worker processes per rank")
+    g.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="DataLoader workers per rank (0: the main process)"
+    )
     g.add_argument("--prefetch_factor", type=int, default=2, help="batches each worker prepares ahead")
     g.add_argument("--shuffle_buffer", type=int, default=64, help="samples in each stream's shuffle buffer")
-    g.add_argument("--seed", type=int, default=42, help="seed of every data and noise draw")
+    g.add_argument("--seed", type=int, default=42, help="seed of every data, noise and validation draw")
     add_storage_options(g)
     g.add_argument(
         "--data_trace",
@@ -75,35 +79,61 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default=None, help="checkpoints and outputs (required unless --plan)")
+    g.add_argument("--output_dir", default="model-finetuned", help="checkpoints, logs, validation images, exports")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps to run (required unless --plan)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument(
-        "--resume_from_checkpoint", default=None, help='"latest" (newest complete checkpoint) or a checkpoint path'
+        "--resume_from_checkpoint",
+        default=None,
+        help='"latest" (newest complete checkpoint), a checkpoint folder, or its name in --output_dir (checkpoint-500)',
     )
     g.add_argument("--data_only", action="store_true", help="run the real data loader without a model")
+    g.add_argument(
+        "--allow_recipe_change",
+        action="store_true",
+        help="resume even though the model settings differ from the run's output_dir/config.yaml (reported anyway)",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=None, help="Qwen-Image-Edit(-2509) diffusers folder")
-    g.add_argument("--transformer_path", default=None, help="load the transformer from this folder instead")
-    g.add_argument("--vae_path", default=None, help="load the VAE from this folder instead")
     g.add_argument(
-        "--trainable_modules", default=".", help='full fine-tuning: parameter-name substrings that train ("." = all)'
+        "--transformer_path",
+        default=None,
+        help="a diffusers transformer folder to load instead, or one .safetensors (or weights-only .pt) state dict "
+        "loaded into the base transformer",
+    )
+    g.add_argument("--vae_path", default=None, help="the same for the VAE: a diffusers folder or one state-dict file")
+    g.add_argument(
+        "--trainable_modules",
+        nargs="+",
+        default=["."],
+        help='full fine-tuning: parameter-name substrings that train ("." = all); several, space or comma separated',
     )
     g.add_argument(
-        "--trainable_modules_low_learning_rate", default="", help="substrings of parameters trained at half the LR"
+        "--trainable_modules_low_learning_rate",
+        nargs="+",
+        default=[],
+        help="substrings of parameters trained at half the LR",
     )
     g.add_argument("--use_peft_lora", action="store_true", help="train a LoRA adapter instead of full weights")
-    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha")
+    g.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=32, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="comma-separated LoRA target modules")
     g.add_argument("--lora_path", default=None, help="initialise the LoRA from this safetensors file")
+    g.add_argument(
+        "--lora_export_format",
+        choices=["diffusers", "comfyui", "both"],
+        default="diffusers",
+        help="LoRA files written into every checkpoint and at the end: diffusers (pytorch_lora_weights.safetensors, "
+        "alpha in its metadata, for load_lora_weights), comfyui (qwen_image_edit_lora_comfyui.safetensors: "
+        "diffusion_model.* keys with .alpha tensors), or both",
+    )
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
-    g.add_argument("--vae_mini_batch", type=int, default=1, help="images per VAE encode call")
+    g.add_argument("--vae_mini_batch", type=int, default=32, help="images per VAE encode call")
     g.add_argument(
         "--condition_encoder_mode",
         choices=["offline", "sync"],
@@ -111,19 +141,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="offline: embeddings from the shards; sync: encode prompts during training from the shard's images "
         "and text with the extraction code (for shards made with --skip_embeddings)",
     )
+    g.add_argument(
+        "--sync_text_encoder",
+        dest="condition_encoder_mode",
+        action="store_const",
+        const="sync",
+        help="the original tool's name for --condition_encoder_mode sync",
+    )
     add_prompt_style(g, when="sync mode only. ")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
+    o.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     o.add_argument("--scale_lr", action="store_true", help="multiply the LR by accumulation × batch × processes")
     o.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name (constant_with_warmup …)")
-    o.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
+    o.add_argument("--lr_warmup_steps", type=int, default=500, help="warm-up steps (of *_with_warmup schedulers)")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     o.add_argument(
         "--num_train_epochs",
         type=int,
         default=1,
-        help="kept for compatibility; the stream is endless and --max_train_steps decides the length",
+        help="accepted for compatibility and ignored: the stream is endless and --max_train_steps decides the length",
     )
     o.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     o.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
@@ -132,6 +169,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed)")
     o.add_argument("--use_came", action="store_true", help="CAME optimizer (came-pytorch must be installed)")
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    o.add_argument(
+        "--initial_grad_norm_ratio",
+        type=float,
+        default=5,
+        help="the clipping threshold starts at this × --max_grad_norm and falls linearly to --max_grad_norm at step "
+        "--abnormal_norm_clip_start",
+    )
+    o.add_argument(
+        "--abnormal_norm_clip_start",
+        type=int,
+        default=1000,
+        help="after this step, a norm above 5× the threshold is clipped to threshold / min(norm / threshold, 10)",
+    )
     o.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -165,8 +215,55 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "precision dtype, sharded checkpoints); ddp: replicate it. auto: fsdp when accelerate launch runs an FSDP "
         "configuration (e.g. examples/accelerate_fsdp.yaml), else ddp",
     )
-    o.add_argument("--report_to", default="tensorboard", help="tensorboard (default), wandb, or none")
+    o.add_argument("--use_fsdp", dest="parallelism", action="store_const", const="fsdp", help="= --parallelism fsdp")
     o.add_argument("--export_checkpoint", default=None, help="export this checkpoint for diffusers and exit")
+
+
+def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracking")
+    g.add_argument(
+        "--report_to",
+        default="auto",
+        help="tensorboard, wandb, all, or none; auto (default): wandb when it is installed, else tensorboard",
+    )
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    g.add_argument("--tracker_project_name", default="rededit-finetune", help="project name given to the trackers")
+    g.add_argument(
+        "--report_model_info",
+        action="store_true",
+        help="also log the gradient norm of each parameter group (transformer_blocks.N, img_in, …) before clipping",
+    )
+
+
+def add_validation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation images")
+    g.add_argument(
+        "--validation_jsonl",
+        default=None,
+        help="rows like the extraction input (0-3 source_image, instruction): rendered with the current weights "
+        "every --validation_steps steps and at the end, into output_dir/validation/step-XXXXXX/ and the trackers",
+    )
+    g.add_argument("--validation_steps", type=int, default=500, help="render the validation rows every N steps")
+    g.add_argument("--validation_inference_steps", type=int, default=20, help="denoising steps per validation image")
+    g.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=4.0,
+        help="true classifier-free guidance scale (negative prompt: a blank); <= 1 turns guidance off",
+    )
+    g.add_argument(
+        "--caption_font",
+        default=None,
+        help="TrueType/OpenType font for contact-sheet captions (default: the first font found that has CJK glyphs)",
+    )
+
+
+def add_compat_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("accepted for the original tool's command lines (the launcher decides these)")
+    g.add_argument("--local_rank", type=int, default=-1, help="ignored: the rank comes from the launcher")
+    g.add_argument("--nnodes", type=int, default=1, help="ignored: the launcher sets the machines")
+    g.add_argument("--num_processes_per_node", type=int, default=1, help="ignored: the launcher sets the processes")
+    g.add_argument("--streaming", action="store_true", help="ignored: shards are always streamed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,10 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.train",
         description="Train a Qwen-Image-Edit transformer on WebDataset shards mixed by task and source count.",
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="RECIPE.yaml",
+        help="a YAML recipe of flags (flag names without dashes); flags on the command line override it",
+    )
     add_data_arguments(p)
     add_run_arguments(p)
     add_model_arguments(p)
+    add_tracking_arguments(p)
+    add_validation_arguments(p)
     add_plan_arguments(p)
+    add_compat_arguments(p)
     return p
 
 
@@ -207,7 +313,7 @@ def print_plan(args: argparse.Namespace) -> int:
     env = distributed_env()
     request = PlanRequest(
         lora=args.use_peft_lora,
-        lora_rank=args.lora_rank,
+        lora_rank=args.lora_r,
         lora_targets=tuple(split_patterns(args.lora_target_modules)),
         trainable_modules=tuple(split_patterns(args.trainable_modules)),
         fsdp=args.parallelism == "fsdp" or (args.parallelism == "auto" and env.fsdp_requested),
@@ -227,9 +333,9 @@ def print_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        args = parse_with_recipe(build_parser(), sys.argv[1:] if argv is None else list(argv))
         if args.plan:
             return print_plan(args)
         config = config_from_args(args)

@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.shards.format import SOURCE_COUNTS
 from pipeline.shards.storage import has_scheme, parse_storage_options
 from pipeline.shards.tasks import DataConfigError
 
@@ -53,8 +52,10 @@ def parse_shard_flags(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def split_patterns(text: str | None) -> list[str]:
-    """``"a,b c"`` → ``["a", "b", "c"]``."""
+def split_patterns(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"a,b c"`` or ``["a,b", "c"]`` (``nargs="+"`` flags) → ``["a", "b", "c"]``."""
+    if isinstance(text, list | tuple):
+        text = " ".join(text)
     return [p for p in (text or "").replace(",", " ").split() if p]
 
 
@@ -68,8 +69,8 @@ class DataConfig:
     meta_dir: str | None = None
     shard_patterns: dict[str, list[str]] = field(default_factory=dict)  # task -> URL patterns
     task_weights: dict[str, float] | None = None  # None: every task, weight 1
-    source_count_weights: dict[str, float] = field(default_factory=lambda: {str(n): 1.0 for n in SOURCE_COUNTS})
-    num_workers: int = 2
+    source_count_weights: dict[str, float] = field(default_factory=lambda: {"0": 0.0, "1": 10.0, "2": 0.0, "3": 0.0})
+    num_workers: int = 0
     prefetch_factor: int = 2
     trace_path: str | None = None  # one JSON line per step and rank
     allow_mixed_conditioning: bool = False  # tasks may differ in prompt style / encoder
@@ -105,10 +106,12 @@ class FlowConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-5
+    """Optimizer, schedule and gradient clipping; defaults are the original tool's."""
+
+    learning_rate: float = 1e-4
     scale_lr: bool = False
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 500
     gradient_accumulation_steps: int = 1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -117,6 +120,8 @@ class OptimConfig:
     use_8bit_adam: bool = False
     use_came: bool = False
     max_grad_norm: float = 1.0
+    initial_grad_norm_ratio: float = 5.0  # the clip threshold starts at this × max_grad_norm ...
+    abnormal_norm_clip_start: int = 1000  # ... reaches max_grad_norm here; abnormal norms are damped after it
     mixed_precision: str | None = None  # None: accelerate's launch configuration decides
     allow_tf32: bool = False
     max_nonfinite_steps: int = 5
@@ -124,11 +129,12 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 64
-    alpha: float = 64
+    rank: int = 32
+    alpha: float = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     init_path: str | None = None  # start from this safetensors file
+    export_format: str = "diffusers"  # diffusers | comfyui | both
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,30 @@ class CheckpointConfig:
     output_dir: str
     every: int = 500
     total_limit: int | None = None
-    resume_from: str | None = None  # "latest" or a checkpoint folder
+    resume_from: str | None = None  # "latest", a checkpoint folder, or a checkpoint's name inside output_dir
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (accelerate trackers) and what is logged."""
+
+    report_to: str = "tensorboard"  # resolved: tensorboard | wandb | all | none | a comma list
+    logging_dir: str = "logs"  # relative to output_dir (as the original tool)
+    project_name: str = "rededit-finetune"
+    report_model_info: bool = False  # gradient norm of each parameter group, before clipping
+    loss_window: int = 50  # running means of the loss per task and per N over this many batches
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Images rendered with the current weights every ``steps`` optimizer steps and at the end."""
+
+    jsonl: str
+    steps: int = 500
+    inference_steps: int = 20
+    guidance_scale: float = 4.0
+    seed: int = 0
+    caption_font: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,9 +190,12 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: ModelConfig | None = None  # None: --data_only
-    report_to: str = "tensorboard"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: ValidationConfig | None = None  # None: no --validation_jsonl
     export_checkpoint: str | None = None
     parallelism: str = "auto"  # auto | ddp | fsdp
+    recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
+    allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml
 
     @property
     def output_dir(self) -> str:
@@ -182,6 +214,21 @@ class TrainConfig:
 
         walk("", self)
         return out
+
+
+def resolve_report_to(value: str) -> str:
+    """``auto`` (the default) → wandb when the package is installed, else tensorboard (the original's default
+    is wandb, which fails where it is not installed)."""
+    if value != "auto":
+        return value
+    import importlib.util
+
+    return "wandb" if importlib.util.find_spec("wandb") is not None else "tensorboard"
+
+
+def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag's resolved value, as plain YAML-able data (``output_dir/config.yaml``)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
 
 
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
@@ -248,16 +295,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     flow = _from_flags(FlowConfig, args, sampling_steps="train_sampling_steps")
     optim = _from_flags(OptimConfig, args)
+    validation = None
+    if args.validation_jsonl:
+        _positive("--validation_steps", args.validation_steps)
+        _positive("--validation_inference_steps", args.validation_inference_steps)
+        validation = ValidationConfig(
+            jsonl=args.validation_jsonl,
+            steps=args.validation_steps,
+            inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            seed=args.seed,
+            caption_font=args.caption_font,
+        )
     model = None
     if args.pretrained_model_name_or_path:
         lora = None
         if args.use_peft_lora:
+            _positive("--lora_r", args.lora_r)
             lora = LoraConfig(
-                rank=args.lora_rank,
+                rank=args.lora_r,
                 alpha=args.lora_alpha,
                 dropout=args.lora_dropout,
                 target_modules=tuple(split_patterns(args.lora_target_modules)),
                 init_path=args.lora_path,
+                export_format=args.lora_export_format,
             )
         model = ModelConfig(
             pretrained=args.pretrained_model_name_or_path,
@@ -278,7 +339,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         flow=flow,
         optim=optim,
         model=None if args.data_only else model,
-        report_to=args.report_to,
+        tracking=TrackingConfig(
+            report_to=resolve_report_to(args.report_to),
+            logging_dir=args.logging_dir,
+            project_name=args.tracker_project_name,
+            report_model_info=args.report_model_info,
+        ),
+        validation=validation,
         export_checkpoint=args.export_checkpoint,
         parallelism=args.parallelism,
+        recipe=recipe_of(args),
+        allow_recipe_change=args.allow_recipe_change,
     )

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,12 @@ from pipeline.common.flags import distributed_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import flow, parallel
 from pipeline.train import model as models
+from pipeline.train import recipe as recipes
 from pipeline.train.batching import pad_embeddings
+from pipeline.train.clipping import clip_bound
 from pipeline.train.config import FlowConfig, TrainConfig
 from pipeline.train.data import TraceWriter, build_dataset, build_loader, json_state, next_batch
+from pipeline.train.metrics import LossBoard, group_grad_norms
 from pipeline.train.seeding import step_generator
 
 log = logging.getLogger("pipeline.train")
@@ -162,6 +164,19 @@ class FSDPShards:
         parallel.load_shards(folder, t.transformer, t.optimizer, t.trainable)
 
 
+class LoraFiles:
+    """The LoRA in the ``--lora_export_format`` files, written into the checkpoint (collective under FSDP)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, folder: Path) -> None:
+        self.trainer.export(folder)
+
+    def load(self, folder: Path) -> None:  # the adapter itself comes back with the model part
+        return None
+
+
 class Trainer:
     """One rank's training run under accelerate, configured by a :class:`TrainConfig`."""
 
@@ -171,13 +186,14 @@ class Trainer:
 
         self.config = config
         use_cpu = not torch.cuda.is_available()
-        report_to = None if config.report_to == "none" else config.report_to
+        tracking = config.tracking
+        report_to = None if tracking.report_to == "none" else tracking.report_to.split(",")
         out = config.output_dir
         self.accelerator = Accelerator(
             mixed_precision=config.optim.mixed_precision,
             gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=out, logging_dir=f"{out}/logs"),
+            project_config=ProjectConfiguration(project_dir=out, logging_dir=str(Path(out) / tracking.logging_dir)),
             cpu=use_cpu,
             # the last block's text-stream outputs do not reach the loss, so some parameters get no gradient
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -188,7 +204,6 @@ class Trainer:
         if config.optim.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.grad_norms: deque[float] = deque(maxlen=100)  # the adaptive clip's history, checkpointed
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
 
@@ -199,6 +214,19 @@ class Trainer:
         config, acc = self.config, self.accelerator
         model, optim = config.model, config.optim
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.validator = None
+        if config.validation is not None and not config.export_checkpoint:
+            from pipeline.train.validation import Validator
+
+            self.validator = Validator(
+                config.validation,
+                model.pretrained,
+                config.stream.image_sample_size,
+                config.output_dir,
+                config.stream.storage_options,
+            )
+            if self.renders_validation:  # the text encoder is loaded and freed before the transformer arrives
+                self.validator.prepare(acc.device)
         transformer, vae, self.scheduler, groups = models.build_training_models(
             model, acc.mixed_precision, optim.learning_rate, config.flow.seed
         )
@@ -232,9 +260,15 @@ class Trainer:
 
             self.builder = PromptBuilder(model.pretrained, model.prompt_style, config.stream.image_sample_size)
             self.encoder = PromptEncoder(model.pretrained, str(acc.device), "auto")
+        self.losses = LossBoard(list(self.dataset.tasks), config.tracking.loss_window)
         self.checkpointer = self._checkpointer()
-        if config.report_to != "none":
-            acc.init_trackers("qwen-edit-sft", config=config.scalars())
+        if config.tracking.report_to != "none":
+            acc.init_trackers(config.tracking.project_name, config=config.scalars())
+
+    @property
+    def renders_validation(self) -> bool:
+        """FSDP: every rank (the sharded forward is collective); otherwise rank 0 alone."""
+        return self.fsdp or self.accelerator.is_main_process
 
     def _optimizer(self, groups):
         optim = self.config.optim
@@ -267,6 +301,8 @@ class Trainer:
             "rng": ckpt.RngPart(self.rank),
             "data": data_part(self.loader, self.rank),
         }
+        if config.model.lora is not None:  # a LoRA file that loads as it is, in every checkpoint
+            parts["lora_files"] = LoraFiles(self)
         marker = {"world_size": self.world, "lora": config.model.lora is not None, "fsdp": self.fsdp}
         return ckpt.Checkpointer(
             config.output_dir, self.rank, acc.wait_for_everyone, parts, marker, config.checkpoint.total_limit
@@ -289,13 +325,11 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         """The loop's own state: identical on every rank (global gradient norms), so rank 0 writes it."""
         return {
-            "grad_norms": list(self.grad_norms),
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.grad_norms = deque(state["grad_norms"], maxlen=self.grad_norms.maxlen)
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
 
@@ -321,7 +355,7 @@ class Trainer:
         """
         config, acc = self.config, self.accelerator
         ga = config.optim.gradient_accumulation_steps
-        waited, loss_sum, grad_norm = 0.0, 0.0, 0.0
+        waited, grad_norm, rows, extra = 0.0, 0.0, [], {}
         for micro in range(ga):
             loader_step = step * ga + micro
             batch, wait = next_batch(batches, loader_step)
@@ -342,7 +376,9 @@ class Trainer:
                     acc.backward(loss)
                 sync = last if self.fsdp else acc.sync_gradients
                 if sync:
-                    grad_norm = self.clip()
+                    if config.tracking.report_model_info:
+                        extra = group_grad_norms(self.transformer.named_parameters())
+                    grad_norm, extra["clip_bound"] = self.clip(step)
                     if math.isfinite(grad_norm):
                         self.nonfinite_in_a_row = 0
                         self.optimizer.step()
@@ -350,9 +386,14 @@ class Trainer:
                         self.skip_nonfinite(step + 1, grad_norm)
                 if sync or not self.fsdp:  # accelerate's optimizer ignores zero_grad between syncs
                     self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().item() / ga
+            rows.append((batch["task"], batch["num_sources"], loss.detach().item()))
         self.lr_scheduler.step()
-        return {"loss": loss_sum, "grad_norm": grad_norm, "waited": waited}
+        # every rank's (task, N, loss): the logged loss is their mean, the running means are per task and per N
+        gathered = self.losses.encode(rows)
+        if self.world > 1:
+            gathered = acc.gather(gathered.to(acc.device)).cpu()
+        logs = self.losses.add(gathered)
+        return {**logs, "rank_loss": sum(r[2] for r in rows) / ga, "grad_norm": grad_norm, "waited": waited, **extra}
 
     def accumulating(self, last: bool):
         """Gradient accumulation: FSDP reduces gradients on the last micro-batch only; accelerate's own otherwise."""
@@ -385,6 +426,7 @@ class Trainer:
         resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, self.rank, self.world, acc.device)
         if resume is not None:
             start = self.load(resume)
+        self.record_recipe(resume is not None, start)
         trace = TraceWriter(config.data.trace_path)
         batches = iter(self.loader)
         bar = tqdm(
@@ -411,7 +453,7 @@ class Trainer:
             lr = self.lr_scheduler.get_last_lr()[0]
             sps = per_step / max(elapsed, 1e-9)
             logs = {
-                "loss": result["loss"],
+                **{k: v for k, v in result.items() if k not in ("waited", "grad_norm")},
                 "lr": lr,
                 "grad_norm": result["grad_norm"] if math.isfinite(result["grad_norm"]) else 0.0,
                 "samples_per_s": sps,
@@ -423,6 +465,8 @@ class Trainer:
             bar.update(1)
             if done % config.checkpoint.every == 0 or done == config.max_train_steps:
                 self.save(done)
+            if self.validator is not None and (done % config.validation.steps == 0 or done == config.max_train_steps):
+                self.validate(done)
         bar.close()
         trace.close()
         acc.wait_for_everyone()
@@ -440,29 +484,64 @@ class Trainer:
             "fsdp": self.fsdp,
         }
 
-    def clip(self) -> float:
-        """``--max_grad_norm`` clipping, and a tighter bound when a norm is abnormal (> 5× the running mean)."""
-        max_norm = self.config.optim.max_grad_norm
-        norms = self.grad_norms
+    def record_recipe(self, resumed: bool, step: int) -> None:
+        """``output_dir/config.yaml``: compared with this run's flags on resume (every rank reads, rank 0 writes)."""
+        config, acc = self.config, self.accelerator
+        changes = {}
+        if resumed:
+            changes = recipes.check_resume_recipe(config.output_dir, config.recipe, step, config.allow_recipe_change)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            recipes.write_recipe(config.output_dir, config.recipe, step, changes)
+
+    def validate(self, step: int) -> None:
+        """Render the validation rows with the current weights; time logged apart from the training steps."""
+        acc = self.accelerator
+        started = time.perf_counter()
+        acc.wait_for_everyone()
+        if self.renders_validation:
+            model = self.transformer if self.fsdp else acc.unwrap_model(self.transformer)
+            images = self.validator.render(model, self.vae, acc.device, acc.autocast())
+            if acc.is_main_process:
+                folder = self.validator.save(step, images)
+                self.log_images(step, folder, images)
+        acc.wait_for_everyone()
+        seconds = time.perf_counter() - started
+        acc.log({"validation_seconds": seconds}, step=step)
+        if acc.is_main_process:
+            log.info("step %d: validation images in %.1fs", step, seconds)
+
+    def log_images(self, step: int, folder: Path, images: list) -> None:
+        import numpy as np
+        from PIL import Image
+
+        sheet = np.asarray(Image.open(folder / "sheet.png").convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation/sheet": sheet[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation": images, "validation_sheet": [sheet]}, step=step)
+
+    def clip(self, step: int) -> tuple[float, float]:
+        """The original tool's clipping (see ``clipping``): returns (global norm before clipping, bound applied)."""
+        optim = self.config.optim
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        bound = max_norm if max_norm > 0 else math.inf
         if self.fsdp:  # sharded gradients: the norm is a DTensor until its partial sums are reduced
-            total = torch.nn.utils.clip_grad_norm_(params, bound)
+            total = torch.nn.utils.clip_grad_norm_(params, math.inf)
             total = total.full_tensor() if hasattr(total, "full_tensor") else total
         else:
-            total = self.accelerator.clip_grad_norm_(params, bound)
-        value = float(total)
-        if len(norms) >= 10 and value > 5 * (sum(norms) / len(norms)):
-            bound = 5 * sum(norms) / len(norms)
+            total = self.accelerator.clip_grad_norm_(params, math.inf)  # unscales fp16 gradients first
+        norm = float(total)
+        ratio, start = optim.initial_grad_norm_ratio, optim.abnormal_norm_clip_start
+        bound = clip_bound(norm, step, optim.max_grad_norm, ratio, start)
+        if math.isfinite(norm) and norm > bound:
+            scale = bound / (norm + 1e-6)
             for p in params:
                 if p.grad is not None:
-                    p.grad.mul_(bound / value)
-            log.warning(
-                "abnormal gradient norm %.3g (running mean %.3g): scaled to %.3g", value, sum(norms) / len(norms), bound
-            )
-        if math.isfinite(value):
-            norms.append(value)
-        return value
+                    p.grad.mul_(scale)
+            if bound < optim.max_grad_norm and step > optim.abnormal_norm_clip_start:
+                log.warning("step %d: abnormal gradient norm %.3g, clipped to %.3g", step + 1, norm, bound)
+        return norm, bound if math.isfinite(bound) else 0.0
 
     def sanity_sheet(self, batch: dict[str, Any]) -> None:
         """One contact sheet of the first batch: target, sources, instruction."""
@@ -484,7 +563,8 @@ class Trainer:
             return {}
         model = self.accelerator.unwrap_model(self.transformer) if not self.fsdp else self.transformer
         if lora:
-            return {"lora": str(models.export_lora(model, out_dir, state))}
+            written = models.export_lora(model, out_dir, state, self.config.model.lora.export_format)
+            return {f"lora_{kind}": path for kind, path in written.items()}
         return {"transformer": str(models.export_transformer(model, out_dir, state))}
 
 

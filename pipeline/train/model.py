@@ -35,22 +35,80 @@ def training_dtypes(mixed_precision: str | None, lora: bool) -> tuple[torch.dtyp
     return (frozen if lora else torch.float32), frozen
 
 
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# prefixes other tools put before the diffusers parameter names (ComfyUI, accelerate, the original's saves)
+_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """One weights file: safetensors, or a weights-only torch file (no pickle of objects)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_into(module: torch.nn.Module, path: str | Path, what: str) -> torch.nn.Module:
+    """Load a single state-dict file into ``module`` (the original tool's ``--transformer_path x.safetensors``).
+
+    Known prefixes are removed; a key the module does not have is an error, missing keys are
+    allowed (a partial file) and reported.
+    """
+    state = read_state_dict(path)
+    own = module.state_dict()
+    fixed = {}
+    for key, value in state.items():
+        name = key
+        for prefix in _KEY_PREFIXES:
+            if name not in own and name.startswith(prefix):
+                name = name[len(prefix) :]
+        fixed[name] = value
+    unknown = sorted(k for k in fixed if k not in own)
+    if unknown:
+        raise ValueError(
+            f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
+            f"(is it a {what} state dict?)"
+        )
+    shapes = sorted(k for k, v in fixed.items() if v.shape != own[k].shape)
+    if shapes:
+        raise ValueError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
+    dtype = next(iter(own.values())).dtype
+    module.load_state_dict({k: v.to(dtype) for k, v in fixed.items()}, strict=False)
+    missing = len(own) - len(fixed)
+    kept = f" ({missing} kept from the base)" if missing else ""
+    log.info("loaded %d %s weights from %s%s", len(fixed), what, path, kept)
+    return module
+
+
+def _is_file(path: str | None) -> bool:
+    return bool(path) and Path(path).suffix in STATE_DICT_SUFFIXES and Path(path).is_file()
+
+
 def load_transformer(model_path: str, transformer_path: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import QwenImageTransformer2DModel
 
-    if transformer_path:
+    if transformer_path and not _is_file(transformer_path):
         return QwenImageTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
-    return QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+    transformer = QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+    return load_into(transformer, transformer_path, "transformer") if transformer_path else transformer
 
 
 def load_vae(model_path: str, vae_path: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLQwenImage
 
-    vae = (
-        AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=dtype)
-        if vae_path
-        else AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
-    )
+    if vae_path and not _is_file(vae_path):
+        vae = AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=dtype)
+    else:
+        vae = AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
+        if vae_path:
+            load_into(vae, vae_path, "vae")
     return vae.eval().requires_grad_(False)
 
 
@@ -161,16 +219,55 @@ def export_transformer(transformer, out_dir: str | Path, state: dict[str, torch.
     return out
 
 
-def export_lora(transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """LoRA → ``pytorch_lora_weights.safetensors`` that ``QwenImageEditPlusPipeline.load_lora_weights`` accepts.
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "qwen_image_edit_lora_comfyui.safetensors"}
 
-    ``state``: the adapter weights gathered from FSDP shards.
+
+def lora_layers(transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT names (``….lora_A.weight``), on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, state_dict=state)
+    return {k: v.detach().cpu().contiguous() for k, v in layers.items()}
+
+
+def comfyui_lora(layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT layers → ComfyUI's Qwen-Image LoRA layout: ``diffusion_model.<module>.lora_A/.lora_B.weight`` plus a
+    scalar ``diffusion_model.<module>.alpha`` per module (ComfyUI scales by alpha / rank)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():
+        name = "diffusion_model." + key.removeprefix("transformer.")
+        out[name] = value
+        module = name.split(".lora_")[0]
+        out.setdefault(f"{module}.alpha", torch.tensor(float(alpha)))
+    return out
+
+
+def export_lora(
+    transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None, export_format: str = "diffusers"
+) -> dict[str, str]:
+    """LoRA → the files ``export_format`` asks for; returns {format: path}.
+
+    diffusers: ``pytorch_lora_weights.safetensors`` with the adapter config (alpha, rank,
+    targets) in its metadata, which ``load_lora_weights`` reads, so the LoRA loads at the
+    trained strength. comfyui: see :func:`comfyui_lora`. ``state``: the adapter weights
+    gathered from FSDP shards.
     """
     from diffusers import QwenImagePipeline
-    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = get_peft_model_state_dict(transformer, state_dict=state)
-    QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=layers)
-    return out / "pytorch_lora_weights.safetensors"
+    layers = lora_layers(transformer, state)
+    config = transformer.peft_config["default"]
+    written = {}
+    if export_format in ("diffusers", "both"):
+        QwenImagePipeline.save_lora_weights(
+            out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()
+        )
+        written["diffusers"] = str(out / LORA_FILES["diffusers"])
+    if export_format in ("comfyui", "both"):
+        meta = {"format": "pt", "lora_rank": str(config.r), "lora_alpha": str(config.lora_alpha)}
+        path = out / LORA_FILES["comfyui"]
+        save_file(comfyui_lora(layers, config.lora_alpha), str(path), metadata=meta)
+        written["comfyui"] = str(path)
+    return written

@@ -41,7 +41,7 @@ MARGIN = 0.9  # share of the card the plan may use
 @dataclass(frozen=True)
 class PlanRequest:
     lora: bool
-    lora_rank: int = 64
+    lora_rank: int = 32
     lora_targets: tuple[str, ...] = ()
     trainable_modules: tuple[str, ...] = (".",)
     fsdp: bool = False

@@ -1,0 +1,219 @@
+"""Recipe files: ``--config recipe.yaml`` holds flags, the command line overrides them, the resolved set is kept.
+
+A recipe is a YAML mapping from flag names (without the dashes, aliases allowed)
+to values.  It becomes command-line tokens placed *before* the real ones, so
+argparse checks types and choices exactly as for typed flags and a later flag on
+the command line wins.  The resolved flags go to ``output_dir/config.yaml``; a
+resume compares them with what the run was started with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "config.yaml"
+
+# flags that steer one invocation, not the training: never compared on resume
+RUN_ONLY = frozenset(
+    {
+        "config",
+        "resume_from_checkpoint",
+        "export_checkpoint",
+        "max_train_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "data_trace",
+        "report_to",
+        "logging_dir",
+        "tracker_project_name",
+        "report_model_info",
+        "dataloader_num_workers",
+        "prefetch_factor",
+        "local_rank",
+        "nnodes",
+        "num_processes_per_node",
+        "streaming",
+        "num_train_epochs",
+        "allow_recipe_change",
+        "plan",
+        "plan_gpu_memory",
+        "plan_processes",
+        "plan_num_sources",
+        "plan_text_tokens",
+    }
+)
+# a change of these means another model: refused on resume unless --allow_recipe_change
+MODEL_FLAGS = frozenset(
+    {
+        "pretrained_model_name_or_path",
+        "transformer_path",
+        "vae_path",
+        "use_peft_lora",
+        "lora_r",
+        "lora_alpha",
+        "lora_target_modules",
+        "trainable_modules",
+        "trainable_modules_low_learning_rate",
+        "condition_encoder_mode",
+        "prompt_style",
+    }
+)
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used; the message names the file and the key."""
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"--config {path}: cannot read it ({exc})") from None
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--config {path}: not valid YAML ({exc})") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"--config {path}: expected a mapping of flag names to values, got {type(recipe).__name__}")
+    return recipe
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Flag name without dashes → its action (aliases included)."""
+    out = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                out[option[2:]] = action
+    return out
+
+
+def _given(argv: list[str], action: argparse.Action) -> bool:
+    return any(a == o or a.startswith(o + "=") for a in argv for o in action.option_strings)
+
+
+def _scalar(path: str, key: str, value: Any, action: argparse.Action) -> str:
+    if isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` as booleans
+        word = "yes" if value else "no"
+        if action.choices and word in action.choices:
+            return word
+        raise RecipeError(f"--config {path}: {key}: expected a value, got {value!r}")
+    if isinstance(value, dict):  # weights: {task_a: 0.5, task_b: 1}
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        raise RecipeError(f"--config {path}: {key}: takes one value, got a list")
+    return str(value)
+
+
+def recipe_argv(parser: argparse.ArgumentParser, recipe: dict[str, Any], argv: list[str], path: str) -> list[str]:
+    """Command-line tokens for ``recipe`` (checked against ``parser``), before ``argv`` so that it overrides."""
+    options = _options(parser)
+    tokens: list[str] = []
+    for key, value in recipe.items():
+        action = options.get(str(key).lstrip("-"))
+        if action is None or key == "config":
+            raise RecipeError(
+                f"--config {path}: unknown key {key!r} (keys are flag names without the dashes, see --help)"
+            )
+        option = "--" + str(key).lstrip("-")
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreConstAction):
+            if not isinstance(value, bool):
+                raise RecipeError(f"--config {path}: {key}: expected true or false, got {value!r}")
+            tokens += [option] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            if _given(argv, action):  # the command line's list replaces the recipe's
+                continue
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, dict):  # train_shards: {task: pattern or [patterns]}
+                items = [f"{t}={p}" for t, ps in value.items() for p in (ps if isinstance(ps, list) else [ps])]
+            for item in items:
+                tokens += [option, _scalar(path, key, item, action)]
+        elif action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                continue
+            tokens += [option, *(_scalar(path, key, item, action) for item in items)]
+        else:
+            tokens += [option, _scalar(path, key, value, action)]
+    return tokens
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE`` the file's flags come first and the command line overrides them."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    known, _ = first.parse_known_args(argv)
+    if not known.config:
+        return parser.parse_args(argv)
+    recipe = load_recipe(known.config)
+    return parser.parse_args([*recipe_argv(parser, recipe, argv, known.config), *argv])
+
+
+# ---------------------------------------------------------------------------------------------
+# the resolved recipe of a run
+
+
+def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.train.config import parse_weights
+
+    out = {k: v for k, v in recipe.items() if k not in RUN_ONLY}
+    for key in ("train_data_weights", "train_src_img_num_weights"):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = dict(sorted(parse_weights(out[key], key).items()))
+            except ValueError:
+                pass
+    return out
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between two resolved recipes: key → (old, new)."""
+    a, b = _comparable(old), _comparable(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any], step: int, allow_change: bool) -> dict:
+    """On resume: report what changed since the run's ``config.yaml``; a changed model is refused (read-only)."""
+    path = Path(output_dir) / RECIPE_FILE
+    if not path.is_file():
+        log.warning("resuming at step %d: %s is missing, so changed settings cannot be reported", step, path)
+        return {}
+    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    changes = recipe_changes(old, recipe)
+    for key, (before, after) in changes.items():
+        log.warning("resuming at step %d with a changed setting: %s: %r -> %r", step, key, before, after)
+    model = sorted(set(changes) & MODEL_FLAGS)
+    if model and not allow_change:
+        raise RecipeError(
+            f"resuming at step {step}: the model settings differ from {path}: "
+            + "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in model)
+            + ". Give the run's own settings, or --allow_recipe_change to resume anyway"
+        )
+    return changes
+
+
+def write_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any], step: int, changes: dict) -> Path:
+    """Rank 0: ``config.yaml`` with the resolved flags; the one it replaces is kept when settings changed."""
+    path = Path(output_dir) / RECIPE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if changes and path.is_file():
+        kept = path.with_name(f"config-before-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        os.replace(path, kept)
+        log.info("the settings the run had before step %d: %s", step, kept)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(recipe, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

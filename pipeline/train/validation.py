@@ -1,0 +1,204 @@
+"""Validation images: the current weights render a few fixed rows with the diffusers pipelines.
+
+Rows are read like extraction input (0-3 ``source_image``, ``instruction``).  Their
+prompt embeddings are computed once, before training, with the same prompt code
+as extraction (``--prompt_style diffusers``: what ``encode_prompt`` computes), and
+the text encoder is freed; rendering then needs only the transformer being
+trained and the VAE already loaded.  Rows with sources use
+``QwenImageEditPlusPipeline``, rows without ``QwenImagePipeline``; each row has its
+own fixed seed, so a rerun of the same step gives the same pixels.
+
+Images are rendered at the training resolution (``--image_sample_size``² area, the
+sources given to the VAE at that area as well, as in training), which keeps the
+cost of a validation small next to the run.
+
+Distributed: under DDP rank 0 renders with the unwrapped transformer while the
+others wait; under FSDP every rank renders every row in lockstep (each forward
+all-gathers the sharded weights) and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipeline.common import images as imaging
+from pipeline.common.preview import contact_sheet
+from pipeline.train.config import ValidationConfig
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_PROMPT = " "  # diffusers' examples: a blank negative prompt for true CFG
+
+
+@dataclass
+class ValidationRow:
+    line: int
+    sources: list[str]
+    instruction: str
+
+
+def read_rows(path: str, storage_options: dict | None = None) -> list[ValidationRow]:
+    """The rows of ``--validation_jsonl``; a bad row is an error naming file, line and field (checked at start-up)."""
+    from pipeline.shards.storage import has_scheme, read_uri
+
+    rows = []
+    text = read_uri(path, storage_options).decode("utf-8")
+    base = None if has_scheme(path) else Path(path).parent
+
+    def locate(source: str) -> str:  # a relative path is taken from the JSONL's folder when it exists there
+        if base is not None and not has_scheme(source) and not Path(source).is_absolute() and (base / source).exists():
+            return str(base / source)
+        return source
+
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        sources = record.get("source_image") or []
+        sources = [sources] if isinstance(sources, str) else sources
+        if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources) or len(sources) > 3:
+            raise ValueError(f"{path}:{number}: source_image: expected null, a path or a list of 1-3 paths")
+        instruction = record.get("instruction") or record.get("instruction_cn") or ""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"{path}:{number}: instruction: missing or empty (instruction or instruction_cn)")
+        rows.append(ValidationRow(number, [locate(s) for s in sources], instruction))
+    if not rows:
+        raise ValueError(f"{path}: no validation rows")
+    return rows
+
+
+def load_picture(url: str, storage_options: dict | None = None) -> Image.Image:
+    from pipeline.shards.storage import read_uri
+
+    try:
+        data = read_uri(url, storage_options, imaging.DEFAULT_MAX_BYTES, imaging.DEFAULT_FETCH_TIMEOUT)
+        return imaging.open_rgb(data)
+    except Exception as exc:  # noqa: BLE001 - named for the user, at start-up
+        raise ValueError(f"--validation_jsonl: cannot read the source image {url}: {exc}") from None
+
+
+@contextlib.contextmanager
+def source_area(area: int):
+    """Sources go to the VAE at the training area instead of the edit pipeline's fixed 1024² (restored after)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    before = edit_plus.VAE_IMAGE_SIZE
+    edit_plus.VAE_IMAGE_SIZE = area
+    try:
+        yield
+    finally:
+        edit_plus.VAE_IMAGE_SIZE = before
+
+
+class Validator:
+    """Prompt embeddings prepared once; :meth:`render` draws every row with the given transformer."""
+
+    def __init__(
+        self,
+        config: ValidationConfig,
+        model_path: str,
+        image_sample_size: int,
+        output_dir: str,
+        storage_options: dict | None = None,
+    ):
+        self.config = config
+        self.model_path = model_path
+        self.area = image_sample_size**2
+        self.output_dir = Path(output_dir) / "validation"
+        self.rows = read_rows(config.jsonl, storage_options)
+        self.pictures = [[load_picture(s, storage_options) for s in row.sources] for row in self.rows]
+        self.embeds: list[dict[str, torch.Tensor]] = []
+
+    def prepare(self, device: torch.device) -> None:
+        """Encode every row's prompt (and the blank negative) with the text encoder, then free it."""
+        from pipeline.common.encoder import PromptBuilder, PromptEncoder
+
+        started = time.perf_counter()
+        builder = PromptBuilder(self.model_path, "diffusers")
+        encoder = PromptEncoder(self.model_path, str(device), "auto")
+        for row, pictures in zip(self.rows, self.pictures, strict=True):
+            if pictures:
+                conditions = builder.condition_images(pictures)
+                inputs = [builder.edit(conditions, row.instruction), builder.edit(conditions, NEGATIVE_PROMPT)]
+            else:
+                inputs = [builder.t2i(row.instruction), builder.t2i(NEGATIVE_PROMPT)]
+            positive, negative = (encoder.encode([i], builder.drop_index)[0].float().cpu() for i in inputs)
+            self.embeds.append({"positive": positive, "negative": negative})
+        del encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("validation: %d row(s) encoded in %.1fs", len(self.rows), time.perf_counter() - started)
+
+    def _pipelines(self, transformer, vae):
+        from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
+
+        from pipeline.train.model import load_scheduler
+
+        parts: dict[str, Any] = {"vae": vae, "text_encoder": None, "tokenizer": None, "transformer": transformer}
+        edit = QwenImageEditPlusPipeline(scheduler=load_scheduler(self.model_path), processor=None, **parts)
+        t2i = QwenImagePipeline(scheduler=load_scheduler(self.model_path), **parts)
+        for pipe in (edit, t2i):
+            pipe.set_progress_bar_config(disable=True)
+        return edit, t2i
+
+    def render(self, transformer, vae, device: torch.device, autocast) -> list[Image.Image]:
+        """One image per row (collective under FSDP: call it on every rank)."""
+        edit, t2i = self._pipelines(transformer, vae)
+        guidance = self.config.guidance_scale
+        images = []
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            with source_area(self.area), autocast:
+                for index, (pictures, embeds) in enumerate(zip(self.pictures, self.embeds, strict=True)):
+                    aspect = pictures[-1].width / pictures[-1].height if pictures else 1.0
+                    width, height = imaging.crop_size(aspect, self.area)
+                    kwargs = {
+                        "prompt_embeds": embeds["positive"][None].to(device),
+                        "prompt_embeds_mask": torch.ones((1, embeds["positive"].shape[0]), dtype=torch.long).to(device),
+                        "true_cfg_scale": guidance,
+                        "height": height,
+                        "width": width,
+                        "num_inference_steps": self.config.inference_steps,
+                        "generator": torch.Generator("cpu").manual_seed(self.config.seed + index),
+                    }
+                    if guidance > 1:
+                        negative = embeds["negative"]
+                        kwargs["negative_prompt_embeds"] = negative[None].to(device)
+                        kwargs["negative_prompt_embeds_mask"] = torch.ones((1, negative.shape[0]), dtype=torch.long).to(
+                            device
+                        )
+                    pipe = edit if pictures else t2i
+                    if pictures:
+                        kwargs["image"] = pictures
+                    images.append(pipe(**kwargs).images[0])
+        finally:
+            transformer.train(was_training)
+        return images
+
+    def save(self, step: int, images: list[Image.Image]) -> Path:
+        """``validation/step-XXXXXX/row-NN.png`` and ``sheet.png`` (sources → result, instruction under it)."""
+        folder = self.output_dir / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(folder / f"row-{index:02d}.png")
+        rows = [
+            ([*pictures, image], row.instruction)
+            for row, pictures, image in zip(self.rows, self.pictures, images, strict=True)
+        ]
+        contact_sheet(rows, font_path=self.config.caption_font).save(folder / "sheet.png")
+        return folder
