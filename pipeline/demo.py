@@ -1,7 +1,8 @@
 """``python -m pipeline.demo``: the whole workflow on the embedded tiny model, offline, in a few minutes.
 
-sample data → extraction to shards → training with a checkpoint, a stop and a
-resume → export → diffusers inference with the trained transformer.  Every step
+sample data → extraction to shards → training with a checkpoint, a stop, a
+resume and validation images → export → diffusers inference with the trained
+transformer.  Every step
 runs the same CLI entry points a user runs.
 """
 
@@ -43,6 +44,21 @@ def extract_tasks(data: dict[str, Path], shards: Path, model: Path, max_samples_
     return 0
 
 
+def write_validation_rows(data: dict[str, Path], path: Path) -> Path:
+    """Two validation rows: an edit of a sample-data source, and a text-to-image prompt in Chinese."""
+    import json
+
+    from pipeline.extract.records import read_records
+
+    edit = next(r for r in read_records(str(data["edit_single"])) if not isinstance(r, Exception))
+    rows = [
+        {"source_image": edit.sources, "instruction": edit.instruction},
+        {"source_image": None, "instruction": "一只猫坐在窗台上。"},
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--work_dir", default=None, help="where to write everything (default: a new temp folder)")
@@ -70,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = work / "run"
     half = max(1, args.steps // 2)
+    validation = write_validation_rows(data, work / "validation.jsonl")
     common = [
         "--pretrained_model_name_or_path",
         str(model),
@@ -99,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         "--uniform_sampling",
         "--data_trace",
         str(run / "trace.jsonl"),
+        "--validation_jsonl",
+        str(validation),
+        "--validation_steps",
+        str(args.steps),
+        "--validation_inference_steps",
+        "4",
     ]
     train.main([*common, "--max_train_steps", str(half)])
     log.info("4/5 trained %d steps, stopped; resuming from %s", half, run / f"checkpoint-{half}")
@@ -138,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  checkpoints         {run}/checkpoint-*",
                 f"  data trace          {run / 'trace.jsonl'}",
                 f"  first-batch sheet   {run / 'first_batch.png'}",
+                f"  validation images   {run / 'validation'}/step-*/sheet.png",
+                f"  recipe (resolved)   {run / 'config.yaml'}",
                 f"  TensorBoard logs    {run / 'logs'}",
                 f"  trained transformer {run / 'transformer'}",
                 f"  inference result    {result}",

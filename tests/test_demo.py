@@ -16,6 +16,9 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     for path in ("checkpoint-3", "checkpoint-6", "transformer", "first_batch.png", "demo_inference.png", "trace.jsonl"):
         assert (run / path).exists(), path
     assert "resumed from" in result.stderr
+    for step in (3, 6):  # the stop at half renders too: validation happens at every run's last step
+        assert (run / "validation" / f"step-{step:06d}" / "sheet.png").exists()
+    assert (run / "config.yaml").exists()
     assert len((run / "trace.jsonl").read_text().splitlines()) == 6
     for task in ("edit_single", "compose_multi", "text_to_image"):
         assert (tmp_path / "shards" / task / "manifest.json").exists()

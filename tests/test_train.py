@@ -259,6 +259,8 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
         "1",
         "--report_to",
         "tensorboard",
+        "--train_src_img_num_weights",
+        "0=1,1=1,2=1,3=1",
     ]
     straight = tmp_path / "straight"
     train(tiny_model_dir, meta_dir, straight, *common, "--data_trace", str(tmp_path / "a.jsonl"), nproc=2)
@@ -294,8 +296,13 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
 
     events = EventAccumulator(str(next((straight / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
-    assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(events.Tags()["scalars"])
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= tags
     assert len(events.Scalars("loss")) == 6
+    assert any(t.startswith("loss_by_task/") for t in tags) and any(t.startswith("loss_by_sources/") for t in tags)
+    # the logged loss is the mean over both ranks' batches, not rank 0's alone
+    mean, rank0 = [e.value for e in events.Scalars("loss")], [e.value for e in events.Scalars("rank_loss")]
+    assert any(abs(a - b) > 1e-6 for a, b in zip(mean, rank0, strict=True))
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
@@ -379,7 +386,7 @@ def test_non_finite_steps_are_skipped_and_never_checkpointed(tiny_model_dir, edi
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
-    tiny_model_dir, edit_meta, tmp_path, small_vae_inputs
+    tiny_model_dir, edit_meta, sample_data_dir, tmp_path, small_vae_inputs
 ):
     """FSDP2 (our fully_shard wrapping) on 2 CPU processes with gloo: the path GPUs run."""
     import shutil
@@ -394,7 +401,12 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
         return [json.dumps(json.loads(x), sort_keys=True) for x in trace.read_text().splitlines()]
 
     straight = tmp_path / "fsdp"
-    straight_trace = run(straight, "--parallelism", "fsdp")
+    validation = tmp_path / "validation.jsonl"  # rendered by both ranks in lockstep (the sharded forward)
+    source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
+    validation.write_text(json.dumps({"source_image": str(source), "instruction": "Make it blue."}) + "\n")
+    rendering = ["--validation_jsonl", str(validation), "--validation_steps", "3", "--validation_inference_steps", "1"]
+    straight_trace = run(straight, "--parallelism", "fsdp", *rendering)
+    assert all((straight / "validation" / f"step-{s:06d}" / "row-00.png").exists() for s in (3, 6))
     assert (straight / "checkpoint-3" / "fsdp").is_dir() and not (
         straight / "checkpoint-3" / "trainable.safetensors"
     ).exists()
@@ -432,3 +444,93 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
     before = _generate(pipe)
     pipe.load_lora_weights(str(tmp_path / "lora_fsdp" / "pytorch_lora_weights.safetensors"))
     assert not (_generate(pipe) == before).all(), "the LoRA gathered from FSDP shards changes the output"
+
+
+def tensorboard_events(folder: Path) -> tuple[set[str], set[str]]:
+    """(scalar tags, image tags) written by the run's TensorBoard tracker."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for events in folder.rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events.parent), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    return scalars, images
+
+
+@pytest.mark.slow
+def test_validation_images_recipe_resume_by_name_and_lora_in_every_checkpoint(
+    tiny_model_dir, edit_meta, sample_data_dir, tmp_path
+):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    out = tmp_path / "run"
+    source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
+    rows = [
+        {"source_image": str(source), "instruction": "Make it blue."},
+        {"source_image": None, "instruction_cn": "一只猫坐在窗台上。"},
+    ]
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "pretrained_model_name_or_path": str(tiny_model_dir),
+                "train_data_meta_dir": str(edit_meta),
+                "output_dir": str(out),
+                "train_batch_size": 1,
+                "image_sample_size": 64,
+                "seed": 3,
+                "train_src_img_num_weights": {1: 1},
+                "learning_rate": 1e-2,
+                "lr_warmup_steps": 0,
+                "checkpointing_steps": 2,
+                "use_peft_lora": True,
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_export_format": "both",
+                "validation_jsonl": str(validation),
+                "validation_steps": 2,
+                "validation_inference_steps": 2,
+                "report_to": "tensorboard",
+                "report_model_info": True,
+            },
+            allow_unicode=True,
+        )
+    )
+    run_module("pipeline.train", "--config", str(recipe), "--max_train_steps", "4", check=True)
+
+    def rendered(step: int) -> list[np.ndarray]:
+        folder = out / "validation" / f"step-{step:06d}"
+        assert (folder / "sheet.png").exists()
+        return [np.asarray(Image.open(folder / f"row-{i:02d}.png")) for i in range(len(rows))]
+
+    at_2, at_4 = rendered(2), rendered(4)
+    assert all(a.shape[0] * a.shape[1] <= 2 * 64 * 64 for a in at_2), "rendered at the training area"
+    assert any(not np.array_equal(a, b) for a, b in zip(at_2, at_4, strict=True)), "training changes the images"
+    for step in (2, 4):
+        folder = out / f"checkpoint-{step}"
+        assert (folder / "pytorch_lora_weights.safetensors").exists()
+        assert (folder / "qwen_image_edit_lora_comfyui.safetensors").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora_alpha"] == 8
+    scalars, images = tensorboard_events(out / "logs")
+    assert {"loss", "loss_by_task/four", "loss_by_sources/1", "validation_seconds", "clip_bound"} <= scalars
+    assert any(t.startswith("grad_norm_by_group/transformer_blocks.") for t in scalars), "--report_model_info"
+    assert "validation/sheet" in images
+
+    # a rerun of steps 3-4 from the checkpoint's name renders the same pixels at step 4
+    run_module(
+        "pipeline.train",
+        "--config",
+        str(recipe),
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "checkpoint-2",
+        check=True,
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(at_4, rendered(4), strict=True))

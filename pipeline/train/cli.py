@@ -120,7 +120,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--use_peft_lora", action="store_true", help="train a LoRA adapter instead of full weights")
     g.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=32, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / rank)")
+    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="comma-separated LoRA target modules")
     g.add_argument("--lora_path", default=None, help="initialise the LoRA from this safetensors file")
