@@ -96,7 +96,8 @@ def train(model: Path, meta: Path, out: Path, steps: int, extra: list[str], mixe
     cmd += ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 2)]
     cmd += ["--image_sample_size", str(size), "--mixed_precision", mixed, "--report_to", "none"]
     workers = "2" if torch.cuda.is_available() else "1"
-    cmd += ["--dataloader_num_workers", workers, "--learning_rate", "1e-5", *extra]
+    cmd += ["--dataloader_num_workers", workers, "--learning_rate", "1e-5", "--lr_warmup_steps", "0"]
+    cmd += ["--train_batch_size", "1", "--train_src_img_num_weights", "0=1,1=1,2=1,3=1", *extra]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")

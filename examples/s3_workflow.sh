@@ -10,6 +10,7 @@ for task in dataset_a dataset_b; do
     --output_dir "s3://my-bucket/shards/$task" --model_path /path/to/Qwen-Image-Edit-2509
 done
 
+# the training flags below are also examples/recipes/s3_train.yaml
 accelerate launch --num_processes "${GPUS_PER_NODE:-8}" -m pipeline.train \
   --pretrained_model_name_or_path=/path/to/Qwen-Image-Edit-2509 \
   --train_data_meta_dir=s3://my-bucket/shards --train_data_weights="dataset_a=0.5,dataset_b=1.2" \

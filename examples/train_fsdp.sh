@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Step 2, full fine-tuning with FSDP: the original tool's command with the module name changed.
+# The same settings as a recipe: examples/recipes/train_fsdp.yaml (pass it with --config).
 set -euo pipefail
 export GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export NNODES=${NNODES:-1}

@@ -348,3 +348,22 @@ def _has_dejavu() -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.parametrize(
+    "script,recipe",
+    [("train_fsdp.sh", "train_fsdp.yaml"), ("train_lora.sh", "train_lora.yaml"), ("s3_workflow.sh", "s3_train.yaml")],
+)
+def test_each_example_recipe_equals_its_script(script, recipe):
+    """examples/recipes/*.yaml hold exactly the flags of the shipped scripts' training commands."""
+    import shlex
+    from pathlib import Path
+
+    examples = Path(__file__).parent.parent / "examples"
+    text = (examples / script).read_text().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if "-m pipeline.train" in line)
+    flags = shlex.split(command.split("-m pipeline.train", 1)[1])
+    from_script = vars(build_parser().parse_args(flags))
+    from_recipe = vars(parse_with_recipe(build_parser(), ["--config", str(examples / "recipes" / recipe)]))
+    assert from_recipe.pop("config") and from_script.pop("config") is None
+    assert from_recipe == from_script
