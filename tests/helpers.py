@@ -139,3 +139,54 @@ def alive(pids: set[int]) -> set[int]:
         if state != "Z":
             living.add(pid)
     return living
+
+
+def synthetic_task(root, name: str, samples: int, per_shard: int, bucket_of=None, hidden: int = 8):
+    """A task of ``samples`` single-source samples with tiny images and embeddings, written directly (no model).
+
+    ``bucket_of(i)`` gives sample i's bucket tuple (default: all in one bucket). Returns the task folder.
+    """
+    import io as _io
+
+    import torch as _torch
+    from PIL import Image as _Image
+
+    from pipeline.shards.format import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
+
+    task_dir = Path(root) / name
+    (task_dir / "src1").mkdir(parents=True)
+    manifest = new_manifest(name, {"path": "synthetic", "hidden_size": hidden}, "diffusers", {"edit": 64, "t2i": 34})
+    for first in range(0, samples, per_shard):
+        url = f"src1/00000-{first // per_shard:06d}.tar"
+        writer = TarShardWriter(str(task_dir / url))
+        for i in range(first, min(samples, first + per_shard)):
+            key = f"s-{i:07d}"
+            buf = _io.BytesIO()
+            _Image.new("RGB", (16, 16), (i % 256, 0, 0)).save(buf, format="PNG")
+            png = buf.getvalue()
+            emb = _torch.full((4, hidden), float(i)).bfloat16()
+            meta = {
+                "key": key,
+                "line": i,
+                "num_sources": 1,
+                "instruction": f"edit {i}",
+                "sources": [{"member": "source0.png", "size": [16, 16]}],
+                "target": {"member": "target.png", "size": [16, 16]},
+                "bucket": list(bucket_of(i)) if bucket_of else [1.0, 1.0],
+                "variants": {"en": [4, hidden], "drop": [4, hidden]},
+            }
+            members = sample_members(
+                meta,
+                {"target": ("png", png), "source0": ("png", png)},
+                {"en": embedding_to_npy(emb), "drop": embedding_to_npy(emb)},
+            )
+            writer.add(key, members)
+        size, digest = writer.close()
+        (task_dir / index_name(url)).write_text(json.dumps({"shard": url, "samples": writer.index}))
+        manifest["shards"].append(
+            {"url": url, "num_sources": 1, "samples": len(writer), "bytes": size, "sha256": digest,
+             "index": index_name(url)}
+        )  # fmt: skip
+    manifest["variants"] = ["en", "drop"]
+    (task_dir / "manifest.json").write_text(json.dumps(manifest))
+    return task_dir

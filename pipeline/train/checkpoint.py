@@ -214,7 +214,11 @@ class RngPart:
         import torch
         from safetensors.torch import load_file
 
-        state = load_file(str(folder / f"rng_rank{self.rank}.safetensors"))
+        path = folder / f"rng_rank{self.rank}.safetensors"
+        if not path.is_file():  # resumed on more ranks than saved: this rank keeps its seeded generators
+            log.info("%s has no RNG state for rank %d (saved on fewer ranks); kept the seeded one", folder, self.rank)
+            return
+        state = load_file(str(path))
         torch.set_rng_state(state["torch"])
         cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
         if cuda and torch.cuda.is_available():

@@ -67,7 +67,20 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--dataloader_num_workers", type=int, default=0, help="DataLoader workers per rank (0: the main process)"
     )
     g.add_argument("--prefetch_factor", type=int, default=2, help="batches each worker prepares ahead")
-    g.add_argument("--shuffle_buffer", type=int, default=64, help="samples in each stream's shuffle buffer")
+    g.add_argument(
+        "--shuffle_buffer",
+        type=int,
+        default=64,
+        help="streamed shards only (pipe:, no index): samples in each stream's shuffle buffer; indexed shards follow "
+        "a computed sample-level order and need none",
+    )
+    g.add_argument(
+        "--pool_mb",
+        type=float,
+        default=128,
+        help="MiB of samples a DataLoader worker keeps waiting in aspect-bucket pools and shuffle buffers, over all "
+        "streams; past it batches are made from similar buckets",
+    )
     g.add_argument("--seed", type=int, default=42, help="seed of every data, noise and validation draw")
     add_storage_options(g)
     g.add_argument(

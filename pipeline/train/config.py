@@ -88,6 +88,7 @@ class StreamConfig:
     text_drop_ratio: float = 0.05
     storage_options: dict | None = None
     online_prompts: bool = False  # --condition_encoder_mode sync: batches carry images + text, not embeddings
+    pool_bytes: int = 128 << 20  # samples waiting in bucket pools and shuffle buffers, per DataLoader worker
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         text_drop_ratio=args.text_drop_ratio,
         storage_options=storage_options,
         online_prompts=args.condition_encoder_mode == "sync",
+        pool_bytes=int(args.pool_mb * (1 << 20)),
     )
     checkpoint = CheckpointConfig(
         output_dir=args.output_dir,

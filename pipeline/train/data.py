@@ -153,6 +153,7 @@ class TraceWriter:
             "num_sources": batch["num_sources"],
             "bucket": batch["bucket"],
             "keys": batch["keys"],
+            "elements": batch.get("elements"),
             "variants": batch["variants"],
             "texts": batch["texts"],
         }
@@ -172,6 +173,55 @@ def next_batch(batches, expected_step: int) -> tuple[dict[str, Any], float]:
     if batch["step"] != expected_step:
         raise RuntimeError(f"loader produced step {batch['step']} where {expected_step} was expected")
     return batch, waited
+
+
+def worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dataset state of each DataLoader worker (one entry with 0 workers), in worker order."""
+    if "dataset_state" in loader_state:  # num_workers=0: the main process iterates the dataset
+        return [loader_state["dataset_state"]]
+    snapshots = loader_state["_snapshot"]["_worker_snapshots"]
+    return [snapshots[f"worker_{w}"]["dataset_state"] for w in range(len(snapshots))]
+
+
+class DataPart:
+    """The loader's state of this rank as JSON, in ``data_state_rank{r}.json``.
+
+    Same ranks × workers as the checkpoint: the StatefulDataLoader restores itself (bitwise
+    exact). Another layout: every rank reads the states of *all* old workers of all ranks and
+    the stream takes them over (:meth:`MixedBatchDataset.set_elastic`): each sample of an
+    epoch still comes exactly once.
+    """
+
+    def __init__(self, loader, rank: int, world: int):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def save(self, folder: Path) -> None:
+        from pipeline.train.checkpoint import write_json_file
+
+        write_json_file(folder / f"data_state_rank{self.rank}.json", {"loader": json_state(self.loader.state_dict())})
+
+    def load(self, folder: Path) -> None:
+        files = sorted(folder.glob("data_state_rank*.json"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
+        states = [json.loads(f.read_text())["loader"] for f in files]
+        workers = self.loader.num_workers or 1
+        old_workers = len(worker_states(states[0])) if states else 0
+        if len(states) == self.world and old_workers == workers:
+            self.loader.load_state_dict(states[self.rank])
+            return
+        partitions = [w for state in states for w in worker_states(state)]  # partition = rank × W + worker
+        next_step = sum(w.get("made", 0) for w in worker_states(states[0]))
+        if self.rank == 0:
+            log.warning(
+                "resuming a checkpoint of %d rank(s) × %d worker(s) on %d × %d: the streams are taken over from "
+                "all %d old partitions at loader step %d (every sample of an epoch still once)",
+                len(states),
+                old_workers,
+                self.world,
+                workers,
+                len(partitions),
+                next_step,
+            )
+        self.loader.dataset.set_elastic(next_step, partitions)
 
 
 def json_state(state: Any) -> Any:

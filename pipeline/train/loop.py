@@ -30,7 +30,7 @@ from pipeline.train import recipe as recipes
 from pipeline.train.batching import pad_embeddings
 from pipeline.train.clipping import clip_bound
 from pipeline.train.config import FlowConfig, TrainConfig
-from pipeline.train.data import TraceWriter, build_dataset, build_loader, json_state, next_batch
+from pipeline.train.data import DataPart, TraceWriter, build_dataset, build_loader, next_batch
 from pipeline.train.metrics import LossBoard, group_grad_norms
 from pipeline.train.seeding import step_generator
 
@@ -110,16 +110,6 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def data_part(loader, rank: int) -> ckpt.JsonPart:
-    """The StatefulDataLoader's state of this rank, as JSON."""
-    return ckpt.JsonPart(
-        "data_state_rank{rank}.json",
-        lambda: {"loader": json_state(loader.state_dict())},
-        lambda state: loader.load_state_dict(state["loader"]),
-        rank,
-    )
 
 
 class ReplicatedWeights:
@@ -299,7 +289,7 @@ class Trainer:
             ),
             "loop": ckpt.JsonPart(TRAINER_STATE, self.trainer_state, self.load_trainer_state, self.rank, optional=True),
             "rng": ckpt.RngPart(self.rank),
-            "data": data_part(self.loader, self.rank),
+            "data": DataPart(self.loader, self.rank, self.world),
         }
         if config.model.lora is not None:  # a LoRA file that loads as it is, in every checkpoint
             parts["lora_files"] = LoraFiles(self)
@@ -586,7 +576,7 @@ def run_data_only(config: TrainConfig) -> int:
         config.output_dir,
         rank,
         barrier,
-        {"data": data_part(loader, rank)},
+        {"data": DataPart(loader, rank, world)},
         {"data_only": True, "world_size": world},
         config.checkpoint.total_limit,
     )

@@ -18,6 +18,7 @@ What webdataset cannot do and is therefore written here:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -26,15 +27,26 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.shards.format import SOURCE_COUNTS
-from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, read_indexed_sample, stream_shard
+from pipeline.shards.reader import (
+    CorruptSample,
+    IndexCache,
+    RangeReader,
+    RawSample,
+    read_indexed_sample,
+    stream_shard,
+)
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.batching import assemble_batch
 from pipeline.train.config import StreamConfig
+from pipeline.train.order import Cursor, EpochOrder, merge_cursors
+from pipeline.train.pools import BucketPools, ByteBudget
 from pipeline.train.seeding import stable_id, step_rng
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 1000
+POOL_BATCHES = 4  # a stream's bucket pools hold at most this many batches' worth of samples
+DATA_STATE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +110,29 @@ def plan_mix(tasks: dict[str, Task], task_weights: dict[str, float], n_weights: 
 # one partition of one stream
 
 
+def shard_digest(shards: list[Shard]) -> str:
+    """Identifies a stream's shard list (URLs and sample counts): a resume notices shards added or removed."""
+    text = "\n".join(f"{s.url}\t{s.samples}" for s in shards)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def sample_bytes(sample: RawSample) -> int:
+    return sum(len(v) for v in sample.images.values()) + sum(len(v) for v in sample.embeddings.values())
+
+
+# a fresh epoch after the shard list changed: far beyond any epoch a run reaches, distinct per change
+GENERATION_EPOCHS = 1 << 32
+
+
 class PartitionStream:
-    """The samples of one (task, N) that partition ``part`` of ``parts`` owns: endless, shuffled, bucketed."""
+    """The samples of one (task, N) that partition ``part`` of ``parts`` owns: endless, shuffled, bucketed.
+
+    Stages, each with its own state: the *source* — indexed shards follow a computed
+    sample-level order (:class:`EpochOrder`) through a :class:`Cursor`; streamed shards
+    (``pipe:``, no index) are read front to back, every ``parts``-th sample owned, and mixed
+    in a shuffle buffer — then the *pools* (:class:`BucketPools`) that make batches of one
+    aspect bucket.
+    """
 
     def __init__(
         self,
@@ -113,6 +146,8 @@ class PartitionStream:
         reader: RangeReader,
         index_cache: IndexCache,
         storage_options: dict | None,
+        batch_size: int = 1,
+        budget: ByteBudget | None = None,
     ):
         self.task, self.n, self.shards = task, num_sources, shards
         self.part, self.parts, self.seed = part, parts, seed
@@ -120,64 +155,67 @@ class PartitionStream:
         self.indexed = all(s.index_url and s.samples is not None for s in shards)
         self.counts = [s.samples or 0 for s in shards]
         self.total = sum(self.counts)
+        self.digest = shard_digest(shards)
         if self.indexed and self.total == 0:
             raise DataConfigError(f"task {task}: the shards with {num_sources} source(s) hold no samples")
-        # no bigger than this partition's share of an epoch, so a small stream does not repeat inside the buffer
-        share = -(-self.total // parts) if self.indexed else shuffle_buffer
-        self.buffer_size = max(0, min(shuffle_buffer, share))
+        self.order = EpochOrder(self.counts, seed, (stable_id(task), num_sources)) if self.indexed else None
+        self.cursor = Cursor(part, parts)
+        self.generation = 0  # how many times the shard list changed under a resumed run
+        self.budget = budget or ByteBudget(1 << 62)
+        self.buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # indexed: the order is already shuffled
         self.rng = np.random.Generator(np.random.PCG64([seed & 0xFFFFFFFF, stable_id(task), num_sources, part]))
-        self.k = 0  # owned elements consumed (indexed)
         self.seq = {"epoch": 0, "pos": 0, "sample": 0, "ordinal": 0}  # streamed cursor
         self._seq_iter = None
-        self.buffer: list[tuple[list[int], RawSample]] = []
-        self.pools: dict[tuple, list[tuple[list[int], RawSample]]] = {}
+        self.buffer: list[tuple[Any, RawSample]] = []
+        self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
         self.skipped = 0
-        self._perm_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._replaced = 0
+        self._perm_cache: tuple[int, np.ndarray] | None = None
 
-    # ---- the underlying sequence -----------------------------------------------------------
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard order of ``epoch`` (same for every partition) and cumulative sample counts."""
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, epoch, 3]).permutation(
-                len(self.shards)
-            )
-            cum = np.cumsum([self.counts[i] for i in perm])
-            self._perm_cache = (epoch, perm, cum)
-        return self._perm_cache[1], self._perm_cache[2]
-
-    def _ref_of(self, k: int) -> list[int]:
-        """[shard index, sample index] of this partition's ``k``-th element (indexed shards)."""
-        g = self.part + k * self.parts
-        epoch, q = divmod(g, self.total)
-        perm, cum = self._order(epoch)
-        j = int(np.searchsorted(cum, q, side="right"))
-        before = int(cum[j - 1]) if j else 0
-        return [int(perm[j]), q - before]
-
-    def _read_ref(self, ref: list[int]) -> RawSample:
-        shard = self.shards[ref[0]]
-        entry = self.index_cache.get(shard.index_url)[ref[1]]
+    # ---- source: indexed -------------------------------------------------------------------
+    def _read_element(self, g: int) -> RawSample:
+        shard_index, sample_index = self.order.locate(g)
+        shard = self.shards[shard_index]
+        entry = self.index_cache.get(shard.index_url)[sample_index]
         return read_indexed_sample(self.reader, shard.url, entry)
 
-    def _next_owned(self) -> tuple[list[int], RawSample]:
+    def _next_owned(self) -> tuple[Any, RawSample]:
         bad = 0
         while True:
             try:
                 if self.indexed:
-                    ref = self._ref_of(self.k)
-                    self.k += 1
-                    return ref, self._read_ref(ref)
+                    g = self.cursor.next()
+                    return g, self._read_element(g)
                 return self._next_streamed()
             except (DataConfigError, KeyboardInterrupt):
                 raise
-            except Exception as exc:  # a broken sample or shard costs that sample, not the run
+            except FileNotFoundError as exc:  # a shard that is gone does not come back by retrying
+                raise DataConfigError(f"task {self.task} N={self.n}: a shard is missing: {exc}") from exc
+            except PermissionError as exc:
+                raise DataConfigError(f"task {self.task} N={self.n}: a shard cannot be read: {exc}") from exc
+            except Exception as exc:  # a broken sample costs that sample, not the run
                 self.skipped += 1
                 bad += 1
-                log.warning("task %s N=%d: skipped a sample (%s: %s)", self.task, self.n, type(exc).__name__, exc)
-                if bad >= MAX_CONSECUTIVE_BAD:
+                log.warning(
+                    "task %s N=%d: skipped a sample (%s: %s; %d skipped so far)",
+                    self.task,
+                    self.n,
+                    type(exc).__name__,
+                    exc,
+                    self.skipped,
+                )
+                if bad >= min(MAX_CONSECUTIVE_BAD, max(self.total, 1) if self.indexed else MAX_CONSECUTIVE_BAD):
                     raise RuntimeError(f"task {self.task} N={self.n}: {bad} unreadable samples in a row") from exc
 
-    def _next_streamed(self) -> tuple[list[int], RawSample]:
+    # ---- source: streamed ------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        """Shard order of a streamed ``epoch`` (the same for every partition)."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, epoch, 3])
+            self._perm_cache = (epoch, rng.permutation(len(self.shards)))
+        return self._perm_cache[1]
+
+    def _next_streamed(self) -> tuple[Any, RawSample]:
         if self._seq_iter is None:
             self._seq_iter = self._streamed()
         return next(self._seq_iter)
@@ -185,95 +223,169 @@ class PartitionStream:
     def _streamed(self):
         st = self.seq
         while True:
-            perm, _ = self._order(st["epoch"])
-            whole_epoch, read_any = st["pos"] == 0 and st["sample"] == 0, False
+            perm = self._order(st["epoch"])
+            whole_epoch, usable = st["pos"] == 0 and st["sample"] == 0, 0
             while st["pos"] < len(perm):
                 index, skip = int(perm[st["pos"]]), st["sample"]
                 for i, sample in enumerate(stream_shard(self.shards[index].url, self.storage_options)):
                     if i < skip:
                         continue
-                    read_any = True
                     st["sample"] = i + 1
                     owned = st["ordinal"] % self.parts == self.part
                     st["ordinal"] += 1
-                    if owned and isinstance(sample, CorruptSample):
-                        self.skipped += 1
-                        log.warning("task %s N=%d: skipped %s", self.task, self.n, sample.reason)
-                    elif owned:
+                    if isinstance(sample, CorruptSample):
+                        if owned:
+                            self.skipped += 1
+                            log.warning("task %s N=%d: skipped %s", self.task, self.n, sample.reason)
+                        continue
+                    usable += 1
+                    if owned:
                         yield [index, i], sample
                 st["pos"] += 1
                 st["sample"] = 0
-            if whole_epoch and not read_any:
-                raise DataConfigError(f"task {self.task}: no readable sample with {self.n} source(s) in any shard")
+            if whole_epoch and not usable:  # nothing in a whole pass can be used: an error, not an endless loop
+                raise DataConfigError(
+                    f"task {self.task}: no usable sample with {self.n} source(s) in a whole pass over its "
+                    f"{len(self.shards)} shard(s) (every one unreadable, truncated or empty)"
+                )
             st["epoch"] += 1
             st["pos"] = 0
 
-    # ---- shuffle buffer and aspect buckets -------------------------------------------------
-    def _next_shuffled(self) -> tuple[list[int], RawSample]:
+    def _next_item(self) -> tuple[Any, RawSample]:
+        """The next owned sample: in computed order (indexed) or through the shuffle buffer (streamed)."""
         if self.buffer_size <= 1:
             return self._next_owned()
-        while len(self.buffer) < self.buffer_size:
-            self.buffer.append(self._next_owned())
+        while len(self.buffer) < self.buffer_size and not (self.budget.spent() and self.buffer):
+            ref, sample = self._next_owned()
+            self.buffer.append((ref, sample))
+            self.budget.used += sample_bytes(sample)
         j = int(self.rng.integers(len(self.buffer)))
         out = self.buffer[j]
-        self.buffer[j] = self._next_owned()
+        self.budget.used -= sample_bytes(out[1])
+        if self.budget.spent():  # the worker's budget is spent: the buffer shrinks instead of refilling
+            self.buffer.pop(j)
+        else:
+            ref, sample = self._next_owned()
+            self.buffer[j] = (ref, sample)
+            self.budget.used += sample_bytes(sample)
         return out
 
-    def next_batch(self, batch_size: int) -> list[RawSample]:
-        """``batch_size`` samples of one aspect bucket."""
+    # ---- pools -------------------------------------------------------------------------------
+    def next_batch(self, batch_size: int) -> list[tuple[Any, RawSample]]:
+        """(reference, sample) × ``batch_size``, of one aspect bucket (or similar, when the pools are full)."""
+        self.pools.batch_size = batch_size
+        self._replaced = 0  # the previous batch was assembled
         while True:
-            ref, sample = self._next_shuffled()
-            bucket = tuple(sample.meta["bucket"])
-            pool = self.pools.setdefault(bucket, [])
-            pool.append((ref, sample))
-            if len(pool) >= batch_size:
-                taken, rest = pool[:batch_size], pool[batch_size:]
-                if rest:
-                    self.pools[bucket] = rest
-                else:
-                    del self.pools[bucket]
-                return [s for _, s in taken]
+            ref, sample = self._next_item()
+            batch = self.pools.add(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
+            if batch is not None:
+                return batch
 
     def replacement(self, bucket: tuple) -> RawSample:
         """Another sample of ``bucket``, for one that turned out unreadable while its batch was built."""
         self.skipped += 1
-        for _ in range(max(1000, 10 * self.total)):
-            pool = self.pools.get(bucket)
-            if pool:
-                _, sample = pool.pop(0)
-                if not pool:
-                    del self.pools[bucket]
+        self._replaced += 1
+        if self._replaced > MAX_CONSECUTIVE_BAD:  # every replacement failed too: the data is unusable, do not spin
+            raise DataConfigError(
+                f"task {self.task} N={self.n}: {self._replaced} samples in a row could not be decoded "
+                "(images or embeddings); check it with python -m shards_tools verify"
+            )
+        waiting = self.pools.pop_from(bucket)
+        if waiting is not None:
+            return waiting[1]
+        for _ in range(self.pools.max_samples):
+            ref, sample = self._next_item()
+            if tuple(sample.meta["bucket"]) == tuple(bucket):
                 return sample
-            ref, sample = self._next_shuffled()
-            self.pools.setdefault(tuple(sample.meta["bucket"]), []).append((ref, sample))
-        raise RuntimeError(f"task {self.task} N={self.n}: no readable replacement sample in bucket {bucket}")
+            self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
+        log.warning("task %s N=%d: no sample of bucket %s nearby; another bucket's instead", self.task, self.n, bucket)
+        return self._next_item()[1]
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "seq": dict(self.seq),
-            "rng": self.rng.bit_generator.state,
-            "buffer": [ref for ref, _ in self.buffer],
-            "pools": [[list(bucket), [ref for ref, _ in pool]] for bucket, pool in self.pools.items()],
+        state = {
+            "digest": self.digest,
+            "indexed": self.indexed,
+            "generation": self.generation,
             "skipped": self.skipped,
+            "pools": self.pools.state_dict(lambda item: item[0]),
         }
+        if self.indexed:
+            state["cursor"] = self.cursor.state_dict()
+        else:
+            state["seq"] = dict(self.seq)
+            state["rng"] = self.rng.bit_generator.state
+            state["buffer"] = [ref for ref, _ in self.buffer]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.k = state["k"]
-        self.seq = dict(state["seq"])
-        self._seq_iter = None
-        self.rng.bit_generator.state = state["rng"]
         self.skipped = state.get("skipped", 0)
-        refs = [tuple(r) for r in state["buffer"]] + [tuple(r) for _, pool in state["pools"] for r in pool]
-        samples = self._reread(refs)
-        self.buffer = [(list(r), samples[tuple(r)]) for r in state["buffer"]]
-        self.pools = {tuple(b): [(list(r), samples[tuple(r)]) for r in pool] for b, pool in state["pools"]}
+        if state.get("digest") != self.digest or state.get("indexed") != self.indexed:
+            self.start_new_epoch(state)
+            return
+        self.generation = state["generation"]
+        if self.indexed:
+            self.cursor = Cursor.from_state(state["cursor"])
+        else:
+            self.seq = dict(state["seq"])
+            self._seq_iter = None
+            self.rng.bit_generator.state = state["rng"]
+        pooled = [ref for _, entries in state["pools"]["pools"] for _, ref in entries]
+        samples = self._reread([*state.get("buffer", []), *pooled])
+        self.buffer = []
+        for ref in state.get("buffer", []):
+            self.buffer.append((ref, samples[_key(ref)]))
+            self.budget.used += sample_bytes(samples[_key(ref)])
+        self.pools.load_state_dict(
+            state["pools"], lambda ref: ((ref, samples[_key(ref)]), sample_bytes(samples[_key(ref)]))
+        )
 
-    def _reread(self, refs: list[tuple[int, int]]) -> dict[tuple[int, int], RawSample]:
+    def start_new_epoch(self, state: dict[str, Any]) -> None:
+        """The shard list changed since the checkpoint: its positions mean nothing now; start a fresh epoch."""
+        self.generation = state.get("generation", 0) + 1
+        log.warning(
+            "task %s N=%d: the shards changed since the checkpoint (%d shard(s), %d sample(s) now); "
+            "its position and waiting samples are dropped and a new epoch starts",
+            self.task,
+            self.n,
+            len(self.shards),
+            self.total,
+        )
+        epoch = self.generation * GENERATION_EPOCHS
+        if self.indexed:
+            self.cursor = Cursor(self.part, self.parts, base=epoch * self.total)
+        else:
+            self.seq = {"epoch": epoch, "pos": 0, "sample": 0, "ordinal": 0}
+            self._seq_iter = None
+
+    def load_elastic(self, olds: list[dict[str, Any]]) -> int:
+        """Take over from every partition of another (ranks × workers) layout; returns the samples re-read.
+
+        The cursors merge (each element exactly once); the samples that waited in the old
+        pools go to the new partition ``ref % parts`` and wait again here.
+        """
+        if any(o.get("digest") != self.digest for o in olds) or not all(o.get("indexed") for o in olds):
+            if not self.indexed or not all(o.get("indexed") for o in olds):
+                raise DataConfigError(
+                    f"task {self.task} N={self.n}: streamed shards (pipe: or without an index) resume only on the "
+                    "same ranks × DataLoader workers; index them (shards_tools) or resume with the same layout"
+                )
+            self.start_new_epoch(olds[0])
+            return 0
+        self.skipped = sum(o.get("skipped", 0) for o in olds)
+        self.generation = olds[0]["generation"]
+        self.cursor = merge_cursors([Cursor.from_state(o["cursor"]) for o in olds], self.parts)[self.part]
+        waiting = [ref for o in olds for _, entries in o["pools"]["pools"] for _, ref in entries]
+        mine = sorted(ref for ref in waiting if ref % self.parts == self.part)
+        for ref in mine:
+            sample = self._read_element(ref)
+            self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
+        return len(mine)
+
+    def _reread(self, refs: list) -> dict[Any, RawSample]:
         """Fetch buffered samples again: one range read each, or one pass per shard when streamed."""
         if self.indexed:
-            return {ref: self._read_ref(list(ref)) for ref in refs}
+            return {ref: self._read_element(ref) for ref in refs}
         wanted: dict[int, set[int]] = {}
         for shard_index, sample_index in refs:
             wanted.setdefault(shard_index, set()).add(sample_index)
@@ -284,10 +396,14 @@ class PartitionStream:
                     out[(shard_index, i)] = sample
                 if i >= max(indices):
                     break
-        missing = [r for r in refs if r not in out]
+        missing = [r for r in refs if _key(r) not in out]
         if missing:
             raise RuntimeError(f"task {self.task} N={self.n}: cannot re-read buffered samples {missing[:3]}")
         return out
+
+
+def _key(ref: Any) -> Any:
+    return tuple(ref) if isinstance(ref, list) else ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +414,15 @@ class MixedBatchDataset(IterableDataset):
     """Endless batches for one rank; each DataLoader worker makes the steps ``s ≡ worker (mod W)``.
 
     Implements ``state_dict``/``load_state_dict`` (torchdata's Stateful protocol) with
-    JSON-able state, so ``StatefulDataLoader`` checkpoints it per worker.
+    JSON-able state, so ``StatefulDataLoader`` checkpoints it per worker.  A checkpoint of
+    another ranks × workers layout is taken over with :meth:`set_elastic` instead.
     """
 
     def __init__(self, tasks: dict[str, Task], plan: MixPlan, rank: int, world_size: int, config: StreamConfig):
         self.tasks, self.plan, self.rank, self.world_size, self.config = tasks, plan, rank, world_size, config
         self.made = 0  # batches this worker made
         self._loaded: dict[str, Any] | None = None
+        self._elastic: dict[str, Any] | None = None
         self._streams: dict[str, PartitionStream] = {}
         self._workers = 1
         self._worker = 0
@@ -314,6 +432,7 @@ class MixedBatchDataset(IterableDataset):
         self._worker, self._workers = (info.id, info.num_workers) if info else (0, 1)
         self.reader = RangeReader(self.config.storage_options)
         self.index_cache = IndexCache(self.reader)
+        self.budget = ByteBudget(self.config.pool_bytes)
         self._null_cache: dict[str, bytes] = {}
 
     def _stream(self, task: str, n: int) -> PartitionStream:
@@ -330,6 +449,8 @@ class MixedBatchDataset(IterableDataset):
                 reader=self.reader,
                 index_cache=self.index_cache,
                 storage_options=self.config.storage_options,
+                batch_size=self.config.batch_size,
+                budget=self.budget,
             )
         return self._streams[key]
 
@@ -338,7 +459,9 @@ class MixedBatchDataset(IterableDataset):
 
     def __iter__(self):
         self._setup_worker()
-        if self._loaded is not None:
+        if self._elastic is not None:
+            self._take_over(self._elastic)
+        elif self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
         while True:
@@ -346,9 +469,9 @@ class MixedBatchDataset(IterableDataset):
             n = draw_num_sources(self.config.seed, step, self.plan.n_probs)
             task = draw_task(self.config.seed, self.rank, step, self.plan.task_probs[n])
             stream = self._stream(task, n)
-            raw = stream.next_batch(self.config.batch_size)
+            taken = stream.next_batch(self.config.batch_size)
             batch = assemble_batch(
-                raw,
+                [sample for _, sample in taken],
                 self.tasks[task],
                 n,
                 step,
@@ -358,11 +481,13 @@ class MixedBatchDataset(IterableDataset):
                 self._null_cache,
                 replace=stream.replacement,  # a corrupt image or embedding costs a sample, not the run
             )
+            batch["elements"] = [ref for ref, _ in taken]  # the stream positions (trace: exactly-once checks)
             self.made += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": DATA_STATE_VERSION,
             "made": self.made,
             "workers": self._workers,
             "world_size": self.world_size,
@@ -374,15 +499,59 @@ class MixedBatchDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded = state
 
+    def set_elastic(self, next_step: int, partitions: list[dict[str, Any]]) -> None:
+        """Resume from the dataset states of *every* worker of every rank of another layout (see data.py)."""
+        self._elastic = {"next_step": next_step, "partitions": partitions}
+
     def _restore(self, state: dict[str, Any]) -> None:
+        version = state.get("version", 1)
+        if version > DATA_STATE_VERSION:
+            raise DataConfigError(
+                f"the checkpoint's data state is version {version}; this version reads up to "
+                f"{DATA_STATE_VERSION}: resume with the version that wrote it"
+            )
         if state["made"] == 0 and not state["streams"]:
             return  # this worker had not made a batch when the checkpoint was taken: nothing to restore
         if state["workers"] != self._workers or state["world_size"] != self.world_size:
-            raise DataConfigError(
-                f"exact resume needs the same ranks × workers as the checkpoint "
-                f"({state['world_size']} × {state['workers']}), got {self.world_size} × {self._workers}"
+            raise DataConfigError(  # the loop takes another layout over with set_elastic; this is a direct misuse
+                f"this worker's state is of {state['world_size']} rank(s) × {state['workers']} worker(s), the run "
+                f"has {self.world_size} × {self._workers}; resume through the checkpoint folder (set_elastic)"
             )
         self.made = state["made"]
         for key, stream_state in state["streams"].items():
             task, n = key.rsplit("|", 1)
-            self._stream(task, int(n)).load_state_dict(stream_state)
+            stream = self._stream(task, int(n))
+            if version < 2:  # written before the sample-level order: positions cannot be mapped
+                stream.start_new_epoch({"generation": 0})
+            else:
+                stream.load_state_dict(stream_state)
+
+    def _take_over(self, elastic: dict[str, Any]) -> None:
+        """This worker's part of a resume from another layout: its next step, and every stream merged."""
+        start = elastic["next_step"]
+        self.made = max(0, -(-(start - self._worker) // self._workers))  # steps s < start with s ≡ worker (mod W)
+        by_stream: dict[str, list[dict[str, Any]]] = {}
+        for partition in elastic["partitions"]:
+            for key, stream_state in partition["streams"].items():
+                by_stream.setdefault(key, []).append(stream_state)
+        parts = len(elastic["partitions"])
+        for key, olds in by_stream.items():
+            task, n = key.rsplit("|", 1)
+            if task not in self.tasks or int(n) not in self.tasks[task].shards:
+                continue
+            # partitions that never read this stream had consumed nothing of it
+            present = {o["cursor"]["part"] for o in olds if "cursor" in o}
+            template = next((o for o in olds if "cursor" in o), None)
+            if template is not None:
+                for p in range(parts):
+                    if p not in present:
+                        olds.append(
+                            {
+                                **template,
+                                "cursor": {**template["cursor"], "part": p, "k": 0},
+                                "pools": {"arrivals": 0, "pools": []},
+                                "skipped": 0,
+                            }
+                        )
+            self._stream(task, int(n)).load_elastic(olds)
+        self._elastic = None

@@ -1,0 +1,175 @@
+"""Training stream v2: the computed sample-level order, exactly-once cursors across layouts, bounded pools
+(on plain integers), and the same through the real stream on synthetic shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from helpers import synthetic_task
+
+from pipeline.shards.tasks import DataConfigError, discover_tasks
+from pipeline.train.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
+from pipeline.train.pools import BucketPools, ByteBudget
+from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+
+
+def neighbour_fraction(refs: list[tuple[int, int]]) -> float:
+    """Share of consecutive pairs that are adjacent samples of one shard (file order leaking through)."""
+    pairs = list(zip(refs, refs[1:], strict=False))
+    return sum(a[0] == b[0] and abs(a[1] - b[1]) == 1 for a, b in pairs) / len(pairs)
+
+
+def test_the_epoch_order_is_a_permutation_that_forgets_file_order():
+    counts = [100] * 20 + [37, 0, 63]
+    order = EpochOrder(counts, seed=7, salt=(1, 1), block_samples=512)
+    total = sum(counts)
+    for epoch in (0, 1):
+        refs = [order.locate(epoch * total + g) for g in range(total)]
+        assert sorted(refs) == sorted((s, i) for s, c in enumerate(counts) for i in range(c)), "each sample once"
+        assert neighbour_fraction(refs) < 0.01
+    assert [order.locate(g) for g in range(50)] != [order.locate(total + g) for g in range(50)], "epochs differ"
+    assert [order.locate(g) for g in range(50)] == [EpochOrder(counts, 7, (1, 1), 512).locate(g) for g in range(50)]
+    # memory: at most two blocks' permutations (int32), never the epoch
+    assert len(order._blocks) <= 2 and all(b.dtype == np.int32 and b.size <= 512 + 100 for b in order._blocks.values())
+    big = EpochOrder([1000] * 10_000, seed=1, salt=(2,))  # 10⁷ samples
+    big.locate(9_999_999)
+    assert sum(b.nbytes for b in big._blocks.values()) <= 4 * (BLOCK_SAMPLES + 1000)
+
+
+def consume(cursors: list[Cursor], steps: list[int]) -> list[int]:
+    """Advance cursor i by steps[i]; the elements taken."""
+    return [c.next() for c, n in zip(cursors, steps, strict=True) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layouts", [[4, 3], [4, 1], [2, 5], [4, 3, 2], [1, 3, 6, 2]])
+def test_cursors_taken_over_by_another_layout_take_every_element_once(layouts):
+    rng = np.random.default_rng(sum(layouts))
+    cursors = [Cursor(p, layouts[0]) for p in range(layouts[0])]
+    taken = consume(cursors, [int(x) for x in rng.integers(3, 40, size=layouts[0])])  # uneven progress
+    for parts in layouts[1:]:
+        cursors = merge_cursors([Cursor.from_state(json.loads(json.dumps(c.state_dict()))) for c in cursors], parts)
+        taken += consume(cursors, [int(x) for x in rng.integers(3, 40, size=parts)])
+    assert len(taken) == len(set(taken)), "no element twice"
+    horizon = min(c.peek(1)[0] for c in cursors)
+    assert set(range(horizon)) <= set(taken), "nothing before the slowest cursor skipped"
+    assert len(cursors[0].state_dict()["earlier"]) <= len(layouts), "state stays a few integers per layout"
+
+
+def test_pools_stay_bounded_when_every_sample_has_its_own_bucket():
+    budget = ByteBudget(1 << 40)
+    pools = BucketPools(batch_size=4, max_samples=16, budget=budget)
+    batches, reads, first = [], 0, None
+    for i in range(360):
+        reads += 1
+        batch = pools.add((float(i), float(i % 3)), i, size=10)  # a distinct tuple each; 3 target buckets
+        assert len(pools) <= 16
+        if batch:
+            batches.append(batch)
+            first = first or reads
+    assert first <= 17, "the first batch within the bound's number of reads"
+    emitted = [i for b in batches for i in b]
+    assert len(emitted) == len(set(emitted)) and len(emitted) + len(pools) == 360, "every sample once"
+    assert all(len({i % 3 for i in b}) == 1 for b in batches), "similar: one target bucket per batch"
+    assert budget.used == 10 * len(pools)
+
+
+def test_a_byte_budget_shared_by_streams_bounds_them_together():
+    budget = ByteBudget(100)
+    a, b = BucketPools(4, 1000, budget), BucketPools(4, 1000, budget)
+    for i in range(200):
+        (a if i % 2 else b).add((float(i),), i, size=10)
+        assert budget.used <= 100 + 4 * 10
+
+
+# --- through the real stream ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    synthetic_task(root, "big", samples=2000, per_shard=100)
+    return root
+
+
+def test_training_order_has_no_file_order_and_every_sample_once_per_epoch(big_task):
+    tasks = discover_tasks(str(big_task), None)
+    config = StreamConfig(batch_size=1, seed=3, image_sample_size=32, text_drop_ratio=0.0)
+    dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"big": 1}, {"1": 1}), 0, 1, config)
+    keys = [b["keys"][0] for _, b in zip(range(2000), iter(dataset), strict=False)]
+    assert len(set(keys)) == 2000, "every sample exactly once in the first epoch"
+    position = {f"s-{i:07d}": (i // 100, i % 100) for i in range(2000)}
+    assert neighbour_fraction([position[k] for k in keys]) < 0.01
+
+
+def test_changed_shards_start_a_new_epoch_and_unknown_versions_are_refused(big_task, tmp_path, caplog):
+    tasks = discover_tasks(str(big_task), None)
+    config = StreamConfig(batch_size=1, seed=3, image_sample_size=32, text_drop_ratio=0.0)
+    dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"big": 1}, {"1": 1}), 0, 1, config)
+    iterator = iter(dataset)
+    for _ in range(5):
+        next(iterator)
+    state = json.loads(json.dumps(dataset.state_dict()))
+    smaller = synthetic_task(tmp_path, "big", samples=1500, per_shard=100)  # shards removed since the checkpoint
+    tasks2 = discover_tasks(str(smaller.parent), None)
+    resumed = MixedBatchDataset(tasks2, plan_mix(tasks2, {"big": 1}, {"1": 1}), 0, 1, config)
+    resumed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING):
+        batch = next(iter(resumed))
+    assert "the shards changed since the checkpoint" in caplog.text and batch["keys"]
+    assert batch["elements"][0] >= (1 << 32) * 1500, "a fresh epoch, not a replay of the old positions"
+    future = MixedBatchDataset(tasks, plan_mix(tasks, {"big": 1}, {"1": 1}), 0, 1, config)
+    future.load_state_dict({**state, "version": 99})
+    with pytest.raises(DataConfigError, match="version 99"):
+        next(iter(future))
+
+
+def test_a_stream_of_only_unusable_samples_is_an_error_not_a_spin(tmp_path):
+    from pipeline.shards.tasks import task_from_patterns
+
+    bad = tmp_path / "bad" / "src1"
+    bad.mkdir(parents=True)
+    (bad / "00000-000000.tar").write_bytes(b"not a tar at all" * 100)
+    task = task_from_patterns("bad", [f"pipe:cat {bad / '00000-000000.tar'}"], None)
+    dataset = MixedBatchDataset(
+        {"bad": task}, plan_mix({"bad": task}, {"bad": 1}, {"1": 1}), 0, 1, StreamConfig(batch_size=1, shuffle_buffer=0)
+    )
+    with pytest.raises((DataConfigError, RuntimeError), match="bad"):
+        next(iter(dataset))
+
+
+def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra: str):
+    from helpers import run_module, torchrun
+
+    args = ["--train_data_meta_dir", str(task_root), "--data_only", "--output_dir", str(out)]
+    args += ["--max_train_steps", str(steps), "--checkpointing_steps", "6", "--train_batch_size", "1"]
+    args += ["--dataloader_num_workers", str(workers), "--image_sample_size", "32", "--seed", "5"]
+    args += ["--train_src_img_num_weights", "1=1", "--data_trace", str(trace), "--report_to", "none", *extra]
+    if nproc == 1:
+        return run_module("pipeline.train", *args, check=True)
+    return torchrun(nproc, "pipeline.train", *args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,workers", [(3, 1), (1, 3)])
+def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(tmp_path, ranks, workers):
+    """2 ranks × 2 workers → 3 × 1 and 1 × 3 under torchrun: no hang, N equal on all ranks, every element once."""
+    root = tmp_path / "data"
+    synthetic_task(root, "t", samples=120, per_shard=10)
+    out, before, after = tmp_path / "run", tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    data_run(root, out, before, 6, 2, 2)  # 12 batches of 1 sample, checkpoint at step 6
+    result = data_run(root, out, after, 6 + 96 // ranks, ranks, workers, "--resume_from_checkpoint", "checkpoint-6")
+    assert "streams are taken over" in result.stderr
+    lines = [json.loads(x) for x in before.read_text().splitlines()] + [
+        json.loads(x) for x in after.read_text().splitlines()
+    ]
+    elements = [e for line in lines for e in line["elements"]]
+    assert len(elements) == 12 + 96
+    assert len(elements) == len(set(elements)), "no sample trained twice across the resume"
+    assert set(range(100)) <= set(elements), "and none skipped"
+    by_step: dict[int, set] = {}
+    for line in lines:
+        by_step.setdefault(line["step"], set()).add(line["num_sources"])
+    assert all(len(ns) == 1 for ns in by_step.values())
