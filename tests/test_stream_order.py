@@ -173,3 +173,52 @@ def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(t
     for line in lines:
         by_step.setdefault(line["step"], set()).add(line["num_sources"])
     assert all(len(ns) == 1 for ns in by_step.values())
+
+
+def encoded(size, fmt, orientation=None, seed=0):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    kwargs = {"quality": 90} if fmt == "JPEG" else {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "size,fmt,orientation,min_psnr",
+    [
+        ((900, 700), "PNG", None, 60),  # full decode: only the resize kernel differs (≤ 2/255)
+        ((700, 1000), "JPEG", None, 60),
+        ((1800, 1400), "JPEG", None, 34),  # ≥ 2× shrink: decoded at a reduced DCT scale
+        ((2000, 800), "JPEG", 6, 34),  # rotated by EXIF, as load_image shows it
+        ((800, 600), "JPEG", 8, 60),
+    ],
+)
+def test_fast_decode_differs_from_the_pillow_path_by_resampling_noise_only(size, fmt, orientation, min_psnr):
+    """The bound: PSNR ≥ 34 dB (mean |Δ| ≤ 0.03 of the [-1, 1] range) with a reduced-scale JPEG decode, ≥ 60 dB
+    (a couple of 8-bit levels at most) otherwise, against today's open_rgb + Pillow bicubic path."""
+    import torch
+
+    from pipeline.common import images as imaging
+    from pipeline.train.batching import pixels_to_tensor, to_tensor
+
+    data = encoded(size, fmt, orientation)
+    lazy = imaging.open_lazy(data)
+    full = imaging.open_rgb(data)
+    assert imaging.aspect_of(lazy) == pytest.approx(full.width / full.height), "aspect from the header, oriented"
+    crop = imaging.crop_size(full.width / full.height, 512 * 512)
+    old = to_tensor(imaging.resize_and_crop(full, crop, (0.3, 0.7)))
+    new = pixels_to_tensor(imaging.decode_and_crop(lazy, data, crop, (0.3, 0.7)))
+    assert new.shape == old.shape
+    psnr = float(10 * torch.log10(4 / ((old - new) ** 2).mean().clamp_min(1e-12)))
+    assert psnr >= min_psnr and float((old - new).abs().mean()) <= 0.03, psnr

@@ -61,6 +61,11 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
+def pixels_to_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] → float [3, H, W] in [-1, 1] (the same values as :func:`to_tensor` of the same pixels)."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
 def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``[L_i, D]`` to ``[B, max L, D]`` with a 0/1 mask."""
     longest = max(e.shape[0] for e in embeddings)
@@ -100,59 +105,90 @@ def assemble_batch(
     null_cache: dict[str, bytes],
     replace: Callable[[tuple], RawSample] | None = None,
 ) -> dict[str, Any]:
-    """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts."""
+    """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts.
+
+    Images are opened lazily (headers only) first, so the batch's crop sizes are known
+    before any pixel is decoded; each image is then decoded at the smallest JPEG scale
+    that still covers its resize (``imaging.decode_and_crop``).  A sample whose image or
+    embedding cannot be read is replaced by another of its bucket (``replace``).
+    """
     rng = step_rng(config.seed, 4, rank, step)
     samples = list(samples)
-    variants, texts, targets, sources = [], [], [], [[] for _ in range(num_sources)]
-    embeddings, conditions = [], []
     online = getattr(config, "online_prompts", False)
-    i = 0
-    while i < len(samples):
-        sample = samples[i]
-        try:
-            variant, text, inverse = choose_variant(
-                sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
-            )
-            target = imaging.open_rgb(sample.images["target"])
-            srcs = [imaging.open_rgb(sample.images[f"source{k}"]) for k in range(num_sources)]
-            if online:
-                role_images = (
-                    [sample.images["target"]] if inverse else [sample.images[f"source{k}"] for k in range(num_sources)]
-                )
-                emb = {
-                    "kind": "t2i" if num_sources == 0 else "edit",
-                    "text": text,
-                    "images": role_images if num_sources else [],
-                    "target_size": sample.meta["target"]["size"],
-                }
-            else:
-                emb = (
-                    null_embedding(task, reader, null_cache)
-                    if variant == "null"
-                    else fetch_embedding(sample, variant, reader)
-                )
-        except Exception as exc:  # a broken sample is replaced by another of the same bucket
-            if replace is None:
-                raise
-            log.warning(
-                "task %s: sample %s unusable (%s: %s); replaced", task.name, sample.key, type(exc).__name__, exc
-            )
-            samples[i] = replace(tuple(sample.meta["bucket"]))
-            continue
-        if inverse:
-            target, srcs[0] = srcs[0], target
-        variants.append(variant)
-        texts.append(text)
-        targets.append(target)
-        for k, img in enumerate(srcs):
-            sources[k].append(img)
-        (conditions if online else embeddings).append(emb)
-        i += 1
+    prepared: list[dict[str, Any] | None] = [None] * len(samples)
 
+    def prepare(i: int) -> None:
+        """Variant, text, embedding and lazily opened images of sample i (replacing it until one works)."""
+        while True:
+            sample = samples[i]
+            try:
+                variant, text, inverse = choose_variant(
+                    sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
+                )
+                target = imaging.open_lazy(sample.images["target"])
+                srcs = [imaging.open_lazy(sample.images[f"source{k}"]) for k in range(num_sources)]
+                if online:
+                    role_images = (
+                        [sample.images["target"]]
+                        if inverse
+                        else [sample.images[f"source{k}"] for k in range(num_sources)]
+                    )
+                    emb = {
+                        "kind": "t2i" if num_sources == 0 else "edit",
+                        "text": text,
+                        "images": role_images if num_sources else [],
+                        "target_size": sample.meta["target"]["size"],
+                    }
+                else:
+                    emb = (
+                        null_embedding(task, reader, null_cache)
+                        if variant == "null"
+                        else fetch_embedding(sample, variant, reader)
+                    )
+            except Exception as exc:  # a broken sample is replaced by another of the same bucket
+                drop(i, exc)
+                continue
+            data = [sample.images["target"], *(sample.images[f"source{k}"] for k in range(num_sources))]
+            if inverse:
+                target, srcs[0] = srcs[0], target
+                data[0], data[1] = data[1], data[0]
+            prepared[i] = {"variant": variant, "text": text, "emb": emb, "data": data}
+            prepared[i].update(target=target, sources=srcs)
+            return
+
+    def drop(i: int, exc: Exception) -> None:
+        if replace is None:
+            raise exc
+        sample = samples[i]
+        log.warning("task %s: sample %s unusable (%s: %s); replaced", task.name, sample.key, type(exc).__name__, exc)
+        samples[i] = replace(tuple(sample.meta["bucket"]))
+
+    for i in range(len(samples)):
+        prepare(i)
     area = config.image_sample_size**2
     fractions = rng.random((len(samples), 2))
-    target_size = imaging.crop_size(float(np.mean([t.width / t.height for t in targets])), area)
-    source_sizes = [imaging.crop_size(float(np.mean([s.width / s.height for s in col])), area) for col in sources]
+    while True:  # decode at the batch's crop sizes; a sample that fails to decode is replaced and sizes redone
+        target_size = imaging.crop_size(float(np.mean([imaging.aspect_of(p["target"]) for p in prepared])), area)
+        source_sizes = [
+            imaging.crop_size(float(np.mean([imaging.aspect_of(p["sources"][k]) for p in prepared])), area)
+            for k in range(num_sources)
+        ]
+        try:
+            target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
+            for i, (p, f) in enumerate(zip(prepared, fractions, strict=True)):
+                failing = i
+                target_tensors.append(
+                    pixels_to_tensor(imaging.decode_and_crop(p["target"], p["data"][0], target_size, f))
+                )
+                for k, size in enumerate(source_sizes):
+                    pixels = imaging.decode_and_crop(p["sources"][k], p["data"][k + 1], size, f)
+                    source_tensors[k].append(pixels_to_tensor(pixels))
+            break
+        except Exception as exc:
+            drop(failing, exc)
+            prepare(failing)
+            for p in prepared:  # decoding consumed the lazily opened images: open them again for the new sizes
+                p["target"], *p["sources"] = (imaging.open_lazy(d) for d in p["data"])
     batch: dict[str, Any] = {
         "step": step,
         "rank": rank,
@@ -160,16 +196,13 @@ def assemble_batch(
         "num_sources": num_sources,
         "bucket": samples[0].meta["bucket"],
         "keys": [s.key for s in samples],
-        "variants": variants,
-        "texts": texts,
-        "target": torch.stack(
-            [to_tensor(imaging.resize_and_crop(t, target_size, f)) for t, f in zip(targets, fractions, strict=True)]
-        ),
-        "sources": [
-            torch.stack([to_tensor(imaging.resize_and_crop(s, size, f)) for s, f in zip(col, fractions, strict=True)])
-            for col, size in zip(sources, source_sizes, strict=True)
-        ],
+        "variants": [p["variant"] for p in prepared],
+        "texts": [p["text"] for p in prepared],
+        "target": torch.stack(target_tensors),
+        "sources": [torch.stack(col) for col in source_tensors],
     }
+    conditions = [p["emb"] for p in prepared] if online else None
+    embeddings = None if online else [p["emb"] for p in prepared]
     if online:
         batch["conditions"] = conditions
     else:
