@@ -187,7 +187,7 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
         batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512, storage_options=storage_options
     )
     dataset = Measured(tasks, plan, 0, 1, config)
-    loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+    loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     if state is not None:
         loader.load_state_dict(state)
     t0 = time.perf_counter()
@@ -195,6 +195,7 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
     for i, batch in enumerate(loader):
         if first is None:
             first = time.perf_counter() - t0
+            steady = time.perf_counter()
         worker = batch["step"] % max(workers, 1)
         rss[worker] = max(rss.get(worker, 0), batch["rss_kb"])
         read_by_worker[worker] = batch["bytes"]
@@ -203,22 +204,29 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
             saved = json.loads(json.dumps(loader.state_dict()))
         if i + 1 >= steps:
             break
-    return time.perf_counter() - t0, first, rss, sum(read_by_worker.values()), used, saved
+    # steady state: the batches after the first (start-up — worker processes, imports — is reported apart)
+    per_batch = (time.perf_counter() - steady) / max(steps - 1, 1)
+    return per_batch, first, rss, sum(read_by_worker.values()), used, saved
 
 
 def run_legacy(legacy: Path, workers: int, steps: int):
     loader = DataLoader(
-        LegacyDataset(legacy, 512, 1), batch_size=None, num_workers=workers, prefetch_factor=2, shuffle=False
+        LegacyDataset(legacy, 512, 1),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        shuffle=False,
     )
-    t0 = time.perf_counter()
     rss, read_by_worker = {}, {}
     for i, item in enumerate(loader):
+        if i == 0:
+            steady = time.perf_counter()
         worker = i % max(workers, 1)
         rss[worker] = max(rss.get(worker, 0), item["rss_kb"])
         read_by_worker[worker] = item["bytes"]
         if i + 1 >= steps:
             break
-    return time.perf_counter() - t0, rss, sum(read_by_worker.values())
+    return (time.perf_counter() - steady) / max(steps - 1, 1), rss, sum(read_by_worker.values())
 
 
 def run_from_store(shards_root: Path, args, local_time: float) -> dict:
@@ -247,11 +255,37 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
             emulator.stop()
     return {
         "store": args.store_url + (" (local fake-gcs-server)" if emulator else ""),
-        "store_samples_per_s": round(args.steps / store_time, 2),
+        "store_samples_per_s": round(1 / store_time, 2),
         "store_over_local_speed_ratio": round(local_time / store_time, 2),
         "store_MB_read_per_sample": round(read / 1e6 / args.steps, 2),
         "store_peak_rss_MB_per_worker": {k: round(v / 1024) for k, v in sorted(rss.items())},
         "store_first_batch_s": round(first, 2),
+    }
+
+
+def run_behind_latency(shards_root: Path, args) -> dict:
+    """Our loader over HTTP range reads from a local server, without and with ``--latency_ms`` per request."""
+    import subprocess
+    import sys
+
+    times = {}
+    for delay in (0.0, args.latency_ms):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.kit.range_server", str(shards_root), "--delay_ms", str(delay)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = server.stdout.readline().strip()
+            times[delay], _, _, _, _, _ = run_ours(url, args.workers, args.steps)
+        finally:
+            server.stdin.close()
+            server.wait(timeout=30)
+    return {
+        "http_samples_per_s": round(1 / times[0.0], 2),
+        f"http_{args.latency_ms:g}ms_samples_per_s": round(1 / times[args.latency_ms], 2),
+        f"latency_{args.latency_ms:g}ms_ratio": round(times[0.0] / times[args.latency_ms], 2),
     }
 
 
@@ -265,6 +299,12 @@ def main() -> None:
     p.add_argument("--store_url", default=None, help="also measure reading the shards from this object-store URL")
     p.add_argument("--storage_options", default=None, help="JSON fsspec options for --store_url")
     p.add_argument("--gcs_emulator", action="store_true", help="start a local GCS emulator for a gs:// --store_url")
+    p.add_argument(
+        "--latency_ms",
+        type=float,
+        default=0.0,
+        help="also read the shards over HTTP from a local range server, without and with this delay per request",
+    )
     args = p.parse_args()
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
     if not (root / "shards").exists():
@@ -286,20 +326,23 @@ def main() -> None:
         "dataset_GB": round(total_bytes / 1e9, 2),
         "steps": args.steps,
         "workers": args.workers,
-        "ours_samples_per_s": round(args.steps / ours_time, 2),
-        "legacy_samples_per_s": round(args.steps / legacy_time, 2),
+        "ours_samples_per_s": round(1 / ours_time, 2),
+        "legacy_samples_per_s": round(1 / legacy_time, 2),
         "speed_ratio_ours_over_legacy": round(legacy_time / ours_time, 2),
-        "ours_MB_per_s": round(ours_read / 1e6 / ours_time, 1),
-        "legacy_MB_per_s": round(legacy_read / 1e6 / legacy_time, 1),
+        "ours_MB_per_s": round(ours_read / 1e6 / (ours_time * args.steps), 1),
+        "legacy_MB_per_s": round(legacy_read / 1e6 / (legacy_time * args.steps), 1),
         "ours_MB_read_per_sample": round(ours_read / 1e6 / args.steps, 2),
         "legacy_MB_read_per_sample": round(legacy_read / 1e6 / args.steps, 2),
         "MB_used_per_sample": round(used / 1e6 / args.steps, 2),
+        "read_over_used": round(ours_read / max(used, 1), 2),
         "peak_rss_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_rss.items())},
         "peak_rss_MB_per_worker_legacy": {k: round(v / 1024) for k, v in sorted(legacy_rss.items())},
         "first_batch_s_fresh": round(first0, 2),
         f"first_batch_s_resumed_at_step_{args.steps // 2}": round(first_late, 2),
         "resume_ratio": round(first_late / first0, 2),
     }
+    if args.latency_ms:
+        result.update(run_behind_latency(shards_root, args))
     if args.store_url:
         result.update(run_from_store(shards_root, args, ours_time))
     print(json.dumps(result, indent=1))

@@ -165,9 +165,8 @@ def test_a_broken_manifest_names_its_file_and_unlisted_tasks_are_not_opened(tmp_
 
 
 def test_flat_storage_options_go_to_the_output_store_not_to_http_images(sample_data_dir):
-    from range_server import RangeServer
-
     from pipeline.common import images as imaging
+    from pipeline.kit.range_server import RangeServer
     from pipeline.shards.storage import options_for, parse_storage_options
 
     flat = '{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}'
@@ -244,9 +243,9 @@ def test_fetches_are_bounded_in_bytes_and_time(tmp_path, monkeypatch):
     import time
 
     from PIL import Image
-    from range_server import RangeServer
 
     from pipeline.common import images as imaging
+    from pipeline.kit.range_server import RangeServer
 
     with pytest.raises(imaging.ImageLoadError, match="image_too_large.*more than the limit of 1048576 bytes"):
         imaging.load("/dev/zero", max_bytes=1 << 20)  # never ends: refused after the limit, not read whole

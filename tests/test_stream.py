@@ -427,7 +427,7 @@ def test_stream_module_documents_why_it_exists():
 
 @pytest.mark.slow
 def test_http_shards_are_read_by_range_like_local_ones(meta_dir):
-    from range_server import RangeServer
+    from pipeline.kit.range_server import RangeServer
 
     shards = sorted((meta_dir / "edit_single" / "src1").glob("*.tar"))
     last = f"{len(shards) - 1:06d}"

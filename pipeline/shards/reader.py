@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,12 +40,12 @@ def _with_retries(what: str, fn, retries: int = READ_RETRIES):
     for attempt in range(retries):
         try:
             return fn()
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError, IsADirectoryError):  # permanent: 404, 403, wrong path
             raise
         except Exception as exc:
             if attempt == retries - 1:
                 raise
-            delay = 0.2 * 2**attempt
+            delay = 0.2 * 2**attempt * (0.5 + random.random())  # jitter: workers that failed together spread out
             log.warning(
                 "transient error reading %s (%s: %s); retry %d in %.1fs",
                 what,
@@ -109,6 +110,7 @@ class RawSample:
     shard_url: str
     embeddings: dict[str, bytes] = field(default_factory=dict)  # variant -> npy bytes (streamed reads)
     embedding_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant -> [start, end)
+    choice: tuple[str, str, bool] | None = None  # (variant, text, inverse) when chosen at read time (read-ahead)
 
 
 def split_members(key: str, members: dict[str, bytes], shard_url: str) -> RawSample:

@@ -122,9 +122,12 @@ def assemble_batch(
         while True:
             sample = samples[i]
             try:
-                variant, text, inverse = choose_variant(
-                    sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
-                )
+                if sample.choice is not None:  # drawn when the sample was read ahead (its embedding came with it)
+                    variant, text, inverse = sample.choice
+                else:
+                    variant, text, inverse = choose_variant(
+                        sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
+                    )
                 target = imaging.open_lazy(sample.images["target"])
                 srcs = [imaging.open_lazy(sample.images[f"source{k}"]) for k in range(num_sources)]
                 if online:

@@ -81,6 +81,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         help="MiB of samples a DataLoader worker keeps waiting in aspect-bucket pools and shuffle buffers, over all "
         "streams; past it batches are made from similar buckets",
     )
+    g.add_argument(
+        "--readahead_mb",
+        type=float,
+        default=64,
+        help="MiB of range reads a DataLoader worker keeps in flight for the samples it needs next (indexed shards, "
+        "8 threads); 0 reads one sample after another",
+    )
     g.add_argument("--seed", type=int, default=42, help="seed of every data, noise and validation draw")
     add_storage_options(g)
     g.add_argument(

@@ -89,6 +89,7 @@ class StreamConfig:
     storage_options: dict | None = None
     online_prompts: bool = False  # --condition_encoder_mode sync: batches carry images + text, not embeddings
     pool_bytes: int = 128 << 20  # samples waiting in bucket pools and shuffle buffers, per DataLoader worker
+    readahead_bytes: int = 64 << 20  # range reads in flight per DataLoader worker (0: read one after another)
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         storage_options=storage_options,
         online_prompts=args.condition_encoder_mode == "sync",
         pool_bytes=int(args.pool_mb * (1 << 20)),
+        readahead_bytes=int(args.readahead_mb * (1 << 20)),
     )
     checkpoint = CheckpointConfig(
         output_dir=args.output_dir,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +38,11 @@ from pipeline.shards.reader import (
     stream_shard,
 )
 from pipeline.shards.tasks import DataConfigError, Shard, Task
-from pipeline.train.batching import assemble_batch
+from pipeline.train.batching import assemble_batch, choose_variant
 from pipeline.train.config import StreamConfig
 from pipeline.train.order import Cursor, EpochOrder, merge_cursors
 from pipeline.train.pools import BucketPools, ByteBudget
+from pipeline.train.readahead import ReadAhead
 from pipeline.train.seeding import stable_id, step_rng
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,9 @@ class PartitionStream:
         storage_options: dict | None,
         batch_size: int = 1,
         budget: ByteBudget | None = None,
+        choose: Callable[[dict, np.random.Generator], tuple[str, str, bool]] | None = None,
+        fetch_embeddings: bool = True,
+        readahead: ReadAhead | None = None,
     ):
         self.task, self.n, self.shards = task, num_sources, shards
         self.part, self.parts, self.seed = part, parts, seed
@@ -170,14 +176,68 @@ class PartitionStream:
         self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
         self.skipped = 0
         self._replaced = 0
+        self.choose, self.fetch_embeddings = choose, fetch_embeddings
+        self.readahead = readahead
+        self.ahead: dict[int, tuple[Future, int]] = {}  # element -> (read in flight, bytes reserved)
+        self.depth = max(4, 2 * batch_size)
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     # ---- source: indexed -------------------------------------------------------------------
-    def _read_element(self, g: int) -> RawSample:
+    def _entry(self, g: int) -> tuple[str, dict]:
         shard_index, sample_index = self.order.locate(g)
         shard = self.shards[shard_index]
-        entry = self.index_cache.get(shard.index_url)[sample_index]
-        return read_indexed_sample(self.reader, shard.url, entry)
+        return shard.url, self.index_cache.get(shard.index_url)[sample_index]
+
+    def _load(self, g: int, url: str, entry: dict) -> RawSample:
+        """One sample by range reads; with ``choose``, its variant drawn from (seed, task, N, g) and that
+        embedding read too (so read-ahead brings everything the batch needs)."""
+        sample = read_indexed_sample(self.reader, url, entry)
+        if self.choose is not None:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, g, 7])
+            sample.choice = self.choose(sample.meta, rng)
+            variant = sample.choice[0]
+            if self.fetch_embeddings and variant in sample.embedding_ranges:
+                sample.embeddings[variant] = self.reader.read(url, *sample.embedding_ranges[variant])
+        return sample
+
+    def _read_element(self, g: int) -> RawSample:
+        """Element ``g``: from the read-ahead when it is in flight, else read now; then top the read-ahead up."""
+        pending = self.ahead.pop(g, None)
+        try:
+            if pending is not None:
+                future, size = pending
+                try:
+                    return future.result()
+                finally:
+                    self.readahead.release(size)
+            return self._load(g, *self._entry(g))
+        finally:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        if self.readahead is None or not self.readahead.enabled or not self.indexed:
+            return
+        for g in self.cursor.peek(self.depth):
+            if g in self.ahead:
+                continue
+            try:
+                url, entry = self._entry(g)
+            except Exception:  # noqa: BLE001 - the element's own read will report it
+                return
+            members = entry["members"]
+            size = sum(m[1] for ext, m in members.items() if not ext.startswith("emb_"))
+            size += max((m[1] for ext, m in members.items() if ext.startswith("emb_")), default=0)
+            future = self.readahead.try_submit(size, lambda g=g, url=url, entry=entry: self._load(g, url, entry))
+            if future is None:
+                return
+            self.ahead[g] = (future, size)
+
+    def drop_readahead(self) -> None:
+        """Forget reads in flight (their elements are read again when taken)."""
+        for future, size in self.ahead.values():
+            future.cancel()
+            self.readahead.release(size)
+        self.ahead.clear()
 
     def _next_owned(self) -> tuple[Any, RawSample]:
         bad = 0
@@ -319,6 +379,7 @@ class PartitionStream:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.drop_readahead()
         self.skipped = state.get("skipped", 0)
         if state.get("digest") != self.digest or state.get("indexed") != self.indexed:
             self.start_new_epoch(state)
@@ -351,6 +412,7 @@ class PartitionStream:
             len(self.shards),
             self.total,
         )
+        self.drop_readahead()
         epoch = self.generation * GENERATION_EPOCHS
         if self.indexed:
             self.cursor = Cursor(self.part, self.parts, base=epoch * self.total)
@@ -372,6 +434,7 @@ class PartitionStream:
                 )
             self.start_new_epoch(olds[0])
             return 0
+        self.drop_readahead()
         self.skipped = sum(o.get("skipped", 0) for o in olds)
         self.generation = olds[0]["generation"]
         self.cursor = merge_cursors([Cursor.from_state(o["cursor"]) for o in olds], self.parts)[self.part]
@@ -433,6 +496,7 @@ class MixedBatchDataset(IterableDataset):
         self.reader = RangeReader(self.config.storage_options)
         self.index_cache = IndexCache(self.reader)
         self.budget = ByteBudget(self.config.pool_bytes)
+        self.readahead = ReadAhead(self.config.readahead_bytes)
         self._null_cache: dict[str, bytes] = {}
 
     def _stream(self, task: str, n: int) -> PartitionStream:
@@ -451,8 +515,15 @@ class MixedBatchDataset(IterableDataset):
                 storage_options=self.config.storage_options,
                 batch_size=self.config.batch_size,
                 budget=self.budget,
+                choose=self._choose,
+                fetch_embeddings=not self.config.online_prompts,
+                readahead=self.readahead,
             )
         return self._streams[key]
+
+    def _choose(self, meta: dict, rng: np.random.Generator) -> tuple[str, str, bool]:
+        c = self.config
+        return choose_variant(meta, rng, c.enable_inverse, c.text_drop_ratio, stored=not c.online_prompts)
 
     def step_of(self, made: int) -> int:
         return self._worker + made * self._workers

@@ -1,15 +1,23 @@
-"""A static HTTP server with byte-range support (what object stores and CDNs give), for http(s) source tests."""
+"""A static HTTP server with byte-range support (what object stores and CDNs give), for tests and benchmarks.
+
+``delay_ms`` holds every response back that long: an object store 20 ms away, for
+the loader's latency benchmark.  ``python -m pipeline.kit.range_server ROOT
+[--delay_ms 20]`` serves ROOT and prints its URL.
+"""
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class RangeServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, delay_ms: float = 0.0):
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -20,8 +28,10 @@ class RangeServer:
                 pass
 
             def _serve(self, body: bool):
-                path = root / self.path.split("?", 1)[0].lstrip("/")
+                path = Path(root) / self.path.split("?", 1)[0].lstrip("/")
                 server.requests.append((self.path, self.headers.get("Range")))
+                if delay_ms:
+                    time.sleep(delay_ms / 1000)
                 if not path.is_file():
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -62,3 +72,17 @@ class RangeServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="serve a folder over HTTP with byte ranges (and an optional delay)")
+    p.add_argument("root")
+    p.add_argument("--delay_ms", type=float, default=0.0, help="hold every response back this long")
+    args = p.parse_args()
+    with RangeServer(Path(args.root), args.delay_ms) as server:
+        print(server.url, flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+if __name__ == "__main__":
+    main()
