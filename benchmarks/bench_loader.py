@@ -181,7 +181,14 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
 
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    tasks = discover_tasks(str(shards_root), storage_options)
+    if str(shards_root).startswith("http"):  # no listing over HTTP: the shards by pattern
+        from pipeline.shards.tasks import task_from_patterns
+
+        count = len(list((LOCAL_SHARDS / "task" / "src1").glob("*.tar")))
+        pattern = f"{shards_root}/task/src1/00000-{{000000..{count - 1:06d}}}.tar"
+        tasks = {"task": task_from_patterns("task", [pattern], storage_options)}
+    else:
+        tasks = discover_tasks(str(shards_root), storage_options)
     plan = plan_mix(tasks, {"task": 1.0}, {"1": 1})
     config = StreamConfig(
         batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512, storage_options=storage_options
@@ -263,11 +270,16 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
     }
 
 
+LOCAL_SHARDS = Path()
+
+
 def run_behind_latency(shards_root: Path, args) -> dict:
     """Our loader over HTTP range reads from a local server, without and with ``--latency_ms`` per request."""
     import subprocess
     import sys
 
+    global LOCAL_SHARDS
+    LOCAL_SHARDS = shards_root
     times = {}
     for delay in (0.0, args.latency_ms):
         server = subprocess.Popen(

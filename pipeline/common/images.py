@@ -232,6 +232,8 @@ def open_lazy(data: bytes) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:  # Pillow would decode the whole PNG to look further
+        return 1
     try:
         return int(img.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - unreadable EXIF: load_image would not rotate either
@@ -242,6 +244,11 @@ def aspect_of(img: Image.Image) -> float:
     """Width / height as a user's inference script sees it (EXIF orientation applied), from the header."""
     w, h = img.size
     return h / w if _orientation(img) in _SWAPPING_ORIENTATIONS else w / h
+
+
+def preload_decoders() -> None:
+    """Import torchvision's decoders now (seconds, once): a DataLoader forked after this shares them."""
+    import torchvision.io  # noqa: F401
 
 
 def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | None) -> torch.Tensor:
@@ -265,6 +272,14 @@ def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | Non
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
+def _cover(image_size: tuple[int, int], size: tuple[int, int], swap: bool) -> tuple[int, int]:
+    """The (width, height) an image of ``image_size`` is scaled to so that it covers ``size`` (short side first)."""
+    (w, h), (cw, ch) = image_size, size
+    scale = max(cw / w, ch / h)
+    rw, rh = max(cw, math.ceil(w * scale)), max(ch, math.ceil(h * scale))
+    return (rh, rw) if swap else (rw, rh)
+
+
 def decode_and_crop(
     img: Image.Image, data: bytes, size: tuple[int, int], fraction: tuple[float, float]
 ) -> torch.Tensor:
@@ -272,19 +287,18 @@ def decode_and_crop(
 
     ``img`` is ``open_lazy(data)`` (its header gives the size).  Decoding as in
     :func:`_decode_uint8`; the bicubic, antialiased resize runs on the uint8 tensor
-    (torchvision's vectorised kernel).  The result differs from the Pillow path by
+    (PyTorch's vectorised uint8 kernel).  The result differs from the Pillow path by
     resampling noise only (tests/test_stream_order.py states the bound).
     """
-    from torchvision.transforms.v2 import functional as tvf
-
     cw, ch = size
     swap = _orientation(img) in _SWAPPING_ORIENTATIONS
     w, h = (img.size[1], img.size[0]) if swap else img.size
     scale = max(cw / w, ch / h)
-    rw, rh = max(cw, math.ceil(w * scale)), max(ch, math.ceil(h * scale))
-    draft_to = ((rh, rw) if swap else (rw, rh)) if img.format == "JPEG" and scale <= 0.5 else None
-    pixels = _decode_uint8(img, data, draft_to)
-    resized = tvf.resize(pixels, [rh, rw], interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
+    draft = img.format == "JPEG" and scale <= 0.5
+    pixels = _decode_uint8(img, data, _cover((w, h), size, swap) if draft else None)
+    h, w = pixels.shape[1:]  # the decoded (oriented, maybe reduced) size decides the resize
+    rw, rh = _cover((w, h), size, False)
+    resized = torch.nn.functional.interpolate(pixels[None], size=(rh, rw), mode="bicubic", antialias=True)[0]
     x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
     return resized[:, y0 : y0 + ch, x0 : x0 + cw]
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.common import images as imaging
 from pipeline.shards.format import SOURCE_COUNTS
 from pipeline.shards.reader import (
     CorruptSample,
@@ -483,6 +484,7 @@ class MixedBatchDataset(IterableDataset):
 
     def __init__(self, tasks: dict[str, Task], plan: MixPlan, rank: int, world_size: int, config: StreamConfig):
         self.tasks, self.plan, self.rank, self.world_size, self.config = tasks, plan, rank, world_size, config
+        imaging.preload_decoders()  # in the parent: forked workers do not each import them again
         self.made = 0  # batches this worker made
         self._loaded: dict[str, Any] | None = None
         self._elastic: dict[str, Any] | None = None
