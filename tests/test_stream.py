@@ -138,7 +138,7 @@ def test_batches_follow_the_design(meta_dir):
         assert {metas[(batch["task"], k)]["num_sources"] for k in batch["keys"]} == {n}
         _, _, h, w = batch["target"].shape
         assert h % 32 == 0 and w % 32 == 0 and abs(h * w - 96 * 96) <= 96 * 96 * 0.6
-        assert batch["target"].min() >= -1 and batch["target"].max() <= 1
+        assert batch["target"].dtype == torch.uint8, "pixels travel as uint8; the loss scales them on the device"
         assert len(batch["sources"]) == n and all(s.shape[0] == b and s.shape[2] % 32 == 0 for s in batch["sources"])
         emb, mask = batch["prompt_embeds"], batch["prompt_mask"]
         assert emb.dtype == torch.bfloat16 and emb.shape[:2] == mask.shape and emb.shape[2] == 64

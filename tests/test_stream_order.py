@@ -210,7 +210,12 @@ def test_fast_decode_differs_from_the_pillow_path_by_resampling_noise_only(size,
     import torch
 
     from pipeline.common import images as imaging
-    from pipeline.train.batching import pixels_to_tensor, to_tensor
+
+    def to_tensor(img):  # the batch pixels before this change: PIL → float [-1, 1]
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+
+    def pixels_to_tensor(pixels):  # what the loss does to the uint8 pixels now
+        return pixels.float() / 127.5 - 1.0
 
     data = encoded(size, fmt, orientation)
     lazy = imaging.open_lazy(data)

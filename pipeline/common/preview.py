@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def tensor_to_image(t: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] → PIL RGB."""
-    array = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    """[3, H, W] uint8 pixels, or floats in [-1, 1] → PIL RGB."""
+    if t.dtype != torch.uint8:
+        t = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    array = t.permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 
 

@@ -55,17 +55,6 @@ def choose_variant(
     return ("drop_inv" if inverse else "drop"), "", inverse
 
 
-def to_tensor(img) -> torch.Tensor:
-    """PIL RGB → float CHW in [-1, 1]."""
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
-def pixels_to_tensor(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] → float [3, H, W] in [-1, 1] (the same values as :func:`to_tensor` of the same pixels)."""
-    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
-
-
 def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``[L_i, D]`` to ``[B, max L, D]`` with a 0/1 mask."""
     longest = max(e.shape[0] for e in embeddings)
@@ -107,7 +96,8 @@ def assemble_batch(
 ) -> dict[str, Any]:
     """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts.
 
-    Images are opened lazily (headers only) first, so the batch's crop sizes are known
+    ``target`` and ``sources`` are uint8 [B, 3, H, W] pixels (the loss scales them to [-1, 1] on
+    the device).  Images are opened lazily (headers only) first, so the batch's crop sizes are known
     before any pixel is decoded; each image is then decoded at the smallest JPEG scale
     that still covers its resize (``imaging.decode_and_crop``).  A sample whose image or
     embedding cannot be read is replaced by another of its bucket (``replace``).
@@ -180,12 +170,9 @@ def assemble_batch(
             target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
             for i, (p, f) in enumerate(zip(prepared, fractions, strict=True)):
                 failing = i
-                target_tensors.append(
-                    pixels_to_tensor(imaging.decode_and_crop(p["target"], p["data"][0], target_size, f))
-                )
+                target_tensors.append(imaging.decode_and_crop(p["target"], p["data"][0], target_size, f))
                 for k, size in enumerate(source_sizes):
-                    pixels = imaging.decode_and_crop(p["sources"][k], p["data"][k + 1], size, f)
-                    source_tensors[k].append(pixels_to_tensor(pixels))
+                    source_tensors[k].append(imaging.decode_and_crop(p["sources"][k], p["data"][k + 1], size, f))
             break
         except Exception as exc:
             drop(failing, exc)

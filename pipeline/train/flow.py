@@ -22,12 +22,20 @@ def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, mini_batch: int = 1) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] → normalised latents [B, C, H/8, W/8] (distribution mode, frozen VAE)."""
+    """[B, 3, H, W] pixels → normalised latents [B, C, H/8, W/8] (distribution mode, frozen VAE).
+
+    Pixels come as uint8 from the loader (4× less to move between processes and to the
+    device) and are scaled to [-1, 1] in fp32 on the VAE's device; float pixels in [-1, 1]
+    are taken as they are.
+    """
     mean, std = latent_stats(vae)
     outs = []
     step = max(1, mini_batch)
     for start in range(0, pixels.shape[0], step):
-        chunk = pixels[start : start + step].to(vae.device, vae.dtype).unsqueeze(2)
+        chunk = pixels[start : start + step].to(vae.device)
+        if chunk.dtype == torch.uint8:
+            chunk = chunk.float().div_(127.5).sub_(1.0)
+        chunk = chunk.to(vae.dtype).unsqueeze(2)
         outs.append(vae.encode(chunk).latent_dist.mode())
     latents = torch.cat(outs)
     latents = (latents - mean.to(latents)) / std.to(latents)
