@@ -63,23 +63,35 @@ def embedding_to_npy(tensor: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def check_npy(data: bytes) -> None:
-    """Raise if the ``.npy`` header does not match the payload length (a truncated member)."""
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, payload offset) of an ``.npy``; raises if the payload length does not match (truncated)."""
     buf = io.BytesIO(data)
     version = np.lib.format.read_magic(buf)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read_header(buf)
+    shape, fortran, dtype = read_header(buf)
     if len(data) - buf.tell() != int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"embedding npy holds {len(data) - buf.tell()} bytes, its header says {shape} {dtype}")
+    if fortran or dtype.hasobject:
+        raise ValueError(f"embedding npy must be a C-ordered plain array, got {dtype} fortran={fortran}")
+    return tuple(shape), dtype, buf.tell()
+
+
+def check_npy(data: bytes) -> None:
+    """Raise if the ``.npy`` header does not match the payload length (a truncated member)."""
+    _npy_header(data)
 
 
 def npy_to_embedding(data: bytes) -> torch.Tensor:
-    """Inverse of :func:`embedding_to_npy`; never unpickles; a short (truncated) array is an error."""
-    check_npy(data)
-    array = np.load(io.BytesIO(data), allow_pickle=False)
-    if array.dtype != np.dtype(EMBEDDING_NPY_DTYPE) or array.ndim != 2:
-        raise ValueError(f"embedding npy must be 2-D {EMBEDDING_NPY_DTYPE}, got {array.dtype} {array.shape}")
-    return torch.from_numpy(array.astype(np.int16, copy=False).copy()).view(torch.bfloat16)
+    """Inverse of :func:`embedding_to_npy`; never unpickles; a short (truncated) array is an error.
+
+    One copy: the payload is viewed in place (the header is parsed, not the array) and
+    copied once into the tensor.
+    """
+    shape, dtype, offset = _npy_header(data)
+    if dtype != np.dtype(EMBEDDING_NPY_DTYPE) or len(shape) != 2:
+        raise ValueError(f"embedding npy must be 2-D {EMBEDDING_NPY_DTYPE}, got {dtype} {shape}")
+    raw = np.frombuffer(data, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
+    return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)  # astype: the one copy (and byte order)
 
 
 class TarShardWriter:

@@ -59,6 +59,8 @@ def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
     """Zero-pad ``[L_i, D]`` to ``[B, max L, D]`` with a 0/1 mask."""
     longest = max(e.shape[0] for e in embeddings)
     first = embeddings[0]
+    if len(embeddings) == 1:  # nothing to pad: no copy
+        return first[None], torch.ones((1, longest), dtype=torch.long, device=first.device)
     out = torch.zeros((len(embeddings), longest, first.shape[1]), dtype=first.dtype, device=first.device)
     mask = torch.zeros((len(embeddings), longest), dtype=torch.long, device=first.device)
     for i, e in enumerate(embeddings):
