@@ -191,7 +191,12 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
         tasks = discover_tasks(str(shards_root), storage_options)
     plan = plan_mix(tasks, {"task": 1.0}, {"1": 1})
     config = StreamConfig(
-        batch_size=1, seed=1, shuffle_buffer=8, image_sample_size=512, storage_options=storage_options
+        batch_size=1,
+        seed=1,
+        shuffle_buffer=8,
+        image_sample_size=512,
+        storage_options=storage_options,
+        readahead_bytes=int(READAHEAD_MB * (1 << 20)),
     )
     dataset = Measured(tasks, plan, 0, 1, config)
     loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
@@ -271,6 +276,7 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
 
 
 LOCAL_SHARDS = Path()
+READAHEAD_MB = 64.0
 
 
 def run_behind_latency(shards_root: Path, args) -> dict:
@@ -317,7 +323,10 @@ def main() -> None:
         default=0.0,
         help="also read the shards over HTTP from a local range server, without and with this delay per request",
     )
+    p.add_argument("--readahead_mb", type=float, default=64.0, help="our loader's read-ahead per worker (0: off)")
     args = p.parse_args()
+    global READAHEAD_MB
+    READAHEAD_MB = args.readahead_mb
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
     if not (root / "shards").exists():
         shards_root, legacy = build(root, args.samples)

@@ -227,3 +227,66 @@ def test_fast_decode_differs_from_the_pillow_path_by_resampling_noise_only(size,
     assert new.shape == old.shape
     psnr = float(10 * torch.log10(4 / ((old - new) ** 2).mean().clamp_min(1e-12)))
     assert psnr >= min_psnr and float((old - new).abs().mean()) <= 0.03, psnr
+
+
+def test_a_stalled_range_read_times_out_instead_of_hanging():
+    import socket
+    import threading
+    import time
+
+    from pipeline.shards.reader import RangeReader
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+
+    def accept_and_stall():  # reads the request, never answers
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept_and_stall, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/shard.tar"
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - aiohttp's timeout type, after the retries
+        RangeReader(None, timeout=0.5).read(url, 0, 100)
+    assert time.monotonic() - started < 20, "bounded: retries × timeout, not a hang"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_streamed_shard_whose_read_breaks_is_reopened_where_it_stopped(big_task, tmp_path):
+    """A connection reset halfway through a streamed (index-less) shard: reopened and continued, not cut short."""
+    import io
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.shards.reader import stream_shard
+
+    shard = next((big_task / "big" / "src1").glob("*.tar"))
+    data = shard.read_bytes()
+    breaks = {"left": 1}
+
+    class Breaking(io.BytesIO):
+        def read(self, n=-1):
+            if breaks["left"] and self.tell() > len(data) // 2:
+                breaks["left"] -= 1
+                raise ConnectionResetError("connection reset by peer (injected)")
+            return super().read(n)
+
+    class FlakyFS(MemoryFileSystem):
+        protocol = "flakytest"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return Breaking(data)
+
+    fsspec.register_implementation("flakytest", FlakyFS, clobber=True)
+    keys = [s.key for s in stream_shard("flakytest://bucket/shard.tar", None)]
+    assert breaks["left"] == 0, "the read did break"
+    assert keys == [s.key for s in stream_shard(str(shard), None)] and len(keys) == 100, "each once, in order"

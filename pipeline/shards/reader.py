@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import tarfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -28,11 +29,14 @@ from typing import Any
 import fsspec
 
 from pipeline.shards.format import check_npy, is_forbidden_member
-from pipeline.shards.storage import options_for, protocol_of
+from pipeline.shards.storage import options_for, protocol_of, with_timeout
 
 log = logging.getLogger(__name__)
 
 READ_RETRIES = 4
+READ_TIMEOUT = 60.0  # seconds a range read may wait for data before it counts as failed (then retried)
+# errors that retrying cannot fix: a missing or forbidden object, a wrong path, a truncated or malformed tar
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, tarfile.TarError, EOFError, ValueError)
 
 
 def _with_retries(what: str, fn, retries: int = READ_RETRIES):
@@ -40,7 +44,7 @@ def _with_retries(what: str, fn, retries: int = READ_RETRIES):
     for attempt in range(retries):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):  # permanent: 404, 403, wrong path
+        except PERMANENT_ERRORS:  # 404, 403, a wrong path, malformed data: at once
             raise
         except Exception as exc:
             if attempt == retries - 1:
@@ -61,15 +65,16 @@ def _with_retries(what: str, fn, retries: int = READ_RETRIES):
 class RangeReader:
     """Byte ranges and whole objects from any fsspec URL, with retries; counts bytes read."""
 
-    def __init__(self, storage_options: dict | None):
-        self.storage_options = storage_options
+    def __init__(self, storage_options: dict | None, timeout: float = READ_TIMEOUT):
+        self.storage_options, self.timeout = storage_options, timeout
         self._fs: dict[str, Any] = {}
         self.bytes_read = 0
 
     def _resolve(self, url: str):
         protocol = protocol_of(url)
         if protocol not in self._fs:
-            self._fs[protocol] = fsspec.core.url_to_fs(url, **options_for(url, self.storage_options))[0]
+            options = with_timeout(protocol, options_for(url, self.storage_options), self.timeout)
+            self._fs[protocol] = fsspec.core.url_to_fs(url, **options)[0]
         fs = self._fs[protocol]
         return fs, fs._strip_protocol(url)
 
@@ -202,27 +207,51 @@ class CorruptSample:
     reason: str
 
 
-def stream_shard(url: str, storage_options: dict | None) -> Iterator[RawSample | CorruptSample]:
-    """Samples of one shard in file order, checked; a read error ends the shard with a warning."""
-    samples = iter_samples(url, storage_options)
+def stream_shard(
+    url: str, storage_options: dict | None, retries: int = READ_RETRIES
+) -> Iterator[RawSample | CorruptSample]:
+    """Samples of one shard in file order, checked.
+
+    A transient read error (connection reset, timeout) reopens the shard and skips the
+    samples already produced, with backoff, like indexed reads are retried; a truncated or
+    malformed tar, or retries used up, ends the shard with a warning; a missing or forbidden
+    one raises.
+    """
+    produced, failures = 0, 0
     while True:
+        samples = iter_samples(url, storage_options)
         try:
-            key, members = next(samples)
-        except StopIteration:
+            for _ in range(produced):  # what the broken read had already produced
+                next(samples)
+            while True:
+                try:
+                    key, members = next(samples)
+                except StopIteration:
+                    return
+                produced += 1
+                try:
+                    if "json" not in members:
+                        raise ValueError("no json member")
+                    raw = split_members(key, members, url)
+                    missing = expected_members(raw.meta) - set(members)
+                    if missing:
+                        raise ValueError(f"members missing (truncated shard?): {sorted(missing)}")
+                    for data in raw.embeddings.values():
+                        check_npy(data)
+                except Exception as exc:  # the caller counts and skips it
+                    yield CorruptSample(f"{url}: sample {key}: {type(exc).__name__}: {exc}")
+                    continue
+                yield raw
+        except (FileNotFoundError, PermissionError):
+            raise
+        except StopIteration:  # the shard is shorter than on the first read
             return
         except Exception as exc:
-            log.warning("shard read error, rest of the shard skipped: %s: %s", url, exc)
-            return
-        try:
-            if "json" not in members:
-                raise ValueError("no json member")
-            raw = split_members(key, members, url)
-            missing = expected_members(raw.meta) - set(members)
-            if missing:
-                raise ValueError(f"members missing (truncated shard?): {sorted(missing)}")
-            for data in raw.embeddings.values():
-                check_npy(data)
-        except Exception as exc:  # the caller counts and skips it
-            yield CorruptSample(f"{url}: sample {key}: {type(exc).__name__}: {exc}")
-            continue
-        yield raw
+            failures += 1
+            if isinstance(exc, PERMANENT_ERRORS) or failures >= retries:
+                log.warning("shard read error, rest of the shard skipped: %s: %s", url, exc)
+                return
+            delay = 0.2 * 2 ** (failures - 1) * (0.5 + random.random())
+            log.warning("transient error streaming %s (%s: %s); reopening at sample %d in %.1fs", url,
+                        type(exc).__name__, exc, produced, delay)  # fmt: skip
+            time.sleep(delay)

@@ -249,7 +249,7 @@ def read_uri(
     """
     options = options_for(uri, storage_options)
     if timeout:
-        options = _with_timeout(protocol_of(uri), options, timeout)
+        options = with_timeout(protocol_of(uri), options, timeout)
     with fsspec.open(uri, "rb", **options) as handle:
         if max_bytes is None:
             return handle.read()
@@ -262,7 +262,8 @@ def read_uri(
         return data
 
 
-def _with_timeout(protocol: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+def with_timeout(protocol: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Options that bound connecting and waiting for data (http(s), S3) unless the user set their own."""
     options = dict(options)
     if protocol in ("http", "https") and "client_kwargs" not in options:
         import aiohttp
