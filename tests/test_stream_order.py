@@ -290,3 +290,51 @@ def test_a_streamed_shard_whose_read_breaks_is_reopened_where_it_stopped(big_tas
     keys = [s.key for s in stream_shard("flakytest://bucket/shard.tar", None)]
     assert breaks["left"] == 0, "the read did break"
     assert keys == [s.key for s in stream_shard(str(shard), None)] and len(keys) == 100, "each once, in order"
+
+
+@pytest.mark.slow
+def test_killing_training_leaves_no_worker_behind_even_when_they_are_stuck_in_a_read(big_task, tmp_path):
+    """SIGKILL the training process while its DataLoader workers (and their read-ahead threads) wait on a server
+    that never answers tar range reads: none of its processes may remain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from http.server import ThreadingHTTPServer
+
+    from helpers import REPO, alive, child_pids
+
+    from pipeline.kit import range_server
+
+    server = range_server.RangeServer(big_task)
+    handler = server.server.RequestHandlerClass
+    serve = handler._serve
+
+    def stall_on_tars(self, body):
+        if ".tar" in self.path and "index" not in self.path:
+            time.sleep(3600)
+        return serve(self, body)
+
+    handler._serve = stall_on_tars
+    assert isinstance(server.server, ThreadingHTTPServer)
+    with server:
+        pattern = server.url + "/big/src1/00000-{000000..000019}.tar"
+        cmd = [sys.executable, "-m", "pipeline.train", "--data_only", "--train_shards", f"t={pattern}"]
+        cmd += ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "5", "--dataloader_num_workers", "2"]
+        cmd += ["--train_batch_size", "1", "--train_src_img_num_weights", "1=1", "--report_to", "none"]
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = child_pids(proc.pid)
+        assert len(workers) >= 2, "the workers started"
+        time.sleep(3)  # they are now waiting on the stalled reads
+        assert proc.poll() is None, "no batch can come: the run must still be waiting"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(workers), f"workers outlived the killed run: {alive(workers)}"
