@@ -168,7 +168,19 @@ class LegacyDataset(Dataset):
         }
 
 
-def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=None, storage_options=None):
+def private_kb() -> int:
+    """This process's own memory (Private_Clean + Private_Dirty of /proc/self/smaps_rollup): what it adds to the
+    machine, without the pages it shares with the parent it was forked from (torch's libraries)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+        return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def run_ours(
+    shards_root, workers: int, steps: int, state=None, want_state_at=None, storage_options=None, streams: int = 1
+):
     from pipeline.shards.tasks import discover_tasks
     from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
@@ -176,6 +188,7 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
         def __iter__(self):
             for batch in super().__iter__():
                 batch["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                batch["uss_kb"] = private_kb()
                 batch["bytes"] = self.reader.bytes_read
                 yield batch
 
@@ -189,7 +202,13 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
         tasks = {"task": task_from_patterns("task", [pattern], storage_options)}
     else:
         tasks = discover_tasks(str(shards_root), storage_options)
-    plan = plan_mix(tasks, {"task": 1.0}, {"1": 1})
+    if streams > 1:  # the same shards as many tasks: per-stream state (orders, pools, read-ahead) × streams
+        from pipeline.shards.tasks import task_from_patterns
+
+        count = len(list((Path(shards_root) / "task" / "src1").glob("*.tar")))
+        pattern = f"{shards_root}/task/src1/00000-{{000000..{count - 1:06d}}}.tar"
+        tasks = {f"task{i:03d}": task_from_patterns(f"task{i:03d}", [pattern], None) for i in range(streams)}
+    plan = plan_mix(tasks, dict.fromkeys(tasks, 1.0), {"1": 1})
     config = StreamConfig(
         batch_size=1,
         seed=1,
@@ -204,12 +223,14 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
         loader.load_state_dict(state)
     t0 = time.perf_counter()
     first, rss, used, read_by_worker, saved = None, {}, 0, {}, None
+    uss: dict[int, int] = {}
     for i, batch in enumerate(loader):
         if first is None:
             first = time.perf_counter() - t0
             steady = time.perf_counter()
         worker = batch["step"] % max(workers, 1)
         rss[worker] = max(rss.get(worker, 0), batch["rss_kb"])
+        uss[worker] = max(uss.get(worker, 0), batch["uss_kb"])
         read_by_worker[worker] = batch["bytes"]
         used += batch["prompt_embeds"].numel() * 2 + batch["target"].numel() + sum(s.numel() for s in batch["sources"])
         if want_state_at is not None and i + 1 == want_state_at:
@@ -218,6 +239,8 @@ def run_ours(shards_root, workers: int, steps: int, state=None, want_state_at=No
             break
     # steady state: the batches after the first (start-up — worker processes, imports — is reported apart)
     per_batch = (time.perf_counter() - steady) / max(steps - 1, 1)
+    global LAST_USS
+    LAST_USS = uss
     return per_batch, first, rss, sum(read_by_worker.values()), used, saved
 
 
@@ -276,6 +299,7 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
 
 
 LOCAL_SHARDS = Path()
+LAST_USS: dict[int, int] = {}
 READAHEAD_MB = 64.0
 
 
@@ -324,6 +348,11 @@ def main() -> None:
         help="also read the shards over HTTP from a local range server, without and with this delay per request",
     )
     p.add_argument("--readahead_mb", type=float, default=64.0, help="our loader's read-ahead per worker (0: off)")
+    p.add_argument(
+        "--streams",
+        default="",
+        help="also measure worker memory with the shards registered as this many tasks, e.g. 8,200 (streams)",
+    )
     args = p.parse_args()
     global READAHEAD_MB
     READAHEAD_MB = args.readahead_mb
@@ -341,6 +370,7 @@ def main() -> None:
         shards_root, args.workers, args.steps, want_state_at=args.steps // 2
     )
     drop_cache(root)
+    ours_uss = dict(LAST_USS)
     _, first_late, _, _, _, _ = run_ours(shards_root, args.workers, 1, state=state)
     result = {
         "samples_in_dataset": args.samples,
@@ -358,10 +388,16 @@ def main() -> None:
         "read_over_used": round(ours_read / max(used, 1), 2),
         "peak_rss_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_rss.items())},
         "peak_rss_MB_per_worker_legacy": {k: round(v / 1024) for k, v in sorted(legacy_rss.items())},
+        "peak_private_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_uss.items())},
         "first_batch_s_fresh": round(first0, 2),
         f"first_batch_s_resumed_at_step_{args.steps // 2}": round(first_late, 2),
         "resume_ratio": round(first_late / first0, 2),
     }
+    for count in [int(x) for x in args.streams.split(",") if x]:
+        _, _, rss, _, _, _ = run_ours(shards_root, args.workers, args.steps, streams=count)
+        result[f"streams_{count}_peak_rss_MB_per_worker"] = {k: round(v / 1024) for k, v in sorted(rss.items())}
+        private = {k: round(v / 1024) for k, v in sorted(LAST_USS.items())}
+        result[f"streams_{count}_peak_private_MB_per_worker"] = private
     if args.latency_ms:
         result.update(run_behind_latency(shards_root, args))
     if args.store_url:
