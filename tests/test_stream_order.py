@@ -152,14 +152,27 @@ def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra
     return torchrun(nproc, "pipeline.train", *args)
 
 
+@pytest.fixture(scope="module")
+def checkpoint_of_2x2(tmp_path_factory):
+    """A --data_only run on 2 ranks × 2 workers: 6 steps of 1 sample, checkpoint at step 6, and its trace."""
+    base = tmp_path_factory.mktemp("elastic")
+    root = base / "data"
+    synthetic_task(root, "t", samples=120, per_shard=10)
+    data_run(root, base / "run", base / "before.jsonl", 6, 2, 2)
+    return root, base / "run", base / "before.jsonl"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,workers", [(3, 1), (1, 3)])
-def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(tmp_path, ranks, workers):
+def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(
+    checkpoint_of_2x2, tmp_path, ranks, workers
+):
     """2 ranks × 2 workers → 3 × 1 and 1 × 3 under torchrun: no hang, N equal on all ranks, every element once."""
-    root = tmp_path / "data"
-    synthetic_task(root, "t", samples=120, per_shard=10)
-    out, before, after = tmp_path / "run", tmp_path / "before.jsonl", tmp_path / "after.jsonl"
-    data_run(root, out, before, 6, 2, 2)  # 12 batches of 1 sample, checkpoint at step 6
+    import shutil
+
+    root, run, before = checkpoint_of_2x2
+    out, after = tmp_path / "run", tmp_path / "after.jsonl"
+    shutil.copytree(run, out)  # each resume in its own copy (a resume sets later checkpoints aside)
     result = data_run(root, out, after, 6 + 96 // ranks, ranks, workers, "--resume_from_checkpoint", "checkpoint-6")
     assert "streams are taken over" in result.stderr
     lines = [json.loads(x) for x in before.read_text().splitlines()] + [
