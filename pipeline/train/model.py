@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -40,50 +41,60 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """One weights file: safetensors, or a weights-only torch file (no pickle of objects)."""
+@contextlib.contextmanager
+def open_state_dict(path: str | Path):
+    """(keys, shape(key), get(key) → tensor) of one weights file, without holding all of it in memory at once.
+
+    safetensors: read tensor by tensor; a torch file: weights-only and memory-mapped (no pickle
+    of objects).  A 20B transformer file is ~41 GB: loading it whole next to the model would
+    double the host memory of every rank.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield list(handle.keys()), lambda key: tuple(handle.get_slice(key).get_shape()), handle.get_tensor
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return state
+    yield list(state), lambda key: tuple(state[key].shape), state.__getitem__
 
 
 def load_into(module: torch.nn.Module, path: str | Path, what: str) -> torch.nn.Module:
     """Load a single state-dict file into ``module`` (the original tool's ``--transformer_path x.safetensors``).
 
-    Known prefixes are removed; a key the module does not have is an error, missing keys are
-    allowed (a partial file) and reported.
+    Known prefixes are removed; a key the module does not have, or of another shape, is an
+    error before anything is copied; missing keys are allowed (a partial file) and reported.
+    Tensors are copied one at a time into the module's own (dtype-converting ``copy_``).
     """
-    state = read_state_dict(path)
     own = module.state_dict()
-    fixed = {}
-    for key, value in state.items():
-        name = key
-        for prefix in _KEY_PREFIXES:
-            if name not in own and name.startswith(prefix):
-                name = name[len(prefix) :]
-        fixed[name] = value
-    unknown = sorted(k for k in fixed if k not in own)
-    if unknown:
-        raise ValueError(
-            f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
-            f"(is it a {what} state dict?)"
-        )
-    shapes = sorted(k for k, v in fixed.items() if v.shape != own[k].shape)
-    if shapes:
-        raise ValueError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
-    dtype = next(iter(own.values())).dtype
-    module.load_state_dict({k: v.to(dtype) for k, v in fixed.items()}, strict=False)
-    missing = len(own) - len(fixed)
+    with open_state_dict(path) as (keys, shape, get):
+        names = {}
+        for key in keys:
+            name = key
+            for prefix in _KEY_PREFIXES:
+                if name not in own and name.startswith(prefix):
+                    name = name[len(prefix) :]
+            names[key] = name
+        unknown = sorted(n for n in names.values() if n not in own)
+        if unknown:
+            raise ValueError(
+                f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
+                f"(is it a {what} state dict?)"
+            )
+        shapes = sorted(n for k, n in names.items() if shape(k) != tuple(own[n].shape))
+        if shapes:
+            raise ValueError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
+        with torch.no_grad():
+            for key, name in names.items():
+                own[name].copy_(get(key))
+    missing = len(own) - len(names)
     kept = f" ({missing} kept from the base)" if missing else ""
-    log.info("loaded %d %s weights from %s%s", len(fixed), what, path, kept)
+    log.info("loaded %d %s weights from %s%s", len(names), what, path, kept)
     return module
 
 
