@@ -241,7 +241,7 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir, tmp_path):
+def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir, sample_data_dir, tmp_path):
     common = [
         "--max_train_steps",
         "6",
@@ -263,7 +263,14 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
         "0=1,1=1,2=1,3=1",
     ]
     straight = tmp_path / "straight"
-    train(tiny_model_dir, meta_dir, straight, *common, "--data_trace", str(tmp_path / "a.jsonl"), nproc=2)
+    validation = tmp_path / "validation.jsonl"  # 2 rows: each rank renders one (DDP splits the rows)
+    source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
+    rows = [{"source_image": str(source), "instruction": "Make it blue."}, {"instruction": "A red cube."}]
+    validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rendering = ["--validation_jsonl", str(validation), "--validation_steps", "6", "--validation_inference_steps", "1"]
+    train(tiny_model_dir, meta_dir, straight, *common, "--data_trace", str(tmp_path / "a.jsonl"), *rendering, nproc=2)
+    rendered = straight / "validation" / "step-000006"
+    assert {p.name for p in rendered.iterdir()} == {"row-00.png", "row-01.png", "sheet.png"}
     resumed = tmp_path / "resumed"
     first = [c if c != "6" else "3" for c in common]
     train(tiny_model_dir, meta_dir, resumed, *first, "--data_trace", str(tmp_path / "b0.jsonl"), nproc=2)

@@ -215,8 +215,8 @@ class Trainer:
                 config.output_dir,
                 config.stream.storage_options,
             )
-            if self.renders_validation:  # the text encoder is loaded and freed before the transformer arrives
-                self.validator.prepare(acc.device)
+            # this rank's rows; the text encoder is loaded and freed before the transformer arrives
+            self.validator.prepare(acc.device, self.validator.rows_of(self.rank, self.world, self.fsdp))
         transformer, vae, self.scheduler, groups = models.build_training_models(
             model, acc.mixed_precision, optim.learning_rate, config.flow.seed
         )
@@ -254,11 +254,6 @@ class Trainer:
         self.checkpointer = self._checkpointer()
         if config.tracking.report_to != "none":
             acc.init_trackers(config.tracking.project_name, config=config.scalars())
-
-    @property
-    def renders_validation(self) -> bool:
-        """FSDP: every rank (the sharded forward is collective); otherwise rank 0 alone."""
-        return self.fsdp or self.accelerator.is_main_process
 
     def _optimizer(self, groups):
         optim = self.config.optim
@@ -489,13 +484,14 @@ class Trainer:
         acc = self.accelerator
         started = time.perf_counter()
         acc.wait_for_everyone()
-        if self.renders_validation:
-            model = self.transformer if self.fsdp else acc.unwrap_model(self.transformer)
-            images = self.validator.render(model, self.vae, acc.device, acc.autocast())
-            if acc.is_main_process:
-                folder = self.validator.save(step, images)
-                self.log_images(step, folder, images)
+        model = self.transformer if self.fsdp else acc.unwrap_model(self.transformer)
+        images = self.validator.render(model, self.vae, acc.device, acc.autocast())
+        if acc.is_main_process or not self.fsdp:  # FSDP: every rank rendered all rows, rank 0 writes them
+            self.validator.save_rows(step, images)
         acc.wait_for_everyone()
+        if acc.is_main_process:
+            folder, all_images = self.validator.save_sheet(step)
+            self.log_images(step, folder, all_images)
         seconds = time.perf_counter() - started
         acc.log({"validation_seconds": seconds}, step=step)
         if acc.is_main_process:
@@ -513,23 +509,22 @@ class Trainer:
                 tracker.log_images({"validation": images, "validation_sheet": [sheet]}, step=step)
 
     def clip(self, step: int) -> tuple[float, float]:
-        """The original tool's clipping (see ``clipping``): returns (global norm before clipping, bound applied)."""
+        """The original tool's clipping (see ``clipping``): returns (global norm before clipping, bound applied).
+
+        One pass for the norm, one for the scaling when it clips; under FSDP the norm of
+        sharded gradients is a DTensor whose partial sums are reduced for the bound.
+        """
         optim = self.config.optim
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        if self.fsdp:  # sharded gradients: the norm is a DTensor until its partial sums are reduced
-            total = torch.nn.utils.clip_grad_norm_(params, math.inf)
-            total = total.full_tensor() if hasattr(total, "full_tensor") else total
-        else:
-            total = self.accelerator.clip_grad_norm_(params, math.inf)  # unscales fp16 gradients first
-        norm = float(total)
+        if not self.fsdp:
+            self.accelerator.unscale_gradients()  # fp16: the norm of the true gradients
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         ratio, start = optim.initial_grad_norm_ratio, optim.abnormal_norm_clip_start
         bound = clip_bound(norm, step, optim.max_grad_norm, ratio, start)
         if math.isfinite(norm) and norm > bound:
-            scale = bound / (norm + 1e-6)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            if bound < optim.max_grad_norm and step > optim.abnormal_norm_clip_start:
+            torch.nn.utils.clip_grads_with_norm_(params, bound, total)
+            if bound < optim.max_grad_norm and step > start:
                 log.warning("step %d: abnormal gradient norm %.3g, clipped to %.3g", step + 1, norm, bound)
         return norm, bound if math.isfinite(bound) else 0.0
 

@@ -12,9 +12,11 @@ Images are rendered at the training resolution (``--image_sample_size``² area, 
 sources given to the VAE at that area as well, as in training), which keeps the
 cost of a validation small next to the run.
 
-Distributed: under DDP rank 0 renders with the unwrapped transformer while the
-others wait; under FSDP every rank renders every row in lockstep (each forward
-all-gathers the sharded weights) and rank 0 writes the files.
+Distributed: under DDP the ranks split the rows (rank r renders rows r, r + world,
+…, with the unwrapped transformer, so no collective runs and a handful of rows
+on 8 GPUs takes one row's time); under FSDP every rank renders every row in
+lockstep (each forward all-gathers the sharded weights) and rank 0 writes them.
+Rank 0 assembles the contact sheet once all rows are written.
 """
 
 from __future__ import annotations
@@ -82,13 +84,11 @@ def read_rows(path: str, storage_options: dict | None = None) -> list[Validation
 
 
 def load_picture(url: str, storage_options: dict | None = None) -> Image.Image:
-    from pipeline.shards.storage import read_uri
-
+    """A source image as extraction loads it (byte and pixel limits, timeout, EXIF orientation, RGB)."""
     try:
-        data = read_uri(url, storage_options, imaging.DEFAULT_MAX_BYTES, imaging.DEFAULT_FETCH_TIMEOUT)
-        return imaging.open_rgb(data)
-    except Exception as exc:  # noqa: BLE001 - named for the user, at start-up
-        raise ValueError(f"--validation_jsonl: cannot read the source image {url}: {exc}") from None
+        return imaging.load(url, storage_options).rgb
+    except imaging.ImageLoadError as exc:
+        raise ValueError(f"--validation_jsonl: cannot use the source image {url}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -121,27 +121,34 @@ class Validator:
         self.output_dir = Path(output_dir) / "validation"
         self.rows = read_rows(config.jsonl, storage_options)
         self.pictures = [[load_picture(s, storage_options) for s in row.sources] for row in self.rows]
-        self.embeds: list[dict[str, torch.Tensor]] = []
+        self.embeds: dict[int, dict[str, torch.Tensor]] = {}
 
-    def prepare(self, device: torch.device) -> None:
-        """Encode every row's prompt (and the blank negative) with the text encoder, then free it."""
+    def rows_of(self, rank: int, world: int, lockstep: bool) -> list[int]:
+        """The rows one rank renders: all of them in lockstep (FSDP), else every ``world``-th (DDP splits them)."""
+        return list(range(len(self.rows))) if lockstep else list(range(rank, len(self.rows), world))
+
+    def prepare(self, device: torch.device, indices: list[int]) -> None:
+        """Encode these rows' prompts (and the blank negative) with the text encoder, then free it."""
         from pipeline.common.encoder import PromptBuilder, PromptEncoder
 
+        if not indices:
+            return
         started = time.perf_counter()
         builder = PromptBuilder(self.model_path, "diffusers")
         encoder = PromptEncoder(self.model_path, str(device), "auto")
-        for row, pictures in zip(self.rows, self.pictures, strict=True):
+        for index in indices:
+            row, pictures = self.rows[index], self.pictures[index]
             if pictures:
                 conditions = builder.condition_images(pictures)
                 inputs = [builder.edit(conditions, row.instruction), builder.edit(conditions, NEGATIVE_PROMPT)]
             else:
                 inputs = [builder.t2i(row.instruction), builder.t2i(NEGATIVE_PROMPT)]
             positive, negative = (encoder.encode([i], builder.drop_index)[0].float().cpu() for i in inputs)
-            self.embeds.append({"positive": positive, "negative": negative})
+            self.embeds[index] = {"positive": positive, "negative": negative}
         del encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.info("validation: %d row(s) encoded in %.1fs", len(self.rows), time.perf_counter() - started)
+        log.info("validation: %d row(s) encoded in %.1fs", len(indices), time.perf_counter() - started)
 
     def _pipelines(self, transformer, vae):
         from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
@@ -155,16 +162,19 @@ class Validator:
             pipe.set_progress_bar_config(disable=True)
         return edit, t2i
 
-    def render(self, transformer, vae, device: torch.device, autocast) -> list[Image.Image]:
-        """One image per row (collective under FSDP: call it on every rank)."""
+    def render(self, transformer, vae, device: torch.device, autocast) -> dict[int, Image.Image]:
+        """An image for each row :meth:`prepare` encoded (collective under FSDP: every rank renders all)."""
+        if not self.embeds:
+            return {}
         edit, t2i = self._pipelines(transformer, vae)
         guidance = self.config.guidance_scale
-        images = []
+        images = {}
         was_training = transformer.training
         transformer.eval()
         try:
             with source_area(self.area), autocast:
-                for index, (pictures, embeds) in enumerate(zip(self.pictures, self.embeds, strict=True)):
+                for index, embeds in sorted(self.embeds.items()):
+                    pictures = self.pictures[index]
                     aspect = pictures[-1].width / pictures[-1].height if pictures else 1.0
                     width, height = imaging.crop_size(aspect, self.area)
                     kwargs = {
@@ -185,20 +195,28 @@ class Validator:
                     pipe = edit if pictures else t2i
                     if pictures:
                         kwargs["image"] = pictures
-                    images.append(pipe(**kwargs).images[0])
+                    images[index] = pipe(**kwargs).images[0]
         finally:
             transformer.train(was_training)
         return images
 
-    def save(self, step: int, images: list[Image.Image]) -> Path:
-        """``validation/step-XXXXXX/row-NN.png`` and ``sheet.png`` (sources → result, instruction under it)."""
-        folder = self.output_dir / f"step-{step:06d}"
+    def folder(self, step: int) -> Path:
+        return self.output_dir / f"step-{step:06d}"
+
+    def save_rows(self, step: int, images: dict[int, Image.Image]) -> None:
+        """``validation/step-XXXXXX/row-NN.png`` for the rows this rank rendered."""
+        folder = self.folder(step)
         folder.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
+        for index, image in images.items():
             image.save(folder / f"row-{index:02d}.png")
+
+    def save_sheet(self, step: int) -> tuple[Path, list[Image.Image]]:
+        """Once every rank saved its rows: ``sheet.png`` (sources → result, instruction under it); all images."""
+        folder = self.folder(step)
+        images = [Image.open(folder / f"row-{i:02d}.png").convert("RGB") for i in range(len(self.rows))]
         rows = [
             ([*pictures, image], row.instruction)
             for row, pictures, image in zip(self.rows, self.pictures, images, strict=True)
         ]
         contact_sheet(rows, font_path=self.config.caption_font).save(folder / "sheet.png")
-        return folder
+        return folder, images
