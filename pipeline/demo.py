@@ -127,26 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     log.info("4/5 trained %d steps, stopped; resuming from %s", half, run / f"checkpoint-{half}")
     train.main([*common, "--max_train_steps", str(args.steps), "--resume_from_checkpoint", "latest"])
 
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
     import torch
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from diffusers.utils import load_image
 
     from pipeline.extract.records import read_records
+    from pipeline.train.validation import source_area
 
-    edit_plus.VAE_IMAGE_SIZE = 256 * 256  # keep CPU inference quick with the tiny VAE
     pipe = QwenImageEditPlusPipeline.from_pretrained(
         model, transformer=QwenImageTransformer2DModel.from_pretrained(run / "transformer")
     )
     record = next(r for r in read_records(str(data["edit_single"])) if not isinstance(r, Exception))
-    image = pipe(
-        image=[load_image(record.sources[0])],
-        prompt=record.instruction,
-        num_inference_steps=4,
-        height=256,
-        width=256,
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
+    with source_area(256 * 256):  # keep CPU inference quick with the tiny VAE
+        image = pipe(
+            image=[load_image(record.sources[0])],
+            prompt=record.instruction,
+            num_inference_steps=4,
+            height=256,
+            width=256,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
     result = run / "demo_inference.png"
     image.save(result)
     log.info("5/5 inference with the trained transformer: %s", result)

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.common.workers import die_with_parent
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
+from pipeline.train.checkpoint import JsonPart
 from pipeline.train.config import DataConfig, StreamConfig
 from pipeline.train.stream import MixedBatchDataset, MixPlan, plan_mix
 
@@ -183,7 +184,7 @@ def worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
     return [snapshots[f"worker_{w}"]["dataset_state"] for w in range(len(snapshots))]
 
 
-class DataPart:
+class DataPart(JsonPart):
     """The loader's state of this rank as JSON, in ``data_state_rank{r}.json``.
 
     Same ranks × workers as the checkpoint: the StatefulDataLoader restores itself (bitwise
@@ -193,21 +194,23 @@ class DataPart:
     """
 
     def __init__(self, loader, rank: int, world: int):
-        self.loader, self.rank, self.world = loader, rank, world
-
-    def save(self, folder: Path) -> None:
-        from pipeline.train.checkpoint import write_json_file
-
-        write_json_file(folder / f"data_state_rank{self.rank}.json", {"loader": json_state(self.loader.state_dict())})
+        super().__init__(
+            "data_state_rank{rank}.json",
+            lambda: {"loader": json_state(loader.state_dict())},
+            lambda state: loader.load_state_dict(state["loader"]),
+            rank,
+        )
+        self.loader, self.world = loader, world
 
     def load(self, folder: Path) -> None:
         files = sorted(folder.glob("data_state_rank*.json"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
-        states = [json.loads(f.read_text())["loader"] for f in files]
+        own = json.loads(self._file(folder).read_text()) if self._file(folder).is_file() else None
         workers = self.loader.num_workers or 1
-        old_workers = len(worker_states(states[0])) if states else 0
-        if len(states) == self.world and old_workers == workers:
-            self.loader.load_state_dict(states[self.rank])
+        if own is not None and len(files) == self.world and len(worker_states(own["loader"])) == workers:
+            self.put(own)
             return
+        states = [json.loads(f.read_text())["loader"] for f in files]
+        old_workers = len(worker_states(states[0]))
         partitions = [w for state in states for w in worker_states(state)]  # partition = rank × W + worker
         next_step = sum(w.get("made", 0) for w in worker_states(states[0]))
         if self.rank == 0:
