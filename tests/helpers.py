@@ -141,10 +141,13 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def synthetic_task(root, name: str, samples: int, per_shard: int, bucket_of=None, hidden: int = 8):
+def synthetic_task(
+    root, name: str, samples: int, per_shard: int, bucket_of=None, hidden: int = 8, image_bytes: bytes | None = None
+):
     """A task of ``samples`` single-source samples with tiny images and embeddings, written directly (no model).
 
-    ``bucket_of(i)`` gives sample i's bucket tuple (default: all in one bucket). Returns the task folder.
+    ``bucket_of(i)`` gives sample i's bucket tuple (default: all in one bucket); ``image_bytes`` replaces every
+    image (e.g. bytes no decoder accepts). Returns the task folder.
     """
     import io as _io
 
@@ -163,7 +166,7 @@ def synthetic_task(root, name: str, samples: int, per_shard: int, bucket_of=None
             key = f"s-{i:07d}"
             buf = _io.BytesIO()
             _Image.new("RGB", (16, 16), (i % 256, 0, 0)).save(buf, format="PNG")
-            png = buf.getvalue()
+            png = buf.getvalue() if image_bytes is None else image_bytes
             emb = _torch.full((4, hidden), float(i)).bfloat16()
             meta = {
                 "key": key,

@@ -126,18 +126,55 @@ def test_changed_shards_start_a_new_epoch_and_unknown_versions_are_refused(big_t
         next(iter(future))
 
 
-def test_a_stream_of_only_unusable_samples_is_an_error_not_a_spin(tmp_path):
+def first_batch_within(dataset, seconds: float):
+    """``next(iter(dataset))`` in a thread: (finished?, exception it raised)."""
+    import threading
+
+    outcome: list = []
+
+    def run():
+        try:
+            next(iter(dataset))
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(outcome), (outcome[0] if outcome else None)
+
+
+def test_a_streamed_task_of_only_broken_samples_is_an_error_not_a_spin(big_task, tmp_path):
+    """Every sample of a streamed shard lacks its images: a whole pass with nothing usable raises (it looped)."""
+    import tarfile
+
     from pipeline.shards.tasks import task_from_patterns
 
-    bad = tmp_path / "bad" / "src1"
-    bad.mkdir(parents=True)
-    (bad / "00000-000000.tar").write_bytes(b"not a tar at all" * 100)
-    task = task_from_patterns("bad", [f"pipe:cat {bad / '00000-000000.tar'}"], None)
-    dataset = MixedBatchDataset(
-        {"bad": task}, plan_mix({"bad": task}, {"bad": 1}, {"1": 1}), 0, 1, StreamConfig(batch_size=1, shuffle_buffer=0)
-    )
-    with pytest.raises((DataConfigError, RuntimeError), match="bad"):
-        next(iter(dataset))
+    shard = next((big_task / "big" / "src1").glob("*.tar"))
+    broken = tmp_path / "src1" / "broken.tar"
+    broken.parent.mkdir()
+    with tarfile.open(shard) as tin, tarfile.open(broken, "w") as tout:
+        for member in tin:
+            if member.name.endswith(".json"):
+                tout.addfile(member, tin.extractfile(member))
+    task = task_from_patterns("broken", [f"pipe:cat {broken}"], None)
+    config = StreamConfig(batch_size=1, shuffle_buffer=0)
+    dataset = MixedBatchDataset({"broken": task}, plan_mix({"broken": task}, {"broken": 1}, {"1": 1}), 0, 1, config)
+    finished, error = first_batch_within(dataset, 60)
+    assert finished, "the stream spun without a batch or an error"
+    assert isinstance(error, DataConfigError) and "no usable sample" in str(error)
+
+
+def test_an_indexed_task_whose_images_never_decode_is_an_error_not_a_spin(tmp_path):
+    """Every image is garbage: replacements fail too; after 1,000 in a row it is an error (it looped)."""
+    synthetic_task(tmp_path, "garbage", samples=40, per_shard=10, image_bytes=b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    tasks = discover_tasks(str(tmp_path), None)
+    config = StreamConfig(batch_size=1, image_sample_size=32, text_drop_ratio=0.0)
+    dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"garbage": 1}, {"1": 1}), 0, 1, config)
+    finished, error = first_batch_within(dataset, 120)
+    assert finished, "the stream spun without a batch or an error"
+    assert isinstance(error, DataConfigError) and "could not be decoded" in str(error)
 
 
 def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra: str):
