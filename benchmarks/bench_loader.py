@@ -60,10 +60,19 @@ def make_image(rng: np.random.Generator) -> tuple[bytes, str, tuple[int, int]]:
     return buf.getvalue(), "jpg" if fmt == "JPEG" else "png", (w, h)
 
 
-def build(root: Path, samples: int) -> tuple[Path, Path]:
-    """Shards + manifest under root/shards/task, original layout under root/legacy."""
-    from pipeline.common.images import aspect_bucket
-    from pipeline.shards.format import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
+def build(root: Path, samples: int, train_copy_size: int = 0) -> tuple[Path, Path]:
+    """Shards + manifest under root/shards/task (with training copies for ``train_copy_size``, as
+    ``extract --train_copy_size`` writes them), original layout under root/legacy."""
+    from pipeline.common.images import aspect_bucket, open_rgb, train_copy
+    from pipeline.shards.format import (
+        TarShardWriter,
+        copy_role,
+        embedding_to_npy,
+        image_to_npy,
+        index_name,
+        new_manifest,
+        sample_members,
+    )
 
     shard_dir, legacy = root / "shards" / "task", root / "legacy"
     (shard_dir / "src1").mkdir(parents=True)
@@ -93,14 +102,13 @@ def build(root: Path, samples: int) -> tuple[Path, Path]:
                 "bucket": [aspect_bucket(src_size), aspect_bucket(tgt_size)],
                 "variants": {v: list(e.shape) for v, e in embs.items()},
             }
-            writer.add(
-                key,
-                sample_members(
-                    meta,
-                    {"target": (tgt_ext, tgt), "source0": (src_ext, src)},
-                    {v: embedding_to_npy(e) for v, e in embs.items()},
-                ),
-            )
+            images = {"target": (tgt_ext, tgt), "source0": (src_ext, src)}
+            for role, data, entry in [("target", tgt, meta["target"]), ("source0", src, meta["sources"][0])]:
+                pixels = train_copy(open_rgb(data), train_copy_size)  # from the stored bytes, as extraction does
+                if pixels is not None:
+                    images[copy_role(role)] = ("npy", image_to_npy(pixels))
+                    entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
+            writer.add(key, sample_members(meta, images, {v: embedding_to_npy(e) for v, e in embs.items()}))
             (legacy / "img" / f"{key}_src.{src_ext}").write_bytes(src)
             (legacy / "img" / f"{key}_tgt.{tgt_ext}").write_bytes(tgt)
             row = {
@@ -348,6 +356,13 @@ def main() -> None:
         default=0.0,
         help="also read the shards over HTTP from a local range server, without and with this delay per request",
     )
+    p.add_argument(
+        "--train_copy_size",
+        type=int,
+        default=512,
+        help="write the shards with training copies for this size, as extract --train_copy_size does "
+        "(0: originals only; the original layout always has originals only)",
+    )
     p.add_argument("--readahead_mb", type=float, default=64.0, help="our loader's read-ahead per worker (0: off)")
     p.add_argument(
         "--warm",
@@ -370,9 +385,11 @@ def main() -> None:
     READAHEAD_MB = args.readahead_mb
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
     if not (root / "shards").exists():
-        shards_root, legacy = build(root, args.samples)
-    else:
+        shards_root, legacy = build(root, args.samples, args.train_copy_size)
+        (root / "train_copy_size").write_text(str(args.train_copy_size))
+    else:  # a kept --work_dir: its data as built then
         shards_root, legacy = root / "shards", root / "legacy"
+        args.train_copy_size = int((root / "train_copy_size").read_text()) if (root / "train_copy_size").exists() else 0
     total_bytes = sum(f.stat().st_size for f in (root / "shards").rglob("*") if f.is_file())
 
     drop_cache(root)
@@ -389,6 +406,7 @@ def main() -> None:
         "dataset_GB": round(total_bytes / 1e9, 2),
         "steps": args.steps,
         "workers": args.workers,
+        "train_copy_size": args.train_copy_size,
         "ours_samples_per_s": round(1 / ours_time, 2),
         "legacy_samples_per_s": round(1 / legacy_time, 2),
         "speed_ratio_ours_over_legacy": round(legacy_time / ours_time, 2),

@@ -30,7 +30,7 @@ from pipeline.common import images as imaging
 from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.extract.prepare import sample_from_images
 from pipeline.extract.records import RecordError, iter_lines, parse_line, resolve_ref
-from pipeline.shards.format import embedding_to_npy, new_manifest, npy_to_embedding, sample_key
+from pipeline.shards.format import copy_role, embedding_to_npy, new_manifest, npy_to_embedding, sample_key
 from pipeline.shards.reader import iter_samples, sample_meta
 from pipeline.shards.storage import Store, has_scheme, join, options_for, uri_exists
 from pipeline.shards.tasks import open_task
@@ -397,6 +397,8 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
             ]:
                 ext = entry["member"].split(".", 1)[1]
                 images[role] = (ext, members[entry["member"]])
+                if "copy" in entry:  # the training copy travels with its original
+                    images[copy_role(role)] = ("npy", members[entry["copy"]["member"]])
             embeddings = {v: members[f"emb_{v}.npy"] for v in meta.get("variants", {})}
             sample = PreparedSample(
                 key=key, line=int(meta.get("line", 0)), num_sources=int(meta["num_sources"]), meta=meta, images=images

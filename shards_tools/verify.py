@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
-from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, source_dir
+from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, npy_to_image, source_dir
 from pipeline.shards.reader import open_stream, split_name
 from pipeline.shards.storage import Store
 from pipeline.shards.tasks import open_tasks
@@ -75,7 +75,23 @@ def _check_sample(key: str, members: dict[str, bytes], manifest: dict, n: int) -
             problems.append(f"{name} is {array.dtype} {array.shape}, expected {npy_dtype} [seq, {hidden}]")
         elif list(array.shape) != list(shape):
             problems.append(f"{name} shape {list(array.shape)} differs from the json's {shape}")
-    extra = set(members) - {"json", *roles, *(f"emb_{v}.npy" for v in meta.get("variants", {}))}
+    copies = []
+    for entry in [meta.get("target", {}), *meta.get("sources", [])]:
+        if "copy" not in entry:
+            continue
+        name = entry["copy"].get("member")
+        copies.append(name)
+        if name not in members:
+            problems.append(f"training copy {name} missing")
+            continue
+        try:
+            pixels = npy_to_image(members[name])
+        except Exception as exc:
+            problems.append(f"{name} does not decode: {exc}")
+            continue
+        if [pixels.shape[1], pixels.shape[0]] != list(entry["copy"].get("size", [])):
+            problems.append(f"{name} is {pixels.shape[1]}x{pixels.shape[0]}, the json says {entry['copy'].get('size')}")
+    extra = set(members) - {"json", *roles, *copies, *(f"emb_{v}.npy" for v in meta.get("variants", {}))}
     for name in sorted(extra):
         if not is_forbidden_member(name):
             problems.append(f"unexpected member {name}")

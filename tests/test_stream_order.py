@@ -13,6 +13,8 @@ from helpers import synthetic_task
 from pipeline.shards.tasks import DataConfigError, discover_tasks
 from pipeline.train.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
 from pipeline.train.pools import BucketPools, ByteBudget
+from pipeline.train.readahead import ReadAhead
+from pipeline.train.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
 from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
 
 
@@ -56,6 +58,80 @@ def test_cursors_taken_over_by_another_layout_take_every_element_once(layouts):
     horizon = min(c.peek(1)[0] for c in cursors)
     assert set(range(horizon)) <= set(taken), "nothing before the slowest cursor skipped"
     assert len(cursors[0].state_dict()["earlier"]) <= len(layouts), "state stays a few integers per layout"
+
+
+# ---- the source stages on plain integers ------------------------------------------------------------
+
+
+def test_indexed_source_reads_its_elements_through_the_read_ahead_and_resumes_from_its_state():
+    counts = [7, 5, 9]
+    loads = []
+
+    def load(g, shard, sample):
+        loads.append(g)
+        return (shard, sample)
+
+    parts = 3
+    sources = [
+        IndexedSource(counts, 1, (4,), p, parts, load, size_of=lambda s, i: 10, readahead=ReadAhead(25), depth=4)
+        for p in range(parts)
+    ]
+    epoch = [sources[g % parts].next() for g in range(sum(counts))]
+    assert [g for g, _ in epoch] == list(range(sum(counts)))  # partition p takes g ≡ p (mod parts)
+    assert sorted(item for _, item in epoch) == sorted((s, i) for s, c in enumerate(counts) for i in range(c))
+    assert len(loads) > sum(counts)  # elements were read ahead (and the in-flight reads bounded by 25 bytes)
+    state = json.loads(json.dumps(sources[1].state_dict()))
+    after = [sources[1].next() for _ in range(5)]
+    again = IndexedSource(counts, 1, (4,), 1, parts, load)
+    again.load_state_dict(state)
+    assert [again.next() for _ in range(5)] == after
+
+
+def test_streamed_source_partitions_each_pass_skips_bad_items_and_resumes_from_its_state():
+    shards = [list(range(s * 100, s * 100 + n)) for s, n in enumerate([4, 6, 3])]
+    skipped = []
+
+    def make(part):
+        return StreamedSource(
+            len(shards), 5, (1, 2), part, 2, read_shard=lambda i: iter(shards[i]),
+            bad=lambda x: "odd one" if x == 101 else None, on_skip=skipped.append,
+        )  # fmt: skip
+
+    a, b = make(0), make(1)
+    first_pass = [a.next()[1] for _ in range(6)] + [b.next()[1] for _ in range(6)]
+    assert sorted(first_pass) == sorted(x for shard in shards for x in shard if x != 101)  # disjoint, complete
+    assert skipped == ["odd one"]
+    state = json.loads(json.dumps(a.state_dict()))
+    after = [a.next() for _ in range(7)]
+    resumed = make(0)
+    resumed.load_state_dict(state)
+    assert [resumed.next() for _ in range(7)] == after
+    assert resumed.reread([ref for ref, _ in after[:3]]) == {ref_key(ref): item for ref, item in after[:3]}
+
+    nothing = StreamedSource(2, 0, (1,), 0, 1, read_shard=lambda i: iter([1, 2]), bad=lambda x: "broken")
+    with pytest.raises(NoUsableSample):
+        nothing.next()
+
+
+def test_shuffle_buffer_mixes_stays_in_its_byte_budget_and_resumes_from_its_state():
+    counter, taken = iter(range(10**6)), []
+
+    def take():
+        taken.append(next(counter))
+        return taken[-1], taken[-1]
+
+    budget = ByteBudget(50)
+    buffer = ShuffleBuffer(8, (3, 1), budget, size_of=lambda x: 10)
+    out = [buffer.next(take)[1] for _ in range(40)]
+    assert out != sorted(out) and len(set(out)) == 40
+    assert budget.used <= 50 + 10 and len(buffer.items) <= 6  # the budget, not the size, bounds it here
+    state = json.loads(json.dumps(buffer.state_dict()))
+    held, resume_at = {ref: item for ref, item in buffer.items}, taken[-1] + 1
+    follow = [buffer.next(take)[1] for _ in range(10)]
+    counter = iter(range(resume_at, 10**6))  # the source resumes where it was at the checkpoint
+    again = ShuffleBuffer(8, (3, 1), ByteBudget(50), size_of=lambda x: 10)
+    again.load_state_dict(state, held)
+    assert [again.next(take)[1] for _ in range(10)] == follow
 
 
 def test_pools_stay_bounded_when_every_sample_has_its_own_bucket():

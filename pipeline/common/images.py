@@ -303,6 +303,58 @@ def decode_and_crop(
     return resized[:, y0 : y0 + ch, x0 : x0 + cw]
 
 
+def train_copy(rgb: Image.Image, train_copy_size: int) -> np.ndarray | None:
+    """The image as training at ``--image_sample_size train_copy_size`` resizes it, uint8 [h, w, 3]; None when
+    that is not smaller than the image.
+
+    The size is the cover of the image's own crop (:func:`crop_size` at its aspect) and the
+    resampling is the trainer's (bicubic, antialiased, on uint8), so a batch whose crop is the
+    image's own — always at batch size 1 — crops the copy without resizing it, with the pixels
+    the original would give.
+    """
+    w, h = rgb.size
+    if train_copy_size <= 0:
+        return None
+    rw, rh = _cover((w, h), crop_size(w / h, train_copy_size**2), False)
+    if rw * rh >= w * h:
+        return None
+    pixels = torch.from_numpy(np.array(rgb.convert("RGB"))).permute(2, 0, 1)[None]
+    small = torch.nn.functional.interpolate(pixels, size=(rh, rw), mode="bicubic", antialias=True)[0]
+    return small.permute(1, 2, 0).contiguous().numpy()
+
+
+def copy_covers(copy_size: tuple[int, int], original_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether a copy of ``copy_size`` (w, h) holds the pixels a crop of ``size`` takes from the original of
+    ``original_size`` (w, h, oriented): the original's resize for that crop is no larger than the copy."""
+    rw, rh = _cover(original_size, size, False)
+    return rw <= copy_size[0] and rh <= copy_size[1]
+
+
+def crop_from_copy(
+    pixels: np.ndarray, original_size: tuple[int, int], size: tuple[int, int], fraction: tuple[float, float]
+) -> torch.Tensor:
+    """The crop of :func:`decode_and_crop`, from a training copy (uint8 [h, w, 3]) instead of the original.
+
+    The geometry is the original's: the copy is resized to the size the original would be
+    resized to, and cropped at the same offset.  For the image's own crop that size is the
+    copy's: no resize, the original's pixels.  A smaller crop (a batch's mean aspect, a
+    smaller ``--image_sample_size``) resamples the copy once more (tests/test_train_copies.py
+    states the bound).
+    """
+    cw, ch = size
+    h, w = pixels.shape[:2]
+    rw, rh = _cover(original_size, size, False)
+    with warnings.catch_warnings():  # a read-only view of the shard's bytes: only read here, never written
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels-last: the SIMD uint8 kernel's layout
+    if (rw, rh) == (w, h):
+        resized = view[0]
+    else:
+        resized = torch.nn.functional.interpolate(view, size=(rh, rw), mode="bicubic", antialias=True)[0]
+    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
+    return resized[:, y0 : y0 + ch, x0 : x0 + cw].contiguous()
+
+
 def resize_and_crop(img: Image.Image, size: tuple[int, int], fraction: tuple[float, float]) -> Image.Image:
     """Scale so ``img`` covers ``size`` (short side first), then crop at ``fraction`` of the excess."""
     cw, ch = size

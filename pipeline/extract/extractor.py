@@ -154,6 +154,7 @@ class Extractor:
             fetch_timeout=self.args.fetch_timeout,
             storage_options=self.storage_options,
             skip_embeddings=self.args.skip_embeddings,
+            train_copy_size=self.args.train_copy_size,
         )
         columns = Columns(self.args.source_column, self.args.target_column)
         done = prog.done_lines(commits)
@@ -286,6 +287,7 @@ class Extractor:
             "inverse": self.inverse,
             "t2i_mode": self.args.t2i_mode,
             "image_sample_size": self.args.image_sample_size,
+            "train_copy_size": self.args.train_copy_size,
             "input": self.args.jsonl_path,
             "world_size": self.world,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -328,6 +330,8 @@ class Extractor:
             "inverse": self.inverse,
             "skip_embeddings": args.skip_embeddings,
             "image_sample_size": args.image_sample_size,
+            # only when set: a run started before the flag existed resumes as before
+            **({"train_copy_size": args.train_copy_size} if args.train_copy_size else {}),
             "columns": [args.source_column, args.target_column],
         }
 

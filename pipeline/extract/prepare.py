@@ -18,7 +18,7 @@ from pipeline.common import images as imaging
 from pipeline.common.encoder import PromptBuilder
 from pipeline.common.prompts import plan_variants
 from pipeline.extract.records import Columns, Record, RecordError, iter_lines, parse_line
-from pipeline.shards.format import sample_key
+from pipeline.shards.format import copy_role, image_to_npy, sample_key
 from pipeline.shards.writer import Failure, PreparedSample
 
 
@@ -31,6 +31,7 @@ class PrepareOptions:
     fetch_timeout: float = imaging.DEFAULT_FETCH_TIMEOUT
     storage_options: dict[str, Any] | None = None
     skip_embeddings: bool = False
+    train_copy_size: int = 0  # also store each image at (COPY_MARGIN · this)² pixels, uint8 .npy; 0: none
 
 
 def _record_failure(err: RecordError, text: str) -> Failure:
@@ -60,7 +61,9 @@ def prepare_record(
         except imaging.ImageLoadError as exc:
             return Failure(record.file, record.line, exc.kind, str(exc), fieldname, text)
 
-    sample = sample_from_images(record, [loaded[f"source{i}"] for i in range(len(sources))], loaded["target"])
+    sample = sample_from_images(
+        record, [loaded[f"source{i}"] for i in range(len(sources))], loaded["target"], opts.train_copy_size
+    )
     plan = [] if opts.skip_embeddings else plan_variants(record.texts, len(sources), opts.inverse and not opts.t2i_mode)
     conditions: dict[str, list] = {}
     for variant, role, prompt_text in plan:
@@ -77,9 +80,9 @@ def prepare_record(
 
 
 def sample_from_images(
-    record: Record, sources: list[imaging.LoadedImage], target: imaging.LoadedImage
+    record: Record, sources: list[imaging.LoadedImage], target: imaging.LoadedImage, train_copy_size: int = 0
 ) -> PreparedSample:
-    """The shard sample of ``record`` (metadata and original image bytes), before any embedding."""
+    """The shard sample of ``record`` (metadata, original image bytes, training copies), before any embedding."""
     key = sample_key(record.file, record.line)
     meta = {
         "key": key,
@@ -95,6 +98,12 @@ def sample_from_images(
     }
     images = {f"source{i}": (img.ext, img.data) for i, img in enumerate(sources)}
     images["target"] = (target.ext, target.data)
+    for role, img in [*((f"source{i}", img) for i, img in enumerate(sources)), ("target", target)]:
+        pixels = imaging.train_copy(img.rgb, train_copy_size)
+        if pixels is not None:
+            images[copy_role(role)] = ("npy", image_to_npy(pixels))
+            entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+            entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
     return PreparedSample(key=key, line=record.line, num_sources=len(sources), meta=meta, images=images)
 
 

@@ -30,6 +30,7 @@ MAX_SOURCES = 3  # source images per sample: 0 (text-to-image) to 3
 SOURCE_COUNTS = tuple(range(MAX_SOURCES + 1))
 # embedding variants of a sample, in member order (DESIGN §4)
 VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
+COPY_PREFIX = "copy_"  # role of an image's training-size copy: copy_target, copy_source0 … (member .npy)
 
 
 def source_dir(num_sources: int) -> str:
@@ -142,12 +143,42 @@ class TarShardWriter:
         return size, digest.hexdigest()
 
 
+def copy_role(role: str) -> str:
+    return COPY_PREFIX + role
+
+
+def image_to_npy(pixels: np.ndarray) -> bytes:
+    """A training copy: uint8 ``[height, width, 3]`` RGB as ``.npy`` (no codec: read and used as is)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"a training copy is uint8 [h, w, 3], got {pixels.dtype} {pixels.shape}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_to_image(data: bytes) -> np.ndarray:
+    """Inverse of :func:`image_to_npy`, viewed in place (read-only, no copy); a short array is an error."""
+    shape, dtype, offset = _npy_header(data)
+    if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"a training copy must be uint8 [h, w, 3], got {dtype} {shape}")
+    return np.frombuffer(data, dtype=np.uint8, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
 def sample_members(
     meta: dict[str, Any], images: dict[str, tuple[str, bytes]], embeddings: dict[str, bytes]
 ) -> dict[str, bytes]:
-    """All tar members of one sample: json, images by role, ``emb_{variant}.npy``."""
+    """All tar members of one sample: json, images by role, ``emb_{variant}.npy``.
+
+    Order matters for range reads: the json, the originals that have no training copy and the
+    copies come first (one contiguous read for training), then the originals that have a copy
+    (read only when a crop needs more pixels than the copy holds), then the embeddings.
+    """
     members = {"json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
-    for role, (ext, data) in images.items():
+    copied = {role[len(COPY_PREFIX) :] for role in images if role.startswith(COPY_PREFIX)}
+    first = [r for r in images if r not in copied and not r.startswith(COPY_PREFIX)]
+    copies = [r for r in images if r.startswith(COPY_PREFIX)]
+    for role in [*first, *copies, *(r for r in images if r in copied)]:
+        ext, data = images[role]
         members[f"{role}.{ext}"] = data
     for variant, data in embeddings.items():
         members[f"emb_{variant}.npy"] = data

@@ -28,7 +28,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.shards.format import check_npy, is_forbidden_member
+from pipeline.shards.format import COPY_PREFIX, check_npy, is_forbidden_member
 from pipeline.shards.storage import options_for, protocol_of, with_timeout
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,14 @@ class RawSample:
     embeddings: dict[str, bytes] = field(default_factory=dict)  # variant -> npy bytes (streamed reads)
     embedding_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant -> [start, end)
     choice: tuple[str, str, bool] | None = None  # (variant, text, inverse) when chosen at read time (read-ahead)
+    image_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> [start, end) of an original
+    # not read yet because its training copy (images["copy_<role>"]) was
+
+    def original(self, role: str, reader: RangeReader) -> bytes:
+        """An original image's bytes, read now when only its training copy came with the sample."""
+        if role not in self.images:
+            self.images[role] = reader.read(self.shard_url, *self.image_ranges[role])
+        return self.images[role]
 
 
 def split_members(key: str, members: dict[str, bytes], shard_url: str) -> RawSample:
@@ -134,14 +142,24 @@ def split_members(key: str, members: dict[str, bytes], shard_url: str) -> RawSam
 
 def expected_members(meta: dict[str, Any]) -> set[str]:
     """Member extensions a complete sample has, according to its own json."""
-    images = [meta["target"]["member"], *(s["member"] for s in meta.get("sources", []))]
+    entries = [meta["target"], *meta.get("sources", [])]
+    images = [e["member"] for e in entries] + [e["copy"]["member"] for e in entries if "copy" in e]
     return {"json", *images, *(f"emb_{v}.npy" for v in meta.get("variants", {}))}
 
 
+def eager_members(members: dict[str, Any]) -> list[str]:
+    """The members a training read fetches at once: the json, the training copies, and the originals that have
+    no copy (originals with a copy and the embeddings are fetched by offset when needed)."""
+    names = [ext for ext in members if not ext.startswith("emb_") and not is_forbidden_member(ext)]
+    copied = {ext[len(COPY_PREFIX) :].split(".", 1)[0] for ext in names if ext.startswith(COPY_PREFIX)}
+    return [ext for ext in names if ext.split(".", 1)[0] not in copied]
+
+
 def read_indexed_sample(reader: RangeReader, shard_url: str, entry: dict) -> RawSample:
-    """Read json + images of one sample in one range request; embeddings stay as offsets."""
+    """Read json + images of one sample in one range request (training copies instead of the originals they
+    stand for); embeddings and those originals stay as offsets."""
     members = entry["members"]
-    wanted = [ext for ext in members if not ext.startswith("emb_") and not is_forbidden_member(ext)]
+    wanted = eager_members(members)
     start = min(members[ext][0] for ext in wanted)
     end = max(members[ext][0] + members[ext][1] for ext in wanted)
     blob = reader.read(shard_url, start, end)
@@ -150,6 +168,8 @@ def read_indexed_sample(reader: RangeReader, shard_url: str, entry: dict) -> Raw
     for ext, (offset, size) in members.items():
         if ext.startswith("emb_") and ext.endswith(".npy"):
             sample.embedding_ranges[ext[4:-4]] = (offset, offset + size)
+        elif ext not in wanted and not is_forbidden_member(ext):
+            sample.image_ranges[ext.split(".", 1)[0]] = (offset, offset + size)
     return sample
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.common import images as imaging
-from pipeline.shards.format import npy_to_embedding
+from pipeline.shards.format import copy_role, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
 from pipeline.train.seeding import step_rng
@@ -85,6 +86,37 @@ def null_embedding(task: Task, reader: RangeReader, cache: dict[str, bytes]) -> 
     return npy_to_embedding(cache[task.name])
 
 
+@dataclass
+class Picture:
+    """One image of a sample as the batch crops it: from its training copy when the copy holds enough pixels
+    for the crop, else from the original (read by offset now if only the copy came with the sample)."""
+
+    sample: RawSample
+    role: str
+    aspect: float  # width / height as inference sees it (EXIF orientation applied)
+    copy: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)  # the original's (width, height), oriented, when it has a copy
+    lazy: Any = None  # the original opened lazily (header only), when it was read
+
+    @classmethod
+    def of(cls, sample: RawSample, role: str) -> Picture:
+        """Checks the header (a broken image fails here, before any decoding) and takes the aspect."""
+        copy = sample.images.get(copy_role(role))
+        if copy is not None:
+            entry = sample.meta["target"] if role == "target" else sample.meta["sources"][int(role[len("source") :])]
+            w, h = entry["size"]
+            return cls(sample, role, w / h, copy=npy_to_image(copy), size=(w, h))
+        lazy = imaging.open_lazy(sample.images[role])
+        return cls(sample, role, imaging.aspect_of(lazy), lazy=lazy)
+
+    def crop(self, size: tuple[int, int], fraction, reader: RangeReader) -> torch.Tensor:
+        if self.copy is not None and imaging.copy_covers((self.copy.shape[1], self.copy.shape[0]), self.size, size):
+            return imaging.crop_from_copy(self.copy, self.size, size, fraction)
+        data = self.sample.original(self.role, reader)
+        lazy, self.lazy = self.lazy or imaging.open_lazy(data), None  # decoding consumes the lazily opened image
+        return imaging.decode_and_crop(lazy, data, size, fraction)
+
+
 def assemble_batch(
     samples: list[RawSample],
     task: Task,
@@ -100,7 +132,8 @@ def assemble_batch(
 
     ``target`` and ``sources`` are uint8 [B, 3, H, W] pixels (the loss scales them to [-1, 1] on
     the device).  Images are opened lazily (headers only) first, so the batch's crop sizes are known
-    before any pixel is decoded; each image is then decoded at the smallest JPEG scale
+    before any pixel is decoded; each image is then cropped from its training copy when the shard
+    has one that holds enough pixels (no decoding at all), else decoded at the smallest JPEG scale
     that still covers its resize (``imaging.decode_and_crop``).  A sample whose image or
     embedding cannot be read is replaced by another of its bucket (``replace``).
     """
@@ -120,14 +153,12 @@ def assemble_batch(
                     variant, text, inverse = choose_variant(
                         sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
                     )
-                target = imaging.open_lazy(sample.images["target"])
-                srcs = [imaging.open_lazy(sample.images[f"source{k}"]) for k in range(num_sources)]
+                roles = ["target", *(f"source{k}" for k in range(num_sources))]
+                if inverse:
+                    roles[0], roles[1] = roles[1], roles[0]
+                pictures = [Picture.of(sample, role) for role in roles]
                 if online:
-                    role_images = (
-                        [sample.images["target"]]
-                        if inverse
-                        else [sample.images[f"source{k}"] for k in range(num_sources)]
-                    )
+                    role_images = [sample.original(r, reader) for r in (["target"] if inverse else roles[1:])]
                     emb = {
                         "kind": "t2i" if num_sources == 0 else "edit",
                         "text": text,
@@ -143,12 +174,7 @@ def assemble_batch(
             except Exception as exc:  # a broken sample is replaced by another of the same bucket
                 drop(i, exc)
                 continue
-            data = [sample.images["target"], *(sample.images[f"source{k}"] for k in range(num_sources))]
-            if inverse:
-                target, srcs[0] = srcs[0], target
-                data[0], data[1] = data[1], data[0]
-            prepared[i] = {"variant": variant, "text": text, "emb": emb, "data": data}
-            prepared[i].update(target=target, sources=srcs)
+            prepared[i] = {"variant": variant, "text": text, "emb": emb, "pictures": pictures}
             return
 
     def drop(i: int, exc: Exception) -> None:
@@ -163,24 +189,22 @@ def assemble_batch(
     area = config.image_sample_size**2
     fractions = rng.random((len(samples), 2))
     while True:  # decode at the batch's crop sizes; a sample that fails to decode is replaced and sizes redone
-        target_size = imaging.crop_size(float(np.mean([imaging.aspect_of(p["target"]) for p in prepared])), area)
+        target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
         source_sizes = [
-            imaging.crop_size(float(np.mean([imaging.aspect_of(p["sources"][k]) for p in prepared])), area)
+            imaging.crop_size(float(np.mean([p["pictures"][k + 1].aspect for p in prepared])), area)
             for k in range(num_sources)
         ]
         try:
             target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
             for i, (p, f) in enumerate(zip(prepared, fractions, strict=True)):
                 failing = i
-                target_tensors.append(imaging.decode_and_crop(p["target"], p["data"][0], target_size, f))
+                target_tensors.append(p["pictures"][0].crop(target_size, f, reader))
                 for k, size in enumerate(source_sizes):
-                    source_tensors[k].append(imaging.decode_and_crop(p["sources"][k], p["data"][k + 1], size, f))
+                    source_tensors[k].append(p["pictures"][k + 1].crop(size, f, reader))
             break
         except Exception as exc:
             drop(failing, exc)
             prepare(failing)
-            for p in prepared:  # decoding consumed the lazily opened images: open them again for the new sizes
-                p["target"], *p["sources"] = (imaging.open_lazy(d) for d in p["data"])
     batch: dict[str, Any] = {
         "step": step,
         "rank": rank,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +34,17 @@ from pipeline.shards.reader import (
     IndexCache,
     RangeReader,
     RawSample,
+    eager_members,
     read_indexed_sample,
     stream_shard,
 )
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.batching import assemble_batch, choose_variant
 from pipeline.train.config import StreamConfig
-from pipeline.train.order import Cursor, EpochOrder, merge_cursors
 from pipeline.train.pools import BucketPools, ByteBudget
 from pipeline.train.readahead import ReadAhead
 from pipeline.train.seeding import stable_id, step_rng
+from pipeline.train.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,11 @@ GENERATION_EPOCHS = 1 << 32
 class PartitionStream:
     """The samples of one (task, N) that partition ``part`` of ``parts`` owns: endless, shuffled, bucketed.
 
-    Stages, each with its own state: the *source* — indexed shards follow a computed
-    sample-level order (:class:`EpochOrder`) through a :class:`Cursor`; streamed shards
-    (``pipe:``, no index) are read front to back, every ``parts``-th sample owned, and mixed
-    in a shuffle buffer — then the *pools* (:class:`BucketPools`) that make batches of one
-    aspect bucket.
+    Stages, each with its own state (``sources.py``, ``pools.py``): a *source* — indexed
+    shards in a computed sample-level order, or streamed shards (``pipe:``, no index) read
+    front to back through a shuffle buffer — then the bucket *pools* that make batches.
+    This class reads the samples for them and applies the error policy: a sample that
+    cannot be read is skipped and counted; a shard that is gone or forbidden is an error.
     """
 
     def __init__(
@@ -160,38 +160,47 @@ class PartitionStream:
         self.part, self.parts, self.seed = part, parts, seed
         self.reader, self.index_cache, self.storage_options = reader, index_cache, storage_options
         self.indexed = all(s.index_url and s.samples is not None for s in shards)
-        self.counts = [s.samples or 0 for s in shards]
-        self.total = sum(self.counts)
+        self.total = sum(s.samples or 0 for s in shards)
         self.digest = shard_digest(shards)
         if self.indexed and self.total == 0:
             raise DataConfigError(f"task {task}: the shards with {num_sources} source(s) hold no samples")
-        self.order = EpochOrder(self.counts, seed, (stable_id(task), num_sources)) if self.indexed else None
-        self.cursor = Cursor(part, parts)
-        self.generation = 0  # how many times the shard list changed under a resumed run
         self.budget = budget or ByteBudget(1 << 62)
-        self.buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # indexed: the order is already shuffled
-        self.rng = np.random.Generator(np.random.PCG64([seed & 0xFFFFFFFF, stable_id(task), num_sources, part]))
-        self.seq = {"epoch": 0, "pos": 0, "sample": 0, "ordinal": 0}  # streamed cursor
-        self._seq_iter = None
-        self.buffer: list[tuple[Any, RawSample]] = []
+        self.choose, self.fetch_embeddings = choose, fetch_embeddings
+        salt = (stable_id(task), num_sources)
+        self.source: IndexedSource | StreamedSource
+        if self.indexed:
+            self.source = IndexedSource(
+                [s.samples for s in shards], seed, salt, part, parts,
+                load=self._load, size_of=self._read_size, readahead=readahead, depth=max(4, 2 * batch_size),
+            )  # fmt: skip
+        else:
+            self.source = StreamedSource(
+                len(shards), seed, salt, part, parts,
+                read_shard=lambda i: stream_shard(self.shards[i].url, self.storage_options),
+                bad=lambda item: item.reason if isinstance(item, CorruptSample) else None,
+                on_skip=self._skipped_streamed,
+            )  # fmt: skip
+        buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # an indexed order is already shuffled
+        self.buffer = ShuffleBuffer(buffer_size, (seed & 0xFFFFFFFF, *salt, part), self.budget, sample_bytes)
         self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
+        self.generation = 0  # how many times the shard list changed under a resumed run
         self.skipped = 0
         self._replaced = 0
-        self.choose, self.fetch_embeddings = choose, fetch_embeddings
-        self.readahead = readahead
-        self.ahead: dict[int, tuple[Future, int]] = {}  # element -> (read in flight, bytes reserved)
-        self.depth = max(4, 2 * batch_size)
-        self._perm_cache: tuple[int, np.ndarray] | None = None
 
-    # ---- source: indexed -------------------------------------------------------------------
-    def _entry(self, g: int) -> tuple[str, dict]:
-        shard_index, sample_index = self.order.locate(g)
-        shard = self.shards[shard_index]
-        return shard.url, self.index_cache.get(shard.index_url)[sample_index]
+    # ---- reading, for the source ---------------------------------------------------------------
+    def _entry(self, shard: int, sample: int) -> tuple[str, dict]:
+        return self.shards[shard].url, self.index_cache.get(self.shards[shard].index_url)[sample]
 
-    def _load(self, g: int, url: str, entry: dict) -> RawSample:
+    def _read_size(self, shard: int, sample: int) -> int:
+        """Bytes the read of an indexed sample brings: eager members and the largest embedding."""
+        members = self._entry(shard, sample)[1]["members"]
+        size = sum(members[ext][1] for ext in eager_members(members))
+        return size + max((m[1] for ext, m in members.items() if ext.startswith("emb_")), default=0)
+
+    def _load(self, g: int, shard: int, sample_index: int) -> RawSample:
         """One sample by range reads; with ``choose``, its variant drawn from (seed, task, N, g) and that
         embedding read too (so read-ahead brings everything the batch needs)."""
+        url, entry = self._entry(shard, sample_index)
         sample = read_indexed_sample(self.reader, url, entry)
         if self.choose is not None:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, g, 7])
@@ -201,55 +210,22 @@ class PartitionStream:
                 sample.embeddings[variant] = self.reader.read(url, *sample.embedding_ranges[variant])
         return sample
 
-    def _read_element(self, g: int) -> RawSample:
-        """Element ``g``: from the read-ahead when it is in flight, else read now; then top the read-ahead up."""
-        pending = self.ahead.pop(g, None)
-        try:
-            if pending is not None:
-                future, size = pending
-                try:
-                    return future.result()
-                finally:
-                    self.readahead.release(size)
-            return self._load(g, *self._entry(g))
-        finally:
-            self._top_up()
-
-    def _top_up(self) -> None:
-        if self.readahead is None or not self.readahead.enabled or not self.indexed:
-            return
-        for g in self.cursor.peek(self.depth):
-            if g in self.ahead:
-                continue
-            try:
-                url, entry = self._entry(g)
-            except Exception:  # noqa: BLE001 - the element's own read will report it
-                return
-            members = entry["members"]
-            size = sum(m[1] for ext, m in members.items() if not ext.startswith("emb_"))
-            size += max((m[1] for ext, m in members.items() if ext.startswith("emb_")), default=0)
-            future = self.readahead.try_submit(size, lambda g=g, url=url, entry=entry: self._load(g, url, entry))
-            if future is None:
-                return
-            self.ahead[g] = (future, size)
-
-    def drop_readahead(self) -> None:
-        """Forget reads in flight (their elements are read again when taken)."""
-        for future, size in self.ahead.values():
-            future.cancel()
-            self.readahead.release(size)
-        self.ahead.clear()
+    def _skipped_streamed(self, reason: str) -> None:
+        self.skipped += 1
+        log.warning("task %s N=%d: skipped %s", self.task, self.n, reason)
 
     def _next_owned(self) -> tuple[Any, RawSample]:
         bad = 0
         while True:
             try:
-                if self.indexed:
-                    g = self.cursor.next()
-                    return g, self._read_element(g)
-                return self._next_streamed()
+                return self.source.next()
             except (DataConfigError, KeyboardInterrupt):
                 raise
+            except NoUsableSample as exc:
+                raise DataConfigError(
+                    f"task {self.task}: no usable sample with {self.n} source(s) in a whole pass over its "
+                    f"{len(self.shards)} shard(s) (every one unreadable, truncated or empty)"
+                ) from exc
             except FileNotFoundError as exc:  # a shard that is gone does not come back by retrying
                 raise DataConfigError(f"task {self.task} N={self.n}: a shard is missing: {exc}") from exc
             except PermissionError as exc:
@@ -268,68 +244,9 @@ class PartitionStream:
                 if bad >= min(MAX_CONSECUTIVE_BAD, max(self.total, 1) if self.indexed else MAX_CONSECUTIVE_BAD):
                     raise RuntimeError(f"task {self.task} N={self.n}: {bad} unreadable samples in a row") from exc
 
-    # ---- source: streamed ------------------------------------------------------------------
-    def _order(self, epoch: int) -> np.ndarray:
-        """Shard order of a streamed ``epoch`` (the same for every partition)."""
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, epoch, 3])
-            self._perm_cache = (epoch, rng.permutation(len(self.shards)))
-        return self._perm_cache[1]
-
-    def _next_streamed(self) -> tuple[Any, RawSample]:
-        if self._seq_iter is None:
-            self._seq_iter = self._streamed()
-        return next(self._seq_iter)
-
-    def _streamed(self):
-        st = self.seq
-        while True:
-            perm = self._order(st["epoch"])
-            whole_epoch, usable = st["pos"] == 0 and st["sample"] == 0, 0
-            while st["pos"] < len(perm):
-                index, skip = int(perm[st["pos"]]), st["sample"]
-                for i, sample in enumerate(stream_shard(self.shards[index].url, self.storage_options)):
-                    if i < skip:
-                        continue
-                    st["sample"] = i + 1
-                    owned = st["ordinal"] % self.parts == self.part
-                    st["ordinal"] += 1
-                    if isinstance(sample, CorruptSample):
-                        if owned:
-                            self.skipped += 1
-                            log.warning("task %s N=%d: skipped %s", self.task, self.n, sample.reason)
-                        continue
-                    usable += 1
-                    if owned:
-                        yield [index, i], sample
-                st["pos"] += 1
-                st["sample"] = 0
-            if whole_epoch and not usable:  # nothing in a whole pass can be used: an error, not an endless loop
-                raise DataConfigError(
-                    f"task {self.task}: no usable sample with {self.n} source(s) in a whole pass over its "
-                    f"{len(self.shards)} shard(s) (every one unreadable, truncated or empty)"
-                )
-            st["epoch"] += 1
-            st["pos"] = 0
-
     def _next_item(self) -> tuple[Any, RawSample]:
         """The next owned sample: in computed order (indexed) or through the shuffle buffer (streamed)."""
-        if self.buffer_size <= 1:
-            return self._next_owned()
-        while len(self.buffer) < self.buffer_size and not (self.budget.spent() and self.buffer):
-            ref, sample = self._next_owned()
-            self.buffer.append((ref, sample))
-            self.budget.used += sample_bytes(sample)
-        j = int(self.rng.integers(len(self.buffer)))
-        out = self.buffer[j]
-        self.budget.used -= sample_bytes(out[1])
-        if self.budget.spent():  # the worker's budget is spent: the buffer shrinks instead of refilling
-            self.buffer.pop(j)
-        else:
-            ref, sample = self._next_owned()
-            self.buffer[j] = (ref, sample)
-            self.budget.used += sample_bytes(sample)
-        return out
+        return self.buffer.next(self._next_owned)
 
     # ---- pools -------------------------------------------------------------------------------
     def next_batch(self, batch_size: int) -> list[tuple[Any, RawSample]]:
@@ -363,6 +280,10 @@ class PartitionStream:
         return self._next_item()[1]
 
     # ---- state -------------------------------------------------------------------------------
+    def drop_readahead(self) -> None:
+        if self.indexed:
+            self.source.drop_readahead()
+
     def state_dict(self) -> dict[str, Any]:
         state = {
             "digest": self.digest,
@@ -370,13 +291,10 @@ class PartitionStream:
             "generation": self.generation,
             "skipped": self.skipped,
             "pools": self.pools.state_dict(lambda item: item[0]),
+            **self.source.state_dict(),
         }
-        if self.indexed:
-            state["cursor"] = self.cursor.state_dict()
-        else:
-            state["seq"] = dict(self.seq)
-            state["rng"] = self.rng.bit_generator.state
-            state["buffer"] = [ref for ref, _ in self.buffer]
+        if not self.indexed:
+            state.update(self.buffer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -386,20 +304,13 @@ class PartitionStream:
             self.start_new_epoch(state)
             return
         self.generation = state["generation"]
-        if self.indexed:
-            self.cursor = Cursor.from_state(state["cursor"])
-        else:
-            self.seq = dict(state["seq"])
-            self._seq_iter = None
-            self.rng.bit_generator.state = state["rng"]
+        self.source.load_state_dict(state)
         pooled = [ref for _, entries in state["pools"]["pools"] for _, ref in entries]
         samples = self._reread([*state.get("buffer", []), *pooled])
-        self.buffer = []
-        for ref in state.get("buffer", []):
-            self.buffer.append((ref, samples[_key(ref)]))
-            self.budget.used += sample_bytes(samples[_key(ref)])
+        if not self.indexed:
+            self.buffer.load_state_dict(state, samples)
         self.pools.load_state_dict(
-            state["pools"], lambda ref: ((ref, samples[_key(ref)]), sample_bytes(samples[_key(ref)]))
+            state["pools"], lambda ref: ((ref, samples[ref_key(ref)]), sample_bytes(samples[ref_key(ref)]))
         )
 
     def start_new_epoch(self, state: dict[str, Any]) -> None:
@@ -413,13 +324,7 @@ class PartitionStream:
             len(self.shards),
             self.total,
         )
-        self.drop_readahead()
-        epoch = self.generation * GENERATION_EPOCHS
-        if self.indexed:
-            self.cursor = Cursor(self.part, self.parts, base=epoch * self.total)
-        else:
-            self.seq = {"epoch": epoch, "pos": 0, "sample": 0, "ordinal": 0}
-            self._seq_iter = None
+        self.source.start_epoch(self.generation * GENERATION_EPOCHS)
 
     def load_elastic(self, olds: list[dict[str, Any]]) -> int:
         """Take over from every partition of another (ranks × workers) layout; returns the samples re-read.
@@ -435,39 +340,25 @@ class PartitionStream:
                 )
             self.start_new_epoch(olds[0])
             return 0
-        self.drop_readahead()
         self.skipped = sum(o.get("skipped", 0) for o in olds)
         self.generation = olds[0]["generation"]
-        self.cursor = merge_cursors([Cursor.from_state(o["cursor"]) for o in olds], self.parts)[self.part]
+        self.source.merge(olds)
         waiting = [ref for o in olds for _, entries in o["pools"]["pools"] for _, ref in entries]
         mine = sorted(ref for ref in waiting if ref % self.parts == self.part)
         for ref in mine:
-            sample = self._read_element(ref)
+            sample = self.source.read(ref)
             self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
         return len(mine)
 
     def _reread(self, refs: list) -> dict[Any, RawSample]:
-        """Fetch buffered samples again: one range read each, or one pass per shard when streamed."""
+        """Fetch waiting samples again: one range read each, or one pass per shard when streamed."""
         if self.indexed:
-            return {ref: self._read_element(ref) for ref in refs}
-        wanted: dict[int, set[int]] = {}
-        for shard_index, sample_index in refs:
-            wanted.setdefault(shard_index, set()).add(sample_index)
-        out = {}
-        for shard_index, indices in wanted.items():
-            for i, sample in enumerate(stream_shard(self.shards[shard_index].url, self.storage_options)):
-                if i in indices and not isinstance(sample, CorruptSample):
-                    out[(shard_index, i)] = sample
-                if i >= max(indices):
-                    break
-        missing = [r for r in refs if _key(r) not in out]
+            return {ref: self.source.read(ref) for ref in refs}
+        out = self.source.reread(refs)
+        missing = [r for r in refs if ref_key(r) not in out]
         if missing:
             raise RuntimeError(f"task {self.task} N={self.n}: cannot re-read buffered samples {missing[:3]}")
         return out
-
-
-def _key(ref: Any) -> Any:
-    return tuple(ref) if isinstance(ref, list) else ref
 
 
 # ---------------------------------------------------------------------------------------------

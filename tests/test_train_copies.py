@@ -1,0 +1,177 @@
+"""Training copies (extract --train_copy_size): crops without decoding, the same pixels, originals only when needed."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import extract, read_samples, run_module
+from PIL import Image
+
+from pipeline.common import images as imaging
+from pipeline.shards.format import COPY_PREFIX, npy_to_image
+from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
+from pipeline.shards.tasks import open_task
+from pipeline.train.batching import Picture
+
+
+def encoded(size, fmt, orientation=None) -> bytes:
+    """A detailed picture (a photograph resized, plus fine noise) so that shifts and blur show."""
+    from pipeline.kit.sample_data import photographs
+
+    base = photographs()[0].convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    noise = np.random.default_rng(0).integers(-12, 13, size=(size[1], size[0], 3))
+    img = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+    buf, kwargs = io.BytesIO(), {"quality": 92} if fmt == "JPEG" else {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float() / 127.5 - 1, b.float() / 127.5 - 1
+    return float(10 * torch.log10(4 / ((a - b) ** 2).mean().clamp_min(1e-12)))
+
+
+def original_crop(data: bytes, size, fraction) -> torch.Tensor:
+    return imaging.decode_and_crop(imaging.open_lazy(data), data, size, fraction)
+
+
+@pytest.mark.parametrize(
+    "size,fmt,orientation",
+    [((900, 700), "PNG", None), ((2000, 800), "PNG", None), ((1000, 1400), "JPEG", None), ((1600, 900), "JPEG", 6)],
+)
+def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_by_resampling_noise(
+    size, fmt, orientation
+):
+    """The bound, against the original decoded in full and resized once (the loader's path for a PNG, and for a
+    JPEG shrunk less than 2x). The image's own crop at the copy's size (batch size 1): identical pixels. A
+    smaller crop (a smaller --image_sample_size, or a batch whose mean aspect fits inside the copy) resizes the
+    copy again: ≥ 40 dB PSNR (mean |Δ| ≤ 0.01 of the [-1, 1] range) on a detailed picture with pixel noise."""
+    data = encoded(size, fmt, orientation)
+    rgb = imaging.open_rgb(data)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    full_decode = buf.getvalue()  # the same pixels, oriented, through the loader's full-decode path
+    copy = imaging.train_copy(rgb, 512)
+    assert copy is not None and copy.shape[0] * copy.shape[1] < rgb.width * rgb.height
+    own = imaging.crop_size(rgb.width / rgb.height, 512 * 512)
+    assert imaging.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, own)
+    for fraction in [(0.0, 0.0), (0.3, 0.7), (1.0, 1.0)]:
+        from_copy = imaging.crop_from_copy(copy, rgb.size, own, fraction)
+        reference = original_crop(full_decode, own, fraction)
+        assert from_copy.shape == (3, own[1], own[0])
+        assert torch.equal(from_copy, reference)
+        if fmt == "PNG":  # what the loader gives from the original itself
+            assert torch.equal(from_copy, original_crop(data, own, fraction))
+
+    for aspect_change, area in [(1.0, 384**2), (0.95, 384**2), (0.97, 500**2)]:
+        smaller = imaging.crop_size(rgb.width / rgb.height * aspect_change, area)
+        assert imaging.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, smaller)
+        from_copy = imaging.crop_from_copy(copy, rgb.size, smaller, (0.5, 0.5))
+        reference = original_crop(full_decode, smaller, (0.5, 0.5))
+        assert psnr(from_copy, reference) >= 40
+        assert float((from_copy.float() - reference.float()).abs().mean()) / 127.5 <= 0.01
+    # a crop the copy cannot hold (a larger size, or another aspect) is not taken from it
+    assert not imaging.copy_covers(
+        (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height, 640**2)
+    )
+    assert not imaging.copy_covers(
+        (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height * 1.3, 512**2)
+    )
+
+
+def test_no_copy_when_training_would_not_shrink_the_image():
+    rgb = Image.new("RGB", (500, 520))
+    assert imaging.train_copy(rgb, 512) is None
+    assert imaging.train_copy(rgb, 0) is None
+    assert imaging.train_copy(rgb, 256) is not None
+
+
+@pytest.fixture(scope="module")
+def copied(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("copies") / "compose_multi"
+    extract(
+        sample_data_dir / "compose_multi" / "data.jsonl", out, tiny_model_dir, "--skip_embeddings",
+        "--train_copy_size", "64", "--max_samples_per_shard", "4", check=True,
+    )  # fmt: skip
+    return out
+
+
+def test_extraction_stores_copies_after_the_originals_they_do_not_stand_for(copied):
+    samples = read_samples(str(copied))
+    with_copies = 0
+    for members in samples.values():
+        meta = json.loads(members["json"])
+        for entry in [meta["target"], *meta["sources"]]:
+            w, h = entry["size"]
+            if "copy" not in entry:
+                assert imaging.train_copy(Image.new("RGB", (w, h)), 64) is None, entry
+                continue
+            with_copies += 1
+            pixels = npy_to_image(members[entry["copy"]["member"]])
+            assert [pixels.shape[1], pixels.shape[0]] == entry["copy"]["size"]
+            assert pixels.shape[0] * pixels.shape[1] < w * h
+            # the copy is the original shrunk as training at 64 shrinks it
+            expected = imaging.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
+            assert np.array_equal(pixels, expected)
+        names = list(members)  # tar order: json, copies, then the originals that have copies
+        for entry in [meta["target"], *meta["sources"]]:
+            if "copy" in entry:
+                assert names.index(entry["copy"]["member"]) < names.index(entry["member"])
+    assert with_copies >= len(samples)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    assert manifest["train_copy_size"] == 64
+    assert json.loads(run_module("shards_tools", "verify", str(copied), "--json").stdout)["problems"] == []
+
+
+def test_training_reads_the_copies_and_fetches_an_original_only_for_a_crop_the_copy_cannot_hold(copied):
+    task = open_task(str(copied), None)
+    n = max(task.shards)
+    shard = task.shards[n][0]
+    reader = RangeReader(None)
+    entries = IndexCache(reader).get(shard.index_url)
+    entry = next(e for e in entries if any(m.startswith(COPY_PREFIX) for m in e["members"]))
+    start = reader.bytes_read
+    sample = read_indexed_sample(reader, shard.url, entry)
+    read = reader.bytes_read - start
+    originals = {ext: m[1] for ext, m in entry["members"].items() if ext.startswith(("target.", "source"))}
+    copied_roles = [ext.split(".")[0][len(COPY_PREFIX) :] for ext in entry["members"] if ext.startswith(COPY_PREFIX)]
+    for role in copied_roles:
+        assert role not in sample.images and role in sample.image_ranges
+    assert read < entry["size"] - sum(v for k, v in originals.items() if k.split(".")[0] in copied_roles) + 4096
+
+    role = copied_roles[0]
+    picture = Picture.of(sample, role)
+    own = imaging.crop_size(picture.aspect, 64 * 64)
+    before = reader.bytes_read
+    crop = picture.crop(own, (0.5, 0.5), reader)
+    assert reader.bytes_read == before, "the copy holds the crop: nothing more is read"
+    bigger = imaging.crop_size(picture.aspect, 160 * 160)
+    crop_big = picture.crop(bigger, (0.5, 0.5), reader)
+    assert reader.bytes_read > before, "the original is read by offset for a crop the copy cannot hold"
+    data = sample.images[role]
+    assert torch.equal(crop_big, original_crop(data, bigger, (0.5, 0.5)))
+    assert (
+        torch.equal(crop, original_crop(data, own, (0.5, 0.5)))
+        or psnr(crop, original_crop(data, own, (0.5, 0.5))) >= 45
+    )
+
+
+def test_reshard_keeps_the_copies(copied, tmp_path):
+    out = tmp_path / "resharded"
+    run_module(
+        "shards_tools", "reshard", str(copied), "--output_dir", str(out), "--max_samples_per_shard", "100",
+    ).check_returncode()  # fmt: skip
+    before, after = read_samples(str(copied)), read_samples(str(out))
+    assert before.keys() == after.keys()
+    for key, members in before.items():
+        copies = {k for k in members if k.startswith(COPY_PREFIX)}
+        assert copies and {k: after[key][k] for k in copies} == {k: members[k] for k in copies}
+    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
