@@ -63,16 +63,8 @@ def make_image(rng: np.random.Generator) -> tuple[bytes, str, tuple[int, int]]:
 def build(root: Path, samples: int, train_copy_size: int = 0) -> tuple[Path, Path]:
     """Shards + manifest under root/shards/task (with training copies for ``train_copy_size``, as
     ``extract --train_copy_size`` writes them), original layout under root/legacy."""
-    from pipeline.common.images import aspect_bucket, open_rgb, train_copy
-    from pipeline.shards.format import (
-        TarShardWriter,
-        copy_role,
-        embedding_to_npy,
-        image_to_npy,
-        index_name,
-        new_manifest,
-        sample_members,
-    )
+    from pipeline.common.images import add_train_copies, aspect_bucket, open_rgb
+    from pipeline.shards.format import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
 
     shard_dir, legacy = root / "shards" / "task", root / "legacy"
     (shard_dir / "src1").mkdir(parents=True)
@@ -103,11 +95,8 @@ def build(root: Path, samples: int, train_copy_size: int = 0) -> tuple[Path, Pat
                 "variants": {v: list(e.shape) for v, e in embs.items()},
             }
             images = {"target": (tgt_ext, tgt), "source0": (src_ext, src)}
-            for role, data, entry in [("target", tgt, meta["target"]), ("source0", src, meta["sources"][0])]:
-                pixels = train_copy(open_rgb(data), train_copy_size)  # from the stored bytes, as extraction does
-                if pixels is not None:
-                    images[copy_role(role)] = ("npy", image_to_npy(pixels))
-                    entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
+            if train_copy_size:  # from the stored bytes, as extraction does
+                add_train_copies(meta, images, {r: open_rgb(data) for r, (_, data) in images.items()}, train_copy_size)
             writer.add(key, sample_members(meta, images, {v: embedding_to_npy(e) for v, e in embs.items()}))
             (legacy / "img" / f"{key}_src.{src_ext}").write_bytes(src)
             (legacy / "img" / f"{key}_tgt.{tgt_ext}").write_bytes(tgt)

@@ -105,7 +105,7 @@ def _path_map(text: str) -> tuple[str, str]:
 def _reshard(args: argparse.Namespace) -> int:
     from shards_tools.convert import reshard
 
-    m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard)
+    m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard, args.train_copy_size)
     human = f"wrote {m['samples']} sample(s) in {len(m['shards'])} shard(s) to {args.output_dir}"
     return _emit(args, m, human, False)
 
@@ -241,10 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
         "reshard",
         help="merge small shards or split large ones into a new task directory",
         description="Copy a task into shards of --max_samples_per_shard samples with a new manifest "
-        "(member bytes unchanged).",
+        "(member bytes unchanged), optionally adding training copies.",
     )
     cmd.add_argument("url", help="task directory")
     cmd.add_argument("--output_dir", required=True, help="new task directory")
+    cmd.add_argument(
+        "--train_copy_size",
+        type=int,
+        default=0,
+        help="also write training copies for this --image_sample_size, as extract --train_copy_size does "
+        "(replacing any the task has); 0 (default): copies kept as they are",
+    )
     add_shard_size(cmd, default=None)
     _common(cmd)
     cmd.set_defaults(func=_reshard)

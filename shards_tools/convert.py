@@ -30,7 +30,7 @@ from pipeline.common import images as imaging
 from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.extract.prepare import sample_from_images
 from pipeline.extract.records import RecordError, iter_lines, parse_line, resolve_ref
-from pipeline.shards.format import copy_role, embedding_to_npy, new_manifest, npy_to_embedding, sample_key
+from pipeline.shards.format import COPY_PREFIX, copy_role, embedding_to_npy, new_manifest, npy_to_embedding, sample_key
 from pipeline.shards.reader import iter_samples, sample_meta
 from pipeline.shards.storage import Store, has_scheme, join, options_for, uri_exists
 from pipeline.shards.tasks import open_task
@@ -381,8 +381,14 @@ def convert_legacy(
     return {"layout": layout, "tasks": manifests, "refused": refused}
 
 
-def reshard(url: str, output_url: str, storage_options: dict | None, max_samples_per_shard: int) -> dict:
-    """Copy a task into shards of ``max_samples_per_shard`` (merging or splitting); bytes are kept as stored."""
+def reshard(
+    url: str, output_url: str, storage_options: dict | None, max_samples_per_shard: int, train_copy_size: int = 0
+) -> dict:
+    """Copy a task into shards of ``max_samples_per_shard`` (merging or splitting); bytes are kept as stored.
+
+    With ``train_copy_size`` the training copies are made for that size (replacing any the
+    task had), as ``extract --train_copy_size`` makes them: no re-extraction needed.
+    """
     task = open_task(url, storage_options)
     if task.manifest is None:
         raise FileNotFoundError(task.error)
@@ -399,6 +405,9 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
                 images[role] = (ext, members[entry["member"]])
                 if "copy" in entry:  # the training copy travels with its original
                     images[copy_role(role)] = ("npy", members[entry["copy"]["member"]])
+            if train_copy_size:
+                pictures = {r: imaging.open_rgb(d) for r, (_, d) in images.items() if not r.startswith(COPY_PREFIX)}
+                imaging.add_train_copies(meta, images, pictures, train_copy_size)
             embeddings = {v: members[f"emb_{v}.npy"] for v in meta.get("variants", {})}
             sample = PreparedSample(
                 key=key, line=int(meta.get("line", 0)), num_sources=int(meta["num_sources"]), meta=meta, images=images
@@ -422,4 +431,6 @@ def reshard(url: str, output_url: str, storage_options: dict | None, max_samples
         not in (*keep, "shards", "totals", "samples", "failures", "failures_by_reason", "variants", "null_embedding")
     }
     extra["resharded_from"] = url
+    if train_copy_size:
+        extra["train_copy_size"] = train_copy_size
     return writer.close(base, extra)

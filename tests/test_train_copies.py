@@ -175,3 +175,25 @@ def test_reshard_keeps_the_copies(copied, tmp_path):
         copies = {k for k in members if k.startswith(COPY_PREFIX)}
         assert copies and {k: after[key][k] for k in copies} == {k: members[k] for k in copies}
     assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
+
+
+def test_reshard_adds_the_copies_extraction_would_have_written(sample_data_dir, tiny_model_dir, copied, tmp_path):
+    plain = tmp_path / "plain"
+    extract(
+        sample_data_dir / "compose_multi" / "data.jsonl", plain, tiny_model_dir, "--skip_embeddings",
+        "--max_samples_per_shard", "4", check=True,
+    )  # fmt: skip
+    assert not any(k.startswith(COPY_PREFIX) for m in read_samples(str(plain)).values() for k in m)
+    out = tmp_path / "with-copies"
+    run_module(
+        "shards_tools", "reshard", str(plain), "--output_dir", str(out), "--train_copy_size", "64",
+        "--max_samples_per_shard", "4",
+    ).check_returncode()  # fmt: skip
+    made, extracted = read_samples(str(out)), read_samples(str(copied))
+    assert made.keys() == extracted.keys()
+    for key, members in extracted.items():
+        assert json.loads(made[key]["json"]) == json.loads(members["json"])
+        for name in (k for k in members if k.startswith(COPY_PREFIX)):
+            assert made[key][name] == members[name]
+    assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
+    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []

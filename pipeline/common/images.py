@@ -323,6 +323,23 @@ def train_copy(rgb: Image.Image, train_copy_size: int) -> np.ndarray | None:
     return small.permute(1, 2, 0).contiguous().numpy()
 
 
+def add_train_copies(
+    meta: dict[str, Any], images: dict[str, tuple[str, bytes]], pictures: dict[str, Image.Image], train_copy_size: int
+) -> None:
+    """Put the training copy of each role of ``pictures`` (oriented RGB) into ``images`` (role → (ext, bytes), as
+    ``sample_members`` takes them) and its ``copy`` entry into the role's json entry; drop stale ones."""
+    from pipeline.shards.format import copy_role, image_to_npy
+
+    for role, rgb in pictures.items():
+        entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+        entry.pop("copy", None)
+        images.pop(copy_role(role), None)
+        pixels = train_copy(rgb, train_copy_size)
+        if pixels is not None:
+            images[copy_role(role)] = ("npy", image_to_npy(pixels))
+            entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
+
+
 def copy_covers(copy_size: tuple[int, int], original_size: tuple[int, int], size: tuple[int, int]) -> bool:
     """Whether a copy of ``copy_size`` (w, h) holds the pixels a crop of ``size`` takes from the original of
     ``original_size`` (w, h, oriented): the original's resize for that crop is no larger than the copy."""

@@ -18,7 +18,7 @@ from pipeline.common import images as imaging
 from pipeline.common.encoder import PromptBuilder
 from pipeline.common.prompts import plan_variants
 from pipeline.extract.records import Columns, Record, RecordError, iter_lines, parse_line
-from pipeline.shards.format import copy_role, image_to_npy, sample_key
+from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample
 
 
@@ -98,12 +98,9 @@ def sample_from_images(
     }
     images = {f"source{i}": (img.ext, img.data) for i, img in enumerate(sources)}
     images["target"] = (target.ext, target.data)
-    for role, img in [*((f"source{i}", img) for i, img in enumerate(sources)), ("target", target)]:
-        pixels = imaging.train_copy(img.rgb, train_copy_size)
-        if pixels is not None:
-            images[copy_role(role)] = ("npy", image_to_npy(pixels))
-            entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
-            entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
+    if train_copy_size:
+        pictures = {f"source{i}": img.rgb for i, img in enumerate(sources)} | {"target": target.rgb}
+        imaging.add_train_copies(meta, images, pictures, train_copy_size)
     return PreparedSample(key=key, line=record.line, num_sources=len(sources), meta=meta, images=images)
 
 
