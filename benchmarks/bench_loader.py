@@ -262,6 +262,29 @@ def run_legacy(legacy: Path, workers: int, steps: int):
     return (time.perf_counter() - steady) / max(steps - 1, 1), rss, sum(read_by_worker.values())
 
 
+class IdleDataset(Dataset):
+    """Batches of nothing: a worker's memory floor (torch imported, forked from this process)."""
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, idx):
+        return {"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "uss_kb": private_kb() if idx < 4 else 0}
+
+
+def run_idle(workers: int, steps: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Peak RSS and private memory per worker of a loader that reads and decodes nothing."""
+    loader = DataLoader(IdleDataset(), batch_size=None, num_workers=max(workers, 1), prefetch_factor=2)
+    rss, uss = {}, {}
+    for i, item in enumerate(loader):
+        worker = i % max(workers, 1)
+        rss[worker] = max(rss.get(worker, 0), item["rss_kb"])
+        uss[worker] = max(uss.get(worker, 0), item["uss_kb"])
+        if i + 1 >= steps:
+            break
+    return rss, uss
+
+
 def run_from_store(shards_root: Path, args, local_time: float) -> dict:
     """Upload the shards to ``--store_url`` and run our loader from there; figures next to the local run's."""
     import fsspec
@@ -390,6 +413,7 @@ def main() -> None:
     drop_cache(root)
     ours_uss = dict(LAST_USS)
     _, first_late, _, _, _, _ = run_ours(shards_root, args.workers, 1, state=state)
+    idle_rss, idle_uss = run_idle(args.workers, 8)
     result = {
         "samples_in_dataset": args.samples,
         "dataset_GB": round(total_bytes / 1e9, 2),
@@ -408,6 +432,9 @@ def main() -> None:
         "peak_rss_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_rss.items())},
         "peak_rss_MB_per_worker_legacy": {k: round(v / 1024) for k, v in sorted(legacy_rss.items())},
         "peak_private_MB_per_worker_ours": {k: round(v / 1024) for k, v in sorted(ours_uss.items())},
+        # the floor: a worker forked from this process that reads and decodes nothing
+        "peak_rss_MB_per_worker_idle": {k: round(v / 1024) for k, v in sorted(idle_rss.items())},
+        "peak_private_MB_per_worker_idle": {k: round(v / 1024) for k, v in sorted(idle_uss.items())},
         "first_batch_s_fresh": round(first0, 2),
         f"first_batch_s_resumed_at_step_{args.steps // 2}": round(first_late, 2),
         "resume_ratio": round(first_late / first0, 2),
