@@ -334,6 +334,7 @@ def add_train_copies(
         entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
         entry.pop("copy", None)
         images.pop(copy_role(role), None)
+        entry["size"] = list(rgb.size)  # the oriented size: the copy's geometry and the batch's aspect come from it
         pixels = train_copy(rgb, train_copy_size)
         if pixels is not None:
             images[copy_role(role)] = ("npy", image_to_npy(pixels))
@@ -369,7 +370,7 @@ def crop_from_copy(
     else:
         resized = torch.nn.functional.interpolate(view, size=(rh, rw), mode="bicubic", antialias=True)[0]
     x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
-    return resized[:, y0 : y0 + ch, x0 : x0 + cw].contiguous()
+    return resized[:, y0 : y0 + ch, x0 : x0 + cw]
 
 
 def resize_and_crop(img: Image.Image, size: tuple[int, int], fraction: tuple[float, float]) -> Image.Image:
