@@ -413,7 +413,7 @@ def main() -> None:
     drop_cache(root)
     ours_uss = dict(LAST_USS)
     _, first_late, _, _, _, _ = run_ours(shards_root, args.workers, 1, state=state)
-    idle_rss, idle_uss = run_idle(args.workers, 8)
+    idle_rss, idle_uss = run_idle(args.workers, 8) if args.workers else ({}, {})  # 0 workers: no worker
     result = {
         "samples_in_dataset": args.samples,
         "dataset_GB": round(total_bytes / 1e9, 2),
