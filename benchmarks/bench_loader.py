@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.shards.format import VARIANTS
+from pipeline.train.stream import MixedBatchDataset
 
 HIDDEN = 3584
 
@@ -175,22 +176,25 @@ def private_kb() -> int:
         return 0
 
 
+class Measured(MixedBatchDataset):
+    """Our dataset, each batch carrying the worker's memory and bytes read."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            # /proc/self/smaps_rollup costs ~20 ms with torch mapped: sampled every 16th batch of this worker
+            batch["uss_kb"] = private_kb() if self.made % 16 == 1 else 0
+            batch["bytes"] = self.reader.bytes_read
+            yield batch
+
+
 def run_ours(
     shards_root, workers: int, steps: int, state=None, want_state_at=None, storage_options=None, streams: int = 1
 ):
-    from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
-
-    class Measured(MixedBatchDataset):
-        def __iter__(self):
-            for batch in super().__iter__():
-                batch["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                # /proc/self/smaps_rollup costs ~20 ms with torch mapped: sampled every 16th batch of this worker
-                batch["uss_kb"] = private_kb() if self.made % 16 == 1 else 0
-                batch["bytes"] = self.reader.bytes_read
-                yield batch
-
     from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream import StreamConfig, plan_mix
 
     if str(shards_root).startswith("http"):  # no listing over HTTP: the shards by pattern
         from pipeline.shards.tasks import task_from_patterns
@@ -216,7 +220,13 @@ def run_ours(
         readahead_bytes=int(READAHEAD_MB * (1 << 20)),
     )
     dataset = Measured(tasks, plan, 0, 1, config)
-    loader = StatefulDataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    loader = StatefulDataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        multiprocessing_context=START_METHOD if workers else None,
+    )
     if state is not None:
         loader.load_state_dict(state)
     t0 = time.perf_counter()
@@ -320,6 +330,7 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
 
 
 LOCAL_SHARDS = Path()
+START_METHOD: str | None = None  # DataLoader workers: fork (default), forkserver or spawn
 LAST_USS: dict[int, int] = {}
 READAHEAD_MB = 64.0
 
@@ -375,6 +386,12 @@ def main() -> None:
         help="write the shards with training copies for this size, as extract --train_copy_size does "
         "(0: originals only; the original layout always has originals only)",
     )
+    p.add_argument(
+        "--start_method",
+        choices=["fork", "forkserver", "spawn"],
+        default=None,
+        help="how our loader's workers start (default: fork, as training does)",
+    )
     p.add_argument("--readahead_mb", type=float, default=64.0, help="our loader's read-ahead per worker (0: off)")
     p.add_argument(
         "--warm",
@@ -393,8 +410,8 @@ def main() -> None:
         def drop_cache(root: Path) -> None:  # noqa: F811 - --warm: measure the CPU work, not the disk
             return None
 
-    global READAHEAD_MB
-    READAHEAD_MB = args.readahead_mb
+    global READAHEAD_MB, START_METHOD
+    READAHEAD_MB, START_METHOD = args.readahead_mb, args.start_method
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-loader-"))
     if not (root / "shards").exists():
         shards_root, legacy = build(root, args.samples, args.train_copy_size)
