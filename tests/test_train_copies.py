@@ -177,12 +177,56 @@ def test_reshard_keeps_the_copies(copied, tmp_path):
     assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
 
 
-def test_reshard_adds_the_copies_extraction_would_have_written(sample_data_dir, tiny_model_dir, copied, tmp_path):
-    plain = tmp_path / "plain"
+@pytest.fixture(scope="module")
+def plain(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    """The same task without copies."""
+    out = tmp_path_factory.mktemp("plain") / "compose_multi"
     extract(
-        sample_data_dir / "compose_multi" / "data.jsonl", plain, tiny_model_dir, "--skip_embeddings",
+        sample_data_dir / "compose_multi" / "data.jsonl", out, tiny_model_dir, "--skip_embeddings",
         "--max_samples_per_shard", "4", check=True,
     )  # fmt: skip
+    return out
+
+
+def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_one(copied, plain):
+    """Through the real stream (order, read-ahead, pools, inverse swaps, batch assembly): the batches of the task
+    with copies equal those without, pixel for pixel, for every PNG and WebP image. The sample data's JPEGs shrink
+    2x or more at 64 px, which the original path decodes at a reduced DCT scale (an approximation, 26-46 dB at
+    these 64-px crops); the copy comes from a full decode and equals a full decode's crop (test above)."""
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+
+    def batches(root):
+        tasks = discover_tasks(str(root.parent), None)
+        n_weights = {str(n): 1 for n in tasks["compose_multi"].counts()}
+        config = StreamConfig(
+            batch_size=1, seed=3, image_sample_size=64, enable_inverse=True, online_prompts=True,
+            readahead_bytes=1 << 20,
+        )  # fmt: skip
+        dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"compose_multi": 1}, n_weights), 0, 1, config)
+        stream = iter(dataset)
+        return [next(stream) for _ in range(30)]
+
+    with_copies, without = batches(copied), batches(plain)
+    metas = {key: json.loads(m["json"]) for key, m in read_samples(str(copied)).items()}
+    identical = 0
+    for a, b in zip(with_copies, without, strict=True):
+        assert a["keys"] == b["keys"] and a["texts"] == b["texts"] and a["variants"] == b["variants"]
+        meta, inverse = metas[a["keys"][0]], a["variants"][0].endswith("_inv")
+        roles = ["target", *(f"source{k}" for k in range(len(a["sources"])))]
+        if inverse:
+            roles[0], roles[1] = roles[1], roles[0]
+        for role, x, y in zip(roles, [a["target"], *a["sources"]], [b["target"], *b["sources"]], strict=True):
+            assert x.shape == y.shape and x.dtype == y.dtype == torch.uint8
+            entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+            if torch.equal(x, y):
+                identical += 1
+            else:  # only a JPEG's original path approximates (reduced-DCT decode); the copy is a full decode
+                assert entry["member"].endswith(".jpg") and psnr(x, y) >= 20, (role, entry, psnr(x, y))
+    assert identical >= 40
+
+
+def test_reshard_adds_the_copies_extraction_would_have_written(copied, plain, tmp_path):
     assert not any(k.startswith(COPY_PREFIX) for m in read_samples(str(plain)).values() for k in m)
     out = tmp_path / "with-copies"
     run_module(
