@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from pipeline.common.flags import add_shard_size, add_storage_options
+from pipeline.common.flags import add_shard_size, add_storage_options, add_train_copy_size
 from pipeline.common.logs import setup_logging
 
 log = logging.getLogger("shards_tools")
@@ -79,6 +79,7 @@ def _convert_legacy(args: argparse.Namespace) -> int:
         null_embedding=args.null_embedding,
         model_path=args.model_path,
         path_map=[_path_map(text) for text in args.path_map],
+        train_copy_size=args.train_copy_size,
     )
     result = convert_legacy(args.legacy_dir, args.output_dir, _storage(args), options, args.layout)
     lines = [
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OLD=NEW",
         help="rewrite paths starting with OLD to start with NEW (files moved since extraction); repeatable",
     )
+    add_train_copy_size(cmd)
     add_shard_size(cmd)
     _common(cmd)
     cmd.set_defaults(func=_convert_legacy)
@@ -245,13 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("url", help="task directory")
     cmd.add_argument("--output_dir", required=True, help="new task directory")
-    cmd.add_argument(
-        "--train_copy_size",
-        type=int,
-        default=0,
-        help="also write training copies for this --image_sample_size, as extract --train_copy_size does "
-        "(replacing any the task has); 0 (default): copies kept as they are",
-    )
+    add_train_copy_size(cmd, replaces=True)
     add_shard_size(cmd, default=None)
     _common(cmd)
     cmd.set_defaults(func=_reshard)

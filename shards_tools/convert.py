@@ -63,6 +63,7 @@ class ConvertOptions:
     null_embedding: str | None = None  # .pt or .npy of the empty-prompt (T2I template) embedding
     model_path: str | None = None  # compute the null embedding with our encoder instead
     path_map: list[tuple[str, str]] = field(default_factory=list)  # (old prefix, new prefix) for moved files
+    train_copy_size: int = 0  # also store training copies, as extract --train_copy_size does
 
 
 @dataclass
@@ -249,7 +250,15 @@ def compute_null_embedding(model_path: str) -> torch.Tensor:
 
 
 def _convert_line(
-    text: str, jsonl: str, number: int, rel: str, images: RefResolver, tensors: RefResolver, storage_options, hidden
+    text: str,
+    jsonl: str,
+    number: int,
+    rel: str,
+    images: RefResolver,
+    tensors: RefResolver,
+    storage_options,
+    hidden,
+    train_copy_size: int = 0,
 ) -> tuple[PreparedSample, dict[str, torch.Tensor]] | Failure:
     try:
         record = parse_line(text, jsonl, number, base_dir="")  # relative paths stay as written, resolved below
@@ -278,7 +287,7 @@ def _convert_line(
             reason = f"{name}: hidden size {tensor.shape[1]}, the task's other embeddings have {hidden}"
             return Failure(jsonl, number, "bad_embedding", reason, name, text)
         embeddings[variant] = tensor
-    sample = sample_from_images(record, sources, target)
+    sample = sample_from_images(record, sources, target, train_copy_size)
     # per-rank files may share a name: the key comes from the path under the task folder
     sample.key = sample.meta["key"] = sample_key(rel.replace("/", "_"), number)
     for size_field in ("source_image_size", "edit_image_size"):
@@ -319,7 +328,9 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
             for number, text in iter_lines(jsonl, storage_options):
                 if number < len(done) and done[number]:
                     continue
-                result = _convert_line(text, jsonl, number, rel, images, tensors, storage_options, hidden)
+                result = _convert_line(
+                    text, jsonl, number, rel, images, tensors, storage_options, hidden, options.train_copy_size
+                )
                 bar.update(1)
                 if isinstance(result, Failure):
                     log.warning("%s line %d: %s: %s", jsonl, number, result.kind, result.reason)
@@ -348,7 +359,10 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
         "converted_from": task.root,
     }
     base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
-    return writer.close(base, {"inverse": True, "converted_from": task.root})
+    extra = {"inverse": True, "converted_from": task.root}
+    if options.train_copy_size:
+        extra["train_copy_size"] = options.train_copy_size
+    return writer.close(base, extra)
 
 
 def _config_digest(model_path: str | None) -> str | None:

@@ -241,3 +241,28 @@ def test_reshard_adds_the_copies_extraction_would_have_written(copied, plain, tm
             assert made[key][name] == members[name]
     assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
     assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
+
+
+def test_convert_legacy_writes_the_copies_too(sample_data_dir, tmp_path):
+    from test_convert_legacy import original_output
+
+    work = tmp_path / "work"
+    original_output(work, sample_data_dir, "edit_single")
+    out = tmp_path / "converted" / "edit_a"
+    run_module(
+        "shards_tools", "convert-legacy", str(work / "out_jsonl"), "--output_dir", str(out),
+        "--train_copy_size", "64", "--max_samples_per_shard", "4",
+    ).check_returncode()  # fmt: skip
+    copies = 0
+    for members in read_samples(str(out)).values():
+        meta = json.loads(members["json"])
+        for entry in [meta["target"], *meta["sources"]]:
+            expected = imaging.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
+            if expected is None:
+                assert "copy" not in entry
+                continue
+            copies += 1
+            assert np.array_equal(npy_to_image(members[entry["copy"]["member"]]), expected)
+    assert copies >= 10
+    assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
+    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []

@@ -47,6 +47,20 @@ def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, de
         )
 
 
+def add_train_copy_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, replaces: bool = False) -> None:
+    """``--train_copy_size``: also store training copies (extract, convert-legacy, reshard)."""
+    parser.add_argument(
+        "--train_copy_size",
+        type=int,
+        default=0,
+        help="also store a training copy of each image that training at --image_sample_size N would shrink: "
+        "shrunk as training shrinks it, raw uint8 .npy beside the original. Training then crops without "
+        "decoding (same pixels) whenever the crop fits the copy (always at batch size 1 and this size), else "
+        "from the original. Costs ~3 bytes a training pixel per image in the shards; 0 (default): "
+        + ("copies kept as the task has them; N replaces them" if replaces else "originals only"),
+    )
+
+
 @dataclass(frozen=True)
 class DistributedEnv:
     """Where this process sits in a torchrun / accelerate launch (rank 0 of 1 when launched alone)."""

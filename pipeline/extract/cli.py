@@ -10,7 +10,13 @@ from datetime import timedelta
 import torch
 
 from pipeline.common import images as imaging
-from pipeline.common.flags import add_prompt_style, add_shard_size, add_storage_options, distributed_env
+from pipeline.common.flags import (
+    add_prompt_style,
+    add_shard_size,
+    add_storage_options,
+    add_train_copy_size,
+    distributed_env,
+)
 from pipeline.common.logs import setup_logging
 from pipeline.extract.extractor import Extractor
 from pipeline.shards.commits import LeaseHeld
@@ -36,15 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the --prompt_style firered crop table (the original tool's flag, same default); images are "
         "stored at original resolution and cropped at training time",
     )
-    p.add_argument(
-        "--train_copy_size",
-        type=int,
-        default=0,
-        help="also store a training copy of each image that training at --image_sample_size N would shrink: "
-        "shrunk as training shrinks it, raw uint8 .npy beside the original. Training then crops without "
-        "decoding (same pixels) whenever the crop fits the copy (always at batch size 1 and this size), else "
-        "from the original. Costs ~3 bytes a training pixel per image in the shards; 0 (default): originals only",
-    )
+    add_train_copy_size(p)
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers loading and preprocessing images")
     p.add_argument("--prefetch_factor", type=int, default=4, help="samples each worker prepares ahead")
     p.add_argument("--disable_inverse", action="store_true", help="do not store inverse-instruction embeddings")
