@@ -266,3 +266,27 @@ def test_convert_legacy_writes_the_copies_too(sample_data_dir, tmp_path):
     assert copies >= 10
     assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
     assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
+
+
+def test_verify_reports_a_copy_that_does_not_match_its_json(copied, tmp_path):
+    import shutil
+    import tarfile
+
+    task = tmp_path / "damaged"
+    shutil.copytree(copied, task)
+    shard = sorted(task.rglob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    name = next(m.name for m, _ in members if ".copy_" in m.name)
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            if info.name == name:  # a copy of another size than the json says
+                buf = io.BytesIO()
+                np.save(buf, np.zeros((5, 7, 3), dtype=np.uint8), allow_pickle=False)
+                data = buf.getvalue()
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    result = run_module("shards_tools", "verify", str(task), "--json")
+    assert result.returncode == 1
+    problems = json.loads(result.stdout)["problems"]
+    assert any("is 7x5, the json says" in p["problem"] for p in problems), problems

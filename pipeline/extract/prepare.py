@@ -31,7 +31,7 @@ class PrepareOptions:
     fetch_timeout: float = imaging.DEFAULT_FETCH_TIMEOUT
     storage_options: dict[str, Any] | None = None
     skip_embeddings: bool = False
-    train_copy_size: int = 0  # also store each image at (COPY_MARGIN · this)² pixels, uint8 .npy; 0: none
+    train_copy_size: int = 0  # also store training copies for --image_sample_size this (uint8 .npy); 0: none
 
 
 def _record_failure(err: RecordError, text: str) -> Failure:
