@@ -14,6 +14,22 @@ from webdataset.gopen import gopen_schemes
 
 from pipeline.kit.sample_data import combined_jsonl  # noqa: F401  (re-exported for tests)
 
+
+def encode_image(img, fmt: str, orientation: int | None = None, quality: int = 90) -> bytes:
+    """``img`` (PIL) as PNG or JPEG bytes, with an EXIF orientation tag when given."""
+    import io
+
+    from PIL import Image
+
+    buf, kwargs = io.BytesIO(), {"quality": quality} if fmt == "JPEG" else {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from helpers import synthetic_task
+from helpers import encode_image, synthetic_task
 
 from pipeline.shards.tasks import DataConfigError, discover_tasks
 from pipeline.train.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
@@ -302,22 +302,12 @@ def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(
 
 
 def encoded(size, fmt, orientation=None, seed=0):
-    import io
-
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     w, h = size
     base = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    kwargs = {"quality": 90} if fmt == "JPEG" else {}
-    if orientation:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        kwargs["exif"] = exif.tobytes()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
+    return encode_image(Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR), fmt, orientation)
 
 
 @pytest.mark.parametrize(

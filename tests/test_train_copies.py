@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import extract, read_samples, run_module
+from helpers import encode_image, extract, read_samples, run_module
 from PIL import Image
 
 from pipeline.common import images as imaging
-from pipeline.shards.format import COPY_PREFIX, npy_to_image
+from pipeline.shards.format import COPY_PREFIX, image_entry, npy_to_image
 from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
 from pipeline.shards.tasks import open_task
 from pipeline.train.batching import Picture
@@ -25,13 +25,7 @@ def encoded(size, fmt, orientation=None) -> bytes:
     base = photographs()[0].convert("RGB").resize(size, Image.Resampling.LANCZOS)
     noise = np.random.default_rng(0).integers(-12, 13, size=(size[1], size[0], 3))
     img = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
-    buf, kwargs = io.BytesIO(), {"quality": 92} if fmt == "JPEG" else {}
-    if orientation:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        kwargs["exif"] = exif.tobytes()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
+    return encode_image(img, fmt, orientation, quality=92)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -218,7 +212,7 @@ def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_on
             roles[0], roles[1] = roles[1], roles[0]
         for role, x, y in zip(roles, [a["target"], *a["sources"]], [b["target"], *b["sources"]], strict=True):
             assert x.shape == y.shape and x.dtype == y.dtype == torch.uint8
-            entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+            entry = image_entry(meta, role)
             if torch.equal(x, y):
                 identical += 1
             else:  # only a JPEG's original path approximates (reduced-DCT decode); the copy is a full decode

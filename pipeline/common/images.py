@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.shards.format import copy_role, image_entry, image_to_npy
 from pipeline.shards.storage import TooLarge, read_uri
 
 CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE for Edit-Plus
@@ -328,10 +329,8 @@ def add_train_copies(
 ) -> None:
     """Put the training copy of each role of ``pictures`` (oriented RGB) into ``images`` (role → (ext, bytes), as
     ``sample_members`` takes them) and its ``copy`` entry into the role's json entry; drop stale ones."""
-    from pipeline.shards.format import copy_role, image_to_npy
-
     for role, rgb in pictures.items():
-        entry = meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+        entry = image_entry(meta, role)
         entry.pop("copy", None)
         images.pop(copy_role(role), None)
         entry["size"] = list(rgb.size)  # the oriented size: the copy's geometry and the batch's aspect come from it

@@ -147,6 +147,11 @@ def copy_role(role: str) -> str:
     return COPY_PREFIX + role
 
 
+def image_entry(meta: dict[str, Any], role: str) -> dict[str, Any]:
+    """The json entry (member, size, copy …) of image ``role``: ``target`` or ``source{k}``."""
+    return meta["target"] if role == "target" else meta["sources"][int(role[len("source") :])]
+
+
 def image_to_npy(pixels: np.ndarray) -> bytes:
     """A training copy: uint8 ``[height, width, 3]`` RGB as ``.npy`` (no codec: read and used as is)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:

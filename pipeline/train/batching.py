@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.common import images as imaging
-from pipeline.shards.format import copy_role, npy_to_embedding, npy_to_image
+from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
 from pipeline.train.seeding import step_rng
@@ -103,8 +103,7 @@ class Picture:
         """Checks the header (a broken image fails here, before any decoding) and takes the aspect."""
         copy = sample.images.get(copy_role(role))
         if copy is not None:
-            entry = sample.meta["target"] if role == "target" else sample.meta["sources"][int(role[len("source") :])]
-            w, h = entry["size"]
+            w, h = image_entry(sample.meta, role)["size"]
             return cls(sample, role, w / h, copy=npy_to_image(copy), size=(w, h))
         lazy = imaging.open_lazy(sample.images[role])
         return cls(sample, role, imaging.aspect_of(lazy), lazy=lazy)
