@@ -253,11 +253,153 @@ def test_an_indexed_task_whose_images_never_decode_is_an_error_not_a_spin(tmp_pa
     assert isinstance(error, DataConfigError) and "could not be decoded" in str(error)
 
 
-def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra: str):
+# ---- resume on any layout at any step: the real dataset under a loader that asks its workers in turn -----
+
+
+class RoundRobinLoader:
+    """What StatefulDataLoader does with an IterableDataset, in one process: each worker its own copy of the
+    dataset (a fork), batches asked of the workers in turn from worker 0, states in the loader's JSON shape.
+    ``workers=0`` is the main process iterating the dataset itself."""
+
+    current: list = [None]  # the worker the dataset code runs as now (get_worker_info), shared by all loaders
+
+    def __init__(self, make_dataset, workers: int, monkeypatch):
+        from pipeline.train import stream as stream_mod
+
+        self.workers, self.yielded = workers, 0
+        self.datasets = [make_dataset() for _ in range(max(workers, 1))]
+        self._iters: list = [None] * len(self.datasets)
+        monkeypatch.setattr(stream_mod, "get_worker_info", lambda: RoundRobinLoader.current[0])
+
+    def _as_worker(self, w: int):
+        from types import SimpleNamespace
+
+        RoundRobinLoader.current[0] = SimpleNamespace(id=w, num_workers=self.workers) if self.workers else None
+
+    def next(self) -> dict:
+        w = self.yielded % len(self.datasets)
+        self._as_worker(w)
+        if self._iters[w] is None:
+            self._iters[w] = iter(self.datasets[w])
+        self.yielded += 1
+        return next(self._iters[w])
+
+    def state_dict(self) -> dict:
+        states = []
+        for w, dataset in enumerate(self.datasets):
+            self._as_worker(w)
+            states.append(json.loads(json.dumps(dataset.state_dict())))
+        if not self.workers:
+            return {"dataset_state": states[0], "yielded": self.yielded}
+        snapshots = {f"worker_{w}": {"dataset_state": s} for w, s in enumerate(states)}
+        return {"_snapshot": {"_worker_snapshots": snapshots}, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        from pipeline.train.data import worker_states
+
+        for dataset, own in zip(self.datasets, worker_states(state), strict=True):
+            dataset.load_state_dict(own)
+        self.yielded = state["yielded"]  # StatefulDataLoader resumes after the last worker it asked
+
+
+@pytest.fixture(scope="module")
+def two_small_tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    synthetic_task(root, "a", samples=23, per_shard=5)
+    synthetic_task(root, "b", samples=17, per_shard=6)
+    return root
+
+
+def layouts_run(tasks, plan, config, ranks, workers, steps, monkeypatch, resume_from=None):
+    """``steps`` loader steps on every rank of ``ranks`` × ``workers``, resumed as DataPart.load does from the old
+    ranks' loader states; returns (batches, each rank's loader state at the end)."""
+    import copy
+
+    from pipeline.train.data import elastic_resume, same_layout
+
+    def dataset_of(rank):
+        return MixedBatchDataset(tasks, plan, rank, ranks, config)
+
+    loaders, batches = [], []
+    for rank in range(ranks):
+        if resume_from is not None and not same_layout(resume_from, ranks, max(workers, 1)):
+            main = dataset_of(rank)
+            main.set_elastic(*elastic_resume(resume_from))
+            loader = RoundRobinLoader(lambda main=main: copy.deepcopy(main), workers, monkeypatch)
+        else:
+            loader = RoundRobinLoader(lambda rank=rank: dataset_of(rank), workers, monkeypatch)
+            if resume_from is not None:
+                loader.load_state_dict(resume_from[rank])
+        loaders.append(loader)
+    for _ in range(steps):
+        for loader in loaders:
+            batches.append(loader.next())
+    return batches, [loader.state_dict() for loader in loaders]
+
+
+def test_resume_on_any_layout_at_any_step_trains_each_sample_once(two_small_tasks, monkeypatch):
+    """Many (ranks × workers, checkpoint step, ranks' × workers') triples, chained twice: the steps go on from the
+    checkpoint on every rank, N agrees across ranks, and no sample of either task comes twice or is skipped."""
+    tasks = discover_tasks(str(two_small_tasks), None)
+    plan = plan_mix(tasks, {"a": 2, "b": 1}, {"1": 1})
+    config = StreamConfig(batch_size=1, seed=11, image_sample_size=16, text_drop_ratio=0.0, readahead_bytes=0)
+    rng = np.random.default_rng(2026)
+    reported = [  # the reported crashes, and a checkpoint before every new worker made a batch after a takeover
+        ([(1, 0), (1, 2), (1, 2)], [3, 3, 2]),
+        ([(1, 2), (1, 4), (1, 4)], [6, 3, 3]),
+        ([(1, 2), (1, 3), (2, 1)], [4, 4, 2]),
+        ([(2, 1), (1, 4), (1, 4)], [5, 1, 4]),
+    ]
+    random = [
+        (
+            [(int(rng.integers(1, 4)), int(rng.integers(0, 5))) for _ in range(3)],
+            [int(x) for x in rng.integers(1, 10, 3)],
+        )
+        for _ in range(14)
+    ]
+    for trial, (layouts, steps) in enumerate(reported + random):
+        batches, states, done = [], None, 0
+        for (ranks, workers), n in zip(layouts, steps, strict=True):
+            got, states = layouts_run(tasks, plan, config, ranks, workers, n, monkeypatch, resume_from=states)
+            expected = [(done + i, r) for i in range(n) for r in range(ranks)]
+            assert [(b["step"], b["rank"]) for b in got] == expected, f"trial {trial}: {layouts}, steps {steps}"
+            done += n
+            batches += got
+        where = f"trial {trial}: layouts {layouts}, steps {steps}"
+        taken = [(b["task"], e) for b in batches for e in b["elements"]]
+        assert len(taken) == len(set(taken)), f"{where}: a sample trained twice"
+        n_by_step: dict[int, set] = {}
+        for b in batches:
+            n_by_step.setdefault(b["step"], set()).add(b["num_sources"])
+        assert all(len(ns) == 1 for ns in n_by_step.values()), where
+        for task in ("a", "b"):
+            mine = {e for t, e in taken if t == task}
+            horizon = next_untaken(states, f"{task}|1")
+            assert set(range(horizon)) <= mine, f"{where}: task {task} skipped a sample below {horizon}"
+
+
+def next_untaken(loader_states: list[dict], stream: str) -> int:
+    """The first element of ``stream`` no partition of a layout will take again: the slowest partition's next
+    (a partition that never read the stream starts where the others' merged cursors put it, at k = 0)."""
+    from pipeline.train.data import worker_states
+
+    partitions = [w for state in loader_states for w in worker_states(state)]
+    cursors = [Cursor.from_state(p["streams"][stream]["cursor"]) for p in partitions if stream in p["streams"]]
+    if not cursors:
+        return 0
+    template = cursors[0]
+    present = {c.part for c in cursors}
+    cursors += [
+        Cursor(p, template.parts, template.base, 0, template.earlier) for p in range(template.parts) if p not in present
+    ]
+    return min(c.peek(1)[0] for c in cursors)
+
+
+def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra: str, every: int = 6):
     from helpers import run_module, torchrun
 
     args = ["--train_data_meta_dir", str(task_root), "--data_only", "--output_dir", str(out)]
-    args += ["--max_train_steps", str(steps), "--checkpointing_steps", "6", "--train_batch_size", "1"]
+    args += ["--max_train_steps", str(steps), "--checkpointing_steps", str(every), "--train_batch_size", "1"]
     args += ["--dataloader_num_workers", str(workers), "--image_sample_size", "32", "--seed", "5"]
     args += ["--train_src_img_num_weights", "1=1", "--data_trace", str(trace), "--report_to", "none", *extra]
     if nproc == 1:
@@ -266,33 +408,44 @@ def data_run(task_root, out, trace, steps: int, nproc: int, workers: int, *extra
 
 
 @pytest.fixture(scope="module")
-def checkpoint_of_2x2(tmp_path_factory):
-    """A --data_only run on 2 ranks × 2 workers: 6 steps of 1 sample, checkpoint at step 6, and its trace."""
+def elastic_checkpoints(tmp_path_factory):
+    """--data_only runs on 2 ranks of 1 sample a step: 2 workers with a checkpoint at step 6, 0 workers at step 3."""
     base = tmp_path_factory.mktemp("elastic")
     root = base / "data"
     synthetic_task(root, "t", samples=120, per_shard=10)
-    data_run(root, base / "run", base / "before.jsonl", 6, 2, 2)
-    return root, base / "run", base / "before.jsonl"
+    data_run(root, base / "w2", base / "w2.jsonl", 6, 2, 2)
+    data_run(root, base / "w0", base / "w0.jsonl", 3, 2, 0, every=3)
+    return root, base
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks,workers", [(3, 1), (1, 3)])
+@pytest.mark.parametrize(
+    "old,step,ranks,workers",
+    [("w2", 6, 3, 1), ("w2", 6, 1, 3), ("w2", 6, 1, 4), ("w0", 3, 2, 2)],  # 6 % 4 and 3 % 2 ≠ 0: the reported crash
+)
 def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(
-    checkpoint_of_2x2, tmp_path, ranks, workers
+    elastic_checkpoints, tmp_path, old, step, ranks, workers
 ):
-    """2 ranks × 2 workers → 3 × 1 and 1 × 3 under torchrun: no hang, N equal on all ranks, every element once."""
+    """2 ranks × 2 workers → 3 × 1, 1 × 3 and 1 × 4, and 2 × 0 → 2 × 2 under torchrun: no hang, N equal on all
+    ranks, every element once."""
     import shutil
 
-    root, run, before = checkpoint_of_2x2
+    root, base = elastic_checkpoints
+    before = base / f"{old}.jsonl"
     out, after = tmp_path / "run", tmp_path / "after.jsonl"
-    shutil.copytree(run, out)  # each resume in its own copy (a resume sets later checkpoints aside)
-    result = data_run(root, out, after, 6 + 96 // ranks, ranks, workers, "--resume_from_checkpoint", "checkpoint-6")
+    shutil.copytree(base / old, out)  # each resume in its own copy (a resume sets later checkpoints aside)
+    total = 2 * step + 96
+    result = data_run(
+        root, out, after, step + 96 // ranks, ranks, workers, "--resume_from_checkpoint", f"checkpoint-{step}",
+        every=step,
+    )  # fmt: skip
     assert "streams are taken over" in result.stderr
     lines = [json.loads(x) for x in before.read_text().splitlines()] + [
         json.loads(x) for x in after.read_text().splitlines()
     ]
+    assert sorted({line["step"] for line in lines}) == list(range(1, step + 96 // ranks + 1)), "every step once"
     elements = [e for line in lines for e in line["elements"]]
-    assert len(elements) == 12 + 96
+    assert len(elements) == total
     assert len(elements) == len(set(elements)), "no sample trained twice across the resume"
     assert set(range(100)) <= set(elements), "and none skipped"
     by_step: dict[int, set] = {}

@@ -204,27 +204,38 @@ class DataPart(JsonPart):
 
     def load(self, folder: Path) -> None:
         files = sorted(folder.glob("data_state_rank*.json"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
-        own = json.loads(self._file(folder).read_text()) if self._file(folder).is_file() else None
-        workers = self.loader.num_workers or 1
-        if own is not None and len(files) == self.world and len(worker_states(own["loader"])) == workers:
-            self.put(own)
-            return
         states = [json.loads(f.read_text())["loader"] for f in files]
-        old_workers = len(worker_states(states[0]))
-        partitions = [w for state in states for w in worker_states(state)]  # partition = rank × W + worker
-        next_step = sum(w.get("made", 0) for w in worker_states(states[0]))
+        workers = self.loader.num_workers or 1
+        if same_layout(states, self.world, workers):
+            self.loader.load_state_dict(states[self.rank])
+            return
+        next_step, partitions = elastic_resume(states)
         if self.rank == 0:
             log.warning(
                 "resuming a checkpoint of %d rank(s) × %d worker(s) on %d × %d: the streams are taken over from "
                 "all %d old partitions at loader step %d (every sample of an epoch still once)",
                 len(states),
-                old_workers,
+                len(worker_states(states[0])),
                 self.world,
                 workers,
                 len(partitions),
                 next_step,
             )
         self.loader.dataset.set_elastic(next_step, partitions)
+
+
+def same_layout(states: list[dict[str, Any]], world: int, workers: int) -> bool:
+    """Whether loader states (one per old rank) were written by ``world`` ranks × ``workers`` workers."""
+    return len(states) == world and all(len(worker_states(s)) == workers for s in states)
+
+
+def elastic_resume(states: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """From the loader states of every old rank: the next loader step and every old partition's dataset state
+    (partition = rank × W + worker), for :meth:`MixedBatchDataset.set_elastic`."""
+    partitions = [w for state in states for w in worker_states(state)]
+    first_rank = worker_states(states[0])
+    next_step = first_rank[0].get("base", 0) + sum(w.get("made", 0) for w in first_rank)
+    return next_step, partitions
 
 
 def json_state(state: Any) -> Any:

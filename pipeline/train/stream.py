@@ -12,8 +12,10 @@ What webdataset cannot do and is therefore written here:
   sample), so resuming is one seek, and the shuffle buffer and bucket pools are
   saved as references and re-read on restore.
 * **Mixing.** Step ``s`` draws N from (seed, s) — the same on every rank — then
-  a task with data at N from (seed, rank, s).  Batch ``s`` is made by worker
-  ``s % W`` (the DataLoader's round-robin), so a worker knows its steps.
+  a task with data at N from (seed, rank, s).  The DataLoader asks its workers in
+  turn from worker 0, so batch ``s`` is made by worker ``(s - base) % W``, where
+  ``base`` is the step the loader started at (0, or the step of a resume on
+  another layout): a worker knows its steps.
 """
 
 from __future__ import annotations
@@ -377,6 +379,8 @@ class MixedBatchDataset(IterableDataset):
         self.tasks, self.plan, self.rank, self.world_size, self.config = tasks, plan, rank, world_size, config
         imaging.preload_decoders()  # in the parent: forked workers do not each import them again
         self.made = 0  # batches this worker made
+        self.base = 0  # the loader's first step: 0, or the step a resume on another layout started at
+        self._ready = False
         self._loaded: dict[str, Any] | None = None
         self._elastic: dict[str, Any] | None = None
         self._streams: dict[str, PartitionStream] = {}
@@ -386,6 +390,7 @@ class MixedBatchDataset(IterableDataset):
     def _setup_worker(self) -> None:
         info = get_worker_info()
         self._worker, self._workers = (info.id, info.num_workers) if info else (0, 1)
+        self._streams = {}
         self.reader = RangeReader(self.config.storage_options)
         self.index_cache = IndexCache(self.reader)
         self.budget = ByteBudget(self.config.pool_bytes)
@@ -419,15 +424,27 @@ class MixedBatchDataset(IterableDataset):
         return choose_variant(meta, rng, c.enable_inverse, c.text_drop_ratio, stored=not c.online_prompts)
 
     def step_of(self, made: int) -> int:
-        return self._worker + made * self._workers
+        return self.base + self._worker + made * self._workers
 
-    def __iter__(self):
+    def _prepare(self) -> None:
+        """Once per worker, before its first batch or its first state: restore or take over its position.
+
+        Done eagerly on the first ``state_dict`` too: StatefulDataLoader records a worker's state
+        when the worker starts, and a checkpoint taken before a worker made its first batch
+        after a takeover must still hold that worker's merged streams, not empty ones.
+        """
+        if self._ready:
+            return
         self._setup_worker()
-        if self._elastic is not None:
-            self._take_over(self._elastic)
-        elif self._loaded is not None:
+        if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
+        if self._elastic is not None:
+            self._take_over(self._elastic)
+        self._ready = True
+
+    def __iter__(self):
+        self._prepare()
         while True:
             step = self.step_of(self.made)
             n = draw_num_sources(self.config.seed, step, self.plan.n_probs)
@@ -450,8 +467,10 @@ class MixedBatchDataset(IterableDataset):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        self._prepare()
         return {
             "version": DATA_STATE_VERSION,
+            "base": self.base,
             "made": self.made,
             "workers": self._workers,
             "world_size": self.world_size,
@@ -462,10 +481,16 @@ class MixedBatchDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded = state
+        self._ready = False
 
     def set_elastic(self, next_step: int, partitions: list[dict[str, Any]]) -> None:
-        """Resume from the dataset states of *every* worker of every rank of another layout (see data.py)."""
+        """Resume from the dataset states of *every* worker of every rank of another layout (see data.py).
+
+        The new loader starts at ``next_step`` with worker 0, so that step is this layout's base.
+        """
         self._elastic = {"next_step": next_step, "partitions": partitions}
+        self.base, self.made = next_step, 0
+        self._ready = False
 
     def _restore(self, state: dict[str, Any]) -> None:
         version = state.get("version", 1)
@@ -474,6 +499,7 @@ class MixedBatchDataset(IterableDataset):
                 f"the checkpoint's data state is version {version}; this version reads up to "
                 f"{DATA_STATE_VERSION}: resume with the version that wrote it"
             )
+        self.base = state.get("base", 0)
         if state["made"] == 0 and not state["streams"]:
             return  # this worker had not made a batch when the checkpoint was taken: nothing to restore
         if state["workers"] != self._workers or state["world_size"] != self.world_size:
@@ -492,8 +518,7 @@ class MixedBatchDataset(IterableDataset):
 
     def _take_over(self, elastic: dict[str, Any]) -> None:
         """This worker's part of a resume from another layout: its next step, and every stream merged."""
-        start = elastic["next_step"]
-        self.made = max(0, -(-(start - self._worker) // self._workers))  # steps s < start with s ≡ worker (mod W)
+        self.base, self.made = elastic["next_step"], 0
         by_stream: dict[str, list[dict[str, Any]]] = {}
         for partition in elastic["partitions"]:
             for key, stream_state in partition["streams"].items():
