@@ -37,7 +37,7 @@ def test_latent_normalisation_and_packing():
     lat = flow.encode_latents(FakeVae(), pixels, mini_batch=2)
     raw = pixels[:, :2, ::8, ::8] * 3
     expected = (raw - torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)) / torch.tensor([2.0, 4.0]).view(1, 2, 1, 1)
-    assert torch.allclose(lat, expected)
+    assert torch.allclose(lat, expected)  # the same fp32 operations in the same order: equal up to default rtol
     packed = flow.pack_latents(lat)
     b, c, h, w = lat.shape
     assert packed.shape == (b, (h // 2) * (w // 2), 4 * c)
@@ -64,6 +64,8 @@ def test_sigma_schedule_and_shift(tiny_model_dir):
     shifted = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)  # exponential time shift
     one_minus = 1 - shifted
     stretched = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))  # shift_terminal stretch
+    # the schedule is computed in fp32, the reference in float64: values in [0, 1] carry ≲ 10 roundings of
+    # 6e-8 each, so 1e-5 (and 1e-3 on the ×1000 timesteps) leave > 10× on any CPU; a wrong shift moves them by > 1e-2
     assert np.allclose(sigmas.numpy(), stretched, atol=1e-5)
     assert np.allclose(timesteps.numpy(), stretched * 1000, atol=1e-3)
     assert sigmas[0] > sigmas[-1] and abs(float(sigmas[-1]) - cfg["shift_terminal"]) < 1e-5

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import extract, run_module, torchrun
+from helpers import PickleBomb, extract, run_module, torchrun
 
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
 from pipeline.train import stream as stream_mod
@@ -326,18 +326,10 @@ def _copy_shard_with_extra_members(src: Path, dst: Path, extra: dict[str, bytes]
             tout.addfile(info, io.BytesIO(data))
 
 
-class _Boom:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
-
-
 @pytest.mark.slow
 def test_pickle_members_are_never_executed_and_broken_shards_are_skipped(meta_dir, tmp_path, caplog):
     marker = tmp_path / "pwned"
-    payload = pickle.dumps(_Boom(str(marker)))
+    payload = pickle.dumps(PickleBomb(marker))
     src = next((meta_dir / "compose_multi" / "src2").glob("*.tar"))
     evil = tmp_path / "evil" / "src2" / "00000-000000.tar"
     evil.parent.mkdir(parents=True)

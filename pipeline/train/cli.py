@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.common.flags import add_prompt_style, add_storage_options
 from pipeline.common.logs import setup_logging
 from pipeline.shards.tasks import DataConfigError
+from pipeline.train.checkpoint import CheckpointDamaged, damage_of
 from pipeline.train.config import config_from_args
 from pipeline.train.loop import NonFiniteTraining, Trainer, run_data_only
 from pipeline.train.model import DEFAULT_LORA_TARGETS
@@ -364,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         trainer.setup()
         if config.export_checkpoint:
-            trainer.load(Path(config.export_checkpoint))
+            folder = Path(config.export_checkpoint)
+            problem = damage_of(folder, trainer.rank, trainer.world, trainer.accelerator.device)
+            if problem:
+                raise CheckpointDamaged(f"{folder} is damaged: {problem}")
+            trainer.load(folder)
             outputs = trainer.export(config.output_dir)  # collective under FSDP
             if trainer.accelerator.is_main_process:
                 log.info("exported %s", outputs)

@@ -131,10 +131,18 @@ class ReplicatedWeights:
 
     def load(self, folder: Path) -> None:
         t = self.trainer
-        weights = load_file(str(folder / "trainable.safetensors"))
-        missing = t.accelerator.unwrap_model(t.transformer).load_state_dict(weights, strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"{folder}: unexpected weights {missing.unexpected_keys[:5]}")
+        path = folder / "trainable.safetensors"
+        weights = load_file(str(path))
+        model = t.accelerator.unwrap_model(t.transformer)
+        absent = sorted({n for n, p in model.named_parameters() if p.requires_grad} - weights.keys())
+        if absent:  # strict=False below lets the frozen base be absent, never a trained weight
+            raise ckpt.CheckpointDamaged(
+                f"{path} lacks {len(absent)} of the run's trainable parameters, e.g. {absent[:3]}: it was saved by "
+                "another run mode (LoRA targets, rank, trainable modules) or is damaged"
+            )
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys:
+            raise ckpt.CheckpointDamaged(f"{path}: weights this model does not have, e.g. {result.unexpected_keys[:3]}")
         meta = json.loads((folder / "optimizer.json").read_text())
         t.optimizer.load_state_dict(optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta))
 
@@ -290,7 +298,13 @@ class Trainer:
             parts["lora_files"] = LoraFiles(self)
         marker = {"world_size": self.world, "lora": config.model.lora is not None, "fsdp": self.fsdp}
         return ckpt.Checkpointer(
-            config.output_dir, self.rank, acc.wait_for_everyone, parts, marker, config.checkpoint.total_limit
+            config.output_dir,
+            self.rank,
+            acc.wait_for_everyone,
+            parts,
+            marker,
+            config.checkpoint.total_limit,
+            self.world,
         )
 
     def save(self, step: int) -> Path:
@@ -574,6 +588,7 @@ def run_data_only(config: TrainConfig) -> int:
         {"data": DataPart(loader, rank, world)},
         {"data_only": True, "world_size": world},
         config.checkpoint.total_limit,
+        world,
     )
     start = 0
     resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, rank, world, "cpu")

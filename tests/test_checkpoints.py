@@ -1,0 +1,145 @@
+"""Checkpoints that cannot poison or silently corrupt a resume: recorded sizes and digests, damaged checkpoints
+named or passed over, no file ever unpickled, leftovers of a killed prune removed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PickleBomb
+
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import parallel
+
+
+def save_like_a_run(out: Path, step: int) -> Path:
+    """A checkpoint of the parts a DDP run saves (JSON per rank and shared, safetensors, an FSDP-style folder)."""
+
+    def put(_state):
+        return None
+
+    parts = {
+        "scheduler": ckpt.JsonPart("scheduler.json", lambda: {"last_epoch": step}, put, 0),
+        "data": ckpt.JsonPart("data_state_rank{rank}.json", lambda: {"loader": {"made": step}}, put, 0),
+        "rng": ckpt.RngPart(0),
+    }
+
+    class Weights:
+        def save(self, folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            save_file({"w": torch.full((4,), float(step))}, str(folder / "trainable.safetensors"))
+            (folder / "fsdp").mkdir()
+            save_file({"x": torch.ones(2)}, str(folder / "fsdp" / "rank0.safetensors"))
+
+        def load(self, folder: Path) -> None:
+            return None
+
+    parts["weights"] = Weights()
+    return ckpt.Checkpointer(out, 0, lambda: None, parts, {"world_size": 1}).save(step)
+
+
+def test_the_marker_records_every_file_with_its_size_and_sha256(tmp_path):
+    folder = save_like_a_run(tmp_path, 3)
+    files = ckpt.read_marker(folder)["files"]
+    assert set(files) == {
+        "scheduler.json",
+        "data_state_rank0.json",
+        "rng_rank0.safetensors",
+        "trainable.safetensors",
+        "fsdp/rank0.safetensors",
+    }
+    for name, record in files.items():
+        assert record == ckpt.file_record(folder / name)
+    assert not list(folder.glob(".files-rank*")), "the per-rank lists are merged into the marker"
+    assert ckpt.check_files(folder) is None
+
+
+DAMAGES = {
+    "pickle": lambda path, marker: path.write_bytes(pickle.dumps(PickleBomb(marker))),
+    "truncated": lambda path, marker: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "deleted": lambda path, marker: path.unlink(),
+    "flipped": lambda path, marker: path.write_bytes(bytes([path.read_bytes()[0] ^ 1]) + path.read_bytes()[1:]),
+}
+FILES = [
+    "scheduler.json",
+    "data_state_rank0.json",
+    "rng_rank0.safetensors",
+    "trainable.safetensors",
+    "fsdp/rank0.safetensors",
+]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("name", FILES)
+def test_a_damaged_file_is_named_latest_passes_over_it_and_nothing_is_unpickled(tmp_path, caplog, damage, name):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    save_like_a_run(out, 3)
+    save_like_a_run(out, 6)
+    DAMAGES[damage](out / "checkpoint-6" / name, marker)
+
+    with pytest.raises(ckpt.CheckpointDamaged) as named:
+        ckpt.resume_point(out, "checkpoint-6", 0, 1, "cpu")
+    message = str(named.value)
+    assert "\n" not in message and name in message and "checkpoint-6" in message
+    assert str(out / "checkpoint-3") in message, "names the newest intact older checkpoint to pass instead"
+
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-3"
+    assert "checkpoint-6 is damaged" in caplog.text and name in caplog.text
+    assert not (out / "checkpoint-6").exists(), "set aside with the abandoned run, never taken as latest again"
+    assert not marker.exists(), "a file of a checkpoint was unpickled"
+
+
+def test_an_added_file_and_a_damaged_marker_are_named_too(tmp_path):
+    out = tmp_path / "run"
+    save_like_a_run(out, 3)
+    save_like_a_run(out, 6)
+    (out / "checkpoint-6" / "fsdp" / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
+    with pytest.raises(ckpt.CheckpointDamaged, match=r"fsdp/\.metadata, a file it was not saved with"):
+        ckpt.resume_point(out, str(out / "checkpoint-6"), 0, 1, "cpu")
+    marker = out / "checkpoint-6" / ckpt.MARKER
+    marker.write_text(marker.read_text()[:20])
+    assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-3"
+    (out / "checkpoint-3" / "scheduler.json").unlink()
+    with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
+        ckpt.resume_point(out, "latest", 0, 1, "cpu")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_torch_distributed_checkpoint_is_refused_without_reading_its_pickle(tmp_path):
+    """The FSDP state of an older version (DCP, whose .metadata is a pickle): refused with a message, never read."""
+    folder = tmp_path / "fsdp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
+    (folder / "__0_0.distcp").write_bytes(b"\0" * 64)
+    with pytest.raises(parallel.CheckpointFormatError, match="torch.distributed.checkpoint"):
+        parallel.ShardFiles(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_shard_rows_are_fsdp2s_chunks():
+    """The rows a rank holds are torch.chunk's (FSDP2 Shard(0)); the rows of any new world size are read back."""
+    for rows in (0, 1, 5, 8, 13):
+        for world in (1, 2, 3, 8):
+            chunks = torch.arange(rows).chunk(world) if rows else []
+            expected = [(int(c[0]), len(c)) for c in chunks] + [(rows, 0)] * (world - len(chunks))
+            got = [parallel._shard_rows(rows, r, world) for r in range(world)]
+            assert [g for g in got if g[1]] == [e for e in expected if e[1]]
+            assert sum(count for _, count in got) == rows
+
+
+def test_a_checkpoint_folder_without_its_marker_is_removed_at_start(tmp_path, caplog):
+    """A kill during pruning (the marker goes first) leaves a full folder nothing would ever remove or count."""
+    out = tmp_path / "run"
+    for step in (2, 4):
+        save_like_a_run(out, step)
+    (out / "checkpoint-2" / ckpt.MARKER).unlink()
+    with caplog.at_level(logging.INFO):
+        assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-4"
+    assert not (out / "checkpoint-2").exists() and "checkpoint-2" in caplog.text
+    assert json.loads((out / "checkpoint-4" / ckpt.MARKER).read_text())["step"] == 4
