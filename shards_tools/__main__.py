@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 
-from pipeline.common.flags import add_shard_size, add_storage_options, add_train_copy_size
+from pipeline.common.flags import add_max_failure_ratio, add_shard_size, add_storage_options, add_train_copy_size
 from pipeline.common.logs import setup_logging
+from pipeline.common.workers import exit_on_sigterm
+from pipeline.shards.commits import failure_exit_code
 
 log = logging.getLogger("shards_tools")
 
@@ -67,8 +69,13 @@ def _verify(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     from shards_tools.sheet import preview
 
-    count = preview(args.url, args.out, args.samples, _storage(args))
-    return _emit(args, {"out": args.out, "samples": count}, f"wrote {args.out} ({count} samples)", False)
+    count, problems = preview(args.url, args.out, args.samples, _storage(args))
+    human = (f"wrote {args.out} ({count} samples)" if count else f"no usable sample; {args.out} not written") + "".join(
+        f"\nPROBLEM {p['shard']} [{p['key']}]: {p['problem']}" for p in problems
+    )
+    return _emit(
+        args, {"out": args.out if count else None, "samples": count, "problems": problems}, human, bool(problems)
+    )
 
 
 def _convert_legacy(args: argparse.Namespace) -> int:
@@ -93,7 +100,17 @@ def _convert_legacy(args: argparse.Namespace) -> int:
     if result["refused"]:
         _emit(args, payload, human, True)
         return 2
-    return _emit(args, payload, human, any(m["samples"] == 0 for m in result["tasks"].values()))
+    code = max(
+        (failure_exit_code(f"task {name}", m["samples"], m["failures"], args.max_failure_ratio, f"{out}/_failures")
+         for name, m, out in ((n, m, _task_output(args, result, n)) for n, m in result["tasks"].items())),
+        default=0,
+    )  # fmt: skip
+    _emit(args, payload, human, False)
+    return code
+
+
+def _task_output(args: argparse.Namespace, result: dict, name: str) -> str:
+    return args.output_dir if result["layout"] == "task" else f"{args.output_dir.rstrip('/')}/{name}"
 
 
 def _path_map(text: str) -> tuple[str, str]:
@@ -107,8 +124,14 @@ def _reshard(args: argparse.Namespace) -> int:
     from shards_tools.convert import reshard
 
     m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard, args.train_copy_size)
-    human = f"wrote {m['samples']} sample(s) in {len(m['shards'])} shard(s) to {args.output_dir}"
-    return _emit(args, m, human, False)
+    own = m["reshard"]
+    human = (
+        f"wrote {m['samples']} sample(s) in {len(m['shards'])} shard(s) to {args.output_dir}; "
+        f"{own['failed']} could not be copied {own['failed_by_reason']}"
+    )
+    _emit(args, m, human, False)
+    where = f"{args.output_dir.rstrip('/')}/_failures"
+    return failure_exit_code("reshard", own["ok"], own["failed"], args.max_failure_ratio, where)
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
@@ -236,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_copy_size(cmd)
     add_shard_size(cmd)
+    add_max_failure_ratio(cmd)
     _common(cmd)
     cmd.set_defaults(func=_convert_legacy)
 
@@ -243,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reshard",
         help="merge small shards or split large ones into a new task directory",
         description="Copy a task into shards of --max_samples_per_shard samples with a new manifest "
-        "(member bytes unchanged), optionally adding training copies.",
+        "(member bytes unchanged), optionally adding training copies. A sample that cannot be copied as stored "
+        "goes to _failures/ and the copy goes on; interrupted? Rerun the same command: it resumes.",
     )
     cmd.add_argument("url", help="task directory")
     cmd.add_argument("--output_dir", required=True, help="new task directory")
     add_train_copy_size(cmd, replaces=True)
     add_shard_size(cmd, default=None)
+    add_max_failure_ratio(cmd)
     _common(cmd)
     cmd.set_defaults(func=_reshard)
     return parser
@@ -257,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
+    exit_on_sigterm()
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -6,25 +6,34 @@ from pathlib import Path
 
 from pipeline.common import images as imaging
 from pipeline.common.preview import contact_sheet
-from pipeline.shards.reader import iter_samples, sample_meta
+from pipeline.shards.reader import iter_checked_samples, stored_problems
 from pipeline.shards.tasks import shard_list
 
 
-def preview(url: str, out: str, samples: int, storage_options: dict | None) -> int:
-    rows = []
+def preview(url: str, out: str, samples: int, storage_options: dict | None) -> tuple[int, list[dict]]:
+    """Write the sheet of the first ``samples`` usable samples; (rows written, problems met on the way)."""
+    rows, problems = [], []
     for shard in shard_list(url, storage_options):
-        for key, members in iter_samples(shard, storage_options):
-            meta = sample_meta(members)
-            pictures = [imaging.open_rgb(members[s["member"]]) for s in meta.get("sources", [])]
-            pictures.append(imaging.open_rgb(members[meta["target"]["member"]]))
+        for item in iter_checked_samples(shard, storage_options):
+            meta, found = stored_problems(item)
+            try:
+                if not found:
+                    pictures = [imaging.open_rgb(item.members[s["member"]]) for s in meta.get("sources", [])]
+                    pictures.append(imaging.open_rgb(item.members[meta["target"]["member"]]))
+            except Exception as exc:  # an image that does not decode
+                found = [f"{type(exc).__name__}: {exc}"]
+            if found:
+                problems.append({"shard": shard, "key": item.key, "problem": "; ".join(found)})
+                continue
             text = meta.get("instruction") or meta.get("instruction_cn") or "(no instruction)"
-            rows.append((pictures, f"{key}: {text}"))
+            rows.append((pictures, f"{item.key}: {text}"))
             if len(rows) >= samples:
                 break
         if len(rows) >= samples:
             break
-    if not rows:
+    if rows:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(rows).save(out)
+    elif not problems:
         raise FileNotFoundError(f"{url}: no samples")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(rows).save(out)
-    return len(rows)
+    return len(rows), problems

@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import tar_file_iterator
 
 from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, npy_to_image, source_dir
-from pipeline.shards.reader import open_stream, split_name
+from pipeline.shards.reader import iter_checked, open_stream
 from pipeline.shards.storage import Store
 from pipeline.shards.tasks import open_tasks
 
@@ -125,33 +124,26 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
             if not store.exists(rel):
                 report(task.name, rel, None, "missing")
                 continue
-            count = 0
+            count, broken = 0, False
             try:
                 with open_stream(shard_url, storage_options) as raw:
                     reader = HashingReader(raw)
-                    current, members = None, {}
-                    for item in tar_file_iterator(io.BufferedReader(reader, 1 << 20), skip_meta=None):
-                        key, ext = split_name(item["fname"])
-                        if is_forbidden_member(ext):
-                            report(task.name, rel, key, f"pickle-capable member {item['fname']} (never decoded)")
-                        if key != current and members:
-                            count += 1
-                            for p in _check_sample(current, members, manifest, n):
-                                report(task.name, rel, current, p)
-                            members = {}
-                        if key != current:
-                            if key in keys:
-                                report(task.name, rel, key, f"duplicate key (also in {keys[key]})")
-                            keys[key] = rel
-                        current = key
-                        members[ext] = item["data"]
-                    if members:
+                    for item in iter_checked(io.BufferedReader(reader, 1 << 20)):
+                        if item.key is None:  # unreadable from here on (a truncated tar)
+                            report(task.name, rel, None, "; ".join(item.problems))
+                            broken = True
+                            continue
                         count += 1
-                        for p in _check_sample(current, members, manifest, n):
-                            report(task.name, rel, current, p)
+                        if item.key in keys:
+                            report(task.name, rel, item.key, f"duplicate key (also in {keys[item.key]})")
+                        keys[item.key] = rel
+                        for problem in item.problems + _check_sample(item.key, item.members, manifest, n):
+                            report(task.name, rel, item.key, problem)
                     reader.drain()
             except Exception as exc:
                 report(task.name, rel, None, f"unreadable: {type(exc).__name__}: {exc}")
+                continue
+            if broken:
                 continue
             summary["samples"] += count
             if count != shard["samples"]:

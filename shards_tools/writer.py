@@ -76,6 +76,10 @@ class TaskWriter:
     def write_null_embedding(self, npy: bytes) -> None:
         self.store.write_bytes(NULL_EMBEDDING, npy)
 
+    def part_summary(self, part: int) -> dict[str, Any]:
+        """ok / failed counts of one input part, from its commit records (this run's and earlier ones)."""
+        return prog.summarize([c for c in prog.read_commits(self.store) if c.rank == part], by_rank=True)
+
     def close(self, base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """Flush the open part; write the manifest from every commit record (of this run and earlier ones)."""
         self.close_part()

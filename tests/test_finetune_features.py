@@ -270,13 +270,26 @@ def test_recipe_flags_are_typed_and_the_command_line_wins(tmp_path):
         ({"use_peft_lora": "yes please"}, "use_peft_lora: expected true or false"),
         ({"learning_rate": [1, 2]}, "learning_rate: takes one value"),
         ([1, 2], "expected a mapping"),
+        ("train_data_weights: {edit: .inf, compose: 1}\n", "train_data_weights: the weight of 'edit' must be a finite"),
+        ("train_data_weights: {edit: .nan}\n", "train_data_weights: the weight of 'edit' must be a finite"),
+        ("learning_rate: 1e-4\nlora_r: 8\nlearning_rate: 2e-4\n", "line 3: learning_rate is given twice"),
+        ("train_data_weights: {edit: 1, edit: 2}\n", "line 1: edit is given twice"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, content, message):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump(content))
-    with pytest.raises(RecipeError, match=message):
+    recipe.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    with pytest.raises(RecipeError, match=message) as error:
         parse_with_recipe(build_parser(), ["--config", str(recipe)])
+    assert str(recipe) in str(error.value)
+
+
+def test_weights_on_the_command_line_are_finite():
+    from pipeline.train.config import parse_weights
+
+    for text in ("a=inf", "a=1,b=-inf", "a=nan"):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            parse_weights(text, "--train_data_weights")
 
 
 def test_resume_reports_changed_settings_and_refuses_another_model(tmp_path, caplog):

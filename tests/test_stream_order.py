@@ -454,6 +454,22 @@ def test_resume_on_another_number_of_ranks_and_workers_trains_each_sample_once(
     assert all(len(ns) == 1 for ns in by_step.values())
 
 
+@pytest.mark.slow
+def test_after_a_crash_and_resume_the_trace_holds_each_step_once(elastic_checkpoints, tmp_path):
+    """Killed after step 9 with the last checkpoint at 6: the resume trains 7-9 again and the trace says so once."""
+    import shutil
+
+    root, _ = elastic_checkpoints
+    out, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    data_run(root, out, trace, 9, 1, 0)
+    shutil.rmtree(out / "checkpoint-9")  # the kill came before the step-9 save
+    with trace.open("a") as handle:
+        handle.write('{"step": 10, "ra')  # and tore the line being written
+    data_run(root, out, trace, 12, 1, 0, "--resume_from_checkpoint", "latest")
+    steps = [json.loads(line)["step"] for line in trace.read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
 def encoded(size, fmt, orientation=None, seed=0):
     from PIL import Image
 

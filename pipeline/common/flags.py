@@ -47,6 +47,20 @@ def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, de
         )
 
 
+DEFAULT_MAX_FAILURE_RATIO = 0.05
+
+
+def add_max_failure_ratio(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--max_failure_ratio``: the writers' one exit policy (extract, convert-legacy, reshard)."""
+    parser.add_argument(
+        "--max_failure_ratio",
+        type=float,
+        default=DEFAULT_MAX_FAILURE_RATIO,
+        help="exit 1 when more than this fraction of the input lines (or samples) failed, or none was written; "
+        f"the failures are in the output's _failures/ either way (default {DEFAULT_MAX_FAILURE_RATIO})",
+    )
+
+
 def add_train_copy_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, replaces: bool = False) -> None:
     """``--train_copy_size``: also store training copies (extract, convert-legacy, reshard)."""
     parser.add_argument(

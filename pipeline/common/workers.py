@@ -27,3 +27,13 @@ def die_with_parent(worker_id: int = 0) -> None:
         return
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (torchrun stopping the other ranks after one failed, a scheduler's stop) into ``SystemExit``,
+    so ``finally`` blocks run: leases are released and spooled partial shards removed, not left behind."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)

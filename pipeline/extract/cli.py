@@ -11,6 +11,7 @@ import torch
 
 from pipeline.common import images as imaging
 from pipeline.common.flags import (
+    add_max_failure_ratio,
     add_prompt_style,
     add_shard_size,
     add_storage_options,
@@ -18,6 +19,7 @@ from pipeline.common.flags import (
     distributed_env,
 )
 from pipeline.common.logs import setup_logging
+from pipeline.common.workers import exit_on_sigterm
 from pipeline.extract.extractor import Extractor
 from pipeline.shards.commits import LeaseHeld
 
@@ -65,12 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_shard_size(p)
     p.add_argument("--max_shard_bytes", type=int, default=1 << 30, help="start a new shard after this many bytes")
-    p.add_argument(
-        "--max_failure_ratio",
-        type=float,
-        default=0.05,
-        help="exit non-zero when more than this fraction of the lines failed (default 0.05)",
-    )
+    add_max_failure_ratio(p)
     p.add_argument(
         "--max_image_pixels",
         type=int,
@@ -122,6 +119,7 @@ def _barrier(world: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    exit_on_sigterm()
     rank, world = _init_distributed()
     try:
         extractor = Extractor(args, rank, world)

@@ -304,19 +304,10 @@ class Extractor:
             summary["failed_by_reason"],
             self.store.url("manifest.json"),
         )
-        lines = summary["ok"] + summary["failed"]
-        if summary["ok"] == 0:
-            log.error("nothing could be written")
-            return 1
-        if lines and summary["failed"] / lines > self.args.max_failure_ratio:
-            log.error(
-                "%.1f%% of the lines failed, above --max_failure_ratio %.1f%%; see %s",
-                100 * summary["failed"] / lines,
-                100 * self.args.max_failure_ratio,
-                self.store.url(prog.FAILURES),
-            )
-            return 1
-        return 0
+        return prog.failure_exit_code(
+            f"task {self.task}", summary["ok"], summary["failed"], self.args.max_failure_ratio,
+            self.store.url(prog.FAILURES),
+        )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """What the shards are made from: the input (URL, size, digest of its start) and every output-changing flag."""

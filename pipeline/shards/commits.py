@@ -330,3 +330,19 @@ def build_manifest(
 
 def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
     store.write_json(MANIFEST, manifest)
+
+
+def failure_exit_code(what: str, ok: int, failed: int, max_ratio: float, failures_at: str) -> int:
+    """The one failure policy of the writers (extraction, convert-legacy, reshard): exit code 1 when nothing was
+    written or more than ``max_ratio`` of the inputs failed (said in the log with where the failures are), else 0."""
+    total = ok + failed
+    if ok == 0:
+        log.error("%s: nothing could be written (%d input(s) failed); see %s", what, failed, failures_at)
+        return 1
+    if total and failed / total > max_ratio:
+        log.error(
+            "%s: %.1f%% of the inputs failed (%d of %d), above --max_failure_ratio %.1f%%; see %s",
+            what, 100 * failed / total, failed, total, 100 * max_ratio, failures_at,
+        )  # fmt: skip
+        return 1
+    return 0

@@ -110,6 +110,8 @@ class TarShardWriter:
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample; ``members`` maps extension (``json``, ``target.png`` …) to bytes."""
+        if unsafe_name(key):  # writers check keys first; this keeps a path escape out of every shard
+            raise ValueError(f"refusing to write member names under {key!r}: {unsafe_name(key)}")
         start = self._tar.offset
         offsets = {}
         for ext, data in members.items():
@@ -188,6 +190,17 @@ def sample_members(
     for variant, data in embeddings.items():
         members[f"emb_{variant}.npy"] = data
     return members
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name must not be written or copied (a tar member that extracts outside its folder), or None."""
+    if not name or "\0" in name or "\\" in name:
+        return "an empty name, a NUL or a backslash"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' component"
+    return None
 
 
 def is_forbidden_member(name: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.shards.format import COPY_PREFIX, check_npy, is_forbidden_member
+from pipeline.shards.format import COPY_PREFIX, check_npy, is_forbidden_member, unsafe_name
 from pipeline.shards.storage import options_for, protocol_of, with_timeout
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,111 @@ def iter_samples(url: str, storage_options: dict | None) -> Iterator[tuple[str, 
             raise
     if members:
         yield key, members
+
+
+@dataclass
+class CheckedSample:
+    """A sample of a shard as the tools see it: its members and what is wrong with how they are stored.
+
+    ``key`` None is the shard's own problem (unreadable from some point on).
+    """
+
+    key: str | None
+    members: dict[str, bytes]
+    problems: list[str]
+
+
+class _TailWatcher:
+    """A read-only file that remembers its last bytes: whether a tar stream ended with its end-of-archive block."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, raw):
+        self.raw, self.total, self.tail = raw, 0, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.KEEP :]
+        return data
+
+    def zeros_at(self, offset: int) -> bool:
+        """Whether the 512 bytes at ``offset`` were read and are all zero (an end-of-archive block)."""
+        self.read(tarfile.BLOCKSIZE)  # the stream may not have read that far yet
+        start = offset - (self.total - len(self.tail))
+        if start < 0:
+            return True  # read and dropped long ago: tarfile saw it (it only stops at a zero block or the end)
+        block = self.tail[start : start + tarfile.BLOCKSIZE]
+        return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
+def iter_checked(fileobj) -> Iterator[CheckedSample]:
+    """The samples of a tar stream in file order, with hostile members reported instead of skipped or trusted.
+
+    Only regular files belong in a shard: a symlink, hardlink, device or folder member is a
+    problem of its sample, as is a name that would extract outside the folder or a member
+    that could hold pickle (never decoded).  A read error (a truncated tar) ends the stream
+    with a keyless item after the sample it cut short.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    problems: list[str] = []
+    fileobj = _TailWatcher(fileobj)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                k, ext = split_name(info.name)
+                if k != key and (members or problems):
+                    yield CheckedSample(key, members, problems)
+                    members, problems = {}, []
+                key = k
+                why = unsafe_name(info.name)
+                if why:
+                    problems.append(f"member {info.name!r} has {why}")
+                elif not info.isreg():
+                    kind = "symlink" if info.issym() else "hardlink" if info.islnk() else "non-file"
+                    problems.append(f"member {info.name} is a {kind} (only regular files belong in a shard)")
+                elif is_forbidden_member(ext):
+                    problems.append(f"pickle-capable member {info.name} (never decoded)")
+                else:
+                    members[ext] = tar.extractfile(info).read()
+            if not fileobj.zeros_at(tar.offset):  # Python's tarfile takes a cut at a header as the end
+                raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: the tar is cut short")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if members or problems:
+            yield CheckedSample(key, members, problems + [f"cut short by a read error: {exc}"])
+        yield CheckedSample(None, {}, [f"unreadable from here on: {type(exc).__name__}: {exc}"])
+        return
+    if members or problems:
+        yield CheckedSample(key, members, problems)
+
+
+def stored_problems(item: CheckedSample) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the sample's json, what is wrong with it) without decoding images: hostile members, no or bad json, a
+    member its json names that is absent, a member it does not name, an ``.npy`` whose header and length disagree."""
+    problems = list(item.problems)
+    if "json" not in item.members:
+        return None, problems + [f"no json member (members: {sorted(item.members) or 'none'})"]
+    try:
+        meta = sample_meta(item.members)
+        expected = expected_members(meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, problems + [f"json unusable: {type(exc).__name__}: {exc}"]
+    problems += [f"member {name} is missing" for name in sorted(expected - set(item.members))]
+    problems += [f"unexpected member {name}" for name in sorted(set(item.members) - expected)]
+    for name in sorted(expected & set(item.members)):
+        if name.endswith(".npy"):
+            try:
+                check_npy(item.members[name])
+            except Exception as exc:
+                problems.append(f"{name} does not decode: {exc}")
+    return meta, problems
+
+
+def iter_checked_samples(url: str, storage_options: dict | None) -> Iterator[CheckedSample]:
+    """:func:`iter_checked` over a shard URL (a missing shard raises ``FileNotFoundError``)."""
+    with open_stream(url, storage_options) as handle:
+        yield from iter_checked(handle)
 
 
 def sample_meta(members: dict[str, bytes]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -90,12 +91,15 @@ def _spool_dir(store: Store, rank: int, tmp_dir: str | None) -> str:
     prefix = f"extract-{hashlib.sha256(store.root.encode()).hexdigest()[:12]}-r{rank}-p"
     parent = tmp_dir or tempfile.gettempdir()
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        if name.startswith(prefix):
-            pid = name[len(prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-                log.info("removed %s, left by a killed run", os.path.join(parent, name))
+        # any task's: a killed run of another output would otherwise leave its partial tars until it is rerun
+        match = _SPOOL.match(name)
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            log.info("removed %s, left by a killed run", os.path.join(parent, name))
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=tmp_dir)
+
+
+_SPOOL = re.compile(r"^extract-[0-9a-f]{12}-r\d+-p(\d+)-")
 
 
 class ShardSink:
@@ -132,12 +136,9 @@ class ShardSink:
 
     def close(self) -> None:
         """Flush open shards and pending failures, wait for the uploads, re-raise a writer error."""
-        self._put(_STOP)
+        self.queue.put(_STOP)  # even after a writer error: the thread drains until it sees this
         self._thread.join()
-        try:
-            os.rmdir(self.tmp_dir)
-        except OSError:
-            pass
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # what is left was never published (a writer error)
         if self.error is not None:
             raise RuntimeError(f"shard writer failed: {self.error}") from self.error
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,8 @@ def parse_weights(text: str, flag: str) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             raise ValueError(f"{flag}: weight of {name!r} is not a number: {value!r}") from None
-        if weight < 0 or weight != weight:
-            raise ValueError(f"{flag}: weight of {name!r} must be >= 0, got {value!r}")
+        if not math.isfinite(weight) or weight < 0:  # inf would make every probability NaN
+            raise ValueError(f"{flag}: weight of {name!r} must be a finite number >= 0, got {value!r}")
         if name in weights:
             raise ValueError(f"{flag}: {name!r} is listed twice")
         weights[name] = weight

@@ -135,6 +135,29 @@ def build_loader(dataset: MixedBatchDataset, data: DataConfig):
     )
 
 
+def truncate_trace(path: str | None, step: int) -> int:
+    """Drop the trace's lines after ``step`` (rank 0, before any rank writes again): a resume replays those steps,
+    and the trace is the exactly-once record. Returns the lines dropped (a torn last line counts as one)."""
+    if not path or not Path(path).is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("--data_trace: dropped %d line(s) after step %d, which this resume trains again", dropped, step)
+    return dropped
+
+
 class TraceWriter:
     """One JSON line per step and rank; every rank appends to the same file, each line in one write."""
 

@@ -30,7 +30,7 @@ from pipeline.train import recipe as recipes
 from pipeline.train.batching import pad_embeddings
 from pipeline.train.clipping import clip_bound
 from pipeline.train.config import FlowConfig, TrainConfig
-from pipeline.train.data import DataPart, TraceWriter, build_dataset, build_loader, next_batch
+from pipeline.train.data import DataPart, TraceWriter, build_dataset, build_loader, next_batch, truncate_trace
 from pipeline.train.metrics import LossBoard, group_grad_norms
 from pipeline.train.seeding import step_generator
 
@@ -425,6 +425,9 @@ class Trainer:
         resume = ckpt.resume_point(config.output_dir, config.checkpoint.resume_from, self.rank, self.world, acc.device)
         if resume is not None:
             start = self.load(resume)
+            if self.rank == 0:
+                truncate_trace(config.data.trace_path, start)
+            acc.wait_for_everyone()
         self.record_recipe(resume is not None, start)
         trace = TraceWriter(config.data.trace_path)
         batches = iter(self.loader)
@@ -595,6 +598,9 @@ def run_data_only(config: TrainConfig) -> int:
     if resume is not None:
         start = checkpointer.load(resume)
         log.info("resuming data at step %d from %s", start, resume)
+        if rank == 0:
+            truncate_trace(config.data.trace_path, start)
+        barrier()
     trace = TraceWriter(config.data.trace_path)
     started, waited, batches = time.perf_counter(), 0.0, iter(loader)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -73,13 +74,32 @@ class RecipeError(ValueError):
     """A recipe file that cannot be used; the message names the file and the key."""
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKey(f"line {key_node.start_mark.line + 1}: {key} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"--config {path}: cannot read it ({exc})") from None
     try:
-        recipe = yaml.safe_load(text)
+        recipe = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as exc:
+        raise RecipeError(f"--config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--config {path}: not valid YAML ({exc})") from None
     if recipe is None:
@@ -110,6 +130,16 @@ def _scalar(path: str, key: str, value: Any, action: argparse.Action) -> str:
             return word
         raise RecipeError(f"--config {path}: {key}: expected a value, got {value!r}")
     if isinstance(value, dict):  # weights: {task_a: 0.5, task_b: 1}
+        for name, weight in value.items():
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
+                raise RecipeError(
+                    f"--config {path}: {key}: the weight of {name!r} must be a finite number >= 0, got {weight!r}"
+                )
         return ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, list | tuple):
         raise RecipeError(f"--config {path}: {key}: takes one value, got a list")
