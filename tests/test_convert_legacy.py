@@ -157,6 +157,60 @@ def test_a_rerun_resumes_and_other_input_is_refused(sample_data_dir, tmp_path):
         convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(max_samples_per_shard=5))
 
 
+def test_a_rerun_with_another_train_copy_size_is_refused(sample_data_dir, tmp_path):
+    work = tmp_path / "work"
+    original_output(work, sample_data_dir, "edit_single", ranks=1)
+    out = tmp_path / "edit_c"
+    convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(train_copy_size=64))
+    with pytest.raises(FileExistsError, match="train_copy_size: 64 then, 32 now"):
+        convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(train_copy_size=32))
+    with pytest.raises(FileExistsError, match="train_copy_size: 64 then, None now"):
+        convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions())
+
+
+def test_npy_embedding_paths_are_read_as_npy(sample_data_dir, tmp_path):
+    """A legacy line may point at .npy files (ours, or plain float arrays): read with allow_pickle=False."""
+    from pipeline.shards.format import embedding_to_npy
+
+    work = tmp_path / "work"
+    expected = original_output(work, sample_data_dir, "edit_single", ranks=1)
+    jsonl = work / "out_jsonl" / "data_rank_000.jsonl"
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    for number, line in enumerate(lines):
+        for key in [k for k in line if k.startswith("embeddings_tensor_")]:
+            tensor = expected[("data_rank_000.jsonl", number, key[len("embeddings_tensor_") :])]
+            npy = (work / line[key]).with_suffix(".npy")
+            if number % 2:  # our bf16 bit pattern
+                npy.write_bytes(embedding_to_npy(tensor))
+            else:  # a plain float32 array, as other tools write
+                np.save(npy, tensor.float().numpy(), allow_pickle=False)
+            line[key] = str(Path(line[key]).with_suffix(".npy"))
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "from_npy"
+    manifest = convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions())["tasks"]["from_npy"]
+    assert manifest["failures"] == 0 and manifest["samples"] == len(lines)
+    assert assert_every_tensor_kept(out, expected, ["data_rank_000.jsonl"]) == 6 * len(lines)
+
+
+@pytest.mark.slow
+def test_the_writers_share_one_failure_policy(sample_data_dir, tmp_path):
+    """convert-legacy with 7 of 8 lines failed exits 1 like extraction (--max_failure_ratio 0.05); under the ratio,
+    or with the ratio raised, it exits 0; the failures are recorded either way."""
+    work = tmp_path / "work"
+    original_output(work, sample_data_dir, "edit_single", ranks=1)
+    jsonl = work / "out_jsonl" / "data_rank_000.jsonl"
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()][:8]
+    for line in lines[1:]:
+        line["embeddings_tensor_en"] = "embeddings/data/gone.pt"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ["convert-legacy", str(work / "out_jsonl"), "--json"]
+    failed = run_module("shards_tools", *args, "--output_dir", str(tmp_path / "a"))
+    assert failed.returncode == 1 and "above --max_failure_ratio 5.0%" in failed.stderr
+    assert json.loads(failed.stdout)["failures"] == 7
+    allowed = run_module("shards_tools", *args, "--output_dir", str(tmp_path / "b"), "--max_failure_ratio", "0.9")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_killed_conversion_resumes_to_the_same_result(sample_data_dir, tmp_path):
     work = tmp_path / "work"

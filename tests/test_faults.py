@@ -392,3 +392,42 @@ def test_a_second_run_on_the_same_output_is_refused(sample_data_dir, tiny_model_
     manifest = read_manifest(str(out))
     assert manifest["samples"] == 72 and not (out / "_progress" / "lease-rank-00000.json").exists()
     assert {p.name for p in out.rglob("*.tar")} == {s["url"].rsplit("/", 1)[1] for s in manifest["shards"]}
+
+
+@pytest.mark.slow
+def test_a_stopped_extraction_leaves_no_lease_and_no_spool(sample_data_dir, tiny_model_dir, tmp_path):
+    """SIGTERM (torchrun stopping the other ranks when one fails, a scheduler's stop) runs the cleanup: the lease
+    is released and the spooled partial shard removed; a killed run's spool of another task goes at the next start."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, combined_jsonl
+
+    spool_root = tmp_path / "tmp"
+    spool_root.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = spool_root / f"extract-{'0' * 12}-r0-p{dead.pid}-abc"  # another task's, its run killed
+    stale.mkdir()
+    (stale / "src1_00000-000000.tar").write_bytes(b"partial")
+    rows = combined_jsonl(sample_data_dir, tmp_path / "mixed.jsonl").read_text().splitlines()
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text("\n".join(rows * 3) + "\n")
+    out = tmp_path / "task"
+    args = [str(jsonl), "--output_dir", str(out), "--model_path", str(tiny_model_dir), "--num_workers", "0"]
+    args += ["--batch_size", "1", "--max_samples_per_shard", "1000"]  # one shard stays open: a partial tar
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(spool_root)}
+    run = subprocess.Popen([sys.executable, "-m", "pipeline.extract", *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        p.parent != stale and p.stat().st_size for p in spool_root.rglob("*.tar")
+    ):
+        time.sleep(0.05)
+    assert not stale.exists(), "a dead run's spool is removed whatever task it was for"
+    assert list(spool_root.glob("extract-*")) and (out / "_progress" / "lease-rank-00000.json").exists()
+    run.terminate()
+    assert run.wait(timeout=120) != 0
+    assert not list(spool_root.glob("extract-*")), "the partial shard's spool is removed"
+    assert not (out / "_progress" / "lease-rank-00000.json").exists(), "the lease is released"

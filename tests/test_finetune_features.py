@@ -141,15 +141,18 @@ def transformer_inputs(transformer, seed=0):
     }
 
 
-def comfyui_merge(base_state, comfy, rank):
-    """ComfyUI's reading of a LoRA: W += (alpha / rank) · B @ A for every ``diffusion_model.<module>``."""
+def comfyui_merge(base_state, lora):
+    """ComfyUI's reading of a Qwen-Image LoRA (comfy/lora.py, comfy/weight_adapter/lora.py): modules under
+    ``diffusion_model.`` or ``transformer.``; W += s · B @ A with s = alpha / rank when a ``<module>.alpha``
+    tensor is there, else 1 (ComfyUI reads no safetensors metadata)."""
     merged = dict(base_state)
-    modules = {k[: -len(".lora_A.weight")] for k in comfy if k.endswith(".lora_A.weight")}
+    modules = {k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    assert modules, "no LoRA module found"
     for module in modules:
-        a, b = comfy[f"{module}.lora_A.weight"], comfy[f"{module}.lora_B.weight"]
-        alpha = float(comfy[f"{module}.alpha"])
-        key = module.removeprefix("diffusion_model.") + ".weight"
-        merged[key] = base_state[key] + (alpha / a.shape[0]) * (b @ a)
+        a, b = lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"]
+        scale = float(lora[f"{module}.alpha"]) / a.shape[0] if f"{module}.alpha" in lora else 1.0
+        key = module.removeprefix("diffusion_model.").removeprefix("transformer.") + ".weight"
+        merged[key] = base_state[key] + scale * (b.float() @ a.float()).to(base_state[key].dtype)
     return merged
 
 
@@ -188,11 +191,18 @@ def test_exported_lora_loads_at_the_trained_strength_in_diffusers_and_comfyui(ti
     comfy = load_file(written["comfyui"])
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in comfy)
     assert {float(v) for k, v in comfy.items() if k.endswith(".alpha")} == {alpha}
-    fresh = load_transformer(str(tiny_model_dir))
-    fresh.load_state_dict(comfyui_merge(base_state, comfy, rank))
+    # every file at the trained strength in ComfyUI's reading too (the diffusers one has no .alpha tensors:
+    # its scaling is folded into lora_B), and the ComfyUI file in diffusers
+    for name, path in written.items():
+        fresh = load_transformer(str(tiny_model_dir))
+        fresh.load_state_dict(comfyui_merge(base_state, load_file(path)))
+        with torch.no_grad():
+            merged = fresh.eval()(**inputs)[0]
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4, msg=f"{name} file in ComfyUI")
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(written["comfyui"])
     with torch.no_grad():
-        merged = fresh.eval()(**inputs)[0]
-    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)  # the bound above: merged vs unmerged fp32
+        torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_single_state_dict_file_loads_into_the_base_model(tiny_model_dir, tmp_path):

@@ -213,7 +213,9 @@ def test_reshard_merges_and_verify_passes(meta_dir, tmp_path):
     assert (
         len(tool_json("reshard", str(out), "--output_dir", str(split), "--max_samples_per_shard", "1")["shards"]) == 12
     )
-    tool("reshard", str(out), "--output_dir", str(split), "--max_samples_per_shard", "1", expect=2)  # not empty
+    rerun = tool_json("reshard", str(out), "--output_dir", str(split), "--max_samples_per_shard", "1")
+    assert len(rerun["shards"]) == 12, "the same command again resumes: nothing copied twice"
+    tool("reshard", str(out), "--output_dir", str(split), "--max_samples_per_shard", "2", expect=2)  # other flags
 
 
 def test_tools_work_on_object_stores(meta_dir, object_store):

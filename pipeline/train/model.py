@@ -253,15 +253,34 @@ def comfyui_lora(layers: dict[str, torch.Tensor], alpha: float) -> dict[str, tor
     return out
 
 
+def fold_scaling(transformer, layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``lora_B`` of every module times the scaling its forward applies (alpha / rank), so the file holds the
+    update itself: a loader that reads alpha from metadata (diffusers) is told alpha = rank, and one that does
+    not (ComfyUI, which reads only ``.alpha`` tensors and otherwise scales by 1) gets the same strength."""
+    scaling = {
+        name: float(module.scaling["default"])
+        for name, module in transformer.named_modules()
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling
+    }
+    out = {}
+    for key, value in layers.items():
+        module = key.removeprefix("transformer.").split(".lora_")[0]
+        if ".lora_B." in key and module in scaling:
+            value = (value.float() * scaling[module]).to(value.dtype)
+        out[key] = value
+    return out
+
+
 def export_lora(
     transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None, export_format: str = "diffusers"
 ) -> dict[str, str]:
-    """LoRA → the files ``export_format`` asks for; returns {format: path}.
+    """LoRA → the files ``export_format`` asks for; returns {format: path}. Each loads at the trained strength in
+    both diffusers and ComfyUI.
 
-    diffusers: ``pytorch_lora_weights.safetensors`` with the adapter config (alpha, rank,
-    targets) in its metadata, which ``load_lora_weights`` reads, so the LoRA loads at the
-    trained strength. comfyui: see :func:`comfyui_lora`. ``state``: the adapter weights
-    gathered from FSDP shards.
+    diffusers: ``pytorch_lora_weights.safetensors``, the alpha / rank scaling folded into
+    ``lora_B`` (:func:`fold_scaling`) and the adapter config in its metadata with alpha =
+    rank. comfyui: see :func:`comfyui_lora` (``.alpha`` tensors, which diffusers reads too).
+    ``state``: the adapter weights gathered from FSDP shards.
     """
     from diffusers import QwenImagePipeline
     from safetensors.torch import save_file
@@ -272,8 +291,10 @@ def export_lora(
     config = transformer.peft_config["default"]
     written = {}
     if export_format in ("diffusers", "both"):
+        alphas = dict(config.rank_pattern or {})  # alpha = rank everywhere: scaling 1, as folded
+        metadata = {**config.to_dict(), "lora_alpha": config.r, "alpha_pattern": alphas, "use_rslora": False}
         QwenImagePipeline.save_lora_weights(
-            out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()
+            out, transformer_lora_layers=fold_scaling(transformer, layers), transformer_lora_adapter_metadata=metadata
         )
         written["diffusers"] = str(out / LORA_FILES["diffusers"])
     if export_format in ("comfyui", "both"):
