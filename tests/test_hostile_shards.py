@@ -158,3 +158,21 @@ def test_preview_skips_and_reports_hostile_samples(hostile, tmp_path):
     assert count >= 30 - 5 - 5 - 1 and (tmp_path / "sheet.png").exists()
     for what, key in hits.items():
         assert any(p["key"] == key for p in problems), what
+
+
+@pytest.mark.slow
+def test_the_clis_report_hostile_shards_and_exit_1_without_a_traceback(hostile, tmp_path):
+    from helpers import no_traceback_of_ours, run_module
+
+    task, hits = hostile
+    shown = run_module("shards_tools", "preview", str(task), "--out", str(tmp_path / "sheet.png"), "--samples", "30")
+    assert shown.returncode == 1 and no_traceback_of_ours(shown.stderr)
+    assert all(key in shown.stdout for key in hits.values()) and (tmp_path / "sheet.png").exists()
+    copied = run_module(
+        "shards_tools", "reshard", str(task), "--output_dir", str(tmp_path / "r"), "--max_samples_per_shard", "4"
+    )
+    assert (
+        copied.returncode == 1 and "above --max_failure_ratio" in copied.stderr and no_traceback_of_ours(copied.stderr)
+    )
+    checked = run_module("shards_tools", "verify", str(task))
+    assert checked.returncode == 1 and hits["escape"] in checked.stdout
