@@ -171,7 +171,16 @@ def _legacy_layout(root: Path, sample_data_dir: Path) -> tuple[Path, dict]:
 def test_convert_legacy_keeps_every_tensor(sample_data_dir, tmp_path):
     meta, expected = _legacy_layout(tmp_path, sample_data_dir)
     out = tmp_path / "converted"
-    manifest = tool_json("convert-legacy", str(meta), "--output_dir", str(out), "--max_samples_per_shard", "2")
+    manifest = tool_json(  # 1 line of 7 fails on purpose: above the default ratio 0.05, which would exit 1
+        "convert-legacy",
+        str(meta),
+        "--output_dir",
+        str(out),
+        "--max_samples_per_shard",
+        "2",
+        "--max_failure_ratio",
+        "0.2",
+    )
     assert manifest["samples"] == 6 and manifest["failures"] == 1
     failure = json.loads((out / "_failures" / "rank-0.jsonl").read_text().splitlines()[0])
     assert failure["line"] == 2 and failure["kind"] == "missing_embedding"

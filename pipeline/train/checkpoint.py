@@ -277,11 +277,22 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
             found = resolve_resume(output_dir, value)
             named = int(read_marker(found)["step"])
             candidates = [(named, found)] + [c for c in complete_checkpoints(output_dir)[::-1] if c[0] < named]
+
+    def shared_path(path: Path | None) -> Path:
+        """Rank 0's path on every rank (a named checkpoint may lie outside ``output_dir``): bytes as a tensor."""
+        if world == 1:
+            return path
+        data = list(str(path).encode("utf-8")) if rank == 0 else []
+        size = shared(len(data))
+        buffer = torch.tensor(data if rank == 0 else [0] * size, dtype=torch.uint8, device=device)
+        torch.distributed.broadcast(buffer, src=0)
+        return Path(bytes(buffer.tolist()).decode("utf-8"))
+
     count = shared(len(candidates))
     damaged: list[tuple[Path, str]] = []
     for i in range(count):
         step = shared(candidates[i][0] if rank == 0 else 0)
-        folder = candidates[i][1] if rank == 0 else final_dir(output_dir, step)
+        folder = shared_path(candidates[i][1] if rank == 0 else None)
         problem = damage_of(folder, rank, world, device)
         if problem is None:
             if damaged and value != "latest":
