@@ -480,6 +480,11 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
           "--export_checkpoint", str(straight / "checkpoint-3"), nproc=2)  # fmt: skip
     at_3 = QwenImageTransformer2DModel.from_pretrained(exported / "transformer")
     assert any(not torch.equal(at_3.state_dict()[k], a[k]) for k in a), "the step-3 export is not the final one"
+    on_one = tmp_path / "exported_on_one"  # the 2-rank shards read back by 1 rank: each tensor's rows regathered
+    train(tiny_model_dir, edit_meta, on_one, *common, "--parallelism", "fsdp",
+          "--export_checkpoint", str(straight / "checkpoint-3"))  # fmt: skip
+    x3, y3 = transformer_weights(exported / "transformer"), transformer_weights(on_one / "transformer")
+    assert x3.keys() == y3.keys() and all(torch.equal(x3[k], y3[k]) for k in x3)
     QwenImageTransformer2DModel.from_pretrained(straight / "transformer")
 
     lora = ["--use_peft_lora", "--lora_rank", "4", "--lora_alpha", "2", "--learning_rate", "1e-2"]
