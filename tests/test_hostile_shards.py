@@ -176,3 +176,17 @@ def test_the_clis_report_hostile_shards_and_exit_1_without_a_traceback(hostile, 
     )
     checked = run_module("shards_tools", "verify", str(task))
     assert checked.returncode == 1 and hits["escape"] in checked.stdout
+
+
+def test_no_writer_puts_a_name_that_leaves_the_folder_into_a_shard(tmp_path):
+    """The last guard under reshard and convert-legacy: the tar writer itself refuses such keys."""
+    from pipeline.shards.format import TarShardWriter
+
+    writer = TarShardWriter(str(tmp_path / "x.tar"))
+    for key in ("../../etc/x", "/abs/key", "a/../../b"):
+        with pytest.raises(ValueError, match="refusing to write"):
+            writer.add(key, {"json": b"{}"})
+    writer.add("fine-000000001", {"json": b"{}"})
+    writer.close()
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        assert tar.getnames() == ["fine-000000001.json"]
