@@ -390,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DataConfigError, ValueError, FileNotFoundError) as exc:  # errors in what the user gave us
         log.error("%s", exc)
         return 2
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Tear the process group down on the way out: a gloo rank whose peer exited first aborts in its teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -179,15 +180,29 @@ class Trainer:
     """One rank's training run under accelerate, configured by a :class:`TrainConfig`."""
 
     def __init__(self, config: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
         self.config = config
+        # decided before the Accelerator exists: under FSDP it must not build its own FSDP plugin
+        self.fsdp = use_fsdp(config.parallelism)
         use_cpu = not torch.cuda.is_available()
         tracking = config.tracking
         report_to = None if tracking.report_to == "none" else tracking.report_to.split(",")
         out = config.output_dir
-        self.accelerator = Accelerator(
+        with without_accelerate_fsdp(self.fsdp):
+            self.accelerator = self._accelerator(config, report_to, out, tracking, use_cpu)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        if config.optim.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
+
+    @staticmethod
+    def _accelerator(config: TrainConfig, report_to, out, tracking, use_cpu: bool):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        return Accelerator(
             mixed_precision=config.optim.mixed_precision,
             gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
             log_with=report_to,
@@ -196,14 +211,6 @@ class Trainer:
             # the last block's text-stream outputs do not reach the loss, so some parameters get no gradient
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
-        self.fsdp = use_fsdp(config.parallelism, str(self.accelerator.distributed_type))
-        if config.optim.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.nonfinite_steps = 0
-        self.nonfinite_in_a_row = 0
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -623,8 +630,28 @@ def run_data_only(config: TrainConfig) -> int:
     return 0
 
 
-def use_fsdp(parallelism: str, accelerate_distributed_type: str) -> bool:
-    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch configuration (on GPUs or CPUs)."""
+def use_fsdp(parallelism: str) -> bool:
+    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch (``--use_fsdp``, or a config file with
+    ``distributed_type: FSDP``: both reach the processes as ``ACCELERATE_USE_FSDP``), on GPUs or CPUs."""
     if parallelism == "auto":
-        return distributed_env().fsdp_requested or accelerate_distributed_type.endswith("FSDP")
+        return distributed_env().fsdp_requested
     return parallelism == "fsdp"
+
+
+@contextlib.contextmanager
+def without_accelerate_fsdp(active: bool):
+    """Build the Accelerator as for DDP when the trainer shards with its own FSDP2: accelerate would otherwise
+    make its FSDP v1 plugin from the launcher's environment (on CPU it refuses ``sync_module_states``; on GPUs its
+    state would steer backward and accumulation of a model it never prepared). accelerate then only launches."""
+    if not active:
+        yield
+        return
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
