@@ -12,6 +12,8 @@ one JSON with:
   same model's bare forward+backward on synthetic tensors of the same shapes, their
   ratio, the data-wait fraction, peak memory, and (from a half-depth run) peak memory
   per block extrapolated to 60 blocks;
+* beside each measured peak, the plan's figure for the same mode and its ratio (the first GPU run
+  calibrates ``--plan``);
 * one checkpoint + resume (the largest weight difference against the straight run);
 * the LoRA and full exports loaded in diffusers' QwenImageEditPlusPipeline.
 
@@ -151,6 +153,22 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
     return seconds
 
 
+def planned_gib(model: Path, lora: bool, mixed: str, size: int) -> tuple[float, float]:
+    """The plan's peak per GPU for the run's mode (its model, then the published 60 blocks): the figure the
+    measured peak calibrates. Planned at 3 sources (the runs draw 0-3) and 512 text tokens."""
+    from pipeline.train.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, memory_plan, read_configs
+
+    request = PlanRequest(
+        lora=lora, lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), fsdp=not lora,
+        mixed_precision=mixed, gradient_checkpointing=True, batch_size=1, image_sample_size=size, num_sources=3,
+        text_tokens=512, gpu_memory_gib=80.0,
+    )  # fmt: skip
+    here = memory_plan(*build_on_meta(*read_configs(str(model))), request)["gib_per_gpu"]["total"]
+    at_60 = memory_plan(*build_on_meta(PUBLISHED["qwen-image-edit-2509"]), request)["gib_per_gpu"]["total"]
+    return here, at_60
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -233,6 +251,11 @@ def main() -> None:
             entry["peak_memory_gib"] = round(summary["peak_memory_bytes"] / GiB, 2)
             entry["peak_memory_per_block_gib"] = round(per_block / GiB, 3)
             entry["peak_memory_60_blocks_gib"] = round(at_60 / GiB, 1)
+            plan_here, plan_60 = planned_gib(model, lora, mixed, size)
+            entry["planned_peak_gib"] = round(plan_here, 2)
+            entry["measured_over_planned"] = round(summary["peak_memory_bytes"] / GiB / plan_here, 3)
+            entry["planned_peak_60_blocks_gib"] = round(plan_60, 1)
+            entry["measured_over_planned_60_blocks"] = round(at_60 / GiB / plan_60, 3)
         runs[name] = entry
     report["training"] = runs
 

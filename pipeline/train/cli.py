@@ -327,7 +327,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def print_plan(args: argparse.Namespace) -> int:
     from pipeline.common.flags import distributed_env
     from pipeline.train.config import split_patterns
-    from pipeline.train.plan import PlanRequest, build_on_meta, format_plan, memory_plan, read_configs
+    from pipeline.train.plan import (
+        PlanRequest,
+        build_on_meta,
+        card_table,
+        format_card_table,
+        format_plan,
+        memory_plan,
+        read_configs,
+    )
 
     if not args.pretrained_model_name_or_path:
         raise ValueError("--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509)")
@@ -347,9 +355,14 @@ def print_plan(args: argparse.Namespace) -> int:
         text_tokens=args.plan_text_tokens,
         optimizer_bytes_per_param=2 if args.use_8bit_adam else 8,
         gpu_memory_gib=args.plan_gpu_memory,
+        lora_dropout=args.lora_dropout,
+        vae_mini_batch=args.vae_mini_batch,
     )
     transformer, vae = build_on_meta(*read_configs(args.pretrained_model_name_or_path))
     print(format_plan(memory_plan(transformer, vae, request)))
+    gpus = max(request.processes, 8)
+    print("\nwhich card: this run's batch, size, sources and text in every mode (planned, not measured on a GPU)")
+    print(format_card_table(card_table(transformer, vae, request, gpus)))
     return 0
 
 

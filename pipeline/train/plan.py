@@ -1,15 +1,31 @@
-"""``--plan``: what a training mode needs per GPU, computed from the model's config on the ``meta`` device.
+"""``--plan``: what a training mode needs per GPU, from the model's config: counted, not assumed.
 
-Nothing is allocated and no weights or data are read: the transformer and the VAE
-are built on ``meta`` from their ``config.json`` (or from the published
-Qwen-Image-Edit-2509 config below), which gives exact parameter counts; bytes per
-parameter follow the dtypes of :func:`pipeline.train.model.training_dtypes`.
+Nothing is downloaded and no weights are read.  The transformer and the VAE are built
+on ``meta`` from their ``config.json`` (or from the published Qwen-Image-Edit-2509
+config below), which gives exact parameter counts; bytes per parameter follow the
+dtypes of :func:`pipeline.train.model.training_dtypes`.
 
-Activations are an estimate (per block and token: ~34·d bytes in bf16 without
-gradient checkpointing, after Korthikanti et al. 2022 with fused attention; the
-block inputs plus one recomputed block with it); the VAE's transient encode
-buffers, the CUDA context and allocator fragmentation are not counted, which is
-why ``fits`` keeps a 10 % margin.
+What is alive at the peak, by kind:
+
+* **activations**: what one block saves for backward, counted on a real-width block
+  in the run's exact mode (:mod:`pipeline.train.activations`), times the blocks; with
+  gradient checkpointing each block keeps its inputs (and, under autocast, the bf16
+  copies of fp32 weights, which autocast's cache holds until the forward ends) and one
+  block is recomputed at a time;
+* **backward temporaries**: one block's gradients in the compute dtype before they are
+  added to the fp32 gradients (DDP), or one block's unsharded fp32 gradients before the
+  reduce-scatter (FSDP);
+* **VAE encode**: the largest set of tensors alive at once while the VAE encodes one
+  mini-batch of the batch's images at the training size, counted on ``meta`` by
+  following every op's output until it is freed (:class:`LiveBytes`); it comes before
+  the forward, so the peak is the larger of it and the forward/backward;
+* the optimizer step: AdamW runs as the fused kernel on CUDA (the trainer asks for
+  it there), which allocates no per-parameter temporaries; the ``foreach`` kernel it
+  replaces would add one fp32 copy of the trainable parameters.
+
+Not counted: the CUDA context and allocator fragmentation (hence ``fits`` keeps a
+10 % margin), validation rendering (decode at the render size) next to the
+training state, and the data loader's host memory.
 """
 
 from __future__ import annotations
@@ -19,6 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.train.activations import ActivationMode, BlockActivations, block_activations
 
 GiB = 1024**3
 
@@ -43,6 +62,7 @@ class PlanRequest:
     lora: bool
     lora_rank: int = 32
     lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
     trainable_modules: tuple[str, ...] = (".",)
     fsdp: bool = False
     processes: int = 1
@@ -54,6 +74,54 @@ class PlanRequest:
     text_tokens: int = 512
     optimizer_bytes_per_param: int = 8  # AdamW: two fp32 moments (8-bit Adam: 2)
     gpu_memory_gib: float = 80.0
+    vae_mini_batch: int = 32
+
+    def activation_mode(self) -> ActivationMode:
+        return ActivationMode(
+            lora_rank=self.lora_rank if self.lora else None,
+            lora_targets=self.lora_targets,
+            lora_dropout=self.lora_dropout if self.lora else 0.0,
+            trainable_modules=self.trainable_modules,
+            mixed_precision=self.mixed_precision,
+            fsdp=self.fsdp,
+        )
+
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes that op outputs held at once while it was active (views and in-place results are not new
+    memory). On ``meta`` it counts a whole forward of a real-size model in no time and no memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    size = tensor.numel() * tensor.element_size()
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(tensor, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def vae_encode_peak(vae: torch.nn.Module, images: int, size: int, dtype: torch.dtype) -> int:
+    """Bytes alive at once while the VAE encodes ``images`` pictures of ``size``² (on ``meta``: counted, not run)."""
+    vae = vae.to(dtype)
+    pixels = torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype)
+    counter = LiveBytes()
+    with torch.no_grad(), counter:
+        vae.encode(pixels)
+    return counter.peak
 
 
 def build_on_meta(transformer_config: dict, vae_config: dict | None = None):
@@ -76,8 +144,13 @@ def lora_parameters(transformer: torch.nn.Module, rank: int, targets: tuple[str,
     return total
 
 
-def memory_plan(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanRequest) -> dict:
-    """Bytes per GPU by kind, and whether the total fits ``gpu_memory_gib`` with a 10 % margin."""
+def memory_plan(
+    transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanRequest, activations: BlockActivations | None = None
+) -> dict:
+    """Bytes per GPU by kind, and whether the peak fits ``gpu_memory_gib`` with a 10 % margin.
+
+    ``activations``: a block's counts (measured for the request's mode when not given).
+    """
     from pipeline.train.model import training_dtypes
 
     params = sum(p.numel() for p in transformer.parameters())
@@ -89,11 +162,15 @@ def memory_plan(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanReq
     shards = req.processes if req.fsdp else 1
     if req.lora:
         trainable = lora_parameters(transformer, req.lora_rank, req.lora_targets)
+        block_trainable = lora_parameters(transformer.transformer_blocks[0], req.lora_rank, req.lora_targets)
         weights = params * size / shards + trainable * 4
     else:
-        names = [n for n, _ in transformer.named_parameters()]
-        counts = dict((n, p.numel()) for n, p in transformer.named_parameters())
-        trainable = sum(counts[n] for n in names if any(t in n for t in req.trainable_modules))
+        counts = {n: p.numel() for n, p in transformer.named_parameters()}
+        trainable = sum(c for n, c in counts.items() if any(t in n for t in req.trainable_modules))
+        block_trainable = sum(
+            p.numel() for n, p in transformer.transformer_blocks[0].named_parameters()
+            if any(t in f"transformer_blocks.0.{n}" for t in req.trainable_modules)
+        )  # fmt: skip
         weights = params * 4 / shards
     if req.fsdp:  # one block gathered in the compute dtype for forward, one prefetched
         weights += 2 * block * compute
@@ -102,32 +179,46 @@ def memory_plan(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanReq
         grads += block * 4  # one block's unsharded gradients before the reduce-scatter
     elif req.processes > 1:
         grads *= 2  # DDP's reducer buckets hold a second copy
+    backward_temporaries = 0 if req.fsdp else block_trainable * compute  # a block's grads before the fp32 add
     optimizer = trainable * req.optimizer_bytes_per_param / shards
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    image_tokens = (req.image_sample_size // 16) ** 2
-    tokens = image_tokens * (1 + req.num_sources) + req.text_tokens
-    per_block = 34 * tokens * req.batch_size * hidden * compute / 2
-    if req.gradient_checkpointing:
-        activations = blocks * tokens * req.batch_size * hidden * compute + per_block
+    if activations is None:
+        activations = block_activations(transformer_config(transformer), req.activation_mode())
+    image_tokens = (req.image_sample_size // 16) ** 2 * (1 + req.num_sources)
+    text_tokens = req.text_tokens
+    per_block = activations.saved(image_tokens, text_tokens, req.batch_size)
+    if req.gradient_checkpointing:  # every block's inputs (and autocast's weight copies), one block recomputed
+        kept = activations.inputs(image_tokens, text_tokens, req.batch_size) + activations.constant
+        held = blocks * kept + (per_block - activations.constant)
     else:
-        activations = blocks * per_block
+        held = blocks * per_block
     vae_bytes = sum(p.numel() for p in vae.parameters()) * torch.empty(0, dtype=vae_dtype).element_size()
-    total = weights + grads + optimizer + activations + vae_bytes
+    # the target and each source are encoded apart, in chunks of --vae_mini_batch of the batch's pictures
+    encode = vae_encode_peak(vae, min(req.vae_mini_batch, req.batch_size), req.image_sample_size, vae_dtype)
+    training = grads + held + backward_temporaries
+    total = weights + optimizer + vae_bytes + max(training, encode)
     return {
         "request": asdict(req),
         "transformer_parameters": params,
         "trainable_parameters": trainable,
-        "tokens_per_sample": tokens,
+        "tokens_per_sample": image_tokens + text_tokens,
+        "hidden_size": transformer.config.num_attention_heads * transformer.config.attention_head_dim,
+        "block_activations": asdict(activations),
         "gib_per_gpu": {
             "weights": weights / GiB,
             "gradients": grads / GiB,
             "optimizer": optimizer / GiB,
-            "activations_estimate": activations / GiB,
+            "activations": held / GiB,
+            "backward_temporaries": backward_temporaries / GiB,
             "vae": vae_bytes / GiB,
+            "vae_encode": encode / GiB,
             "total": total / GiB,
         },
         "fits": total <= MARGIN * req.gpu_memory_gib * GiB,
     }
+
+
+def transformer_config(transformer: torch.nn.Module) -> dict:
+    return {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
 
 
 def format_plan(plan: dict) -> str:
@@ -142,9 +233,20 @@ def format_plan(plan: dict) -> str:
     lines = [head, f"  transformer parameters {plan['transformer_parameters'] / 1e9:.2f} B, trainable "
              f"{plan['trainable_parameters'] / 1e6:.1f} M"]  # fmt: skip
     for key, value in gib.items():
-        lines.append(f"  {key:<22} {value:8.1f} GiB")
+        if key != "total":
+            lines.append(f"  {key:<22} {value:8.1f} GiB")
+    a = plan["block_activations"]
+    hidden = plan.get("hidden_size") or 1
+    lines.append(
+        f"  (a block saves {a['per_image_token'] / hidden:.1f}·hidden bytes per image token, "
+        f"{a['per_text_token'] / hidden:.1f}·hidden per text token, {a['constant'] / 2**20:.0f} MiB besides; "
+        "counted on one real-width block in this mode; the peak is the larger of the VAE encode and "
+        "gradients + activations + backward temporaries, on top of weights, optimizer and VAE)"
+    )
+    if gib["vae_encode"] > gib["gradients"] + gib["activations"] + gib["backward_temporaries"]:
+        lines.append("  (the VAE encode sets the peak: a smaller --vae_mini_batch lowers it)")
     verdict = "fits" if plan["fits"] else "does NOT fit"
-    lines.append(f"  → {verdict} in {req['gpu_memory_gib']:g} GiB (with a 10 % margin)")
+    lines.append(f"  → peak {gib['total']:.1f} GiB: {verdict} in {req['gpu_memory_gib']:g} GiB (with a 10 % margin)")
     return "\n".join(lines)
 
 
@@ -156,3 +258,46 @@ def read_configs(model: str) -> tuple[dict, dict | None]:
     transformer = json.loads((root / "transformer" / "config.json").read_text())
     vae_file = root / "vae" / "config.json"
     return transformer, (json.loads(vae_file.read_text()) if vae_file.is_file() else None)
+
+
+CARDS = (24, 40, 48, 80, 141)  # GiB: RTX 4090/A10-class, A100 40 GB, L40S/A6000, A100/H100 80 GB, H200
+
+
+def card_table(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanRequest, gpus: int) -> list[dict]:
+    """The request's run in every mode this trainer has: LoRA and full fine-tuning, on 1 GPU and on ``gpus`` (FSDP),
+    with and without gradient checkpointing; per-GPU peak and the cards it fits (with the 10 % margin)."""
+    from dataclasses import replace
+
+    rows = []
+    for lora in (True, False):
+        for processes, fsdp in ((1, False), (gpus, True)):
+            for checkpointing in (False, True):
+                variant = replace(req, lora=lora, processes=processes, fsdp=fsdp, gradient_checkpointing=checkpointing)
+                total = memory_plan(transformer, vae, variant)["gib_per_gpu"]["total"]
+                rows.append(
+                    {
+                        "mode": f"LoRA r{req.lora_rank}" if lora else "full",
+                        "gpus": processes,
+                        "sharding": "FSDP" if fsdp else "one GPU",
+                        "gradient_checkpointing": checkpointing,
+                        "gib_per_gpu": total,
+                        "fits": [card for card in CARDS if total <= MARGIN * card],
+                    }
+                )
+    return rows
+
+
+def format_card_table(rows: list[dict], markdown: bool = False) -> str:
+    head = ["mode", "GPUs", "checkpointing", "GiB per GPU", *(f"{c} GB" for c in CARDS)]
+    body = [
+        [
+            r["mode"], f"{r['gpus']} ({r['sharding']})", "on" if r["gradient_checkpointing"] else "off",
+            f"{r['gib_per_gpu']:.1f}", *("yes" if c in r["fits"] else "—" for c in CARDS),
+        ]
+        for r in rows
+    ]  # fmt: skip
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(x) for x in column) for column in zip(head, *body, strict=True)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *body])
