@@ -1,0 +1,45 @@
+"""The README's "which card" tables: the plan for Qwen-Image-Edit-2509 (published config, nothing downloaded)
+at 512 and 1024 px with 1 and 3 source images, every mode on 1 GPU and on 8 (FSDP).
+
+    python benchmarks/plan_table.py [--lora_rank 64] [--text_tokens 512] [--gpus 8]
+
+Planned, not measured: the activations are counted on one real-width block on this CPU
+(see pipeline/train/activations.py); ``benchmarks/gpu_check.py`` prints the measured peak
+beside the plan's on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    from pipeline.train.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, card_table, format_card_table
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--text_tokens", type=int, default=512)
+    p.add_argument("--gpus", type=int, default=8)
+    args = p.parse_args()
+    started = time.perf_counter()
+    transformer, vae = build_on_meta(PUBLISHED["qwen-image-edit-2509"])
+    for size in (512, 1024):
+        for sources in (1, 3):
+            request = PlanRequest(
+                lora=True, lora_rank=args.lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")),
+                mixed_precision="bf16", batch_size=1, image_sample_size=size, num_sources=sources,
+                text_tokens=args.text_tokens, vae_mini_batch=1,
+            )  # fmt: skip
+            print(f"\n{size} px, {sources} source(s), {args.text_tokens} text tokens, batch 1 (planned):\n")
+            print(format_card_table(card_table(transformer, vae, request, args.gpus), markdown=True))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
