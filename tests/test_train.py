@@ -606,3 +606,29 @@ def test_validation_images_recipe_resume_by_name_and_lora_in_every_checkpoint(
         check=True,
     )
     assert all(np.array_equal(a, b) for a, b in zip(at_4, rendered(4), strict=True))
+
+
+@pytest.mark.slow
+def test_8bit_adam_trains_a_lora_resumes_bitwise_and_is_refused_under_fsdp(tiny_model_dir, edit_meta, tmp_path):
+    """--use_8bit_adam (bitsandbytes AdamW8bit, on the CPU here): its nested 8-bit state round-trips through the
+    checkpoint files exactly; under FSDP it is refused at start-up (its kernels take no DTensor)."""
+    import shutil
+
+    # rank 64: the tiny model's adapter matrices reach bitsandbytes' 4,096-element threshold for 8-bit states
+    flags = ["--use_peft_lora", "--lora_rank", "64", "--use_8bit_adam", "--learning_rate", "1e-2"]
+    flags += ["--checkpointing_steps", "2", "--max_train_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_model_dir, edit_meta, straight, *flags)
+    state = load_file(str(straight / "checkpoint-2" / "optimizer.safetensors"))
+    assert any(v.dtype == torch.uint8 for v in state.values()), "8-bit moments in the checkpoint"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    train(tiny_model_dir, edit_meta, resumed, *flags, "--resume_from_checkpoint", "latest")
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "8-bit AdamW resume is not exact"
+    refused = run_module(
+        "pipeline.train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir",
+        str(edit_meta), "--output_dir", str(tmp_path / "fsdp"), *BASE, *flags, "--parallelism", "fsdp",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--use_8bit_adam works with DDP or one process" in refused.stderr

@@ -94,22 +94,38 @@ def batch_loss(
 
 
 def optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state as safetensors tensors and JSON scalars, keyed ``param/key[/sub…]`` (bitsandbytes'
+    8-bit AdamW nests its quantisation state in a dict per parameter)."""
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors, scalars, storages = {}, {}, set()
+
+    def put(key: str, value: Any) -> None:
+        if torch.is_tensor(value):
+            value = value.detach().cpu().contiguous()
+            if value.untyped_storage().data_ptr() in storages:  # shared (bitsandbytes' qmaps): its own copy
+                value = value.clone()
+            storages.add(value.untyped_storage().data_ptr())
+            tensors[key] = value
+        elif isinstance(value, dict) and value:
+            for sub, inner in value.items():
+                put(f"{key}/{sub}", inner)
+        else:
+            scalars[key] = value
+
     for idx, entry in state["state"].items():
         for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
+            put(f"{idx}/{key}", value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        parts = flat.split("/") if "/" in flat else flat.split(".", 1)  # "idx.key": checkpoints before nesting
+        node = state.setdefault(int(parts[0]), {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -183,6 +199,7 @@ class Trainer:
         self.config = config
         # decided before the Accelerator exists: under FSDP it must not build its own FSDP plugin
         self.fsdp = use_fsdp(config.parallelism)
+        check_optimizer(config.optim.use_8bit_adam, self.fsdp)
         use_cpu = not torch.cuda.is_available()
         tracking = config.tracking
         report_to = None if tracking.report_to == "none" else tracking.report_to.split(",")
@@ -630,6 +647,21 @@ def run_data_only(config: TrainConfig) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def check_optimizer(use_8bit_adam: bool, fsdp: bool) -> None:
+    """Refuse at start-up what would fail at the first step: bitsandbytes missing, or its kernels under FSDP2."""
+    if not use_8bit_adam:
+        return
+    if fsdp:
+        raise ValueError(
+            "--use_8bit_adam works with DDP or one process: bitsandbytes' update kernels take no FSDP2 sharded "
+            "(DTensor) parameters; drop --parallelism fsdp, or use AdamW (whose states FSDP shards instead)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: pip install 'qwen-edit-shards[adam8bit]'") from None
 
 
 def use_fsdp(parallelism: str) -> bool:
