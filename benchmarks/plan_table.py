@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, card_table, format_card_table
+    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, card_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora_rank", type=int, default=64)
@@ -29,15 +29,27 @@ def main() -> None:
     args = p.parse_args()
     started = time.perf_counter()
     transformer, vae = build_on_meta(PUBLISHED["qwen-image-edit-2509"])
-    for size in (512, 1024):
-        for sources in (1, 3):
-            request = PlanRequest(
-                lora=True, lora_rank=args.lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")),
-                mixed_precision="bf16", batch_size=1, image_sample_size=size, num_sources=sources,
-                text_tokens=args.text_tokens, vae_mini_batch=1,
-            )  # fmt: skip
-            print(f"\n{size} px, {sources} source(s), {args.text_tokens} text tokens, batch 1 (planned):\n")
-            print(format_card_table(card_table(transformer, vae, request, args.gpus), markdown=True))
+    configs = [(size, sources) for size in (512, 1024) for sources in (1, 3)]
+    tables = {}
+    for size, sources in configs:
+        request = PlanRequest(
+            lora=True, lora_rank=args.lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")),
+            mixed_precision="bf16", batch_size=1, image_sample_size=size, num_sources=sources,
+            text_tokens=args.text_tokens, vae_mini_batch=1,
+        )  # fmt: skip
+        tables[size, sources] = card_table(transformer, vae, request, args.gpus)
+    head = ["mode", "GPUs", "checkpointing", *(f"{size} px, {n} src" for size, n in configs), "host GiB"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for i, row in enumerate(tables[configs[0]]):
+        cells = [row["mode"], str(row["gpus"]) + (" (FSDP)" if row["sharding"] == "FSDP" else ""),
+                 "on" if row["gradient_checkpointing"] else "off"]  # fmt: skip
+        for config in configs:
+            r = tables[config][i]
+            card = f"{min(r['fits'])} GB" if r["fits"] else "none"
+            cells.append(f"{r['gib_per_gpu']:.1f} ({card})")
+        host = max(tables[c][i]["host_gib_per_process"] for c in configs)
+        cells.append(f"{host:.0f}" if host else "—")
+        print("| " + " | ".join(cells) + " |")
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 

@@ -281,6 +281,23 @@ def test_plan_bytes_follow_the_mode():
     assert fsdp["gib_per_gpu"]["activations"] == pytest.approx(kept / GiB), "inputs of every block, one recomputed"
     no_gc = memory_plan(transformer, vae, PlanRequest(fsdp=True, **{**full, "gradient_checkpointing": False}), block)
     assert no_gc["gib_per_gpu"]["activations"] > 5 * fsdp["gib_per_gpu"]["activations"]
+    # fp8 base: the blocks' Linear weights at one byte (and a fp32 scale per output row) instead of two
+    fp8 = memory_plan(
+        transformer, vae, PlanRequest(lora=True, lora_rank=16, lora_targets=targets, base_weight_dtype="float8_e4m3fn"),
+        block,
+    )  # fmt: skip
+    linears = [m for b in transformer.transformer_blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    saved = sum(m.weight.numel() - 4 * m.out_features for m in linears)
+    assert lora["gib_per_gpu"]["weights"] - fp8["gib_per_gpu"]["weights"] == pytest.approx(saved / GiB)
+    assert 18 < fp8["gib_per_gpu"]["weights"] < 22, "about 20 GB for the 20B DiT"
+    # CPU offload: a GPU keeps the gathered blocks; shards, gradients and AdamW states go to the host
+    off = memory_plan(transformer, vae, PlanRequest(fsdp=True, cpu_offload=True, **full), block)
+    assert off["gib_per_gpu"]["optimizer"] == 0 and off["gib_per_gpu"]["weights"] < 2
+    assert off["host_gib_per_process"] == pytest.approx(
+        sum(fsdp["gib_per_gpu"][k] for k in ("weights", "gradients", "optimizer"))
+        - off["gib_per_gpu"]["weights"]
+        - off["gib_per_gpu"]["gradients"]
+    )
 
 
 def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini_batch():

@@ -40,6 +40,7 @@ class ActivationMode:
     trainable_modules: tuple[str, ...] = (".",)
     mixed_precision: str | None = "bf16"
     fsdp: bool = False  # FSDP2's MixedPrecisionPolicy casts parameters; DDP runs under autocast
+    base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # the adapter in fp32, as the trainer keeps it
+        if mode.base_weight_dtype != "auto":
+            from pipeline.train.fp8 import FP8_DTYPES, quantize_frozen_linears
+
+            quantize_frozen_linears(model, FP8_DTYPES[mode.base_weight_dtype])
     else:
         model.to(torch.float32)  # fp32 master weights
         select_trainable(model, list(mode.trainable_modules), [])
@@ -94,7 +99,7 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
 def count_saved(model: torch.nn.Module, mode: ActivationMode, image_tokens: int, text_tokens: int) -> tuple[int, int]:
     """(bytes the block saves for backward, bytes of the tensors that enter it) for one sample."""
     block = model.transformer_blocks[0]
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}  # the weights
     saved: dict[int, int] = {}
     inputs: dict[int, int] = {}
     inside = [False]

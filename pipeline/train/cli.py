@@ -146,6 +146,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="comma-separated LoRA target modules")
     g.add_argument("--lora_path", default=None, help="initialise the LoRA from this safetensors file")
     g.add_argument(
+        "--base_weight_dtype",
+        choices=["auto", "float8_e4m3fn"],
+        default="auto",
+        help="LoRA only: how the frozen transformer blocks' Linear weights are stored. auto (default): the compute "
+        "dtype (bf16: ~41 GB for the 20B DiT); float8_e4m3fn: fp8 with one scale per output channel, computed in "
+        "bf16 (~20 GB); DDP or one process, not FSDP",
+    )
+    g.add_argument(
         "--lora_export_format",
         choices=["diffusers", "comfyui", "both"],
         default="diffusers",
@@ -237,6 +245,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "configuration (e.g. examples/accelerate_fsdp.yaml), else ddp",
     )
     o.add_argument("--use_fsdp", dest="parallelism", action="store_const", const="fsdp", help="= --parallelism fsdp")
+    o.add_argument(
+        "--fsdp_cpu_offload",
+        action="store_true",
+        help="FSDP only: keep the sharded parameters, their gradients and the optimizer states in host memory "
+        "(FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU); a GPU then holds the gathered blocks and the "
+        "activations. For full fine-tuning on fewer or smaller GPUs, and LoRA on one GPU (--parallelism fsdp over 1)",
+    )
     o.add_argument("--export_checkpoint", default=None, help="export this checkpoint for diffusers and exit")
 
 
@@ -357,6 +372,8 @@ def print_plan(args: argparse.Namespace) -> int:
         gpu_memory_gib=args.plan_gpu_memory,
         lora_dropout=args.lora_dropout,
         vae_mini_batch=args.vae_mini_batch,
+        base_weight_dtype=args.base_weight_dtype,
+        cpu_offload=args.fsdp_cpu_offload,
     )
     transformer, vae = build_on_meta(*read_configs(args.pretrained_model_name_or_path))
     print(format_plan(memory_plan(transformer, vae, request)))

@@ -138,6 +138,7 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ()
     init_path: str | None = None  # start from this safetensors file
     export_format: str = "diffusers"  # diffusers | comfyui | both
+    base_weight_dtype: str = "auto"  # auto: the compute dtype; float8_e4m3fn: the frozen base stored in fp8
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class TrainConfig:
     validation: ValidationConfig | None = None  # None: no --validation_jsonl
     export_checkpoint: str | None = None
     parallelism: str = "auto"  # auto | ddp | fsdp
+    fsdp_cpu_offload: bool = False  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer on the host
     recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
     allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml
 
@@ -324,7 +326,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 target_modules=tuple(split_patterns(args.lora_target_modules)),
                 init_path=args.lora_path,
                 export_format=args.lora_export_format,
+                base_weight_dtype=args.base_weight_dtype,
             )
+        elif args.base_weight_dtype != "auto":
+            raise ValueError("--base_weight_dtype float8_e4m3fn stores a frozen base: it needs --use_peft_lora")
         model = ModelConfig(
             pretrained=args.pretrained_model_name_or_path,
             transformer_path=args.transformer_path,
@@ -353,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         validation=validation,
         export_checkpoint=args.export_checkpoint,
         parallelism=args.parallelism,
+        fsdp_cpu_offload=args.fsdp_cpu_offload,
         recipe=recipe_of(args),
         allow_recipe_change=args.allow_recipe_change,
     )

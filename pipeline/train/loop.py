@@ -49,10 +49,19 @@ class NonFiniteTraining(RuntimeError):
 
 
 def batch_loss(
-    batch: dict[str, Any], transformer, vae, scheduler, cfg: FlowConfig, rank: int, world: int, loader_step: int
+    batch: dict[str, Any],
+    transformer,
+    vae,
+    scheduler,
+    cfg: FlowConfig,
+    rank: int,
+    world: int,
+    loader_step: int,
+    device: torch.device | None = None,
 ):
-    """Flow-matching loss of one batch (DESIGN §7); the noise depends on (seed, rank, step) only."""
-    device = next(p.device for p in transformer.parameters())
+    """Flow-matching loss of one batch; the noise depends on (seed, rank, step) only. ``device``: where the
+    transformer computes (default: where its parameters are; not so under FSDP's CPU offload)."""
+    device = device or next(p.device for p in transformer.parameters())
     x0 = flow.encode_latents(vae, batch["target"], cfg.vae_mini_batch)
     sources = [flow.encode_latents(vae, s, cfg.vae_mini_batch) for s in batch["sources"]]
     generator = step_generator(cfg.seed, rank, loader_step)
@@ -200,6 +209,13 @@ class Trainer:
         # decided before the Accelerator exists: under FSDP it must not build its own FSDP plugin
         self.fsdp = use_fsdp(config.parallelism)
         check_optimizer(config.optim.use_8bit_adam, self.fsdp)
+        if config.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError("--fsdp_cpu_offload offloads FSDP's shards: add --parallelism fsdp (on one GPU too)")
+        if self.fsdp and config.model and config.model.lora and config.model.lora.base_weight_dtype != "auto":
+            raise ValueError(  # FSDP's param dtype would cast the fp8 weights to bf16 without their scales
+                "--base_weight_dtype float8_e4m3fn works with DDP or one process, not FSDP (each GPU holds the fp8 "
+                "base whole, ~20 GB for the 20B DiT)"
+            )
         use_cpu = not torch.cuda.is_available()
         tracking = config.tracking
         report_to = None if tracking.report_to == "none" else tracking.report_to.split(",")
@@ -259,7 +275,7 @@ class Trainer:
         if self.fsdp:  # sharding replaces the parameters: find each group's again by name
             names = {id(p): n for n, p in transformer.named_parameters()}
             group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-            parallel.shard_transformer(transformer, acc.mixed_precision, acc.device)
+            parallel.shard_transformer(transformer, acc.mixed_precision, acc.device, config.fsdp_cpu_offload)
             params = dict(transformer.named_parameters())
             groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
         optimizer = self._optimizer(groups)
@@ -304,7 +320,8 @@ class Trainer:
             return CAME(groups, weight_decay=optim.adam_weight_decay)
         # fused on CUDA: one kernel per step, no per-parameter temporaries (foreach would allocate a copy of the
         # trainable parameters in fp32 at every step); the plan counts on it
-        return torch.optim.AdamW(groups, **kwargs, fused=torch.cuda.is_available() or None)
+        on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])  # not under CPU offload
+        return torch.optim.AdamW(groups, **kwargs, fused=on_cuda or None)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _checkpointer(self) -> ckpt.Checkpointer:
@@ -393,8 +410,9 @@ class Trainer:
             last = micro == ga - 1
             with self.accumulating(last):
                 loss = batch_loss(
-                    batch, self.transformer, self.vae, self.scheduler, config.flow, self.rank, self.world, loader_step
-                )
+                    batch, self.transformer, self.vae, self.scheduler, config.flow, self.rank, self.world, loader_step,
+                    acc.device,
+                )  # fmt: skip
                 if self.fsdp:
                     (loss / ga).backward()
                 else:

@@ -28,11 +28,17 @@ log = logging.getLogger(__name__)
 FSDP_STATE = "fsdp"  # folder inside a checkpoint
 
 
-def shard_transformer(transformer: torch.nn.Module, mixed_precision: str | None, device: torch.device):
-    """Shard every transformer block, then the rest, over all ranks (in place; returns the model)."""
+def shard_transformer(
+    transformer: torch.nn.Module, mixed_precision: str | None, device: torch.device, cpu_offload: bool = False
+):
+    """Shard every transformer block, then the rest, over all ranks (in place; returns the model).
+
+    ``cpu_offload``: FSDP2's ``CPUOffloadPolicy`` — shards, gradients (and so the optimizer) stay in
+    host memory, each block is copied to the device when it is gathered (pinned host memory on CUDA).
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if not dist.is_initialized():  # one process: accelerate starts no process group; FSDP over 1 rank still runs
         import os
@@ -50,9 +56,10 @@ def shard_transformer(transformer: torch.nn.Module, mixed_precision: str | None,
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     # no transformer.to(device) first: fully_shard moves each block to the mesh's device as it shards it,
     # so a GPU holds one unsharded block at a time, never the whole 20B model
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in transformer.transformer_blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(transformer, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(transformer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     return transformer
 
 

@@ -75,6 +75,8 @@ class PlanRequest:
     optimizer_bytes_per_param: int = 8  # AdamW: two fp32 moments (8-bit Adam: 2)
     gpu_memory_gib: float = 80.0
     vae_mini_batch: int = 32
+    base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
+    cpu_offload: bool = False  # FSDP: shards, gradients and optimizer states in host memory
 
     def activation_mode(self) -> ActivationMode:
         return ActivationMode(
@@ -84,6 +86,7 @@ class PlanRequest:
             trainable_modules=self.trainable_modules,
             mixed_precision=self.mixed_precision,
             fsdp=self.fsdp,
+            base_weight_dtype=self.base_weight_dtype if self.lora else "auto",
         )
 
 
@@ -164,6 +167,9 @@ def memory_plan(
         trainable = lora_parameters(transformer, req.lora_rank, req.lora_targets)
         block_trainable = lora_parameters(transformer.transformer_blocks[0], req.lora_rank, req.lora_targets)
         weights = params * size / shards + trainable * 4
+        if req.base_weight_dtype != "auto":  # block Linears: 1 byte a weight and a fp32 scale per output row
+            linears = [m for b in transformer.transformer_blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+            weights -= sum(m.weight.numel() * (size - 1) - m.out_features * 4 for m in linears) / shards
     else:
         counts = {n: p.numel() for n, p in transformer.named_parameters()}
         trainable = sum(c for n, c in counts.items() if any(t in n for t in req.trainable_modules))
@@ -181,6 +187,11 @@ def memory_plan(
         grads *= 2  # DDP's reducer buckets hold a second copy
     backward_temporaries = 0 if req.fsdp else block_trainable * compute  # a block's grads before the fp32 add
     optimizer = trainable * req.optimizer_bytes_per_param / shards
+    host = 0.0
+    if req.fsdp and req.cpu_offload:  # the shards, their gradients and the optimizer live in host memory
+        gathered = 2 * block * compute
+        host = weights - gathered + grads - block * 4 + optimizer
+        weights, grads, optimizer = gathered, block * 4, 0.0
     if activations is None:
         activations = block_activations(transformer_config(transformer), req.activation_mode())
     image_tokens = (req.image_sample_size // 16) ** 2 * (1 + req.num_sources)
@@ -213,6 +224,7 @@ def memory_plan(
             "vae_encode": encode / GiB,
             "total": total / GiB,
         },
+        "host_gib_per_process": host / GiB,
         "fits": total <= MARGIN * req.gpu_memory_gib * GiB,
     }
 
@@ -263,24 +275,46 @@ def read_configs(model: str) -> tuple[dict, dict | None]:
 CARDS = (24, 40, 48, 80, 141)  # GiB: RTX 4090/A10-class, A100 40 GB, L40S/A6000, A100/H100 80 GB, H200
 
 
+# the modes of the which-card table: (name, what changes, runs on one GPU without FSDP, runs under FSDP)
+VARIANTS = (
+    ("LoRA", {"lora": True}, True, True),
+    ("LoRA, fp8 base", {"lora": True, "base_weight_dtype": "float8_e4m3fn"}, True, False),
+    ("LoRA, fp8 base, 8-bit Adam", {"lora": True, "base_weight_dtype": "float8_e4m3fn", "optimizer_bytes_per_param": 2},
+     True, False),
+    ("LoRA, CPU offload", {"lora": True, "cpu_offload": True}, False, True),
+    ("full", {"lora": False}, True, True),
+    ("full, CPU offload", {"lora": False, "cpu_offload": True}, False, True),
+)  # fmt: skip
+
+
 def card_table(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanRequest, gpus: int) -> list[dict]:
-    """The request's run in every mode this trainer has: LoRA and full fine-tuning, on 1 GPU and on ``gpus`` (FSDP),
-    with and without gradient checkpointing; per-GPU peak and the cards it fits (with the 10 % margin)."""
+    """The request's run in every memory mode this trainer has — LoRA (bf16 or fp8 base, AdamW or 8-bit) and full
+    fine-tuning, with or without CPU offload — on 1 GPU and on ``gpus`` (FSDP), with and without gradient
+    checkpointing; per-GPU peak and the cards it fits (with the 10 % margin). CPU offload runs under FSDP, on one
+    GPU too; fp8 and 8-bit Adam do not."""
     from dataclasses import replace
 
     rows = []
-    for lora in (True, False):
-        for processes, fsdp in ((1, False), (gpus, True)):
+    for name, changes, single, sharded in VARIANTS:
+        for processes in (1, gpus):
+            fsdp = processes > 1 or bool(changes.get("cpu_offload"))
+            if (fsdp and not sharded) or (not fsdp and not single):
+                continue
             for checkpointing in (False, True):
-                variant = replace(req, lora=lora, processes=processes, fsdp=fsdp, gradient_checkpointing=checkpointing)
-                total = memory_plan(transformer, vae, variant)["gib_per_gpu"]["total"]
+                variant = replace(
+                    req, **{"base_weight_dtype": "auto", "optimizer_bytes_per_param": 8, "cpu_offload": False},
+                    processes=processes, fsdp=fsdp, gradient_checkpointing=checkpointing,
+                )  # fmt: skip
+                plan = memory_plan(transformer, vae, replace(variant, **changes))
+                total = plan["gib_per_gpu"]["total"]
                 rows.append(
                     {
-                        "mode": f"LoRA r{req.lora_rank}" if lora else "full",
+                        "mode": name.replace("LoRA", f"LoRA r{req.lora_rank}"),
                         "gpus": processes,
                         "sharding": "FSDP" if fsdp else "one GPU",
                         "gradient_checkpointing": checkpointing,
                         "gib_per_gpu": total,
+                        "host_gib_per_process": plan["host_gib_per_process"],
                         "fits": [card for card in CARDS if total <= MARGIN * card],
                     }
                 )
@@ -288,11 +322,12 @@ def card_table(transformer: torch.nn.Module, vae: torch.nn.Module, req: PlanRequ
 
 
 def format_card_table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["mode", "GPUs", "checkpointing", "GiB per GPU", *(f"{c} GB" for c in CARDS)]
+    head = ["mode", "GPUs", "checkpointing", "GiB per GPU", "host GiB", *(f"{c} GB" for c in CARDS)]
     body = [
         [
             r["mode"], f"{r['gpus']} ({r['sharding']})", "on" if r["gradient_checkpointing"] else "off",
-            f"{r['gib_per_gpu']:.1f}", *("yes" if c in r["fits"] else "—" for c in CARDS),
+            f"{r['gib_per_gpu']:.1f}", f"{r['host_gib_per_process']:.0f}" if r["host_gib_per_process"] else "—",
+            *("yes" if c in r["fits"] else "—" for c in CARDS),
         ]
         for r in rows
     ]  # fmt: skip

@@ -1,0 +1,78 @@
+"""--base_weight_dtype float8_e4m3fn: the frozen base stored in fp8 (per-output-channel scales), computed in bf16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.train.fp8 import Float8Linear, quantize_frozen_linears
+
+# e4m3 keeps 3 mantissa bits: a weight rounds to within half a step of 2^-3 of its binade, a relative error
+# uniform in ±2^-4, whose rms is 2^-4/√3 = 3.6 %. A Linear's output sums many weight·input terms whose errors are
+# independent, so its relative rms error is that same 3.6 % (weights far below their row's largest, which fall
+# into e4m3's subnormals, only lower it: their error is absolute and tiny).
+PER_LINEAR = 2**-4 / math.sqrt(3)
+
+
+def test_one_linear_is_within_e4m3s_rounding():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3072, 1024).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(64, 3072, dtype=torch.bfloat16)
+    q = Float8Linear(linear)
+    assert q.weight8.dtype == torch.float8_e4m3fn and q.scale.shape == (1024, 1)
+    expected, got = linear(x).float(), q(x).float()
+    error = float((got - expected).norm() / expected.norm())
+    assert error <= 1.1 * PER_LINEAR, error  # 10 %: the sample's rms over 64 × 1024 outputs is that close
+    x.requires_grad_(True)
+    q(x).sum().backward()  # the input's gradient through the dequantised weight; the weight gets none
+    reference = torch.ones(64, 1024, dtype=torch.bfloat16) @ linear.weight
+    assert float((x.grad.float() - reference.float()).norm() / reference.float().norm()) <= 1.1 * PER_LINEAR
+
+
+@pytest.mark.slow
+def test_a_real_width_block_in_fp8_stays_close_to_bf16_and_saves_half_the_bytes():
+    """The published block (3072 wide) with LoRA r64: its update of the image and text streams in fp8 vs bf16.
+    Bound: 14 quantised Linears, the longest path through the block meets about 6 of them (modulation, q/k/v,
+    out, MLP in and out); independent errors add in quadrature: √6 × 3.6 % = 8.8 %, and the attention's softmax
+    can sharpen logit errors a little — so 15 %."""
+    from pipeline.train.activations import ActivationMode, build_one_block
+    from pipeline.train.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
+
+    model = build_one_block(CONFIG, ActivationMode(lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(","))))
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 256, 64, generator=g),
+        encoder_hidden_states=torch.randn(1, 64, 3584, generator=g),
+        encoder_hidden_states_mask=torch.ones(1, 64, dtype=torch.long),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 16, 16)]],
+        return_dict=False,
+    )
+    block, seen = model.transformer_blocks[0], {}
+
+    def keep_in(module, args, kwargs):
+        seen["in"] = [kwargs["encoder_hidden_states"].float(), kwargs["hidden_states"].float()]
+
+    def keep_out(module, args, output):
+        seen["out"] = [t.float() for t in output]
+
+    block.register_forward_pre_hook(keep_in, with_kwargs=True)
+    block.register_forward_hook(keep_out)
+
+    def updates():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs)
+        return [out - inp for out, inp in zip(seen["out"], seen["in"], strict=True)]
+
+    bf16_bytes = sum(
+        m.weight.numel() * 2 for m in block.modules() if type(m) is torch.nn.Linear and "lora" not in str(m)
+    )
+    reference = updates()
+    assert quantize_frozen_linears(model) == 14
+    fp8_bytes = sum(m.weight8.numel() + m.scale.numel() * 4 for m in block.modules() if isinstance(m, Float8Linear))
+    for expected, got in zip(reference, updates(), strict=True):
+        assert float((got - expected).norm() / expected.norm()) <= 0.15
+    assert fp8_bytes <= 0.51 * bf16_bytes, "one byte a weight and a scale per row"
