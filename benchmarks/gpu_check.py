@@ -1,6 +1,7 @@
 """One command to check the real-scale path on a GPU, ready the moment one is available.
 
     python benchmarks/gpu_check.py            # real widths on CUDA, the tiny model on a CPU
+    python benchmarks/gpu_check.py --real_width   # on a CPU: published widths, 2 blocks, FSDP on 2 processes
 
 No downloads: random weights in the real configurations — the Qwen-Image DiT at full
 width with --blocks of its 60 blocks, the real VAE config, Qwen2.5-VL at full width
@@ -92,8 +93,10 @@ def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: i
     }
 
 
-def train(model: Path, meta: Path, out: Path, steps: int, extra: list[str], mixed: str, size: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "pipeline.train"]
+def train(
+    model: Path, meta: Path, out: Path, steps: int, extra: list[str], mixed: str, size: int, nproc: int = 1
+) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "pipeline.train"]
     cmd += ["--pretrained_model_name_or_path", str(model), "--train_data_meta_dir", str(meta)]
     cmd += ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 2)]
     cmd += ["--image_sample_size", str(size), "--mixed_precision", mixed, "--report_to", "none"]
@@ -169,6 +172,27 @@ def planned_gib(model: Path, lora: bool, mixed: str, size: int) -> tuple[float, 
     return here, at_60
 
 
+def plan_against_count() -> dict:
+    """The plan's per-block bytes (from counts at a few tokens) against a direct count at 1,152 tokens on one block
+    of the published width, bf16 autocast, for full fine-tuning and LoRA r64 without and with dropout."""
+    from pipeline.train.activations import ActivationMode, block_activations, build_one_block, count_saved
+    from pipeline.train.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.plan import PUBLISHED
+
+    config, targets = PUBLISHED["qwen-image-edit-2509"], tuple(DEFAULT_LORA_TARGETS.split(","))
+    out = {}
+    for name, mode in (
+        ("full", ActivationMode()),
+        ("lora_r64", ActivationMode(lora_rank=64, lora_targets=targets)),
+        ("lora_r64_dropout_0.05", ActivationMode(lora_rank=64, lora_targets=targets, lora_dropout=0.05)),
+    ):
+        planned = block_activations(config, mode).saved(1024, 128)
+        counted, _ = count_saved(build_one_block(config, mode), mode, 1024, 128)
+        out[name] = {"planned_mib": round(planned / 2**20, 1), "counted_mib": round(counted / 2**20, 1),
+                     "ratio": round(planned / counted, 4)}  # fmt: skip
+    return out
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -206,13 +230,24 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=4, help="DiT blocks of the real-width model (of 60)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 10 on CUDA, 4 on CPU)")
     p.add_argument("--samples", type=int, default=None, help="sample-data rows per task (default 16 / 4)")
+    p.add_argument(
+        "--real_width",
+        action="store_true",
+        help="the rehearsal a CPU can run: the published widths with 2 DiT blocks and Qwen2.5-VL with 2+2 layers, "
+        "64 px, LoRA and full fine-tuning under FSDP on 2 processes (gloo), checkpoint + resume + both exports in "
+        "diffusers, and the plan's per-block bytes against a count on a real-width block",
+    )
     args = p.parse_args()
+    rehearsal = args.real_width and not cuda
+    if args.real_width:
+        args.size, args.blocks = "real", 2
     real = args.size == "real" or (args.size == "auto" and cuda)
     device = "cuda" if cuda else "cpu"
-    steps = args.steps or (10 if cuda else 4)
-    samples = args.samples or (16 if cuda else 4)
-    size = 512 if real else 64
-    mixed = "bf16" if cuda else "no"
+    steps = args.steps or (10 if cuda else 2 if rehearsal else 4)
+    samples = args.samples or (16 if cuda else 2 if rehearsal else 4)
+    size = 64 if not cuda else 512 if real else 64
+    nproc = 2 if rehearsal else 1
+    mixed = "bf16" if cuda or rehearsal else "no"  # the rehearsal: the autocast / FSDP param-dtype path GPUs run
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
     started = time.perf_counter()
     sys.path.insert(0, str(REPO))
@@ -231,17 +266,21 @@ def main() -> None:
     meta = Path(report["extraction"]["padded"]["task"]).parent
 
     lora_flags = ["--use_peft_lora", "--lora_rank", "64", "--lora_alpha", "64", "--gradient_checkpointing"]
+    if rehearsal:  # both modes sharded over the 2 processes
+        lora_flags += ["--parallelism", "fsdp"]
     fsdp_flags = ["--parallelism", "fsdp", "--gradient_checkpointing"]
     runs = {}
     for name, flags, lora in (("lora", lora_flags, True), ("full_fsdp", fsdp_flags, False)):
-        summary = train(model, meta, work / name, steps, flags, mixed, size)
-        bare = bare_step_seconds(model, lora, mixed, size, device)
+        summary = train(model, meta, work / name, steps, flags, mixed, size, nproc)
         entry = {
+            "processes": nproc,
             "median_step_s": round(summary["median_step_s"], 4),
-            "bare_forward_backward_s": round(bare, 4),
-            "step_over_bare": round(summary["median_step_s"] / bare, 3),
             "data_wait_fraction": round(summary["data_wait_fraction"], 4),
         }
+        if not rehearsal:  # the bare forward+backward of the same shapes (a minute more on a CPU at real width)
+            bare = bare_step_seconds(model, lora, mixed, size, device)
+            entry["bare_forward_backward_s"] = round(bare, 4)
+            entry["step_over_bare"] = round(summary["median_step_s"] / bare, 3)
         if summary["peak_memory_bytes"]:  # CUDA only: a half-depth run gives the memory one block adds
             half_folder, half = half_depth(model)
             flags_half = [*flags, "--transformer_path", str(half_folder)]
@@ -264,7 +303,7 @@ def main() -> None:
     shutil.rmtree(resumed, ignore_errors=True)
     resumed.mkdir()
     shutil.copytree(work / "lora" / f"checkpoint-{steps // 2}", resumed / f"checkpoint-{steps // 2}")
-    train(model, meta, resumed, steps, [*lora_flags, "--resume_from_checkpoint", "latest"], mixed, size)
+    train(model, meta, resumed, steps, [*lora_flags, "--resume_from_checkpoint", "latest"], mixed, size, nproc)
     a = weights(work / "lora")
     b = weights(resumed)
     report["resume"] = {
@@ -274,6 +313,8 @@ def main() -> None:
     report["exports_in_diffusers"] = load_exports(
         model, work / "full_fsdp", work / "lora" / "pytorch_lora_weights.safetensors", size
     )
+    if rehearsal:
+        report["plan_vs_count"] = plan_against_count()
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 

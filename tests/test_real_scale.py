@@ -316,6 +316,10 @@ def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini
     _, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
     one, two = (vae_encode_peak(vae, n, 256, torch.bfloat16) for n in (1, 2))
     assert 1.9 < two / one <= 2.0, "the encode's tensors scale with the images encoded at once"
+    from pipeline.train.plan import vae_decode_peak
+
+    small, large = vae_decode_peak(vae, 256, torch.bfloat16), vae_decode_peak(vae, 512, torch.bfloat16)
+    assert 3.5 < large / small <= 4.0, "the decode's tensors scale with the picture's area"
 
 
 @pytest.mark.slow

@@ -374,6 +374,7 @@ def print_plan(args: argparse.Namespace) -> int:
         vae_mini_batch=args.vae_mini_batch,
         base_weight_dtype=args.base_weight_dtype,
         cpu_offload=args.fsdp_cpu_offload,
+        validation=bool(args.validation_jsonl),
     )
     transformer, vae = build_on_meta(*read_configs(args.pretrained_model_name_or_path))
     print(format_plan(memory_plan(transformer, vae, request)))

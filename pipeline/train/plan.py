@@ -23,9 +23,12 @@ What is alive at the peak, by kind:
   it there), which allocates no per-parameter temporaries; the ``foreach`` kernel it
   replaces would add one fp32 copy of the trainable parameters.
 
+* validation rendering (when asked): the VAE decode at the render size, counted the
+  same way, next to the training state.
+
 Not counted: the CUDA context and allocator fragmentation (hence ``fits`` keeps a
-10 % margin), validation rendering (decode at the render size) next to the
-training state, and the data loader's host memory.
+10 % margin), the rendering's own transformer forward (no grad, one sample), and the
+data loader's host memory.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class PlanRequest:
     vae_mini_batch: int = 32
     base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
     cpu_offload: bool = False  # FSDP: shards, gradients and optimizer states in host memory
+    validation: bool = False  # validation images are rendered next to the training state
 
     def activation_mode(self) -> ActivationMode:
         return ActivationMode(
@@ -124,6 +128,17 @@ def vae_encode_peak(vae: torch.nn.Module, images: int, size: int, dtype: torch.d
     counter = LiveBytes()
     with torch.no_grad(), counter:
         vae.encode(pixels)
+    return counter.peak
+
+
+def vae_decode_peak(vae: torch.nn.Module, size: int, dtype: torch.dtype) -> int:
+    """Bytes alive at once while the VAE decodes one ``size``² picture (validation rendering), counted on ``meta``."""
+    vae = vae.to(dtype)
+    channels = vae.config.z_dim
+    latents = torch.empty(1, channels, 1, size // 8, size // 8, device="meta", dtype=dtype)
+    counter = LiveBytes()
+    with torch.no_grad(), counter:
+        vae.decode(latents)
     return counter.peak
 
 
@@ -206,7 +221,9 @@ def memory_plan(
     # the target and each source are encoded apart, in chunks of --vae_mini_batch of the batch's pictures
     encode = vae_encode_peak(vae, min(req.vae_mini_batch, req.batch_size), req.image_sample_size, vae_dtype)
     training = grads + held + backward_temporaries
-    total = weights + optimizer + vae_bytes + max(training, encode)
+    # validation renders at the training size after a step: the VAE decode's transient next to the training state
+    decode = vae_decode_peak(vae, req.image_sample_size, vae_dtype) if req.validation else 0
+    total = weights + optimizer + vae_bytes + max(training, encode, decode)
     return {
         "request": asdict(req),
         "transformer_parameters": params,
@@ -222,6 +239,7 @@ def memory_plan(
             "backward_temporaries": backward_temporaries / GiB,
             "vae": vae_bytes / GiB,
             "vae_encode": encode / GiB,
+            "validation_decode": decode / GiB,
             "total": total / GiB,
         },
         "host_gib_per_process": host / GiB,
