@@ -9,7 +9,8 @@ with 2 text and 2 vision layers. It runs the project's own entry points and prin
 one JSON with:
 
 * extraction prompts/s with the default (padded) batching and with exact batching;
-* LoRA (one process) and full fine-tuning under FSDP: median training step time, the
+* LoRA (one process) and full fine-tuning under FSDP (on CUDA also LoRA on an fp8 base and full
+  fine-tuning with CPU offload): median training step time, the
   same model's bare forward+backward on synthetic tensors of the same shapes, their
   ratio, the data-wait fraction, peak memory, and (from a half-depth run) peak memory
   per block extrapolated to 60 blocks;
@@ -156,7 +157,7 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
     return seconds
 
 
-def planned_gib(model: Path, lora: bool, mixed: str, size: int) -> tuple[float, float]:
+def planned_gib(model: Path, lora: bool, mixed: str, size: int, **changes) -> tuple[float, float]:
     """The plan's peak per GPU for the run's mode (its model, then the published 60 blocks): the figure the
     measured peak calibrates. Planned at 3 sources (the runs draw 0-3) and 512 text tokens."""
     from pipeline.train.model import DEFAULT_LORA_TARGETS
@@ -165,7 +166,7 @@ def planned_gib(model: Path, lora: bool, mixed: str, size: int) -> tuple[float, 
     request = PlanRequest(
         lora=lora, lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), fsdp=not lora,
         mixed_precision=mixed, gradient_checkpointing=True, batch_size=1, image_sample_size=size, num_sources=3,
-        text_tokens=512, gpu_memory_gib=80.0,
+        text_tokens=512, gpu_memory_gib=80.0, **changes,
     )  # fmt: skip
     here = memory_plan(*build_on_meta(*read_configs(str(model))), request)["gib_per_gpu"]["total"]
     at_60 = memory_plan(*build_on_meta(PUBLISHED["qwen-image-edit-2509"]), request)["gib_per_gpu"]["total"]
@@ -270,7 +271,14 @@ def main() -> None:
         lora_flags += ["--parallelism", "fsdp"]
     fsdp_flags = ["--parallelism", "fsdp", "--gradient_checkpointing"]
     runs = {}
-    for name, flags, lora in (("lora", lora_flags, True), ("full_fsdp", fsdp_flags, False)):
+    modes = [("lora", lora_flags, True, {}), ("full_fsdp", fsdp_flags, False, {})]
+    if cuda:  # the options for smaller cards, measured beside their plan
+        modes += [
+            ("lora_fp8_base", [*lora_flags, "--base_weight_dtype", "float8_e4m3fn"], True,
+             {"base_weight_dtype": "float8_e4m3fn"}),
+            ("full_fsdp_cpu_offload", [*fsdp_flags, "--fsdp_cpu_offload"], False, {"cpu_offload": True}),
+        ]  # fmt: skip
+    for name, flags, lora, changes in modes:
         summary = train(model, meta, work / name, steps, flags, mixed, size, nproc)
         entry = {
             "processes": nproc,
@@ -290,7 +298,7 @@ def main() -> None:
             entry["peak_memory_gib"] = round(summary["peak_memory_bytes"] / GiB, 2)
             entry["peak_memory_per_block_gib"] = round(per_block / GiB, 3)
             entry["peak_memory_60_blocks_gib"] = round(at_60 / GiB, 1)
-            plan_here, plan_60 = planned_gib(model, lora, mixed, size)
+            plan_here, plan_60 = planned_gib(model, lora, mixed, size, **changes)
             entry["planned_peak_gib"] = round(plan_here, 2)
             entry["measured_over_planned"] = round(summary["peak_memory_bytes"] / GiB / plan_here, 3)
             entry["planned_peak_60_blocks_gib"] = round(plan_60, 1)
