@@ -141,3 +141,16 @@ def meta_dir(sample_data_dir, tiny_model_dir, tmp_path_factory):
     for task in ("edit_single", "compose_multi", "text_to_image"):
         extract(sample_data_dir / task / "data.jsonl", root / task, tiny_model_dir, "--max_samples_per_shard", "3")
     return root
+
+
+@pytest.fixture(scope="module")
+def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
+    """A handful of single-source edits to overfit."""
+    from helpers import extract
+
+    root = tmp_path_factory.mktemp("overfit")
+    rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
+    jsonl = sample_data_dir / "edit_single" / "four.jsonl"
+    jsonl.write_text("\n".join(rows) + "\n")
+    extract(jsonl, root / "four", tiny_model_dir)
+    return root

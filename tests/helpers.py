@@ -225,3 +225,58 @@ class PickleBomb:
 def no_traceback_of_ours(stderr: str) -> bool:
     """No frame of this project's code in a traceback (a launcher's own report of a failed child is allowed)."""
     return not any(line.strip().startswith('File "') and "/pipeline/" in line for line in stderr.splitlines())
+
+
+# --- training runs (the trainer's CLI on the tiny model) ---------------------------------------------
+
+TRAIN_BASE = [
+    "--train_batch_size",
+    "1",
+    "--image_sample_size",
+    "64",
+    "--dataloader_num_workers",
+    "1",
+    "--seed",
+    "3",
+    "--report_to",
+    "none",
+]
+
+
+def train(model_dir, meta, out, *extra, env=None, nproc: int = 1):
+    args = [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--train_data_meta_dir",
+        str(meta),
+        "--output_dir",
+        str(out),
+        *TRAIN_BASE,
+        *extra,
+    ]
+    if nproc == 1:
+        return run_module("pipeline.train", *args, env=env, check=True)
+    return torchrun(nproc, "pipeline.train", *args, env=env)
+
+
+def transformer_weights(folder: Path) -> dict:
+    """Every tensor of a diffusers weights folder (all its safetensors files), by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def generate_edit(pipe):
+    """One small edit through a diffusers pipeline, deterministic: what a loaded LoRA or transformer changes."""
+    import torch
+    from PIL import Image
+
+    return pipe(
+        image=[Image.new("RGB", (64, 48), (200, 40, 40))],
+        prompt="Make it blue.",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]

@@ -3,57 +3,13 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PickleBomb, extract, no_traceback_of_ours, run_module, torchrun
+from helpers import TRAIN_BASE as BASE
+from helpers import extract, generate_edit, no_traceback_of_ours, run_module, train, transformer_weights
 from safetensors.torch import load_file
-
-BASE = [
-    "--train_batch_size",
-    "1",
-    "--image_sample_size",
-    "64",
-    "--dataloader_num_workers",
-    "1",
-    "--seed",
-    "3",
-    "--report_to",
-    "none",
-]
-
-
-def train(model_dir, meta, out, *extra, env=None, nproc: int = 1):
-    args = [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--train_data_meta_dir",
-        str(meta),
-        "--output_dir",
-        str(out),
-        *BASE,
-        *extra,
-    ]
-    if nproc == 1:
-        return run_module("pipeline.train", *args, env=env, check=True)
-    return torchrun(nproc, "pipeline.train", *args, env=env)
-
-
-def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
-@pytest.fixture(scope="module")
-def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
-    """A handful of single-source edits to overfit."""
-    root = tmp_path_factory.mktemp("overfit")
-    rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
-    jsonl = sample_data_dir / "edit_single" / "four.jsonl"
-    jsonl.write_text("\n".join(rows) + "\n")
-    extract(jsonl, root / "four", tiny_model_dir)
-    return root
 
 
 @pytest.mark.slow
@@ -169,20 +125,6 @@ def test_full_finetune_trains_only_the_chosen_modules(tiny_model_dir, edit_meta,
     assert again.keys() == tuned.keys() and all(torch.equal(again[k], tuned[k]) for k in tuned)
 
 
-def _generate(pipe):
-    from PIL import Image
-
-    return pipe(
-        image=[Image.new("RGB", (64, 48), (200, 40, 40))],
-        prompt="Make it blue.",
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images[0]
-
-
 @pytest.mark.slow
 def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     tiny_model_dir, edit_meta, tmp_path, small_vae_inputs
@@ -242,9 +184,9 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     assert f"{weights} lacks 2 of the run's trainable parameters" in refused.stderr and dropped[0] in refused.stderr
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir)
-    base = _generate(pipe)
+    base = generate_edit(pipe)
     pipe.load_lora_weights(str(lora_file))
-    with_lora = _generate(pipe)
+    with_lora = generate_edit(pipe)
     assert with_lora.shape == base.shape and not (with_lora == base).all(), "the LoRA changes the output"
 
     full = tmp_path / "full"
@@ -261,7 +203,7 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     )
     tuned = QwenImageTransformer2DModel.from_pretrained(full / "transformer")
     pipe2 = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir, transformer=tuned)
-    image = _generate(pipe2)
+    image = generate_edit(pipe2)
     assert image.shape == (64, 64, 3) and not (image == base).all()
     assert (full / "first_batch.png").exists()
 
@@ -417,107 +359,6 @@ def test_non_finite_steps_are_skipped_and_never_checkpointed(tiny_model_dir, edi
         assert all(torch.isfinite(t).all() for t in weights.values()), f"{folder.name} holds NaN/Inf weights"
 
 
-@pytest.mark.slow
-def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
-    tiny_model_dir, edit_meta, sample_data_dir, tmp_path, small_vae_inputs
-):
-    """FSDP2 (our fully_shard wrapping) on 2 CPU processes with gloo: the path GPUs run."""
-    import shutil
-
-    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-
-    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "5e-3"]
-
-    def run(out, *extra):
-        trace = tmp_path / f"{out.name}.jsonl"
-        train(tiny_model_dir, edit_meta, out, *common, "--data_trace", str(trace), *extra, nproc=2)
-        return [json.dumps(json.loads(x), sort_keys=True) for x in trace.read_text().splitlines()]
-
-    straight = tmp_path / "fsdp"
-    validation = tmp_path / "validation.jsonl"  # rendered by both ranks in lockstep (the sharded forward)
-    source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
-    validation.write_text(json.dumps({"source_image": str(source), "instruction": "Make it blue."}) + "\n")
-    rendering = ["--validation_jsonl", str(validation), "--validation_steps", "3", "--validation_inference_steps", "1"]
-    straight_trace = run(straight, "--parallelism", "fsdp", *rendering)
-    assert all((straight / "validation" / f"step-{s:06d}" / "row-00.png").exists() for s in (3, 6))
-    assert (straight / "checkpoint-3" / "fsdp").is_dir() and not (
-        straight / "checkpoint-3" / "trainable.safetensors"
-    ).exists()
-    resumed = tmp_path / "fsdp_resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    resumed_trace = run(resumed, "--parallelism", "fsdp", "--resume_from_checkpoint", "latest")
-    assert sorted(resumed_trace) == sorted(x for x in straight_trace if json.loads(x)["step"] > 3)
-    a, b = transformer_weights(straight / "transformer"), transformer_weights(resumed / "transformer")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "FSDP resume is not bitwise exact"
-    assert sorted(p.name for p in (straight / "checkpoint-3" / "fsdp").iterdir()) == [
-        "rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors",
-    ]  # fmt: skip
-
-    # a crafted pickle where torch.distributed.checkpoint kept its .metadata: named, refused, never run
-    poisoned = tmp_path / "poisoned"
-    poisoned.mkdir()
-    shutil.copytree(straight / "checkpoint-3", poisoned / "checkpoint-3")
-    (poisoned / "checkpoint-3" / "fsdp" / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
-    args = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir", str(edit_meta)]
-    refused = torchrun(
-        2, "pipeline.train", *args, "--output_dir", str(poisoned), *BASE, *common, "--parallelism", "fsdp",
-        "--resume_from_checkpoint", "checkpoint-3", check=False,
-    )  # fmt: skip
-    assert refused.returncode != 0 and not (tmp_path / "pwned").exists()
-    assert "fsdp/.metadata, a file it was not saved with" in refused.stderr and no_traceback_of_ours(refused.stderr)
-
-    ddp = tmp_path / "ddp"
-    run(ddp, "--parallelism", "ddp")
-    c = transformer_weights(ddp / "transformer")
-    assert c.keys() == a.keys()
-    base = transformer_weights(tiny_model_dir / "transformer")
-    assert any(not torch.equal(a[k], base[k]) for k in a)
-    assert update_difference(a, c, base) < 1e-3, "FSDP and DDP trained different weights"
-
-    exported = tmp_path / "exported"
-    train(tiny_model_dir, edit_meta, exported, *common, "--parallelism", "fsdp",
-          "--export_checkpoint", str(straight / "checkpoint-3"), nproc=2)  # fmt: skip
-    at_3 = QwenImageTransformer2DModel.from_pretrained(exported / "transformer")
-    assert any(not torch.equal(at_3.state_dict()[k], a[k]) for k in a), "the step-3 export is not the final one"
-    on_one = tmp_path / "exported_on_one"  # the 2-rank shards read back by 1 rank: each tensor's rows regathered
-    train(tiny_model_dir, edit_meta, on_one, *common, "--parallelism", "fsdp",
-          "--export_checkpoint", str(straight / "checkpoint-3"))  # fmt: skip
-    x3, y3 = transformer_weights(exported / "transformer"), transformer_weights(on_one / "transformer")
-    assert x3.keys() == y3.keys() and all(torch.equal(x3[k], y3[k]) for k in x3)
-    QwenImageTransformer2DModel.from_pretrained(straight / "transformer")
-
-    lora = ["--use_peft_lora", "--lora_rank", "4", "--lora_alpha", "2", "--learning_rate", "1e-2"]
-    run(tmp_path / "lora_fsdp", "--parallelism", "fsdp", *lora)
-    run(tmp_path / "lora_ddp", "--parallelism", "ddp", *lora)
-    x = load_file(str(tmp_path / "lora_fsdp" / "pytorch_lora_weights.safetensors"))
-    y = load_file(str(tmp_path / "lora_ddp" / "pytorch_lora_weights.safetensors"))
-    assert x and x.keys() == y.keys()
-    b_keys = [k for k in x if "lora_B" in k]  # B starts at zero: its weights are the update itself
-    assert b_keys and update_difference({k: x[k] for k in b_keys}, {k: y[k] for k in b_keys}) < 1e-3
-    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir)
-    before = _generate(pipe)
-    pipe.load_lora_weights(str(tmp_path / "lora_fsdp" / "pytorch_lora_weights.safetensors"))
-    assert not (_generate(pipe) == before).all(), "the LoRA gathered from FSDP shards changes the output"
-
-
-def update_difference(a: dict, b: dict, base: dict | None = None) -> float:
-    """‖a − b‖ / ‖a − base‖ over all tensors: how far two runs' weights are apart, relative to what training moved.
-
-    Why relative and why 1e-3 is the bound the FSDP/DDP comparisons use: the two runs do the same math with sums in
-    another order, so each gradient element differs by a few fp32 roundings (ε = 6e-8 relative, times the terms
-    summed); AdamW divides by √v, which keeps that relative difference for ordinary elements but turns it into an
-    O(lr) difference for the few whose gradient is itself at rounding level (why an absolute bound of 1e-6 failed
-    on another CPU: 1.95e-6 there, 1.4e-6 and 1.5e-8 on two runs here). Over the whole update that is ~1e-6
-    (6e-7 measured here); a real defect — a gradient not reduced, a shard misplaced, a step lost — changes the
-    update by tens of percent. 1e-3 sits 1,000× above the first and 100× below the second.
-    """
-    base = base if base is not None else {k: torch.zeros_like(v) for k, v in a.items()}
-    apart = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in a) ** 0.5
-    moved = sum(float(((a[k] - base[k]).double() ** 2).sum()) for k in a) ** 0.5
-    return apart / moved
-
-
 def tensorboard_events(folder: Path) -> tuple[set[str], set[str]]:
     """(scalar tags, image tags) written by the run's TensorBoard tracker."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -606,100 +447,3 @@ def test_validation_images_recipe_resume_by_name_and_lora_in_every_checkpoint(
         check=True,
     )
     assert all(np.array_equal(a, b) for a, b in zip(at_4, rendered(4), strict=True))
-
-
-@pytest.mark.slow
-def test_8bit_adam_trains_a_lora_resumes_bitwise_and_is_refused_under_fsdp(tiny_model_dir, edit_meta, tmp_path):
-    """--use_8bit_adam (bitsandbytes AdamW8bit, on the CPU here): its nested 8-bit state round-trips through the
-    checkpoint files exactly; under FSDP it is refused at start-up (its kernels take no DTensor)."""
-    import shutil
-
-    # rank 64: the tiny model's adapter matrices reach bitsandbytes' 4,096-element threshold for 8-bit states
-    flags = ["--use_peft_lora", "--lora_rank", "64", "--use_8bit_adam", "--learning_rate", "1e-2"]
-    flags += ["--checkpointing_steps", "2", "--max_train_steps", "4"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_model_dir, edit_meta, straight, *flags)
-    state = load_file(str(straight / "checkpoint-2" / "optimizer.safetensors"))
-    assert any(v.dtype == torch.uint8 for v in state.values()), "8-bit moments in the checkpoint"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    train(tiny_model_dir, edit_meta, resumed, *flags, "--resume_from_checkpoint", "latest")
-    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "8-bit AdamW resume is not exact"
-    refused = run_module(
-        "pipeline.train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir",
-        str(edit_meta), "--output_dir", str(tmp_path / "fsdp"), *BASE, *flags, "--parallelism", "fsdp",
-    )  # fmt: skip
-    assert refused.returncode == 2 and "--use_8bit_adam works with DDP or one process" in refused.stderr
-
-
-@pytest.mark.slow
-def test_a_lora_trains_on_an_fp8_base_and_exports_like_on_bf16(tiny_model_dir, edit_meta, tmp_path):
-    """--base_weight_dtype float8_e4m3fn: the adapter trains, resumes, and its files are what a bf16 base gives
-    (same keys, shapes, dtypes; they load in diffusers); FSDP is refused."""
-    import math
-
-    flags = ["--use_peft_lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--mixed_precision", "bf16"]
-    flags += ["--max_train_steps", "4", "--checkpointing_steps", "2"]
-    files = {}
-    for dtype in ("auto", "float8_e4m3fn"):
-        out = tmp_path / dtype
-        result = train(tiny_model_dir, edit_meta, out, *flags, "--base_weight_dtype", dtype)
-        files[dtype] = load_file(str(out / "pytorch_lora_weights.safetensors"))
-        summary = json.loads((out / "run_summary.json").read_text())
-        assert all(math.isfinite(x) for x in summary["final_loss"])
-    assert "stored as float8_e4m3fn" in result.stderr
-    bf16, fp8 = files["auto"], files["float8_e4m3fn"]
-    assert bf16.keys() == fp8.keys()
-    assert all(bf16[k].shape == fp8[k].shape and bf16[k].dtype == fp8[k].dtype for k in bf16)
-    assert any(float(v.abs().max()) > 0 for k, v in fp8.items() if "lora_B" in k), "the adapter trained"
-    from diffusers import QwenImageEditPlusPipeline
-
-    QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir).load_lora_weights(
-        str(tmp_path / "float8_e4m3fn" / "pytorch_lora_weights.safetensors")
-    )
-    refused = run_module(
-        "pipeline.train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir",
-        str(edit_meta), "--output_dir", str(tmp_path / "fsdp"), *BASE, *flags, "--base_weight_dtype",
-        "float8_e4m3fn", "--parallelism", "fsdp",
-    )  # fmt: skip
-    assert refused.returncode == 2 and "not FSDP" in refused.stderr
-
-
-@pytest.mark.slow
-def test_fsdp_cpu_offload_trains_what_fsdp_trains_and_resumes(tiny_model_dir, edit_meta, tmp_path):
-    """--fsdp_cpu_offload (FSDP2's CPUOffloadPolicy) on 2 gloo processes: the wiring GPUs use. On a CPU the shards
-    stay where they are, so the weights equal plain FSDP's bit for bit; offload without FSDP is refused."""
-    import shutil
-
-    common = [
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--learning_rate",
-        "5e-3",
-        "--parallelism",
-        "fsdp",
-    ]
-    train(tiny_model_dir, edit_meta, tmp_path / "plain", *common, nproc=2)
-    train(tiny_model_dir, edit_meta, tmp_path / "offload", *common, "--fsdp_cpu_offload", nproc=2)
-    a, b = (
-        transformer_weights(tmp_path / "plain" / "transformer"),
-        transformer_weights(tmp_path / "offload" / "transformer"),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "offload" / "checkpoint-2", resumed / "checkpoint-2")
-    train(
-        tiny_model_dir, edit_meta, resumed, *common, "--fsdp_cpu_offload", "--resume_from_checkpoint", "latest", nproc=2
-    )
-    c = transformer_weights(resumed / "transformer")
-    assert all(torch.equal(a[k], c[k]) for k in a), "offloaded FSDP resumes exactly"
-    refused = run_module(
-        "pipeline.train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir",
-        str(edit_meta), "--output_dir", str(tmp_path / "ddp"), *BASE, "--max_train_steps", "1", "--fsdp_cpu_offload",
-    )  # fmt: skip
-    assert refused.returncode == 2 and "add --parallelism fsdp" in refused.stderr
