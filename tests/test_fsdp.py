@@ -62,6 +62,29 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
     assert refused.returncode != 0 and not (tmp_path / "pwned").exists()
     assert "fsdp/.metadata, a file it was not saved with" in refused.stderr and no_traceback_of_ours(refused.stderr)
 
+    # shards whose structure lacks a trained parameter (recorded as saved, so only the keys can tell): refused
+    from pipeline.train import checkpoint as ckpt
+
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    shutil.copytree(straight / "checkpoint-3", lacking / "checkpoint-3")
+    marker = ckpt.read_marker(lacking / "checkpoint-3")
+    for rank in (0, 1):
+        index_file = lacking / "checkpoint-3" / "fsdp" / f"rank{rank}.json"
+        index = json.loads(index_file.read_text())
+        weights = index["structure"]["dict"]["model"]["dict"]
+        dropped = sorted(weights)[0]
+        del weights[dropped]
+        index_file.write_text(json.dumps(index))
+        marker["files"][f"fsdp/rank{rank}.json"] = ckpt.file_record(index_file)
+    (lacking / "checkpoint-3" / ckpt.MARKER).write_text(json.dumps(marker))
+    refused = torchrun(
+        2, "pipeline.train", *args, "--output_dir", str(lacking), *BASE, *common, "--parallelism", "fsdp",
+        "--resume_from_checkpoint", "latest", check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "1 trainable parameter(s) are not in the checkpoint" in refused.stderr
+    assert dropped in refused.stderr and no_traceback_of_ours(refused.stderr)
+
     ddp = tmp_path / "ddp"
     run(ddp, "--parallelism", "ddp")
     c = transformer_weights(ddp / "transformer")
