@@ -79,7 +79,7 @@ def firered_messages(instruction: str, num_images: int) -> list[dict]:
 
 
 def plan_variants(texts: dict[str, str], num_sources: int, inverse: bool) -> list[tuple[str, str, str]]:
-    """(variant, conditioning images "sources"|"target"|"none", text) for one sample (DESIGN §4).
+    """(variant, conditioning images "sources"|"target"|"none", text) for one sample.
 
     Empty instructions get no embedding; ``drop`` exists for edits only (T2I
     samples share the task's null embedding); inverse variants need exactly one

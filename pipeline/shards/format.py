@@ -28,7 +28,7 @@ EMBEDDING_DTYPE = "bfloat16"
 FORBIDDEN_SUFFIXES = (".pyd", ".pickle", ".pkl", ".pth", ".pt")
 MAX_SOURCES = 3  # source images per sample: 0 (text-to-image) to 3
 SOURCE_COUNTS = tuple(range(MAX_SOURCES + 1))
-# embedding variants of a sample, in member order (DESIGN §4)
+# embedding variants of a sample, in member order
 VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
 COPY_PREFIX = "copy_"  # role of an image's training-size copy: copy_target, copy_source0 … (member .npy)
 

@@ -1,4 +1,4 @@
-"""Raw samples of one (task, N, bucket) → a training batch (DESIGN §6).
+"""Raw samples of one (task, N, bucket) → a training batch.
 
 Per sample: the text (uniform among non-empty instructions, inverse ones with
 ``enable_inverse``), text dropout to the ``drop`` variant, the inverse swap of

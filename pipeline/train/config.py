@@ -79,7 +79,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """What the per-rank batch stream needs (DESIGN §6)."""
+    """What the per-rank batch stream needs."""
 
     batch_size: int
     seed: int = 42
@@ -95,7 +95,7 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Flow-matching loss: timestep sampling, loss weighting, VAE batching (DESIGN §7)."""
+    """Flow-matching loss: timestep sampling, loss weighting, VAE batching."""
 
     seed: int = 42
     sampling_steps: int = 1000

@@ -1,4 +1,4 @@
-"""Flow-matching training math (DESIGN §7): latents, timesteps, noisy input, loss.
+"""Flow-matching training math: latents, timesteps, noisy input, loss.
 
 Kept from the original tool, with one defect fixed: the noise/timestep generator
 is seeded from (seed, rank, global step) — reproducible and resumable, and
