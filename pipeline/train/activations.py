@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.train.model import weight_dtype
+
 # the token counts the slopes are measured at: small (a real-width block forward takes ~1 s here), and
 # different enough that rounding in the counts does not move the slopes
 _IMAGE_TOKENS = (64, 192)
@@ -62,10 +64,6 @@ class BlockActivations:
         return batch * (self.input_per_image_token * image_tokens + self.input_per_text_token * text_tokens)
 
 
-def _compute_dtype(mixed_precision: str | None) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no", torch.float32)
-
-
 def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.Module:
     """The configured transformer with one block, on the CPU, with the mode's dtypes and trainable parameters."""
     from diffusers import QwenImageTransformer2DModel
@@ -77,7 +75,7 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = QwenImageTransformer2DModel.from_config(config)
-    compute = _compute_dtype(mode.mixed_precision)
+    compute = weight_dtype(mode.mixed_precision)
     if mode.lora_rank is not None:
         model.to(compute)  # the frozen base in the compute dtype
         add_lora(model, mode.lora_rank, float(mode.lora_rank), mode.lora_dropout, list(mode.lora_targets), None)
@@ -125,7 +123,7 @@ def count_saved(model: torch.nn.Module, mode: ActivationMode, image_tokens: int,
     while image_tokens % side:
         side -= 1
     config = model.config
-    compute = _compute_dtype(mode.mixed_precision)
+    compute = weight_dtype(mode.mixed_precision)
     autocast = not mode.fsdp and compute != torch.float32
     dtype = compute if mode.fsdp else torch.float32
     try:

@@ -20,6 +20,7 @@ from pipeline.common.logs import setup_logging
 from pipeline.shards.tasks import DataConfigError
 from pipeline.train.checkpoint import CheckpointDamaged, damage_of
 from pipeline.train.config import config_from_args
+from pipeline.train.fp8 import FP8_DTYPES
 from pipeline.train.loop import NonFiniteTraining, Trainer, run_data_only
 from pipeline.train.model import DEFAULT_LORA_TARGETS
 from pipeline.train.recipe import parse_with_recipe
@@ -147,7 +148,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_path", default=None, help="initialise the LoRA from this safetensors file")
     g.add_argument(
         "--base_weight_dtype",
-        choices=["auto", "float8_e4m3fn"],
+        choices=["auto", *FP8_DTYPES],
         default="auto",
         help="LoRA only: how the frozen transformer blocks' Linear weights are stored. auto (default): the compute "
         "dtype (bf16: ~41 GB for the 20B DiT); float8_e4m3fn: fp8 with one scale per output channel, computed in "

@@ -33,7 +33,7 @@ def parse_weights(text: str, flag: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"{flag}: weight of {name!r} is not a number: {value!r}") from None
         if not math.isfinite(weight) or weight < 0:  # inf would make every probability NaN
-            raise ValueError(f"{flag}: weight of {name!r} must be a finite number >= 0, got {value!r}")
+            raise ValueError(f"{flag}: the weight of {name!r} must be a finite number >= 0, got {value!r}")
         if name in weights:
             raise ValueError(f"{flag}: {name!r} is listed twice")
         weights[name] = weight

@@ -242,7 +242,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=out, logging_dir=str(Path(out) / tracking.logging_dir)),
             cpu=use_cpu,
             # the last block's text-stream outputs do not reach the loss, so some parameters get no gradient
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # the transformer's buffers are constants (rope frequencies; an fp8 base's weights and scales, ~20 GB
+            # for the 20B DiT): DDP's default would broadcast them from rank 0 before every forward
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         )
 
     # ---- set-up ------------------------------------------------------------------------------

@@ -123,22 +123,21 @@ class LiveBytes(TorchDispatchMode):
 
 def vae_encode_peak(vae: torch.nn.Module, images: int, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE encodes ``images`` pictures of ``size``² (on ``meta``: counted, not run)."""
-    vae = vae.to(dtype)
-    pixels = torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype)
-    counter = LiveBytes()
-    with torch.no_grad(), counter:
-        vae.encode(pixels)
-    return counter.peak
+    return _peak_on_meta(
+        lambda: vae.to(dtype).encode(torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype))
+    )
 
 
 def vae_decode_peak(vae: torch.nn.Module, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE decodes one ``size``² picture (validation rendering), counted on ``meta``."""
-    vae = vae.to(dtype)
-    channels = vae.config.z_dim
-    latents = torch.empty(1, channels, 1, size // 8, size // 8, device="meta", dtype=dtype)
+    latents = torch.empty(1, vae.config.z_dim, 1, size // 8, size // 8, device="meta", dtype=dtype)
+    return _peak_on_meta(lambda: vae.to(dtype).decode(latents))
+
+
+def _peak_on_meta(run) -> int:
     counter = LiveBytes()
     with torch.no_grad(), counter:
-        vae.decode(latents)
+        run()
     return counter.peak
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ RUN_ONLY = frozenset(
         "plan_text_tokens",
     }
 )
+WEIGHT_FLAGS = ("train_data_weights", "train_src_img_num_weights")
 # a change of these means another model: refused on resume unless --allow_recipe_change
 MODEL_FLAGS = frozenset(
     {
@@ -130,17 +130,15 @@ def _scalar(path: str, key: str, value: Any, action: argparse.Action) -> str:
             return word
         raise RecipeError(f"--config {path}: {key}: expected a value, got {value!r}")
     if isinstance(value, dict):  # weights: {task_a: 0.5, task_b: 1}
-        for name, weight in value.items():
-            if (
-                isinstance(weight, bool)
-                or not isinstance(weight, int | float)
-                or not math.isfinite(weight)
-                or weight < 0
-            ):
-                raise RecipeError(
-                    f"--config {path}: {key}: the weight of {name!r} must be a finite number >= 0, got {weight!r}"
-                )
-        return ",".join(f"{k}={v}" for k, v in value.items())
+        text = ",".join(f"{k}={v}" for k, v in value.items())
+        if key in WEIGHT_FLAGS:
+            from pipeline.train.config import parse_weights
+
+            try:
+                parse_weights(text, key)
+            except ValueError as exc:
+                raise RecipeError(f"--config {path}: {exc}") from None
+        return text
     if isinstance(value, list | tuple):
         raise RecipeError(f"--config {path}: {key}: takes one value, got a list")
     return str(value)
@@ -200,7 +198,7 @@ def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
     from pipeline.train.config import parse_weights
 
     out = {k: v for k, v in recipe.items() if k not in RUN_ONLY}
-    for key in ("train_data_weights", "train_src_img_num_weights"):
+    for key in WEIGHT_FLAGS:
         if isinstance(out.get(key), str):
             try:
                 out[key] = dict(sorted(parse_weights(out[key], key).items()))
