@@ -140,21 +140,22 @@ def truncate_trace(path: str | None, step: int) -> int:
     and the trace is the exactly-once record. Returns the lines dropped (a torn last line counts as one)."""
     if not path or not Path(path).is_file():
         return 0
-    kept, dropped = [], 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            keep = int(json.loads(line)["step"]) <= step
-        except (ValueError, KeyError, TypeError):  # a line torn by the kill
-            keep = False
-        if keep:
-            kept.append(line + "\n")
-        else:
-            dropped += 1
+    dropped, tmp = 0, f"{path}.tmp"
+    with open(path, encoding="utf-8") as source, open(tmp, "w", encoding="utf-8") as kept:  # line by line
+        for line in source:
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):  # a line torn by the kill
+                keep = False
+            if keep:
+                kept.write(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
     if dropped:
-        tmp = f"{path}.tmp"
-        Path(tmp).write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
         log.info("--data_trace: dropped %d line(s) after step %d, which this resume trains again", dropped, step)
+    else:
+        os.remove(tmp)
     return dropped
 
 
