@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -33,12 +36,61 @@ def encode_image(img, fmt: str, orientation: int | None = None, quality: int = 9
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _catches_sigusr1(pid: int) -> bool:
+    """Whether ``pid`` handles SIGUSR1 (our CLIs dump their stacks on it; for others it is fatal)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) >> (signal.SIGUSR1 - 1) & 1)
+
+
+def run_bounded(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` with captured text output; past ``timeout`` every process of the tree that can
+    prints its Python stacks (SIGUSR1) before all are killed, and the test fails with those stacks: a hang in CI
+    says where it waited."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid, *_descendants(proc.pid)]
+        for pid in tree:
+            if _catches_sigusr1(pid):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)  # the handlers write from a C signal handler: at once, even in a blocked thread
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(cmd[:8])} ... ran past {timeout} s; stacks of its processes follow\n{out[-4000:]}\n"
+            f"{err[-30000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False):
     """Run ``python -m module args`` in a fresh process (as a user would)."""
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    result = run_bounded([sys.executable, "-m", module, *args], full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} exited {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
@@ -49,7 +101,7 @@ def torchrun(nproc: int, module: str, *args: str, env: dict | None = None, timeo
     unless ``check`` is False."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    result = run_bounded([*cmd, *args], full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun {module} exited {result.returncode}\n{result.stderr[-4000:]}")
     return result

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -431,3 +434,28 @@ def test_a_stopped_extraction_leaves_no_lease_and_no_spool(sample_data_dir, tiny
     assert run.wait(timeout=120) != 0
     assert not list(spool_root.glob("extract-*")), "the partial shard's spool is removed"
     assert not (out / "_progress" / "lease-rank-00000.json").exists(), "the lease is released"
+
+
+def test_a_hung_cli_and_its_dataloader_workers_print_their_stacks_before_the_test_kills_them():
+    """A hang in CI must say where it waited: our CLIs dump every thread's stack on SIGUSR1 (forked DataLoader
+    workers inherit it), and the test helper sends it to the whole process tree before killing it."""
+    from helpers import REPO, run_bounded
+
+    code = (
+        "from pipeline.common.logs import setup_logging\n"
+        "import os, time\n"
+        "setup_logging()\n"
+        "def parent_waits_here():\n"
+        "    time.sleep(100)\n"
+        "def worker_waits_here():\n"
+        "    time.sleep(100)\n"
+        "if os.fork() == 0:\n"
+        "    worker_waits_here()\n"
+        "parent_waits_here()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="ran past 2 s") as failure:
+        run_bounded([sys.executable, "-c", code], env, 2)
+    assert "in parent_waits_here" in str(failure.value) and "in worker_waits_here" in str(failure.value)
+    assert time.monotonic() - started < 60  # killed, not left to sleep its 100 s (60: a loaded 2-core machine)

@@ -1,8 +1,11 @@
-"""Logging set-up shared by the CLIs: one format, the rank in every prefix."""
+"""Logging set-up shared by the CLIs: one format, the rank in every prefix; stacks on SIGUSR1."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
+import sys
 
 from pipeline.common.flags import distributed_env
 
@@ -15,4 +18,16 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         datefmt="%H:%M:%S",
         force=True,
     )
+    dump_stacks_on_sigusr1()
     return logging.getLogger("pipeline")
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr and the process goes on.
+
+    For a run that seems stuck: DataLoader workers forked after this inherit it, so each
+    process of a hung run (rank, worker) can say where it waits.  The test helpers send it
+    before they kill a subprocess that ran past its time limit.
+    """
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)

@@ -15,15 +15,17 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# Resolved in the parent, at import: a forked worker then calls prctl without dlopen/dlsym, which take the dynamic
+# loader's lock, and a lock another thread of the parent held at the fork would never be released in the child.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(worker_id: int = 0) -> None:
     """``worker_init_fn``: SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
-    if not sys.platform.startswith("linux"):
+    if _prctl is None:
         return
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
