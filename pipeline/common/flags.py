@@ -26,12 +26,15 @@ def add_storage_options(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--storage_options", default=None, help=STORAGE_OPTIONS_HELP)
 
 
+def prompt_style_help(when: str = "") -> str:
+    """``--prompt_style``'s help: the one list of styles, after ``when`` it applies."""
+    styles = "; ".join(f"{name}: {PROMPT_STYLE_HELP[name]}" for name in PROMPT_STYLES)
+    return f"{when}{styles}".strip()
+
+
 def add_prompt_style(parser: argparse.ArgumentParser | argparse._ArgumentGroup, when: str = "") -> None:
     """``--prompt_style`` with the one list of styles."""
-    styles = "; ".join(f"{name}: {PROMPT_STYLE_HELP[name]}" for name in PROMPT_STYLES)
-    parser.add_argument(
-        "--prompt_style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0], help=f"{when}{styles}".strip()
-    )
+    parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0], help=prompt_style_help(when))
 
 
 def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = 1000) -> None:

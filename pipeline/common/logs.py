@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import io
 import logging
 import signal
 import sys
@@ -29,5 +30,9 @@ def dump_stacks_on_sigusr1() -> None:
     process of a hung run (rank, worker) can say where it waits.  The test helpers send it
     before they kill a subprocess that ran past its time limit.
     """
-    if hasattr(signal, "SIGUSR1"):
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr replaced by one without a descriptor
+        return

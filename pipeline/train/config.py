@@ -1,7 +1,8 @@
 """Typed training configuration: one dataclass per component, built once from the command line and checked here.
 
-The CLI (``pipeline.train.cli``) parses flags into an ``argparse.Namespace``;
-:func:`config_from_args` turns it into a :class:`TrainConfig`.  Everything below
+Each option is a field of one of these classes (``option(...)``, see
+``pipeline/common/options.py``): the CLI's parser is derived from them and
+:func:`config_from_args` builds them back from the parsed flags.  Everything below
 the CLI — the stream, the flow-matching loss, the loop, the checkpointer — takes
 these configs, never the Namespace, so each component states what it reads.
 """
@@ -14,6 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.common.flags import STORAGE_OPTIONS_HELP, prompt_style_help
+from pipeline.common.options import INVOCATION, MODEL, from_flags, option
+from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.shards.storage import has_scheme, parse_storage_options
 from pipeline.shards.tasks import DataConfigError
 
@@ -61,115 +65,304 @@ def split_patterns(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# One dataclass per component.  A field declared with ``option(...)`` is also the command-line flag
+# (pipeline/common/options.py): its help, default, aliases and resume scope are written here and nowhere else.
+
+MIB = 1 << 20
+DEFAULT_LORA_TARGETS = (
+    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
+    "txt_mlp.net.2,txt_mod.1"
+)
+FP8_FORMATS = ("float8_e4m3fn",)  # --base_weight_dtype choices besides auto (torch dtypes of these names)
+
+
+def _mib(value: float, args=None) -> int:
+    return int(value * MIB)
+
+
+def _weights(flag: str):
+    return lambda text, args=None: parse_weights(text, f"--{flag}") if text else None
+
+
+def _patterns(value, args=None) -> tuple[str, ...]:
+    return tuple(split_patterns(value))
+
+
+def resolve_report_to(value: str) -> str:
+    """``auto`` (the default) → wandb when the package is installed, else tensorboard (the original's default
+    is wandb, which fails where it is not installed)."""
+    if value != "auto":
+        return value
+    import importlib.util
+
+    return "wandb" if importlib.util.find_spec("wandb") is not None else "tensorboard"
+
+
+def _data_url(args: argparse.Namespace) -> str | None:
+    """The URL the run reads (flat --storage_options apply to its protocol)."""
+    patterns = parse_shard_flags(args.train_shards)
+    return args.train_data_meta_dir or next((p[0] for p in patterns.values() if p), None)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which tasks to read and how they are mixed."""
 
-    meta_dir: str | None = None
-    shard_patterns: dict[str, list[str]] = field(default_factory=dict)  # task -> URL patterns
-    task_weights: dict[str, float] | None = None  # None: every task, weight 1
-    source_count_weights: dict[str, float] = field(default_factory=lambda: {"0": 0.0, "1": 10.0, "2": 0.0, "3": 0.0})
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    trace_path: str | None = None  # one JSON line per step and rank
-    allow_mixed_conditioning: bool = False  # tasks may differ in prompt style / encoder
+    meta_dir: str | None = option(
+        None,
+        "folder or URL whose subfolders with a manifest.json are the tasks (listed once at start-up)",
+        flag="train_data_meta_dir",
+    )
+    shard_patterns: dict[str, list[str]] = option(
+        [],
+        "explicit shards of a task, brace patterns allowed (repeatable); the source count comes from the "
+        "src{N}/ folder; local, s3://, gs://, http(s):// and pipe: URLs",
+        flag="train_shards",
+        append=True,
+        metavar="TASK=URL_PATTERN",
+        convert=lambda values, args=None: parse_shard_flags(values),
+    )
+    task_weights: dict[str, float] | None = option(
+        None,
+        'sampling weight per task, "task_a=0.5,task_b=1.2"; tasks not listed are not used '
+        "(default: every task, weight 1)",
+        flag="train_data_weights",
+        convert=_weights("train_data_weights"),
+        weights=True,
+    )
+    source_count_weights: dict[str, float] = option(
+        "0=0,1=10,2=0,3=0",
+        'weight per number of source images, "0=1,1=1,2=1,3=0"; drawn per step, the same on every rank '
+        "(default: the original tool's, single-source edits only)",
+        flag="train_src_img_num_weights",
+        convert=_weights("train_src_img_num_weights"),
+        weights=True,
+    )
+    num_workers: int = option(
+        0,
+        "DataLoader workers per rank (0: the main process)",
+        flag="dataloader_num_workers",
+        aliases=("num_workers",),
+        scope=INVOCATION,
+    )
+    prefetch_factor: int = option(2, "batches each worker prepares ahead", scope=INVOCATION)
+    trace_path: str | None = option(
+        None,
+        "append one JSON line per step and rank (task, N, bucket, keys, variants, texts) to this file",
+        flag="data_trace",
+        scope=INVOCATION,
+    )
+    allow_mixed_conditioning: bool = option(
+        False,
+        "train on tasks whose manifests disagree on prompt style or encoder (config digest); refused "
+        "by default. Different embedding hidden sizes are always refused",
+    )
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     """What the per-rank batch stream needs."""
 
-    batch_size: int
-    seed: int = 42
-    shuffle_buffer: int = 64
-    image_sample_size: int = 512
-    enable_inverse: bool = False
-    text_drop_ratio: float = 0.05
-    storage_options: dict | None = None
+    batch_size: int = option(16, "samples per batch and rank", flag="train_batch_size")
+    seed: int = option(42, "seed of every data, noise and validation draw")
+    shuffle_buffer: int = option(
+        64,
+        "streamed shards only (pipe:, no index): samples in each stream's shuffle buffer; indexed shards follow "
+        "a computed sample-level order and need none",
+    )
+    image_sample_size: int = option(512, "crop area ≈ this squared (sides /32)")
+    enable_inverse: bool = option(False, "also train on inverse instructions (swap roles)")
+    text_drop_ratio: float = option(0.05, "probability of the empty-text embedding")
+    storage_options: dict | None = option(
+        None,
+        STORAGE_OPTIONS_HELP,
+        convert=lambda text, args=None: text if args is None else parse_storage_options(text, _data_url(args)),
+    )
     online_prompts: bool = False  # --condition_encoder_mode sync: batches carry images + text, not embeddings
-    pool_bytes: int = 128 << 20  # samples waiting in bucket pools and shuffle buffers, per DataLoader worker
-    readahead_bytes: int = 64 << 20  # range reads in flight per DataLoader worker (0: read one after another)
+    pool_bytes: int = option(
+        128,
+        "MiB of samples a DataLoader worker keeps waiting in aspect-bucket pools and shuffle buffers, over all "
+        "streams; past it batches are made from similar buckets",
+        flag="pool_mb",
+        flag_type=float,
+        convert=_mib,
+    )
+    readahead_bytes: int = option(
+        64,
+        "MiB of range reads a DataLoader worker keeps in flight for the samples it needs next (indexed shards, "
+        "8 threads); 0 reads one sample after another",
+        flag="readahead_mb",
+        flag_type=float,
+        convert=_mib,
+    )
 
 
 @dataclass(frozen=True)
 class FlowConfig:
     """Flow-matching loss: timestep sampling, loss weighting, VAE batching."""
 
-    seed: int = 42
-    sampling_steps: int = 1000
-    uniform_sampling: bool = False
-    weighting_scheme: str = "none"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    vae_mini_batch: int = 1
+    seed: int = StreamConfig.seed  # the one --seed
+    sampling_steps: int = option(1000, "T of the sigma schedule", flag="train_sampling_steps")
+    uniform_sampling: bool = option(False, "timestep index range split evenly across ranks")
+    weighting_scheme: str = option(
+        "none",
+        "timestep density and SD3 loss weighting",
+        choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"),
+    )
+    logit_mean: float = option(0.0, "mean of logit_normal timestep sampling")
+    logit_std: float = option(1.0, "std of logit_normal timestep sampling")
+    mode_scale: float = option(1.29, "scale of mode timestep sampling")
+    vae_mini_batch: int = option(32, "images per VAE encode call")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimizer, schedule and gradient clipping; defaults are the original tool's."""
 
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    gradient_accumulation_steps: int = 1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
-    use_came: bool = False
-    max_grad_norm: float = 1.0
-    initial_grad_norm_ratio: float = 5.0  # the clip threshold starts at this × max_grad_norm ...
-    abnormal_norm_clip_start: int = 1000  # ... reaches max_grad_norm here; abnormal norms are damped after it
-    mixed_precision: str | None = None  # None: accelerate's launch configuration decides
-    allow_tf32: bool = False
-    max_nonfinite_steps: int = 5
+    learning_rate: float = option(1e-4, "peak learning rate")
+    scale_lr: bool = option(False, "multiply the LR by accumulation × batch × processes")
+    lr_scheduler: str = option("constant", "diffusers get_scheduler name (constant_with_warmup …)")
+    lr_warmup_steps: int = option(500, "warm-up steps (of *_with_warmup schedulers)")
+    gradient_accumulation_steps: int = option(1, "batches per optimizer step")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (must be installed)")
+    use_came: bool = option(False, "CAME optimizer (came-pytorch must be installed)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    initial_grad_norm_ratio: float = option(
+        5,
+        "the clipping threshold starts at this × --max_grad_norm and falls linearly to --max_grad_norm at step "
+        "--abnormal_norm_clip_start",
+    )
+    abnormal_norm_clip_start: int = option(
+        1000, "after this step, a norm above 5× the threshold is clipped to threshold / min(norm / threshold, 10)"
+    )
+    mixed_precision: str | None = option(
+        None,
+        "compute precision; default: what accelerate launch / its config file says (else no). LoRA loads the "
+        "frozen transformer and the VAE in this dtype; full fine-tuning keeps fp32 master weights",
+        choices=("no", "fp16", "bf16"),
+    )
+    allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs (faster fp32 parts)")
+    max_nonfinite_steps: int = option(
+        5, "a step whose gradient norm is NaN/Inf is skipped; this many in a row stop the run"
+    )
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 32
-    alpha: float = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    init_path: str | None = None  # start from this safetensors file
-    export_format: str = "diffusers"  # diffusers | comfyui | both
-    base_weight_dtype: str = "auto"  # auto: the compute dtype; float8_e4m3fn: the frozen base stored in fp8
+    """The adapter of a LoRA run (``--use_peft_lora``)."""
+
+    rank: int = option(32, "LoRA rank", flag="lora_r", aliases=("lora_rank",), scope=MODEL)
+    alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flag="lora_alpha", scope=MODEL)
+    dropout: float = option(0.0, "LoRA dropout", flag="lora_dropout")
+    target_modules: tuple[str, ...] = option(
+        DEFAULT_LORA_TARGETS,
+        "comma-separated LoRA target modules",
+        flag="lora_target_modules",
+        convert=_patterns,
+        scope=MODEL,
+    )
+    init_path: str | None = option(None, "initialise the LoRA from this safetensors file", flag="lora_path")
+    export_format: str = option(
+        "diffusers",
+        "LoRA files written into every checkpoint and at the end: diffusers (pytorch_lora_weights.safetensors, "
+        "alpha in its metadata, for load_lora_weights), comfyui (qwen_image_edit_lora_comfyui.safetensors: "
+        "diffusion_model.* keys with .alpha tensors), or both",
+        flag="lora_export_format",
+        choices=("diffusers", "comfyui", "both"),
+    )
+    base_weight_dtype: str = option(
+        "auto",
+        "LoRA only: how the frozen transformer blocks' Linear weights are stored. auto (default): the compute "
+        "dtype (bf16: ~41 GB for the 20B DiT); float8_e4m3fn: fp8 with one scale per output channel, computed in "
+        "bf16 (~20 GB); DDP or one process, not FSDP",
+        choices=("auto", *FP8_FORMATS),
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    pretrained: str
-    transformer_path: str | None = None
-    vae_path: str | None = None
-    trainable_modules: tuple[str, ...] = (".",)
-    low_lr_modules: tuple[str, ...] = ()
+    """The transformer (and VAE) to train, and what of it trains."""
+
+    pretrained: str | None = option(
+        None, "Qwen-Image-Edit(-2509) diffusers folder", flag="pretrained_model_name_or_path", scope=MODEL
+    )
+    transformer_path: str | None = option(
+        None,
+        "a diffusers transformer folder to load instead, or one .safetensors (or weights-only .pt) state dict "
+        "loaded into the base transformer",
+        scope=MODEL,
+    )
+    vae_path: str | None = option(None, "the same for the VAE: a diffusers folder or one state-dict file", scope=MODEL)
+    trainable_modules: tuple[str, ...] = option(
+        ["."],
+        'full fine-tuning: parameter-name substrings that train ("." = all); several, space or comma separated',
+        nargs="+",
+        convert=_patterns,
+        scope=MODEL,
+    )
+    low_lr_modules: tuple[str, ...] = option(
+        [],
+        "substrings of parameters trained at half the LR",
+        flag="trainable_modules_low_learning_rate",
+        nargs="+",
+        convert=_patterns,
+        scope=MODEL,
+    )
     lora: LoraConfig | None = None  # None: full fine-tuning
-    gradient_checkpointing: bool = False
-    condition_encoder_mode: str = "offline"
-    prompt_style: str = "diffusers"
+    gradient_checkpointing: bool = option(False, "trade compute for activation memory")
+    condition_encoder_mode: str = option(
+        "offline",
+        "offline: embeddings from the shards; sync: encode prompts during training from the shard's images "
+        "and text with the extraction code (for shards made with --skip_embeddings)",
+        choices=("offline", "sync"),
+        const_aliases=(("sync_text_encoder", "sync"),),
+        scope=MODEL,
+    )
+    prompt_style: str = option(
+        PROMPT_STYLES[0], prompt_style_help("sync mode only. "), choices=tuple(PROMPT_STYLES), scope=MODEL
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    output_dir: str
-    every: int = 500
-    total_limit: int | None = None
-    resume_from: str | None = None  # "latest", a checkpoint folder, or a checkpoint's name inside output_dir
+    """Where the run's checkpoints go and which one it resumes from."""
+
+    output_dir: str = option("model-finetuned", "checkpoints, logs, validation images, exports")
+    every: int = option(500, "save a checkpoint every this many steps", flag="checkpointing_steps", scope=INVOCATION)
+    total_limit: int | None = option(
+        None, "keep only the newest N checkpoints", flag="checkpoints_total_limit", scope=INVOCATION
+    )
+    resume_from: str | None = option(
+        None,
+        '"latest" (newest complete checkpoint), a checkpoint folder, or its name in --output_dir (checkpoint-500)',
+        flag="resume_from_checkpoint",
+        scope=INVOCATION,
+    )
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     """Experiment tracking (accelerate trackers) and what is logged."""
 
-    report_to: str = "tensorboard"  # resolved: tensorboard | wandb | all | none | a comma list
-    logging_dir: str = "logs"  # relative to output_dir (as the original tool)
-    project_name: str = "rededit-finetune"
-    report_model_info: bool = False  # gradient norm of each parameter group, before clipping
+    report_to: str = option(
+        "auto",
+        "tensorboard, wandb, all, or none; auto (default): wandb when it is installed, else tensorboard",
+        convert=lambda value, args=None: resolve_report_to(value),
+        scope=INVOCATION,
+    )
+    logging_dir: str = option("logs", "tracker folder, relative to --output_dir", scope=INVOCATION)
+    project_name: str = option(
+        "rededit-finetune", "project name given to the trackers", flag="tracker_project_name", scope=INVOCATION
+    )
+    report_model_info: bool = option(
+        False,
+        "also log the gradient norm of each parameter group (transformer_blocks.N, img_in, …) before clipping",
+        scope=INVOCATION,
+    )
     loss_window: int = 50  # running means of the loss per task and per N over this many batches
 
 
@@ -177,12 +370,70 @@ class TrackingConfig:
 class ValidationConfig:
     """Images rendered with the current weights every ``steps`` optimizer steps and at the end."""
 
-    jsonl: str
-    steps: int = 500
-    inference_steps: int = 20
-    guidance_scale: float = 4.0
-    seed: int = 0
-    caption_font: str | None = None
+    jsonl: str | None = option(
+        None,
+        "rows like the extraction input (0-3 source_image, instruction): rendered with the current weights "
+        "every --validation_steps steps and at the end, into output_dir/validation/step-XXXXXX/ and the trackers",
+        flag="validation_jsonl",
+    )
+    steps: int = option(500, "render the validation rows every N steps", flag="validation_steps")
+    inference_steps: int = option(20, "denoising steps per validation image", flag="validation_inference_steps")
+    guidance_scale: float = option(
+        4.0,
+        "true classifier-free guidance scale (negative prompt: a blank); <= 1 turns guidance off",
+        flag="validation_guidance_scale",
+    )
+    seed: int = StreamConfig.seed  # the one --seed
+    caption_font: str | None = option(
+        None,
+        "TrueType/OpenType font for contact-sheet captions (default: the first font found that has CJK glyphs)",
+    )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one invocation does: these flags shape the configs (config_from_args) and are not kept in them."""
+
+    data_only: bool = option(False, "run the real data loader without a model")
+    use_peft_lora: bool = option(False, "train a LoRA adapter instead of full weights", scope=MODEL)
+    allow_recipe_change: bool = option(
+        False,
+        "resume even though the model settings differ from the run's output_dir/config.yaml (reported anyway)",
+        scope=INVOCATION,
+    )
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """``--plan``: the memory each GPU needs, from the model's config on the meta device."""
+
+    plan: bool = option(
+        False,
+        "print the memory each GPU needs for this mode and exit; the model is built on the meta device from "
+        "--pretrained_model_name_or_path's config.json, or give that flag the name qwen-image-edit-2509",
+        scope=INVOCATION,
+    )
+    plan_gpu_memory: float = option(80.0, "GiB per GPU to check the plan against", scope=INVOCATION)
+    plan_processes: int | None = option(
+        None, "processes (GPUs) of the run (default: WORLD_SIZE or 1)", scope=INVOCATION
+    )
+    plan_num_sources: int = option(1, "source images per sample to plan for", scope=INVOCATION)
+    plan_text_tokens: int = option(512, "prompt embedding length to plan for", scope=INVOCATION)
+
+
+@dataclass(frozen=True)
+class CompatOptions:
+    """Flags of the original tool's command lines, accepted and ignored (the launcher or the stream decides)."""
+
+    local_rank: int = option(-1, "ignored: the rank comes from the launcher", scope=INVOCATION)
+    nnodes: int = option(1, "ignored: the launcher sets the machines", scope=INVOCATION)
+    num_processes_per_node: int = option(1, "ignored: the launcher sets the processes", scope=INVOCATION)
+    streaming: bool = option(False, "ignored: shards are always streamed", scope=INVOCATION)
+    num_train_epochs: int = option(
+        1,
+        "accepted for compatibility and ignored: the stream is endless and --max_train_steps decides the length",
+        scope=INVOCATION,
+    )
 
 
 @dataclass(frozen=True)
@@ -190,15 +441,27 @@ class TrainConfig:
     data: DataConfig
     stream: StreamConfig
     checkpoint: CheckpointConfig
-    max_train_steps: int
+    max_train_steps: int | None = option(None, "optimizer steps to run (required unless --plan)", scope=INVOCATION)
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: ModelConfig | None = None  # None: --data_only
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig | None = None  # None: no --validation_jsonl
-    export_checkpoint: str | None = None
-    parallelism: str = "auto"  # auto | ddp | fsdp
-    fsdp_cpu_offload: bool = False  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer on the host
+    export_checkpoint: str | None = option(None, "export this checkpoint for diffusers and exit", scope=INVOCATION)
+    parallelism: str = option(
+        "auto",
+        "fsdp: shard the transformer blocks with PyTorch FSDP2 (fp32 master weights, compute in the mixed "
+        "precision dtype, sharded checkpoints); ddp: replicate it. auto: fsdp when accelerate launch runs an FSDP "
+        "configuration (e.g. examples/accelerate_fsdp.yaml), else ddp",
+        choices=("auto", "ddp", "fsdp"),
+        const_aliases=(("use_fsdp", "fsdp"),),
+    )
+    fsdp_cpu_offload: bool = option(
+        False,
+        "FSDP only: keep the sharded parameters, their gradients and the optimizer states in host memory "
+        "(FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU); a GPU then holds the gathered blocks and the "
+        "activations. For full fine-tuning on fewer or smaller GPUs, and LoRA on one GPU (--parallelism fsdp over 1)",
+    )
     recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
     allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml
 
@@ -221,14 +484,18 @@ class TrainConfig:
         return out
 
 
-def resolve_report_to(value: str) -> str:
-    """``auto`` (the default) → wandb when the package is installed, else tensorboard (the original's default
-    is wandb, which fails where it is not installed)."""
-    if value != "auto":
-        return value
-    import importlib.util
-
-    return "wandb" if importlib.util.find_spec("wandb") is not None else "tensorboard"
+# (argparse group title, the classes whose options it shows), in --help order
+OPTION_GROUPS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("data", (DataConfig, StreamConfig)),
+    ("run", (CheckpointConfig, RunOptions)),
+    ("model", (ModelConfig, LoraConfig)),
+    ("optimisation", (OptimConfig, FlowConfig, TrainConfig)),
+    ("tracking", (TrackingConfig,)),
+    ("validation images", (ValidationConfig,)),
+    ("memory plan (--plan: nothing is loaded, nothing allocated)", (PlanOptions,)),
+    ("accepted for the original tool's command lines (the launcher decides these)", (CompatOptions,)),
+)
+OPTION_CLASSES = tuple(cls for _, classes in OPTION_GROUPS for cls in classes)
 
 
 def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -239,11 +506,6 @@ def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _from_flags(cls, args: argparse.Namespace, **flag_of: str):
-    """A config whose fields are named like their flags (``flag_of`` names the exceptions)."""
-    return cls(**{f.name: getattr(args, flag_of.get(f.name, f.name)) for f in dataclasses.fields(cls)})
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -267,98 +529,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"--output_dir {args.output_dir}: checkpoints and exports are written with local file operations "
             "(atomic renames); give a local or mounted folder (for object storage, mount it or copy afterwards)"
         )
-    shard_patterns = parse_shard_flags(args.train_shards)
-    data_url = args.train_data_meta_dir or next((p[0] for p in shard_patterns.values() if p), None)
-    storage_options = parse_storage_options(args.storage_options, data_url)
-    data = DataConfig(
-        meta_dir=args.train_data_meta_dir,
-        shard_patterns=shard_patterns,
-        task_weights=parse_weights(args.train_data_weights, "--train_data_weights")
-        if args.train_data_weights
-        else None,
-        source_count_weights=parse_weights(args.train_src_img_num_weights, "--train_src_img_num_weights"),
-        num_workers=args.dataloader_num_workers,
-        prefetch_factor=args.prefetch_factor,
-        trace_path=args.data_trace,
-        allow_mixed_conditioning=args.allow_mixed_conditioning,
-    )
-    stream = StreamConfig(
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        image_sample_size=args.image_sample_size,
-        enable_inverse=args.enable_inverse,
-        text_drop_ratio=args.text_drop_ratio,
-        storage_options=storage_options,
-        online_prompts=args.condition_encoder_mode == "sync",
-        pool_bytes=int(args.pool_mb * (1 << 20)),
-        readahead_bytes=int(args.readahead_mb * (1 << 20)),
-    )
-    checkpoint = CheckpointConfig(
-        output_dir=args.output_dir,
-        every=args.checkpointing_steps,
-        total_limit=args.checkpoints_total_limit,
-        resume_from=args.resume_from_checkpoint,
-    )
-    flow = _from_flags(FlowConfig, args, sampling_steps="train_sampling_steps")
-    optim = _from_flags(OptimConfig, args)
     validation = None
     if args.validation_jsonl:
         _positive("--validation_steps", args.validation_steps)
         _positive("--validation_inference_steps", args.validation_inference_steps)
-        validation = ValidationConfig(
-            jsonl=args.validation_jsonl,
-            steps=args.validation_steps,
-            inference_steps=args.validation_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            seed=args.seed,
-            caption_font=args.caption_font,
-        )
+        validation = from_flags(ValidationConfig, args, seed=args.seed)
     model = None
-    if args.pretrained_model_name_or_path:
+    if args.pretrained_model_name_or_path and not args.data_only:
         lora = None
         if args.use_peft_lora:
             _positive("--lora_r", args.lora_r)
-            lora = LoraConfig(
-                rank=args.lora_r,
-                alpha=args.lora_alpha,
-                dropout=args.lora_dropout,
-                target_modules=tuple(split_patterns(args.lora_target_modules)),
-                init_path=args.lora_path,
-                export_format=args.lora_export_format,
-                base_weight_dtype=args.base_weight_dtype,
-            )
+            lora = from_flags(LoraConfig, args)
         elif args.base_weight_dtype != "auto":
             raise ValueError("--base_weight_dtype float8_e4m3fn stores a frozen base: it needs --use_peft_lora")
-        model = ModelConfig(
-            pretrained=args.pretrained_model_name_or_path,
-            transformer_path=args.transformer_path,
-            vae_path=args.vae_path,
-            trainable_modules=tuple(split_patterns(args.trainable_modules)),
-            low_lr_modules=tuple(split_patterns(args.trainable_modules_low_learning_rate)),
-            lora=lora,
-            gradient_checkpointing=args.gradient_checkpointing,
-            condition_encoder_mode=args.condition_encoder_mode,
-            prompt_style=args.prompt_style,
-        )
-    return TrainConfig(
-        data=data,
-        stream=stream,
-        checkpoint=checkpoint,
-        max_train_steps=args.max_train_steps,
-        flow=flow,
-        optim=optim,
-        model=None if args.data_only else model,
-        tracking=TrackingConfig(
-            report_to=resolve_report_to(args.report_to),
-            logging_dir=args.logging_dir,
-            project_name=args.tracker_project_name,
-            report_model_info=args.report_model_info,
-        ),
+        model = from_flags(ModelConfig, args, lora=lora)
+    return from_flags(
+        TrainConfig,
+        args,
+        data=from_flags(DataConfig, args),
+        stream=from_flags(StreamConfig, args, online_prompts=args.condition_encoder_mode == "sync"),
+        checkpoint=from_flags(CheckpointConfig, args),
+        flow=from_flags(FlowConfig, args, seed=args.seed),
+        optim=from_flags(OptimConfig, args),
+        model=model,
+        tracking=from_flags(TrackingConfig, args),
         validation=validation,
-        export_checkpoint=args.export_checkpoint,
-        parallelism=args.parallelism,
-        fsdp_cpu_offload=args.fsdp_cpu_offload,
         recipe=recipe_of(args),
         allow_recipe_change=args.allow_recipe_change,
     )

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn}
+from pipeline.train.config import FP8_FORMATS
+
+FP8_DTYPES = {name: getattr(torch, name) for name in FP8_FORMATS}
 
 
 class _DequantizedLinear(torch.autograd.Function):

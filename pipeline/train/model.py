@@ -8,14 +8,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.train.config import ModelConfig
+from pipeline.train.config import DEFAULT_LORA_TARGETS, ModelConfig  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LORA_TARGETS = (
-    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
-    "txt_mlp.net.2,txt_mod.1"
-)
 
 
 def weight_dtype(mixed_precision: str | None) -> torch.dtype:

@@ -18,56 +18,18 @@ from typing import Any
 
 import yaml
 
+from pipeline.common.options import INVOCATION, MODEL, flag_names, weight_flags
+from pipeline.train.config import OPTION_CLASSES
+
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "config.yaml"
 
 # flags that steer one invocation, not the training: never compared on resume
-RUN_ONLY = frozenset(
-    {
-        "config",
-        "resume_from_checkpoint",
-        "export_checkpoint",
-        "max_train_steps",
-        "checkpointing_steps",
-        "checkpoints_total_limit",
-        "data_trace",
-        "report_to",
-        "logging_dir",
-        "tracker_project_name",
-        "report_model_info",
-        "dataloader_num_workers",
-        "prefetch_factor",
-        "local_rank",
-        "nnodes",
-        "num_processes_per_node",
-        "streaming",
-        "num_train_epochs",
-        "allow_recipe_change",
-        "plan",
-        "plan_gpu_memory",
-        "plan_processes",
-        "plan_num_sources",
-        "plan_text_tokens",
-    }
-)
-WEIGHT_FLAGS = ("train_data_weights", "train_src_img_num_weights")
+RUN_ONLY = frozenset({"config"}) | flag_names(*OPTION_CLASSES, scope=INVOCATION)
+WEIGHT_FLAGS = weight_flags(*OPTION_CLASSES)
 # a change of these means another model: refused on resume unless --allow_recipe_change
-MODEL_FLAGS = frozenset(
-    {
-        "pretrained_model_name_or_path",
-        "transformer_path",
-        "vae_path",
-        "use_peft_lora",
-        "lora_r",
-        "lora_alpha",
-        "lora_target_modules",
-        "trainable_modules",
-        "trainable_modules_low_learning_rate",
-        "condition_encoder_mode",
-        "prompt_style",
-    }
-)
+MODEL_FLAGS = flag_names(*OPTION_CLASSES, scope=MODEL)
 
 
 class RecipeError(ValueError):

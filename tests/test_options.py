@@ -1,0 +1,118 @@
+"""Options are declared once: the parser, the typed configs and the recipe's lists all come from the fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from pipeline.common.options import options_of
+from pipeline.train import recipe
+from pipeline.train.cli import build_parser
+from pipeline.train.config import (
+    OPTION_CLASSES,
+    CheckpointConfig,
+    DataConfig,
+    FlowConfig,
+    ModelConfig,
+    OptimConfig,
+    StreamConfig,
+    TrackingConfig,
+    TrainConfig,
+    ValidationConfig,
+    config_from_args,
+)
+
+# fields that are not flags: nested configs, values derived from other flags, and internal settings
+NOT_FLAGS = {
+    (TrainConfig, "data"), (TrainConfig, "stream"), (TrainConfig, "checkpoint"), (TrainConfig, "flow"),
+    (TrainConfig, "optim"), (TrainConfig, "model"), (TrainConfig, "tracking"), (TrainConfig, "validation"),
+    (TrainConfig, "recipe"), (TrainConfig, "allow_recipe_change"), (ModelConfig, "lora"),
+    (StreamConfig, "online_prompts"), (FlowConfig, "seed"), (ValidationConfig, "seed"),
+    (TrackingConfig, "loss_window"),
+}  # fmt: skip
+
+
+def _parser_flags() -> dict[str, object]:
+    """dest → action of every flag but --help, --config and the switches that set another flag's value."""
+    return {
+        a.dest: a
+        for a in build_parser()._actions
+        if a.option_strings and a.dest not in ("help", "config") and type(a) is not argparse._StoreConstAction
+    }
+
+
+def test_every_flag_is_one_config_field_and_every_field_a_flag_or_declared_derived():
+    fields = [(cls, f) for cls in OPTION_CLASSES for f in dataclasses.fields(cls)]
+    declared = [spec.name(f) for cls in OPTION_CLASSES for f, spec in options_of(cls)]
+    assert len(declared) == len(set(declared)), "a flag declared by two fields"
+    assert set(_parser_flags()) == set(declared)
+    undeclared = {(cls, f.name) for cls, f in fields if "option" not in f.metadata}
+    assert undeclared == NOT_FLAGS
+
+
+def test_parsed_defaults_are_the_config_defaults():
+    """One default per option: a run given no optional flag gets exactly what building a config directly gives
+    (FlowConfig.vae_mini_batch was 1 built directly and 32 from the command line)."""
+    argv = ["--pretrained_model_name_or_path", "m", "--train_data_meta_dir", "d", "--max_train_steps", "1"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.flow == FlowConfig()
+    assert config.optim == OptimConfig()
+    assert config.tracking == TrackingConfig()
+    assert config.checkpoint == CheckpointConfig()
+    assert config.stream == dataclasses.replace(StreamConfig(), storage_options={})
+    assert config.data == dataclasses.replace(DataConfig(), meta_dir="d")
+    assert config.model == ModelConfig(pretrained="m")
+    for derived, source in [(FlowConfig.seed, StreamConfig.seed), (ValidationConfig.seed, StreamConfig.seed)]:
+        assert derived == source
+
+
+@pytest.mark.parametrize(
+    "name, listed",
+    [
+        (
+            "RUN_ONLY",  # as the hand-kept list had it: the derivation changes no resume behaviour
+            {
+                "config", "resume_from_checkpoint", "export_checkpoint", "max_train_steps", "checkpointing_steps",
+                "checkpoints_total_limit", "data_trace", "report_to", "logging_dir", "tracker_project_name",
+                "report_model_info", "dataloader_num_workers", "prefetch_factor", "local_rank", "nnodes",
+                "num_processes_per_node", "streaming", "num_train_epochs", "allow_recipe_change", "plan",
+                "plan_gpu_memory", "plan_processes", "plan_num_sources", "plan_text_tokens",
+            },
+        ),
+        (
+            "MODEL_FLAGS",
+            {
+                "pretrained_model_name_or_path", "transformer_path", "vae_path", "use_peft_lora", "lora_r",
+                "lora_alpha", "lora_target_modules", "trainable_modules", "trainable_modules_low_learning_rate",
+                "condition_encoder_mode", "prompt_style",
+            },
+        ),
+    ],
+)  # fmt: skip
+def test_the_recipe_lists_are_derived_from_the_scopes(name, listed):
+    assert getattr(recipe, name) == listed
+    assert getattr(recipe, name) <= set(_parser_flags()) | {"config"}
+
+
+def test_an_option_field_is_the_flag_and_the_config_value():
+    """A field declared once reaches --help, the parsed Namespace and the config (with its conversion)."""
+    parser = build_parser()
+    help_text = parser.format_help()
+    assert "--pool_mb" in help_text and "--lora_rank" in help_text and "--num_workers" in help_text
+    args = parser.parse_args(
+        [
+            "--data_only",
+            "--train_data_meta_dir",
+            "d",
+            "--max_train_steps",
+            "1",
+            "--pool_mb",
+            "1.5",
+            "--num_workers",
+            "3",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.stream.pool_bytes == int(1.5 * (1 << 20)) and config.data.num_workers == 3
