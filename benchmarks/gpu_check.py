@@ -72,17 +72,21 @@ def half_depth(model: Path) -> tuple[Path, int]:
 
 
 def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: int) -> dict:
-    from pipeline.extract.cli import build_parser
+    from pipeline.extract.config import ExtractConfig
     from pipeline.extract.extractor import Extractor
 
     out = work / f"shards_{batching}" / "check"
     if out.exists():
         shutil.rmtree(out)
-    args = build_parser().parse_args(
-        [str(data), "--output_dir", str(out), "--model_path", str(model), "--batching", batching]
-        + ["--batch_size", str(batch_size), "--num_workers", "2" if torch.cuda.is_available() else "0"]
+    config = ExtractConfig(
+        jsonl_path=str(data),
+        output_dir=str(out),
+        model_path=str(model),
+        batching=batching,
+        batch_size=batch_size,
+        num_workers=2 if torch.cuda.is_available() else 0,
     )
-    extractor = Extractor(args, 0, 1)
+    extractor = Extractor(config, 0, 1)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
         stats = extractor.run()
         extractor.finish()

@@ -116,3 +116,19 @@ def test_an_option_field_is_the_flag_and_the_config_value():
     )
     config = config_from_args(args)
     assert config.stream.pool_bytes == int(1.5 * (1 << 20)) and config.data.num_workers == 3
+
+
+def test_extraction_takes_a_typed_config_derived_from_the_same_declarations():
+    """Nothing below the extraction CLI reads a Namespace; the crop scale has its own name, the original spelling
+    still accepted."""
+    from pipeline.extract.cli import build_parser as extract_parser
+    from pipeline.extract.cli import config_from_argv
+    from pipeline.extract.config import ExtractConfig
+
+    config = config_from_argv(["in.jsonl", "--output_dir", "o", "--model_path", "m"])
+    assert config == ExtractConfig(jsonl_path="in.jsonl", output_dir="o", model_path="m")
+    assert config_from_argv(["in.jsonl", "--output_dir", "o", "--model_path", "m", "--image_sample_size", "768"]) == (
+        dataclasses.replace(config, crop_scale=768)
+    )
+    flags = {a.dest for a in extract_parser()._actions if a.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(ExtractConfig)}

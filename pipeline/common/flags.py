@@ -42,40 +42,42 @@ def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, de
     if default is None:
         parser.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
     else:
-        parser.add_argument(
-            "--max_samples_per_shard",
-            type=int,
-            default=default,
-            help=f"start a new shard after this many samples (default {default})",
-        )
+        parser.add_argument("--max_samples_per_shard", type=int, default=default, help=shard_size_help(default))
+
+
+def shard_size_help(default: int) -> str:
+    return f"start a new shard after this many samples (default {default})"
 
 
 DEFAULT_MAX_FAILURE_RATIO = 0.05
 
 
+MAX_FAILURE_RATIO_HELP = (
+    "exit 1 when more than this fraction of the input lines (or samples) failed, or none was written; "
+    f"the failures are in the output's _failures/ either way (default {DEFAULT_MAX_FAILURE_RATIO})"
+)
+
+
 def add_max_failure_ratio(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--max_failure_ratio``: the writers' one exit policy (extract, convert-legacy, reshard)."""
     parser.add_argument(
-        "--max_failure_ratio",
-        type=float,
-        default=DEFAULT_MAX_FAILURE_RATIO,
-        help="exit 1 when more than this fraction of the input lines (or samples) failed, or none was written; "
-        f"the failures are in the output's _failures/ either way (default {DEFAULT_MAX_FAILURE_RATIO})",
+        "--max_failure_ratio", type=float, default=DEFAULT_MAX_FAILURE_RATIO, help=MAX_FAILURE_RATIO_HELP
+    )
+
+
+def train_copy_size_help(replaces: bool = False) -> str:
+    return (
+        "also store a training copy of each image that training at --image_sample_size N would shrink: "
+        "shrunk as training shrinks it, raw uint8 .npy beside the original. Training then crops without "
+        "decoding (same pixels) whenever the crop fits the copy (always at batch size 1 and this size), else "
+        "from the original. Costs ~3 bytes a training pixel per image in the shards; 0 (default): "
+        + ("copies kept as the task has them; N replaces them" if replaces else "originals only")
     )
 
 
 def add_train_copy_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, replaces: bool = False) -> None:
     """``--train_copy_size``: also store training copies (extract, convert-legacy, reshard)."""
-    parser.add_argument(
-        "--train_copy_size",
-        type=int,
-        default=0,
-        help="also store a training copy of each image that training at --image_sample_size N would shrink: "
-        "shrunk as training shrinks it, raw uint8 .npy beside the original. Training then crops without "
-        "decoding (same pixels) whenever the crop fits the copy (always at batch size 1 and this size), else "
-        "from the original. Costs ~3 bytes a training pixel per image in the shards; 0 (default): "
-        + ("copies kept as the task has them; N replaces them" if replaces else "originals only"),
-    )
+    parser.add_argument("--train_copy_size", type=int, default=0, help=train_copy_size_help(replaces))
 
 
 @dataclass(frozen=True)

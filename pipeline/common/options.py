@@ -39,6 +39,8 @@ class Option:
     append: bool = False  # a repeatable flag (a list)
     metavar: str | None = None
     weights: bool = False  # a NAME=WEIGHT list (checked as such in recipes)
+    positional: bool = False  # an argument without dashes
+    required: bool = False
 
     def name(self, field: dataclasses.Field) -> str:
         return self.flag or field.name
@@ -81,7 +83,12 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         name = spec.name(field)
         if name in skip:
             continue
+        if spec.positional:
+            parser.add_argument(name, help=spec.help)
+            continue
         kwargs: dict[str, Any] = {"dest": name, "help": spec.help, "default": spec.flag_default}
+        if spec.required:
+            kwargs["required"] = True
         if spec.flag_default is False and spec.choices is None and _flag_type(cls, field, spec) is None:
             kwargs["action"] = "store_true"
         else:

@@ -10,7 +10,6 @@ embedding and, last, ``manifest.json``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
 from pipeline.common.workers import die_with_parent
+from pipeline.extract.config import ExtractConfig
 from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
 from pipeline.extract.records import Columns
 from pipeline.shards import commits as prog
@@ -112,16 +112,16 @@ def input_fingerprint(url: str, storage_options: dict | None) -> dict[str, Any]:
 class Extractor:
     """One rank's extraction run."""
 
-    def __init__(self, args: argparse.Namespace, rank: int, world: int):
-        self.args, self.rank, self.world = args, rank, world
-        self.storage_options = parse_storage_options(args.storage_options, args.output_dir)
-        self.store = Store(args.output_dir, self.storage_options)
-        self.task = args.output_dir.rstrip("/").rsplit("/", 1)[-1]
-        self.inverse = not (args.disable_inverse or args.t2i_mode)
+    def __init__(self, config: ExtractConfig, rank: int, world: int):
+        self.config, self.rank, self.world = config, rank, world
+        self.storage_options = parse_storage_options(config.storage_options, config.output_dir)
+        self.store = Store(config.output_dir, self.storage_options)
+        self.task = config.output_dir.rstrip("/").rsplit("/", 1)[-1]
+        self.inverse = not (config.disable_inverse or config.t2i_mode)
         self.builder = (
-            None if args.skip_embeddings else PromptBuilder(args.model_path, args.prompt_style, args.image_sample_size)
+            None if config.skip_embeddings else PromptBuilder(config.model_path, config.prompt_style, config.crop_scale)
         )
-        self.encoder = None if args.skip_embeddings else PromptEncoder(args.model_path, args.device, args.dtype)
+        self.encoder = None if config.skip_embeddings else PromptEncoder(config.model_path, config.device, config.dtype)
         self.forward_seconds = 0.0
         self.forwards = 0  # encoder forwards and the prompts they carried: how full the batches are
         self.prompts_encoded = 0
@@ -132,7 +132,7 @@ class Extractor:
         prog.check_identity(
             self.store,
             self.identity(),
-            f"To start fresh, choose a new --output_dir or delete {self.args.output_dir}; "
+            f"To start fresh, choose a new --output_dir or delete {self.config.output_dir}; "
             "to resume, rerun with the first run's input and flags.",
         )
         lease = prog.RankLease(self.store, self.rank)
@@ -148,37 +148,39 @@ class Extractor:
         progress = prog.ProgressLog(self.store, self.rank, commits)
         opts = PrepareOptions(
             inverse=self.inverse,
-            t2i_mode=self.args.t2i_mode,
-            max_pixels=self.args.max_image_pixels,
-            max_bytes=self.args.max_image_bytes,
-            fetch_timeout=self.args.fetch_timeout,
+            t2i_mode=self.config.t2i_mode,
+            max_pixels=self.config.max_image_pixels,
+            max_bytes=self.config.max_image_bytes,
+            fetch_timeout=self.config.fetch_timeout,
             storage_options=self.storage_options,
-            skip_embeddings=self.args.skip_embeddings,
-            train_copy_size=self.args.train_copy_size,
+            skip_embeddings=self.config.skip_embeddings,
+            train_copy_size=self.config.train_copy_size,
         )
-        columns = Columns(self.args.source_column, self.args.target_column)
+        columns = Columns(self.config.source_column, self.config.target_column)
         done = prog.done_lines(commits)
-        dataset = LineDataset(self.args.jsonl_path, self.rank, self.world, done, self.builder, opts, columns)
+        dataset = LineDataset(self.config.jsonl_path, self.rank, self.world, done, self.builder, opts, columns)
         total = sum(1 for _ in dataset.pending())
         log.info("%d line(s) to process on this rank; %d line(s) of the task done before", total, int(done.sum()))
         loader = DataLoader(
             dataset,
             batch_size=None,
-            num_workers=self.args.num_workers,
+            num_workers=self.config.num_workers,
             worker_init_fn=die_with_parent,
-            prefetch_factor=self.args.prefetch_factor if self.args.num_workers else None,
+            prefetch_factor=self.config.prefetch_factor if self.config.num_workers else None,
             collate_fn=_identity,
         )
         sink = ShardSink(
             self.store,
             progress,
             self.rank,
-            self.args.max_samples_per_shard,
-            self.args.max_shard_bytes,
-            self.args.queue_size,
-            self.args.tmp_dir,
+            self.config.max_samples_per_shard,
+            self.config.max_shard_bytes,
+            self.config.queue_size,
+            self.config.tmp_dir,
         )
-        batcher = PromptBatcher(self.args.batch_size, self.args.batching == "exact", max(64, 16 * self.args.batch_size))
+        batcher = PromptBatcher(
+            self.config.batch_size, self.config.batching == "exact", max(64, 16 * self.config.batch_size)
+        )
         entries: dict[int, _Entry] = {}
         started = time.perf_counter()
         bar = tqdm(total=total, desc=f"rank {self.rank}", unit="sample", dynamic_ncols=True, mininterval=1.0)
@@ -221,7 +223,7 @@ class Extractor:
             sink.written_samples / wall if wall else 0.0,
             self.forward_seconds,
             stats["prompts_per_forward"],
-            self.args.batch_size,
+            self.config.batch_size,
             dict(self.failures_by_kind) or "none",
         )
         return stats
@@ -280,22 +282,22 @@ class Extractor:
             null = self.encoder.encode([self.builder.t2i("")], self.builder.drop_index)[0]
             self.store.write_bytes(NULL_EMBEDDING, embedding_to_npy(null))
             null_url = NULL_EMBEDDING
-        base = new_manifest(self.task, self._model_identity(), self.args.prompt_style, self._drop_index())
+        base = new_manifest(self.task, self._model_identity(), self.config.prompt_style, self._drop_index())
         extra = {
             "null_embedding": null_url,
-            "embeddings": not self.args.skip_embeddings,
+            "embeddings": not self.config.skip_embeddings,
             "inverse": self.inverse,
-            "t2i_mode": self.args.t2i_mode,
-            "image_sample_size": self.args.image_sample_size,
-            "train_copy_size": self.args.train_copy_size,
-            "input": self.args.jsonl_path,
+            "t2i_mode": self.config.t2i_mode,
+            "image_sample_size": self.config.crop_scale,
+            "train_copy_size": self.config.train_copy_size,
+            "input": self.config.jsonl_path,
             "world_size": self.world,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         prog.write_failures_files(self.store, commits)
         manifest = prog.build_manifest(self.store, base, commits, extra)
         prog.write_manifest(self.store, manifest)
-        print(json.dumps({"task": self.task, "output": self.args.output_dir, **summary}, ensure_ascii=False))
+        print(json.dumps({"task": self.task, "output": self.config.output_dir, **summary}, ensure_ascii=False))
         log.info(
             "task %s: %d ok, %d failed %s; manifest %s",
             self.task,
@@ -305,35 +307,35 @@ class Extractor:
             self.store.url("manifest.json"),
         )
         return prog.failure_exit_code(
-            f"task {self.task}", summary["ok"], summary["failed"], self.args.max_failure_ratio,
+            f"task {self.task}", summary["ok"], summary["failed"], self.config.max_failure_ratio,
             self.store.url(prog.FAILURES),
         )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """What the shards are made from: the input (URL, size, digest of its start) and every output-changing flag."""
-        args = self.args
+        config = self.config
         return {
-            "input": args.jsonl_path,
-            **input_fingerprint(args.jsonl_path, self.storage_options),
-            "model_config_sha256": None if args.skip_embeddings else config_digest(args.model_path),
-            "prompt_style": args.prompt_style,
-            "t2i_mode": args.t2i_mode,
+            "input": config.jsonl_path,
+            **input_fingerprint(config.jsonl_path, self.storage_options),
+            "model_config_sha256": None if config.skip_embeddings else config_digest(config.model_path),
+            "prompt_style": config.prompt_style,
+            "t2i_mode": config.t2i_mode,
             "inverse": self.inverse,
-            "skip_embeddings": args.skip_embeddings,
-            "image_sample_size": args.image_sample_size,
+            "skip_embeddings": config.skip_embeddings,
+            "image_sample_size": config.crop_scale,
             # only when set: a run started before the flag existed resumes as before
-            **({"train_copy_size": args.train_copy_size} if args.train_copy_size else {}),
-            "columns": [args.source_column, args.target_column],
+            **({"train_copy_size": config.train_copy_size} if config.train_copy_size else {}),
+            "columns": [config.source_column, config.target_column],
         }
 
     def _model_identity(self) -> dict[str, Any]:
         hidden = self.encoder.hidden_size if self.encoder else None
         if hidden is None:
-            cfg = json.loads(open(os.path.join(self.args.model_path, "text_encoder", "config.json")).read())
+            cfg = json.loads(open(os.path.join(self.config.model_path, "text_encoder", "config.json")).read())
             hidden = cfg.get("text_config", cfg).get("hidden_size")
         return {
-            "path": self.args.model_path,
-            "config_sha256": config_digest(self.args.model_path),
+            "path": self.config.model_path,
+            "config_sha256": config_digest(self.config.model_path),
             "hidden_size": hidden,
             "compute_dtype": str(self.encoder.dtype).replace("torch.", "") if self.encoder else None,
         }

@@ -1,0 +1,90 @@
+"""Typed extraction configuration: every ``python -m pipeline.extract`` option, declared once as a field.
+
+The CLI's parser is derived from :class:`ExtractConfig` (``pipeline/common/options.py``)
+and the :class:`~pipeline.extract.extractor.Extractor` takes the config, never the
+parsed Namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.common import images as imaging
+from pipeline.common.flags import (
+    DEFAULT_MAX_FAILURE_RATIO,
+    MAX_FAILURE_RATIO_HELP,
+    STORAGE_OPTIONS_HELP,
+    prompt_style_help,
+    shard_size_help,
+    train_copy_size_help,
+)
+from pipeline.common.options import option
+from pipeline.common.prompts import PROMPT_STYLES
+
+DEFAULT_SHARD_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction run: input, model, the prompts' form, the shards, and the limits on hostile input."""
+
+    jsonl_path: str | None = option(
+        None, "input JSONL (local path or fsspec URL), one sample per line", positional=True
+    )
+    output_dir: str | None = option(None, "task directory to write: local path, s3://, gs://, ...", required=True)
+    model_path: str | None = option(None, "Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)", required=True)
+    batch_size: int = option(4, "prompts per encoder forward (a sample has 1-6)")
+    crop_scale: int = option(
+        512,
+        "scale of the --prompt_style firered crop table; images are stored at original resolution and cropped at "
+        "training time. --image_sample_size is the original tool's name for it (same default)",
+        aliases=("image_sample_size",),
+    )
+    train_copy_size: int = option(0, train_copy_size_help())
+    num_workers: int = option(
+        2, "DataLoader workers loading and preprocessing images", aliases=("dataloader_num_workers",)
+    )
+    prefetch_factor: int = option(4, "samples each worker prepares ahead")
+    disable_inverse: bool = option(False, "do not store inverse-instruction embeddings")
+    t2i_mode: bool = option(
+        False,
+        "text-to-image data: every sample is encoded with the T2I template, source images are ignored; "
+        "implies --disable_inverse",
+    )
+    prompt_style: str = option(PROMPT_STYLES[0], prompt_style_help(), choices=tuple(PROMPT_STYLES))
+    batching: str = option(
+        "padded",
+        "padded (default): prompts of similar length (64-token buckets) share a forward, padded with a "
+        "mask: full batches, embeddings equal a one-prompt forward up to float rounding (a few bf16 ulps); "
+        "exact: only prompts of equal token length share a forward, no padding, so on CPU every embedding is "
+        "bit-identical to diffusers' encode_prompt (a CPU promise: cuBLAS does not guarantee bit-equality "
+        "across batch shapes); batches are often half full",
+        choices=("padded", "exact"),
+    )
+    max_samples_per_shard: int = option(DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES))
+    max_shard_bytes: int = option(1 << 30, "start a new shard after this many bytes")
+    max_failure_ratio: float = option(DEFAULT_MAX_FAILURE_RATIO, MAX_FAILURE_RATIO_HELP)
+    max_image_pixels: int = option(
+        imaging.DEFAULT_MAX_PIXELS,
+        "reject images with more pixels (decompression bombs); may exceed PIL's own limit (default: PIL's)",
+    )
+    max_image_bytes: int = option(
+        imaging.DEFAULT_MAX_BYTES,
+        "reject image files larger than this, checked before and while reading (default 64 MiB)",
+    )
+    fetch_timeout: float = option(
+        imaging.DEFAULT_FETCH_TIMEOUT,
+        "seconds to connect to and wait for data from http(s) and S3 image URLs (default 60)",
+    )
+    source_column: str = option("source_image", "JSONL field with the source image(s)")
+    target_column: str = option("target_image", "JSONL field with the target image")
+    storage_options: str | None = option(None, STORAGE_OPTIONS_HELP)
+    skip_embeddings: bool = option(False, "write image-only shards (online encoding)")
+    device: str = option("auto", "auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
+    dtype: str = option(
+        "auto",
+        "encoder compute dtype; auto = bfloat16 on CUDA, float32 on CPU (embeddings are stored as bfloat16)",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    tmp_dir: str | None = option(None, "local folder for shards being assembled (default: system temp)")
+    queue_size: int = option(32, "finished samples buffered for the shard writer")
