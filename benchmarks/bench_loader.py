@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.shards.format import VARIANTS
-from pipeline.train.stream import MixedBatchDataset
+from pipeline.train.stream.dataset import MixedBatchDataset
 
 HIDDEN = 3584
 
@@ -194,7 +194,7 @@ def run_ours(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream import StreamConfig, plan_mix
+    from pipeline.train.stream.dataset import StreamConfig, plan_mix
 
     if str(shards_root).startswith("http"):  # no listing over HTTP: the shards by pattern
         from pipeline.shards.tasks import task_from_patterns

@@ -34,8 +34,8 @@ def main() -> None:
     from pipeline.kit.tiny_model import make_tiny_model
     from pipeline.train.cli import build_parser
     from pipeline.train.config import config_from_args
-    from pipeline.train.data import TraceWriter
-    from pipeline.train.loop import Trainer
+    from pipeline.train.engine.trainer import Trainer
+    from pipeline.train.stream.loader import TraceWriter
 
     setup_logging()
     work = Path(args.work_dir)
@@ -87,7 +87,7 @@ def main() -> None:
             self.seen.append(batch)
             return batch
 
-    # the real step (pipeline.train.loop.Trainer.train_step) fed by the real loader ...
+    # the real step (pipeline.train.engine.trainer.Trainer.train_step) fed by the real loader ...
     recording = Recording(iter(trainer.loader))
     t_all = time.perf_counter()
     for i in range(args.steps):

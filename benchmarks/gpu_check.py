@@ -120,7 +120,7 @@ def train(
 def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: str, repeats: int = 5) -> float:
     """The transformer alone: forward + loss + backward on random tensors shaped like one training step."""
     from pipeline.train.config import LoraConfig, ModelConfig
-    from pipeline.train.model import DEFAULT_LORA_TARGETS, build_training_models
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS, build_training_models
 
     lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=tuple(DEFAULT_LORA_TARGETS.split(","))) if lora else None
     transformer, _, _, _ = build_training_models(ModelConfig(pretrained=str(model), lora=lora_cfg), mixed, 1e-5)
@@ -164,8 +164,8 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
 def planned_gib(model: Path, lora: bool, mixed: str, size: int, **changes) -> tuple[float, float]:
     """The plan's peak per GPU for the run's mode (its model, then the published 60 blocks): the figure the
     measured peak calibrates. Planned at 3 sources (the runs draw 0-3) and 512 text tokens."""
-    from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, memory_plan, read_configs
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import PUBLISHED, PlanRequest, build_on_meta, memory_plan, read_configs
 
     request = PlanRequest(
         lora=lora, lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), fsdp=not lora,
@@ -180,9 +180,9 @@ def planned_gib(model: Path, lora: bool, mixed: str, size: int, **changes) -> tu
 def plan_against_count() -> dict:
     """The plan's per-block bytes (from counts at a few tokens) against a direct count at 1,152 tokens on one block
     of the published width, bf16 autocast, for full fine-tuning and LoRA r64 without and with dropout."""
-    from pipeline.train.activations import ActivationMode, block_activations, build_one_block, count_saved
-    from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import PUBLISHED
+    from pipeline.train.engine.activations import ActivationMode, block_activations, build_one_block, count_saved
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import PUBLISHED
 
     config, targets = PUBLISHED["qwen-image-edit-2509"], tuple(DEFAULT_LORA_TARGETS.split(","))
     out = {}

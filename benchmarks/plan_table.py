@@ -4,7 +4,7 @@ at 512 and 1024 px with 1 and 3 source images, every mode on 1 GPU and on 8 (FSD
     python benchmarks/plan_table.py [--lora_rank 64] [--text_tokens 512] [--gpus 8]
 
 Planned, not measured: the activations are counted on one real-width block on this CPU
-(see pipeline/train/activations.py); ``benchmarks/gpu_check.py`` prints the measured peak
+(see pipeline/train/engine/activations.py); ``benchmarks/gpu_check.py`` prints the measured peak
 beside the plan's on a GPU.
 """
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import PUBLISHED, PlanRequest, build_on_meta, card_table
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import PUBLISHED, PlanRequest, build_on_meta, card_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora_rank", type=int, default=64)

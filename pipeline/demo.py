@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import load_image
 
     from pipeline.extract.records import read_records
-    from pipeline.train.validation import source_area
+    from pipeline.train.engine.validation import source_area
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(
         model, transformer=QwenImageTransformer2DModel.from_pretrained(run / "transformer")

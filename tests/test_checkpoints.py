@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import PickleBomb
 
-from pipeline.train import checkpoint as ckpt
-from pipeline.train import parallel
+from pipeline.train.engine import checkpoint as ckpt
+from pipeline.train.engine import parallel
 
 
 def save_like_a_run(out: Path, step: int) -> Path:

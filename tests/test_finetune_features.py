@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.cli import build_parser
 from pipeline.train.config import config_from_args
+from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.recipe import RecipeError, check_resume_recipe, parse_with_recipe, write_recipe
 
 # --- the original tool's defaults --------------------------------------------------------------------
@@ -90,7 +90,7 @@ def expected_clip(norm, step, max_norm, ratio, start):
     [(0.5, 0), (3.0, 0), (3.0, 500), (100.0, 999), (4.0, 1000), (6.0, 1000), (6.0, 1001), (7.0, 5000), (500, 5000)],
 )
 def test_clip_bound_follows_the_original_schedule(norm, step):
-    from pipeline.train.clipping import clip_bound
+    from pipeline.train.engine.clipping import clip_bound
 
     got = clip_bound(norm, step, 1.0, 5.0, 1000)
     assert math.isclose(got, expected_clip(norm, step, 1.0, 5.0, 1000), rel_tol=1e-9), (norm, step, got)
@@ -98,22 +98,17 @@ def test_clip_bound_follows_the_original_schedule(norm, step):
 
 
 def test_the_loop_clips_gradients_to_the_bound():
-    """Trainer.clip on real gradients: the warm threshold early, the damped bound for a spike later."""
-    from types import SimpleNamespace
-
+    """The step's clipping on real gradients: the warm threshold early, the damped bound for a spike later."""
     from pipeline.train.config import OptimConfig
-    from pipeline.train.loop import Trainer
+    from pipeline.train.engine.step import clip_gradients
 
     layer = torch.nn.Linear(4, 4)
-    trainer = Trainer.__new__(Trainer)
-    trainer.transformer, trainer.fsdp = layer, True  # the FSDP branch clips with torch alone
     optim = OptimConfig(max_grad_norm=1.0, initial_grad_norm_ratio=5, abnormal_norm_clip_start=10)
-    trainer.config = SimpleNamespace(optim=optim)
 
     def clipped(step, scale):
         layer.zero_grad()
         (layer(torch.ones(2, 4)).sum() * scale).backward()
-        norm, bound = trainer.clip(step)
+        norm, bound = clip_gradients(list(layer.parameters()), step, optim)
         after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()]))
         return norm, bound, float(after)
 
@@ -159,7 +154,7 @@ def comfyui_merge(base_state, lora):
 def test_exported_lora_loads_at_the_trained_strength_in_diffusers_and_comfyui(tiny_model_dir, tmp_path):
     from diffusers import QwenImageEditPlusPipeline
 
-    from pipeline.train.model import LORA_FILES, add_lora, export_lora, load_transformer
+    from pipeline.train.engine.model import LORA_FILES, add_lora, export_lora, load_transformer
 
     rank, alpha = 4, 12.0  # alpha != rank: a loader that ignores alpha applies the update at 1/3
     trained = load_transformer(str(tiny_model_dir))
@@ -206,7 +201,7 @@ def test_exported_lora_loads_at_the_trained_strength_in_diffusers_and_comfyui(ti
 
 
 def test_a_single_state_dict_file_loads_into_the_base_model(tiny_model_dir, tmp_path):
-    from pipeline.train.model import load_transformer
+    from pipeline.train.engine.model import load_transformer
 
     base = load_transformer(str(tiny_model_dir))
     changed = {f"model.diffusion_model.{k}": v + 1 for k, v in base.state_dict().items() if k.startswith("proj_out")}
@@ -224,7 +219,7 @@ def test_a_single_state_dict_file_loads_into_the_base_model(tiny_model_dir, tmp_
 
 
 def test_loss_board_averages_every_ranks_batches_and_keeps_running_means():
-    from pipeline.train.metrics import LossBoard, group_of
+    from pipeline.train.engine.metrics import LossBoard, group_of
 
     board = LossBoard(["b", "a"], window=2)
     rank0, rank1 = board.encode([("a", 1, 1.0)]), board.encode([("b", 2, 3.0)])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train import flow
-from pipeline.train.seeding import step_generator
+from pipeline.train.engine import flow
+from pipeline.train.stream.seeding import step_generator
 
 
 class _Cfg(dict):
@@ -52,7 +52,7 @@ def test_latent_normalisation_and_packing():
 
 
 def test_sigma_schedule_and_shift(tiny_model_dir):
-    from pipeline.train.model import load_scheduler
+    from pipeline.train.engine.model import load_scheduler
 
     sched = load_scheduler(str(tiny_model_dir))
     T, seq = 1000, 1024
@@ -121,7 +121,7 @@ def test_noisy_input_target_img_shapes_slice_mask_and_weighting():
 
 @pytest.mark.parametrize("seq", [256, 4096])
 def test_shift_grows_with_image_size(tiny_model_dir, seq):
-    from pipeline.train.model import load_scheduler
+    from pipeline.train.engine.model import load_scheduler
 
     sched = load_scheduler(str(tiny_model_dir))
     small = flow.training_schedule(sched, 100, 64)[1]

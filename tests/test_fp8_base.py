@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.train.fp8 import Float8Linear, quantize_frozen_linears
+from pipeline.train.engine.fp8 import Float8Linear, quantize_frozen_linears
 
 # e4m3 keeps 3 mantissa bits: a weight rounds to within half a step of 2^-3 of its binade, a relative error
 # uniform in ±2^-4, whose rms is 2^-4/√3 = 3.6 %. A Linear's output sums many weight·input terms whose errors are
@@ -37,9 +37,9 @@ def test_a_real_width_block_in_fp8_stays_close_to_bf16_and_saves_half_the_bytes(
     Bound: 14 quantised Linears, the longest path through the block meets about 6 of them (modulation, q/k/v,
     out, MLP in and out); independent errors add in quadrature: √6 × 3.6 % = 8.8 %, and the attention's softmax
     can sharpen logit errors a little — so 15 %."""
-    from pipeline.train.activations import ActivationMode, build_one_block
-    from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
+    from pipeline.train.engine.activations import ActivationMode, build_one_block
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
 
     model = build_one_block(CONFIG, ActivationMode(lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(","))))
     g = torch.Generator().manual_seed(1)

@@ -63,7 +63,7 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
     assert "fsdp/.metadata, a file it was not saved with" in refused.stderr and no_traceback_of_ours(refused.stderr)
 
     # shards whose structure lacks a trained parameter (recorded as saved, so only the keys can tell): refused
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import checkpoint as ckpt
 
     lacking = tmp_path / "lacking"
     lacking.mkdir()

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import FlowConfig, LoraConfig, ModelConfig
+from pipeline.train.engine import checkpoint as ckpt
 
 HIDDEN_STATES_OF = "last_hidden_state"
 
@@ -50,8 +50,8 @@ def cpu_batch(joint_dim: int, sources: int = 1, batch: int = 2, side: int = 64) 
 
 @pytest.mark.parametrize("sources", [0, 1, 3])
 def test_a_whole_training_step_runs_with_the_models_on_another_device(tiny_model_dir, sources):
-    from pipeline.train.loop import batch_loss
-    from pipeline.train.model import load_scheduler
+    from pipeline.train.engine.model import load_scheduler
+    from pipeline.train.engine.step import batch_loss
 
     transformer, vae = models_on_meta(tiny_model_dir)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4)
@@ -116,15 +116,14 @@ def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir
     from PIL import Image
 
     from pipeline.common.encoder import PromptBuilder
-    from pipeline.train.loop import Trainer, batch_loss
-    from pipeline.train.model import load_scheduler
+    from pipeline.train.engine.model import load_scheduler
+    from pipeline.train.engine.step import batch_loss, encode_online
 
     transformer, vae = models_on_meta(tiny_model_dir)
     encoder = encoder_on_meta(tiny_model_dir)
     encoder.hidden_size = transformer.config.joint_attention_dim
     encoder.model.model = DeviceCheckingVLM(encoder.hidden_size)
-    trainer = Trainer.__new__(Trainer)
-    trainer.builder, trainer.encoder = PromptBuilder(str(tiny_model_dir)), encoder
+    builder = PromptBuilder(str(tiny_model_dir))
     png = __import__("io").BytesIO()
     Image.new("RGB", (64, 64), "green").save(png, format="PNG")
     batch = cpu_batch(encoder.hidden_size, sources=1)
@@ -133,7 +132,7 @@ def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir
         {"kind": "edit", "images": [png.getvalue()], "target_size": [64, 64], "text": "paint it"},
         {"kind": "edit", "images": [png.getvalue()], "target_size": [64, 64], "text": ""},
     ]
-    trainer.encode_online(batch)
+    encode_online(batch, builder, encoder)
     assert batch["prompt_embeds"].device.type == "meta" and batch["prompt_mask"].device.type == "meta"
     loss = batch_loss(batch, transformer, vae, load_scheduler(str(tiny_model_dir)), FlowConfig(), 0, 1, 0)
     loss.backward()
@@ -153,7 +152,7 @@ def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir
     ],
 )
 def test_weights_load_in_the_dtype_of_their_mode(tiny_model_dir, mixed_precision, lora, base, vae):
-    from pipeline.train.model import build_training_models
+    from pipeline.train.engine.model import build_training_models
 
     model = ModelConfig(
         pretrained=str(tiny_model_dir),
@@ -177,7 +176,7 @@ def test_mixed_precision_comes_from_accelerate_launch_unless_given(tiny_model_di
 
     from pipeline.train.cli import build_parser
     from pipeline.train.config import config_from_args
-    from pipeline.train.loop import Trainer
+    from pipeline.train.engine.trainer import Trainer
 
     flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir", str(tmp_path)]
     flags += ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--report_to", "none"]
@@ -232,21 +231,22 @@ def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch
 
 
 def test_loop_state_round_trips_through_json():
-    from pipeline.train.loop import Trainer
+    from pipeline.train.engine.step import NonFinitePolicy
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.nonfinite_steps, trainer.nonfinite_in_a_row = 3, 1
-    state = json.loads(json.dumps(trainer.trainer_state()))
-    other = Trainer.__new__(Trainer)
-    other.load_trainer_state({**state, "grad_norms": [1.5]})  # written by an older version: ignored
-    assert other.nonfinite_steps == 3 and other.nonfinite_in_a_row == 1
+    policy = NonFinitePolicy(limit=5)
+    policy.steps, policy.in_a_row = 3, 1
+    state = json.loads(json.dumps(policy.state_dict()))
+    assert state == {"nonfinite_steps": 3, "nonfinite_in_a_row": 1}  # the keys trainer_state.json has always had
+    other = NonFinitePolicy(limit=5)
+    other.load_state_dict({**state, "grad_norms": [1.5]})  # written by an older version: ignored
+    assert other.steps == 3 and other.in_a_row == 1
 
 
 # --- memory plan -------------------------------------------------------------------------------------
 
 
 def test_the_published_config_has_the_published_size():
-    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, build_on_meta
+    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, build_on_meta
 
     transformer, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
     params = sum(p.numel() for p in transformer.parameters())
@@ -257,8 +257,14 @@ def test_the_published_config_has_the_published_size():
 
 
 def test_plan_bytes_follow_the_mode():
-    from pipeline.train.activations import BlockActivations
-    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, GiB, PlanRequest, build_on_meta, memory_plan
+    from pipeline.train.engine.activations import BlockActivations
+    from pipeline.train.engine.plan import (
+        QWEN_IMAGE_EDIT_2509_TRANSFORMER,
+        GiB,
+        PlanRequest,
+        build_on_meta,
+        memory_plan,
+    )
 
     transformer, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
     params = sum(p.numel() for p in transformer.parameters())
@@ -301,7 +307,7 @@ def test_plan_bytes_follow_the_mode():
 
 
 def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini_batch():
-    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, LiveBytes, build_on_meta, vae_encode_peak
+    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, LiveBytes, build_on_meta, vae_encode_peak
 
     counter = LiveBytes()
     with counter:
@@ -316,7 +322,7 @@ def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini
     _, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
     one, two = (vae_encode_peak(vae, n, 256, torch.bfloat16) for n in (1, 2))
     assert 1.9 < two / one <= 2.0, "the encode's tensors scale with the images encoded at once"
-    from pipeline.train.plan import vae_decode_peak
+    from pipeline.train.engine.plan import vae_decode_peak
 
     small, large = vae_decode_peak(vae, 256, torch.bfloat16), vae_decode_peak(vae, 512, torch.bfloat16)
     assert 3.5 < large / small <= 4.0, "the decode's tensors scale with the picture's area"
@@ -327,9 +333,9 @@ def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini
 def test_the_plan_holds_a_real_width_block_to_what_it_saves(lora_rank, dropout):
     """The plan's per-block bytes, from counts at a few tokens, against a count at 320 and 1,152 tokens on a
     real-width Qwen-Image block (3072 wide, 24 × 128 heads), bf16 autocast as accelerate runs it: within 5 %."""
-    from pipeline.train.activations import ActivationMode, block_activations, build_one_block, count_saved
-    from pipeline.train.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
+    from pipeline.train.engine.activations import ActivationMode, block_activations, build_one_block, count_saved
+    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
 
     mode = ActivationMode(
         lora_rank=lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), lora_dropout=dropout

@@ -16,10 +16,10 @@ import torch
 from helpers import PickleBomb, extract, run_module, torchrun
 
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
-from pipeline.train import stream as stream_mod
-from pipeline.train.batching import choose_variant
 from pipeline.train.config import parse_weights
-from pipeline.train.stream import MixedBatchDataset, StreamConfig, draw_num_sources, draw_task, plan_mix
+from pipeline.train.stream import dataset as stream_mod
+from pipeline.train.stream.batching import choose_variant
+from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, draw_num_sources, draw_task, plan_mix
 
 TASKS = ("edit_single", "compose_multi", "text_to_image")
 
@@ -476,7 +476,7 @@ def _made_with(name: str, style: str, digest: str | None, hidden: int = 64, ns=(
 
 def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=0.05, task_weights=None):
     from pipeline.train.config import DataConfig
-    from pipeline.train.data import mix_tasks
+    from pipeline.train.stream.loader import mix_tasks
 
     config = DataConfig(
         task_weights=task_weights,
@@ -487,7 +487,7 @@ def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=
 
 
 def test_tasks_made_differently_are_refused_unless_allowed(caplog):
-    from pipeline.train.data import describe_tasks
+    from pipeline.train.stream.loader import describe_tasks
 
     same = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "diffusers", "d1", ns=(2,))}
     _build(same)

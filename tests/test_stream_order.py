@@ -11,11 +11,11 @@ import pytest
 from helpers import encode_image, synthetic_task
 
 from pipeline.shards.tasks import DataConfigError, discover_tasks
-from pipeline.train.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
-from pipeline.train.pools import BucketPools, ByteBudget
-from pipeline.train.readahead import ReadAhead
-from pipeline.train.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
-from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+from pipeline.train.stream.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
+from pipeline.train.stream.pools import BucketPools, ByteBudget
+from pipeline.train.stream.readahead import ReadAhead
+from pipeline.train.stream.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
 
 
 def neighbour_fraction(refs: list[tuple[int, int]]) -> float:
@@ -264,7 +264,7 @@ class RoundRobinLoader:
     current: list = [None]  # the worker the dataset code runs as now (get_worker_info), shared by all loaders
 
     def __init__(self, make_dataset, workers: int, monkeypatch):
-        from pipeline.train import stream as stream_mod
+        from pipeline.train.stream import dataset as stream_mod
 
         self.workers, self.yielded = workers, 0
         self.datasets = [make_dataset() for _ in range(max(workers, 1))]
@@ -295,7 +295,7 @@ class RoundRobinLoader:
         return {"_snapshot": {"_worker_snapshots": snapshots}, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        from pipeline.train.data import worker_states
+        from pipeline.train.stream.loader import worker_states
 
         for dataset, own in zip(self.datasets, worker_states(state), strict=True):
             dataset.load_state_dict(own)
@@ -315,7 +315,7 @@ def layouts_run(tasks, plan, config, ranks, workers, steps, monkeypatch, resume_
     ranks' loader states; returns (batches, each rank's loader state at the end)."""
     import copy
 
-    from pipeline.train.data import elastic_resume, same_layout
+    from pipeline.train.stream.loader import elastic_resume, same_layout
 
     def dataset_of(rank):
         return MixedBatchDataset(tasks, plan, rank, ranks, config)
@@ -381,7 +381,7 @@ def test_resume_on_any_layout_at_any_step_trains_each_sample_once(two_small_task
 def next_untaken(loader_states: list[dict], stream: str) -> int:
     """The first element of ``stream`` no partition of a layout will take again: the slowest partition's next
     (a partition that never read the stream starts where the others' merged cursors put it, at k = 0)."""
-    from pipeline.train.data import worker_states
+    from pipeline.train.stream.loader import worker_states
 
     partitions = [w for state in loader_states for w in worker_states(state)]
     cursors = [Cursor.from_state(p["streams"][stream]["cursor"]) for p in partitions if stream in p["streams"]]

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 @pytest.mark.slow
 def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, edit_meta, tmp_path):
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train import loop as trainer_mod
     from pipeline.train.config import FlowConfig
-    from pipeline.train.model import load_scheduler, load_transformer, load_vae
-    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.engine import step as trainer_mod
+    from pipeline.train.engine.model import load_scheduler, load_transformer, load_vae
+    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
 
     tasks = discover_tasks(str(edit_meta), None)
     dataset = MixedBatchDataset(
@@ -163,7 +163,7 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     # a checkpoint whose weights file lacks trained parameters (recorded as saved, so only the keys can tell)
     from safetensors.torch import save_file
 
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import checkpoint as ckpt
 
     lacking = tmp_path / "lacking"
     lacking.mkdir()
@@ -281,7 +281,7 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import checkpoint as ckpt
 
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -299,8 +299,8 @@ def test_latest_ignores_incomplete_checkpoints(tmp_path):
 def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_dir, tmp_path):
     from pipeline.shards.format import npy_to_embedding
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.loop import Trainer
-    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.engine.step import encode_online
+    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
 
     for name, extra in (("offline", ["--batching", "exact"]), ("online", ["--skip_embeddings"])):
         extract(sample_data_dir / "compose_multi" / "data.jsonl", tmp_path / name / "task", tiny_model_dir, *extra)
@@ -310,15 +310,14 @@ def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_d
     tasks = discover_tasks(str(tmp_path / "online"), None)
     assert not any(k.startswith("emb_") for k in tasks["task"].manifest["variants"])
     dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"task": 1}, {"2": 1, "3": 1}), 0, 1, config)
-    trainer = Trainer.__new__(Trainer)
     from pipeline.common.encoder import PromptBuilder, PromptEncoder
 
-    trainer.builder, trainer.encoder = PromptBuilder(str(tiny_model_dir)), PromptEncoder(str(tiny_model_dir))
+    builder, encoder = PromptBuilder(str(tiny_model_dir)), PromptEncoder(str(tiny_model_dir))
     offline = read_offline(tmp_path / "offline" / "task")
     checked = set()
     for _, batch in zip(range(10), iter(dataset), strict=False):
         assert "prompt_embeds" not in batch
-        trainer.encode_online(batch)
+        encode_online(batch, builder, encoder)
         key, variant = batch["keys"][0], batch["variants"][0]
         stored = npy_to_embedding(offline[key][f"emb_{variant}.npy"])
         length = int(batch["prompt_mask"][0].sum())

@@ -15,7 +15,7 @@ from pipeline.common import images as imaging
 from pipeline.shards.format import COPY_PREFIX, image_entry, npy_to_image
 from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
 from pipeline.shards.tasks import open_task
-from pipeline.train.batching import Picture
+from pipeline.train.stream.batching import Picture
 
 
 def encoded(size, fmt, orientation=None) -> bytes:
@@ -188,7 +188,7 @@ def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_on
     2x or more at 64 px, which the original path decodes at a reduced DCT scale (an approximation, 26-46 dB at
     these 64-px crops); the copy comes from a full decode and equals a full decode's crop (test above)."""
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
 
     def batches(root):
         tasks = discover_tasks(str(root.parent), None)

@@ -19,7 +19,6 @@ from pipeline.common.flags import distributed_env
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
 from pipeline.shards.tasks import DataConfigError
-from pipeline.train.checkpoint import CheckpointDamaged, damage_of
 from pipeline.train.config import (
     OPTION_GROUPS,
     FlowConfig,
@@ -30,7 +29,11 @@ from pipeline.train.config import (
     StreamConfig,
     config_from_args,
 )
-from pipeline.train.loop import NonFiniteTraining, Trainer, run_data_only, use_fsdp
+from pipeline.train.engine.checkpoint import CheckpointDamaged, damage_of
+from pipeline.train.engine.data_only import run_data_only
+from pipeline.train.engine.parallel import use_fsdp
+from pipeline.train.engine.step import NonFiniteTraining
+from pipeline.train.engine.trainer import Trainer
 from pipeline.train.recipe import parse_with_recipe
 
 log = logging.getLogger("pipeline.train")
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_plan(args: argparse.Namespace) -> int:
-    from pipeline.train.plan import (
+    from pipeline.train.engine.plan import (
         PlanRequest,
         build_on_meta,
         card_table,

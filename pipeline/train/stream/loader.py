@@ -15,9 +15,8 @@ from typing import Any
 
 from pipeline.common.workers import die_with_parent
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
-from pipeline.train.checkpoint import JsonPart
 from pipeline.train.config import DataConfig, StreamConfig
-from pipeline.train.stream import MixedBatchDataset, MixPlan, plan_mix
+from pipeline.train.stream.dataset import MixedBatchDataset, MixPlan, plan_mix
 
 log = logging.getLogger("pipeline.train")
 
@@ -206,46 +205,6 @@ def worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
         return [loader_state["dataset_state"]]
     snapshots = loader_state["_snapshot"]["_worker_snapshots"]
     return [snapshots[f"worker_{w}"]["dataset_state"] for w in range(len(snapshots))]
-
-
-class DataPart(JsonPart):
-    """The loader's state of this rank as JSON, in ``data_state_rank{r}.json``.
-
-    Same ranks × workers as the checkpoint: the StatefulDataLoader restores itself (bitwise
-    exact). Another layout: every rank reads the states of *all* old workers of all ranks and
-    the stream takes them over (:meth:`MixedBatchDataset.set_elastic`): each sample of an
-    epoch still comes exactly once.
-    """
-
-    def __init__(self, loader, rank: int, world: int):
-        super().__init__(
-            "data_state_rank{rank}.json",
-            lambda: {"loader": json_state(loader.state_dict())},
-            lambda state: loader.load_state_dict(state["loader"]),
-            rank,
-        )
-        self.loader, self.world = loader, world
-
-    def load(self, folder: Path) -> None:
-        files = sorted(folder.glob("data_state_rank*.json"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
-        states = [json.loads(f.read_text())["loader"] for f in files]
-        workers = self.loader.num_workers or 1
-        if same_layout(states, self.world, workers):
-            self.loader.load_state_dict(states[self.rank])
-            return
-        next_step, partitions = elastic_resume(states)
-        if self.rank == 0:
-            log.warning(
-                "resuming a checkpoint of %d rank(s) × %d worker(s) on %d × %d: the streams are taken over from "
-                "all %d old partitions at loader step %d (every sample of an epoch still once)",
-                len(states),
-                len(worker_states(states[0])),
-                self.world,
-                workers,
-                len(partitions),
-                next_step,
-            )
-        self.loader.dataset.set_elastic(next_step, partitions)
 
 
 def same_layout(states: list[dict[str, Any]], world: int, workers: int) -> bool:

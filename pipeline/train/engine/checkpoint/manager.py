@@ -320,61 +320,6 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# what goes into a checkpoint: named parts, each saving and loading its own files
-
-
-class JsonPart:
-    """A JSON-able state in one file: per rank (``{rank}`` in the name) or written by rank 0 and read by all."""
-
-    def __init__(self, filename: str, get: Callable[[], Any], put: Callable[[Any], None], rank: int, optional=False):
-        self.filename, self.get, self.put, self.rank, self.optional = filename, get, put, rank, optional
-        self.per_rank = "{rank}" in filename
-
-    def _file(self, folder: Path) -> Path:
-        return folder / self.filename.format(rank=self.rank)
-
-    def save(self, folder: Path) -> None:
-        if self.per_rank or self.rank == 0:
-            write_json_file(self._file(folder), self.get())
-
-    def load(self, folder: Path) -> None:
-        path = self._file(folder)
-        if self.optional and not path.is_file():  # written by an older version
-            return
-        self.put(json.loads(path.read_text()))
-
-
-class RngPart:
-    """This rank's torch RNG states (CPU and CUDA), as safetensors."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def save(self, folder: Path) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(state, str(folder / f"rng_rank{self.rank}.safetensors"))
-
-    def load(self, folder: Path) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        path = folder / f"rng_rank{self.rank}.safetensors"
-        if not path.is_file():  # resumed on more ranks than saved: this rank keeps its seeded generators
-            log.info("%s has no RNG state for rank %d (saved on fewer ranks); kept the seeded one", folder, self.rank)
-            return
-        state = load_file(str(path))
-        torch.set_rng_state(state["torch"])
-        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-
-
 class Checkpointer:
     """Collective save and load of named parts (``save(folder)`` / ``load(folder)``) into ``checkpoint-{step}/``."""
 

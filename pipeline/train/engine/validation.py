@@ -153,7 +153,7 @@ class Validator:
     def _pipelines(self, transformer, vae):
         from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
 
-        from pipeline.train.model import load_scheduler
+        from pipeline.train.engine.model import load_scheduler
 
         parts: dict[str, Any] = {"vae": vae, "text_encoder": None, "tokenizer": None, "transformer": transformer}
         edit = QwenImageEditPlusPipeline(scheduler=load_scheduler(self.model_path), processor=None, **parts)

@@ -1,8 +1,8 @@
 """Where a partition's samples come from, one stage each, each with its own small state.
 
 * :class:`IndexedSource` — indexed shards in the computed sample-level order
-  (:class:`~pipeline.train.order.EpochOrder`), taken through a
-  :class:`~pipeline.train.order.Cursor`; the next elements are read ahead.
+  (:class:`~pipeline.train.stream.order.EpochOrder`), taken through a
+  :class:`~pipeline.train.stream.order.Cursor`; the next elements are read ahead.
 * :class:`StreamedSource` — shards that can only be read front to back (``pipe:``,
   no index): shards in a seeded order per epoch, every ``parts``-th sample owned.
 * :class:`ShuffleBuffer` — mixes a streamed source (an indexed order is already
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.train.order import Cursor, EpochOrder, merge_cursors
-from pipeline.train.pools import ByteBudget
-from pipeline.train.readahead import ReadAhead
+from pipeline.train.stream.order import Cursor, EpochOrder, merge_cursors
+from pipeline.train.stream.pools import ByteBudget
+from pipeline.train.stream.readahead import ReadAhead
 
 
 class NoUsableSample(Exception):

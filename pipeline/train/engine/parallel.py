@@ -15,13 +15,16 @@ would load); a resume reads every tensor's rows back on any number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.train.model import weight_dtype
+from pipeline.common.flags import distributed_env
+from pipeline.train.engine.model import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def save_shards(folder: Path, model: torch.nn.Module, optimizer, names: set[str]
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from pipeline.train.checkpoint import write_json_file
+    from pipeline.train.engine.checkpoint.manager import write_json_file
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors: dict[str, torch.Tensor] = {}
@@ -261,3 +264,30 @@ def gather_full_state(model: torch.nn.Module, names: set[str] | None = None) -> 
             if torch.distributed.get_rank() == 0:
                 full[name] = value.detach().cpu().clone()
     return full
+
+
+def use_fsdp(parallelism: str) -> bool:
+    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch (``--use_fsdp``, or a config file with
+    ``distributed_type: FSDP``: both reach the processes as ``ACCELERATE_USE_FSDP``), on GPUs or CPUs."""
+    if parallelism == "auto":
+        return distributed_env().fsdp_requested
+    return parallelism == "fsdp"
+
+
+@contextlib.contextmanager
+def without_accelerate_fsdp(active: bool):
+    """Build the Accelerator as for DDP when the trainer shards with its own FSDP2: accelerate would otherwise
+    make its FSDP v1 plugin from the launcher's environment (on CPU it refuses ``sync_module_states``; on GPUs its
+    state would steer backward and accumulation of a model it never prepared). accelerate then only launches."""
+    if not active:
+        yield
+        return
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = saved

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.train.model import weight_dtype
+from pipeline.train.engine.model import weight_dtype
 
 # the token counts the slopes are measured at: small (a real-width block forward takes ~1 s here), and
 # different enough that rounding in the counts does not move the slopes
@@ -68,7 +68,7 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
     """The configured transformer with one block, on the CPU, with the mode's dtypes and trainable parameters."""
     from diffusers import QwenImageTransformer2DModel
 
-    from pipeline.train.model import add_lora, select_trainable
+    from pipeline.train.engine.model import add_lora, select_trainable
 
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     config["num_layers"] = 1
@@ -83,7 +83,7 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
             if param.requires_grad:
                 param.data = param.data.float()  # the adapter in fp32, as the trainer keeps it
         if mode.base_weight_dtype != "auto":
-            from pipeline.train.fp8 import FP8_DTYPES, quantize_frozen_linears
+            from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_frozen_linears
 
             quantize_frozen_linears(model, FP8_DTYPES[mode.base_weight_dtype])
     else:

@@ -23,7 +23,7 @@ from pipeline.common import images as imaging
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
-from pipeline.train.seeding import step_rng
+from pipeline.train.stream.seeding import step_rng
 
 log = logging.getLogger(__name__)
 

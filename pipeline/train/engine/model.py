@@ -198,7 +198,7 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
             transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path, seed
         )
         if lora.base_weight_dtype != "auto":  # after the adapter: PEFT would cast a new adapter to its base's dtype
-            from pipeline.train.fp8 import FP8_DTYPES, quantize_frozen_linears
+            from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_frozen_linears
 
             count = quantize_frozen_linears(transformer, FP8_DTYPES[lora.base_weight_dtype])
             log.info("frozen base: %d Linear weights of the blocks stored as %s", count, lora.base_weight_dtype)

@@ -3,12 +3,12 @@
 Nothing is downloaded and no weights are read.  The transformer and the VAE are built
 on ``meta`` from their ``config.json`` (or from the published Qwen-Image-Edit-2509
 config below), which gives exact parameter counts; bytes per parameter follow the
-dtypes of :func:`pipeline.train.model.training_dtypes`.
+dtypes of :func:`pipeline.train.engine.model.training_dtypes`.
 
 What is alive at the peak, by kind:
 
 * **activations**: what one block saves for backward, counted on a real-width block
-  in the run's exact mode (:mod:`pipeline.train.activations`), times the blocks; with
+  in the run's exact mode (:mod:`pipeline.train.engine.activations`), times the blocks; with
   gradient checkpointing each block keeps its inputs (and, under autocast, the bf16
   copies of fp32 weights, which autocast's cache holds until the forward ends) and one
   block is recomputed at a time;
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.train.activations import ActivationMode, BlockActivations, block_activations
+from pipeline.train.engine.activations import ActivationMode, BlockActivations, block_activations
 
 GiB = 1024**3
 
@@ -168,7 +168,7 @@ def memory_plan(
 
     ``activations``: a block's counts (measured for the request's mode when not given).
     """
-    from pipeline.train.model import training_dtypes
+    from pipeline.train.engine.model import training_dtypes
 
     params = sum(p.numel() for p in transformer.parameters())
     block = max(sum(p.numel() for p in b.parameters()) for b in transformer.transformer_blocks)

@@ -41,12 +41,12 @@ from pipeline.shards.reader import (
     stream_shard,
 )
 from pipeline.shards.tasks import DataConfigError, Shard, Task
-from pipeline.train.batching import assemble_batch, choose_variant
 from pipeline.train.config import StreamConfig
-from pipeline.train.pools import BucketPools, ByteBudget
-from pipeline.train.readahead import ReadAhead
-from pipeline.train.seeding import stable_id, step_rng
-from pipeline.train.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
+from pipeline.train.stream.batching import assemble_batch, choose_variant
+from pipeline.train.stream.pools import BucketPools, ByteBudget
+from pipeline.train.stream.readahead import ReadAhead
+from pipeline.train.stream.seeding import stable_id, step_rng
+from pipeline.train.stream.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
 
 log = logging.getLogger(__name__)
 

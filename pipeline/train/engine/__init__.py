@@ -1,0 +1,1 @@
+"""The training engine: models, the step, parallelism, checkpoints, export, validation, memory plan."""
