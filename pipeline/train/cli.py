@@ -1,9 +1,10 @@
 """``python -m pipeline.train``: flags → :class:`TrainConfig` → the loop (or, with ``--data_only``, the loader alone).
 
 Data path: tasks (``shards.tasks``) → per-(task, N) partitions and mixing
-(``stream``) → batches (``batching``) → torchdata's ``StatefulDataLoader``
-(``data``), whose JSON state goes into every checkpoint (``checkpoint``); the
-loop (``loop``) turns batches into the flow-matching loss (``flow``).
+(``stream/dataset.py``) → batches (``stream/batching.py``) → torchdata's
+``StatefulDataLoader`` (``stream/loader.py``), whose JSON state goes into every
+checkpoint (``engine/checkpoint/``); the Trainer (``engine/trainer.py``) turns
+batches into the flow-matching loss (``engine/step.py``, ``engine/flow.py``).
 """
 
 from __future__ import annotations

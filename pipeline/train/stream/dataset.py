@@ -484,7 +484,7 @@ class MixedBatchDataset(IterableDataset):
         self._ready = False
 
     def set_elastic(self, next_step: int, partitions: list[dict[str, Any]]) -> None:
-        """Resume from the dataset states of *every* worker of every rank of another layout (see data.py).
+        """Resume from the dataset states of *every* worker of every rank of another layout (see loader.py).
 
         The new loader starts at ``next_step`` with worker 0, so that step is this layout's base.
         """
