@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.shards.format import VARIANTS
 from pipeline.train.stream.dataset import MixedBatchDataset
+
+SUPPORT = Path(__file__).resolve().parents[1] / "tests" / "support"  # the test servers (range, GCS)
 
 HIDDEN = 3584
 
@@ -303,7 +306,8 @@ def run_from_store(shards_root: Path, args, local_time: float) -> dict:
 
     emulator = None
     if args.gcs_emulator:
-        from pipeline.kit.gcs_emulator import GCSEmulator
+        sys.path.insert(0, str(SUPPORT))
+        from gcs_emulator import GCSEmulator
 
         emulator = GCSEmulator()
         os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
@@ -338,14 +342,13 @@ READAHEAD_MB = 64.0
 def run_behind_latency(shards_root: Path, args) -> dict:
     """Our loader over HTTP range reads from a local server, without and with ``--latency_ms`` per request."""
     import subprocess
-    import sys
 
     global LOCAL_SHARDS
     LOCAL_SHARDS = shards_root
     times = {}
     for delay in (0.0, args.latency_ms):
         server = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.kit.range_server", str(shards_root), "--delay_ms", str(delay)],
+            [sys.executable, str(SUPPORT / "range_server.py"), str(shards_root), "--delay_ms", str(delay)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

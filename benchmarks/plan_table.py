@@ -1,5 +1,5 @@
-"""The "which card" tables of docs/memory-plan.md: the plan for Qwen-Image-Edit-2509 (published config, nothing downloaded)
-at 512 and 1024 px with 1 and 3 source images, every mode on 1 GPU and on 8 (FSDP).
+"""The "which card" tables of docs/memory-plan.md: the plan for Qwen-Image-Edit-2509 (published config,
+nothing downloaded) at 512 and 1024 px with 1 and 3 source images, every mode on 1 GPU and on 8 (FSDP).
 
     python benchmarks/plan_table.py [--lora_rank 64] [--text_tokens 512] [--gpus 8]
 

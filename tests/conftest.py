@@ -3,28 +3,51 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+# fixtures shared by a unit and an integration module (tests/support/)
+pytest_plugins = ["hostile_tars", "copy_checks"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, shared by the xdist worker processes (a file lock; the finished
+    folder is marked by ``NAME.built`` beside it). Without xdist the folder is this process's own."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's basetemp
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (shared / f"{name}.built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from pipeline.kit.tiny_model import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+    return built_once(tmp_path_factory, "tiny-model", lambda folder: make_tiny_model(folder, seed=0))
 
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
     from pipeline.kit.sample_data import make_sample_data
 
-    out = tmp_path_factory.mktemp("sample-data")
-    make_sample_data(out, samples=12, seed=0)
-    return out
+    return built_once(tmp_path_factory, "sample-data", lambda folder: make_sample_data(folder, samples=12, seed=0))
 
 
 @pytest.fixture
@@ -80,7 +103,7 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def gcs_server():
     """A real GCS emulator (fake-gcs-server) on 127.0.0.1; yields it (``.url``, ``.create_bucket``)."""
-    from pipeline.kit.gcs_emulator import GCSEmulator
+    from gcs_emulator import GCSEmulator
 
     server = GCSEmulator()
     yield server
@@ -137,10 +160,11 @@ def meta_dir(sample_data_dir, tiny_model_dir, tmp_path_factory):
     """The three sample tasks extracted under one meta dir, small shards so there are several per stream."""
     from helpers import extract
 
-    root = tmp_path_factory.mktemp("meta")
-    for task in ("edit_single", "compose_multi", "text_to_image"):
-        extract(sample_data_dir / task / "data.jsonl", root / task, tiny_model_dir, "--max_samples_per_shard", "3")
-    return root
+    def build(root: Path) -> None:
+        for task in ("edit_single", "compose_multi", "text_to_image"):
+            extract(sample_data_dir / task / "data.jsonl", root / task, tiny_model_dir, "--max_samples_per_shard", "3")
+
+    return built_once(tmp_path_factory, "meta", build)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +174,7 @@ def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("overfit")
     rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
-    jsonl = sample_data_dir / "edit_single" / "four.jsonl"
+    jsonl = sample_data_dir / "edit_single" / f"four-{os.getpid()}.jsonl"  # the data folder is shared by workers
     jsonl.write_text("\n".join(rows) + "\n")
     extract(jsonl, root / "four", tiny_model_dir)
     return root

@@ -280,21 +280,6 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
     assert any(abs(a - b) > 1e-6 for a, b in zip(mean, rank0, strict=True))
 
 
-def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    from pipeline.train.engine import checkpoint as ckpt
-
-    for step in (2, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / ckpt.MARKER).write_text(json.dumps({"step": step}))
-    (tmp_path / "checkpoint-6").mkdir()  # crashed before the marker
-    (tmp_path / ".checkpoint-8.incomplete").mkdir()
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
-    with pytest.raises(FileNotFoundError):
-        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-6"))
-    ckpt.prune(tmp_path, 1)
-    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
-
-
 @pytest.mark.slow
 def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_dir, tmp_path):
     from pipeline.shards.format import npy_to_embedding

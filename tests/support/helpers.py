@@ -33,7 +33,7 @@ def encode_image(img, fmt: str, orientation: int | None = None, quality: int = 9
     return buf.getvalue()
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _descendants(pid: int) -> list[int]:

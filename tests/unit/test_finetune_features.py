@@ -380,7 +380,7 @@ def test_each_example_recipe_equals_its_script(script, recipe):
     import shlex
     from pathlib import Path
 
-    examples = Path(__file__).parent.parent / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     text = (examples / script).read_text().replace("\\\n", " ")
     command = next(line for line in text.splitlines() if "-m pipeline.train" in line)
     flags = shlex.split(command.split("-m pipeline.train", 1)[1])

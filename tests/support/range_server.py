@@ -1,7 +1,7 @@
 """A static HTTP server with byte-range support (what object stores and CDNs give), for tests and benchmarks.
 
 ``delay_ms`` holds every response back that long: an object store 20 ms away, for
-the loader's latency benchmark.  ``python -m pipeline.kit.range_server ROOT
+the loader's latency benchmark.  ``python tests/support/range_server.py ROOT
 [--delay_ms 20]`` serves ROOT and prints its URL.
 """
 

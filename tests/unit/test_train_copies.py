@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import encode_image, extract, read_samples, run_module
+from helpers import encode_image, read_samples
 from PIL import Image
 
 from pipeline.common import images as imaging
-from pipeline.shards.format import COPY_PREFIX, image_entry, npy_to_image
+from pipeline.shards.format import COPY_PREFIX, image_entry
 from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
 from pipeline.shards.tasks import open_task
 from pipeline.train.stream.batching import Picture
@@ -88,43 +88,6 @@ def test_no_copy_when_training_would_not_shrink_the_image():
     assert imaging.train_copy(rgb, 256) is not None
 
 
-@pytest.fixture(scope="module")
-def copied(sample_data_dir, tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("copies") / "compose_multi"
-    extract(
-        sample_data_dir / "compose_multi" / "data.jsonl", out, tiny_model_dir, "--skip_embeddings",
-        "--train_copy_size", "64", "--max_samples_per_shard", "4", check=True,
-    )  # fmt: skip
-    return out
-
-
-def test_extraction_stores_copies_after_the_originals_they_do_not_stand_for(copied):
-    samples = read_samples(str(copied))
-    with_copies = 0
-    for members in samples.values():
-        meta = json.loads(members["json"])
-        for entry in [meta["target"], *meta["sources"]]:
-            w, h = entry["size"]
-            if "copy" not in entry:
-                assert imaging.train_copy(Image.new("RGB", (w, h)), 64) is None, entry
-                continue
-            with_copies += 1
-            pixels = npy_to_image(members[entry["copy"]["member"]])
-            assert [pixels.shape[1], pixels.shape[0]] == entry["copy"]["size"]
-            assert pixels.shape[0] * pixels.shape[1] < w * h
-            # the copy is the original shrunk as training at 64 shrinks it
-            expected = imaging.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
-            assert np.array_equal(pixels, expected)
-        names = list(members)  # tar order: json, copies, then the originals that have copies
-        for entry in [meta["target"], *meta["sources"]]:
-            if "copy" in entry:
-                assert names.index(entry["copy"]["member"]) < names.index(entry["member"])
-    assert with_copies >= len(samples)
-    manifest = json.loads((copied / "manifest.json").read_text())
-    assert manifest["train_copy_size"] == 64
-    assert json.loads(run_module("shards_tools", "verify", str(copied), "--json").stdout)["problems"] == []
-
-
 def test_training_reads_the_copies_and_fetches_an_original_only_for_a_crop_the_copy_cannot_hold(copied):
     task = open_task(str(copied), None)
     n = max(task.shards)
@@ -156,30 +119,6 @@ def test_training_reads_the_copies_and_fetches_an_original_only_for_a_crop_the_c
         torch.equal(crop, original_crop(data, own, (0.5, 0.5)))
         or psnr(crop, original_crop(data, own, (0.5, 0.5))) >= 45
     )
-
-
-def test_reshard_keeps_the_copies(copied, tmp_path):
-    out = tmp_path / "resharded"
-    run_module(
-        "shards_tools", "reshard", str(copied), "--output_dir", str(out), "--max_samples_per_shard", "100",
-    ).check_returncode()  # fmt: skip
-    before, after = read_samples(str(copied)), read_samples(str(out))
-    assert before.keys() == after.keys()
-    for key, members in before.items():
-        copies = {k for k in members if k.startswith(COPY_PREFIX)}
-        assert copies and {k: after[key][k] for k in copies} == {k: members[k] for k in copies}
-    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
-
-
-@pytest.fixture(scope="module")
-def plain(sample_data_dir, tiny_model_dir, tmp_path_factory):
-    """The same task without copies."""
-    out = tmp_path_factory.mktemp("plain") / "compose_multi"
-    extract(
-        sample_data_dir / "compose_multi" / "data.jsonl", out, tiny_model_dir, "--skip_embeddings",
-        "--max_samples_per_shard", "4", check=True,
-    )  # fmt: skip
-    return out
 
 
 def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_one(copied, plain):
@@ -218,69 +157,3 @@ def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_on
             else:  # only a JPEG's original path approximates (reduced-DCT decode); the copy is a full decode
                 assert entry["member"].endswith(".jpg") and psnr(x, y) >= 20, (role, entry, psnr(x, y))
     assert identical >= 40
-
-
-def test_reshard_adds_the_copies_extraction_would_have_written(copied, plain, tmp_path):
-    assert not any(k.startswith(COPY_PREFIX) for m in read_samples(str(plain)).values() for k in m)
-    out = tmp_path / "with-copies"
-    run_module(
-        "shards_tools", "reshard", str(plain), "--output_dir", str(out), "--train_copy_size", "64",
-        "--max_samples_per_shard", "4",
-    ).check_returncode()  # fmt: skip
-    made, extracted = read_samples(str(out)), read_samples(str(copied))
-    assert made.keys() == extracted.keys()
-    for key, members in extracted.items():
-        assert json.loads(made[key]["json"]) == json.loads(members["json"])
-        for name in (k for k in members if k.startswith(COPY_PREFIX)):
-            assert made[key][name] == members[name]
-    assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
-    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
-
-
-def test_convert_legacy_writes_the_copies_too(sample_data_dir, tmp_path):
-    from test_convert_legacy import original_output
-
-    work = tmp_path / "work"
-    original_output(work, sample_data_dir, "edit_single")
-    out = tmp_path / "converted" / "edit_a"
-    run_module(
-        "shards_tools", "convert-legacy", str(work / "out_jsonl"), "--output_dir", str(out),
-        "--train_copy_size", "64", "--max_samples_per_shard", "4",
-    ).check_returncode()  # fmt: skip
-    copies = 0
-    for members in read_samples(str(out)).values():
-        meta = json.loads(members["json"])
-        for entry in [meta["target"], *meta["sources"]]:
-            expected = imaging.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
-            if expected is None:
-                assert "copy" not in entry
-                continue
-            copies += 1
-            assert np.array_equal(npy_to_image(members[entry["copy"]["member"]]), expected)
-    assert copies >= 10
-    assert json.loads((out / "manifest.json").read_text())["train_copy_size"] == 64
-    assert json.loads(run_module("shards_tools", "verify", str(out), "--json").stdout)["problems"] == []
-
-
-def test_verify_reports_a_copy_that_does_not_match_its_json(copied, tmp_path):
-    import shutil
-    import tarfile
-
-    task = tmp_path / "damaged"
-    shutil.copytree(copied, task)
-    shard = sorted(task.rglob("*.tar"))[0]
-    with tarfile.open(shard) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    name = next(m.name for m, _ in members if ".copy_" in m.name)
-    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in members:
-            if info.name == name:  # a copy of another size than the json says
-                buf = io.BytesIO()
-                np.save(buf, np.zeros((5, 7, 3), dtype=np.uint8), allow_pickle=False)
-                data = buf.getvalue()
-                info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    result = run_module("shards_tools", "verify", str(task), "--json")
-    assert result.returncode == 1
-    problems = json.loads(result.stdout)["problems"]
-    assert any("is 7x5, the json says" in p["problem"] for p in problems), problems

@@ -14,7 +14,7 @@ from helpers import REPO, no_traceback_of_ours
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def shipped(script: str, placeholders: dict[str, str], *overrides: str) -> str:
