@@ -289,7 +289,7 @@ def decode_and_crop(
     ``img`` is ``open_lazy(data)`` (its header gives the size).  Decoding as in
     :func:`_decode_uint8`; the bicubic, antialiased resize runs on the uint8 tensor
     (PyTorch's vectorised uint8 kernel).  The result differs from the Pillow path by
-    resampling noise only (tests/test_stream_order.py states the bound).
+    resampling noise only (tests/{unit,integration}/test_stream_order.py states the bound).
     """
     cw, ch = size
     swap = _orientation(img) in _SWAPPING_ORIENTATIONS
@@ -355,7 +355,7 @@ def crop_from_copy(
     The geometry is the original's: the copy is resized to the size the original would be
     resized to, and cropped at the same offset.  For the image's own crop that size is the
     copy's: no resize, the original's pixels.  A smaller crop (a batch's mean aspect, a
-    smaller ``--image_sample_size``) resamples the copy once more (tests/test_train_copies.py
+    smaller ``--image_sample_size``) resamples the copy once more (tests/{unit,integration}/test_train_copies.py
     states the bound).
     """
     cw, ch = size

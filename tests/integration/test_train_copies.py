@@ -71,7 +71,7 @@ def test_reshard_adds_the_copies_extraction_would_have_written(copied, plain, tm
 
 
 def test_convert_legacy_writes_the_copies_too(sample_data_dir, tmp_path):
-    from test_convert_legacy import original_output
+    from legacy_outputs import original_output
 
     work = tmp_path / "work"
     original_output(work, sample_data_dir, "edit_single")

@@ -9,7 +9,7 @@
   shuffled), bounded in samples and by the worker's byte budget.
 
 None of them knows about tar files or images: reading is a function passed in,
-so each is tested on plain integers (tests/test_stream_order.py).
+so each is tested on plain integers (tests/{unit,integration}/test_stream_order.py).
 """
 
 from __future__ import annotations
