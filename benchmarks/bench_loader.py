@@ -67,7 +67,8 @@ def make_image(rng: np.random.Generator) -> tuple[bytes, str, tuple[int, int]]:
 def build(root: Path, samples: int, train_copy_size: int = 0) -> tuple[Path, Path]:
     """Shards + manifest under root/shards/task (with training copies for ``train_copy_size``, as
     ``extract --train_copy_size`` writes them), original layout under root/legacy."""
-    from pipeline.common.images import add_train_copies, aspect_bucket, open_rgb
+    from pipeline.common.images import aspect_bucket, open_rgb
+    from pipeline.shards.copies import add_train_copies
     from pipeline.shards.format import TarShardWriter, embedding_to_npy, index_name, new_manifest, sample_members
 
     shard_dir, legacy = root / "shards" / "task", root / "legacy"

@@ -30,6 +30,7 @@ from pipeline.common import images as imaging
 from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.extract.prepare import sample_from_images
 from pipeline.extract.records import RecordError, iter_lines, parse_line, resolve_ref
+from pipeline.shards import copies
 from pipeline.shards.format import (
     COPY_PREFIX,
     copy_role,
@@ -508,7 +509,7 @@ def _reshard_sample(
                 images[copy_role(role)] = ("npy", item.members[entry["copy"]["member"]])
         if train_copy_size:
             pictures = {r: imaging.open_rgb(d) for r, (_, d) in images.items() if not r.startswith(COPY_PREFIX)}
-            imaging.add_train_copies(meta, images, pictures, train_copy_size)
+            copies.add_train_copies(meta, images, pictures, train_copy_size)
         embeddings = {v: item.members[f"emb_{v}.npy"] for v in meta.get("variants", {})}
         sample = PreparedSample(
             key=item.key, line=number, num_sources=int(meta["num_sources"]), meta=meta, images=images

@@ -98,3 +98,32 @@ def distributed_env() -> DistributedEnv:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         fsdp_requested=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"),
     )
+
+
+def join_process_group(device_type: str = "cpu", timeout_s: float | None = None, alone: bool = False) -> None:
+    """Start this process's group, once: gloo on CPU, nccl on CUDA. Under a launcher (``WORLD_SIZE`` > 1) always;
+    launched alone only with ``alone`` (FSDP over one rank needs a group of one: a free local port)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() or (distributed_env().world == 1 and not alone):
+        return
+    if "MASTER_PORT" not in os.environ:  # launched without torchrun
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **timeout)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down on the way out: a gloo rank whose peer exited first aborts in its teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.shards.format import copy_role, image_entry, image_to_npy
+from pipeline.shards.copies import cover, crop_size  # noqa: F401 (crop_size: the bucket crop, used here and by callers)
 from pipeline.shards.storage import TooLarge, read_uri
 
 CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE for Edit-Plus
@@ -215,13 +215,6 @@ def open_rgb(data: bytes) -> Image.Image:
     return _as_inference_rgb(Image.open(io.BytesIO(data)))
 
 
-def crop_size(aspect: float, area: int, multiple: int = 32) -> tuple[int, int]:
-    """(width, height) with about ``area`` pixels at ``aspect``, sides multiples of ``multiple``."""
-    width = (area * aspect) ** 0.5
-    height = width / aspect
-    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
-
-
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
 
 
@@ -273,14 +266,6 @@ def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | Non
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
-def _cover(image_size: tuple[int, int], size: tuple[int, int], swap: bool) -> tuple[int, int]:
-    """The (width, height) an image of ``image_size`` is scaled to so that it covers ``size`` (short side first)."""
-    (w, h), (cw, ch) = image_size, size
-    scale = max(cw / w, ch / h)
-    rw, rh = max(cw, math.ceil(w * scale)), max(ch, math.ceil(h * scale))
-    return (rh, rw) if swap else (rw, rh)
-
-
 def decode_and_crop(
     img: Image.Image, data: bytes, size: tuple[int, int], fraction: tuple[float, float]
 ) -> torch.Tensor:
@@ -296,78 +281,10 @@ def decode_and_crop(
     w, h = (img.size[1], img.size[0]) if swap else img.size
     scale = max(cw / w, ch / h)
     draft = img.format == "JPEG" and scale <= 0.5
-    pixels = _decode_uint8(img, data, _cover((w, h), size, swap) if draft else None)
+    pixels = _decode_uint8(img, data, cover((w, h), size, swap) if draft else None)
     h, w = pixels.shape[1:]  # the decoded (oriented, maybe reduced) size decides the resize
-    rw, rh = _cover((w, h), size, False)
+    rw, rh = cover((w, h), size, False)
     resized = torch.nn.functional.interpolate(pixels[None], size=(rh, rw), mode="bicubic", antialias=True)[0]
-    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
-    return resized[:, y0 : y0 + ch, x0 : x0 + cw]
-
-
-def train_copy(rgb: Image.Image, train_copy_size: int) -> np.ndarray | None:
-    """The image as training at ``--image_sample_size train_copy_size`` resizes it, uint8 [h, w, 3]; None when
-    that is not smaller than the image.
-
-    The size is the cover of the image's own crop (:func:`crop_size` at its aspect) and the
-    resampling is the trainer's (bicubic, antialiased, on uint8), so a batch whose crop is the
-    image's own — always at batch size 1 — crops the copy without resizing it, with the pixels
-    the original would give.
-    """
-    w, h = rgb.size
-    if train_copy_size <= 0:
-        return None
-    rw, rh = _cover((w, h), crop_size(w / h, train_copy_size**2), False)
-    if rw * rh >= w * h:
-        return None
-    pixels = torch.from_numpy(np.array(rgb.convert("RGB"))).permute(2, 0, 1)[None]
-    small = torch.nn.functional.interpolate(pixels, size=(rh, rw), mode="bicubic", antialias=True)[0]
-    return small.permute(1, 2, 0).contiguous().numpy()
-
-
-def add_train_copies(
-    meta: dict[str, Any], images: dict[str, tuple[str, bytes]], pictures: dict[str, Image.Image], train_copy_size: int
-) -> None:
-    """Put the training copy of each role of ``pictures`` (oriented RGB) into ``images`` (role → (ext, bytes), as
-    ``sample_members`` takes them) and its ``copy`` entry into the role's json entry; drop stale ones."""
-    for role, rgb in pictures.items():
-        entry = image_entry(meta, role)
-        entry.pop("copy", None)
-        images.pop(copy_role(role), None)
-        entry["size"] = list(rgb.size)  # the oriented size: the copy's geometry and the batch's aspect come from it
-        pixels = train_copy(rgb, train_copy_size)
-        if pixels is not None:
-            images[copy_role(role)] = ("npy", image_to_npy(pixels))
-            entry["copy"] = {"member": f"{copy_role(role)}.npy", "size": [pixels.shape[1], pixels.shape[0]]}
-
-
-def copy_covers(copy_size: tuple[int, int], original_size: tuple[int, int], size: tuple[int, int]) -> bool:
-    """Whether a copy of ``copy_size`` (w, h) holds the pixels a crop of ``size`` takes from the original of
-    ``original_size`` (w, h, oriented): the original's resize for that crop is no larger than the copy."""
-    rw, rh = _cover(original_size, size, False)
-    return rw <= copy_size[0] and rh <= copy_size[1]
-
-
-def crop_from_copy(
-    pixels: np.ndarray, original_size: tuple[int, int], size: tuple[int, int], fraction: tuple[float, float]
-) -> torch.Tensor:
-    """The crop of :func:`decode_and_crop`, from a training copy (uint8 [h, w, 3]) instead of the original.
-
-    The geometry is the original's: the copy is resized to the size the original would be
-    resized to, and cropped at the same offset.  For the image's own crop that size is the
-    copy's: no resize, the original's pixels.  A smaller crop (a batch's mean aspect, a
-    smaller ``--image_sample_size``) resamples the copy once more (tests/{unit,integration}/test_train_copies.py
-    states the bound).
-    """
-    cw, ch = size
-    h, w = pixels.shape[:2]
-    rw, rh = _cover(original_size, size, False)
-    with warnings.catch_warnings():  # a read-only view of the shard's bytes: only read here, never written
-        warnings.simplefilter("ignore", UserWarning)
-        view = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels-last: the SIMD uint8 kernel's layout
-    if (rw, rh) == (w, h):
-        resized = view[0]
-    else:
-        resized = torch.nn.functional.interpolate(view, size=(rh, rw), mode="bicubic", antialias=True)[0]
     x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
     return resized[:, y0 : y0 + ch, x0 : x0 + cw]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import timedelta
 
 import torch
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.flags import distributed_env, join_process_group, leave_process_group
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
 from pipeline.common.workers import exit_on_sigterm
@@ -38,11 +37,9 @@ def config_from_argv(argv: list[str] | None = None) -> ExtractConfig:
 
 def _init_distributed() -> tuple[int, int]:
     env = distributed_env()
-    rank, world = env.rank, env.world
-    if world > 1 and not torch.distributed.is_initialized():
-        # gloo only synchronises the ranks at the end; the encoder itself is not distributed.
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
-    return rank, world
+    # gloo only synchronises the ranks at the end (a long wait); the encoder itself is not distributed
+    join_process_group("cpu", timeout_s=24 * 3600)
+    return env.rank, env.world
 
 
 def _barrier(world: int) -> None:
@@ -64,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         code = 2
     finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()
     return code
 
 

@@ -18,6 +18,7 @@ from pipeline.common import images as imaging
 from pipeline.common.encoder import PromptBuilder
 from pipeline.common.prompts import plan_variants
 from pipeline.extract.records import Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.shards import copies
 from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample
 
@@ -100,7 +101,7 @@ def sample_from_images(
     images["target"] = (target.ext, target.data)
     if train_copy_size:
         pictures = {f"source{i}": img.rgb for i, img in enumerate(sources)} | {"target": target.rgb}
-        imaging.add_train_copies(meta, images, pictures, train_copy_size)
+        copies.add_train_copies(meta, images, pictures, train_copy_size)
     return PreparedSample(key=key, line=record.line, num_sources=len(sources), meta=meta, images=images)
 
 

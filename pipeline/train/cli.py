@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.flags import distributed_env, leave_process_group
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
 from pipeline.shards.tasks import DataConfigError
@@ -144,14 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         leave_process_group()
-
-
-def leave_process_group() -> None:
-    """Tear the process group down on the way out: a gloo rank whose peer exited first aborts in its teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

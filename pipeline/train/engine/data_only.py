@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.flags import distributed_env, join_process_group, leave_process_group
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.stream.loader import TraceWriter, build_dataset, build_loader, next_batch, truncate_trace
@@ -24,8 +24,7 @@ def run_data_only(config: TrainConfig) -> int:
     """The real loader without a model: trace, checkpoints of the data state, exact resume."""
     env = distributed_env()
     rank, world = env.rank, env.world
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+    join_process_group("cpu")
 
     def barrier() -> None:
         if world > 1:
@@ -68,6 +67,5 @@ def run_data_only(config: TrainConfig) -> int:
     log.info(
         "%d steps in %.1fs (%.2f steps/s), waiting for data %.1fs", steps, elapsed, steps / max(elapsed, 1e-9), waited
     )
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return 0

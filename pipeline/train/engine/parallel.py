@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.flags import distributed_env, join_process_group
 from pipeline.train.engine.model import weight_dtype
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,7 @@ def shard_transformer(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if not dist.is_initialized():  # one process: accelerate starts no process group; FSDP over 1 rank still runs
-        import os
-        import socket
-
-        if "MASTER_PORT" not in os.environ:  # launched without torchrun
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    join_process_group(device.type, alone=True)  # one process: accelerate starts none; FSDP over 1 rank still runs
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     compute = weight_dtype(mixed_precision) if mixed_precision in ("bf16", "fp16") else None  # None: as stored
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.common import images as imaging
+from pipeline.shards import copies
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
@@ -109,8 +110,8 @@ class Picture:
         return cls(sample, role, imaging.aspect_of(lazy), lazy=lazy)
 
     def crop(self, size: tuple[int, int], fraction, reader: RangeReader) -> torch.Tensor:
-        if self.copy is not None and imaging.copy_covers((self.copy.shape[1], self.copy.shape[0]), self.size, size):
-            return imaging.crop_from_copy(self.copy, self.size, size, fraction)
+        if self.copy is not None and copies.copy_covers((self.copy.shape[1], self.copy.shape[0]), self.size, size):
+            return copies.crop_from_copy(self.copy, self.size, size, fraction)
         data = self.sample.original(self.role, reader)
         lazy, self.lazy = self.lazy or imaging.open_lazy(data), None  # decoding consumes the lazily opened image
         return imaging.decode_and_crop(lazy, data, size, fraction)
