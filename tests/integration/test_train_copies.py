@@ -10,7 +10,7 @@ from helpers import read_samples, run_module
 from PIL import Image
 
 from pipeline.common import images as imaging
-from pipeline.shards import copies
+from pipeline.shards import copies as copy_format
 from pipeline.shards.format import COPY_PREFIX, npy_to_image
 
 
@@ -22,14 +22,14 @@ def test_extraction_stores_copies_after_the_originals_they_do_not_stand_for(copi
         for entry in [meta["target"], *meta["sources"]]:
             w, h = entry["size"]
             if "copy" not in entry:
-                assert copies.train_copy(Image.new("RGB", (w, h)), 64) is None, entry
+                assert copy_format.train_copy(Image.new("RGB", (w, h)), 64) is None, entry
                 continue
             with_copies += 1
             pixels = npy_to_image(members[entry["copy"]["member"]])
             assert [pixels.shape[1], pixels.shape[0]] == entry["copy"]["size"]
             assert pixels.shape[0] * pixels.shape[1] < w * h
             # the copy is the original shrunk as training at 64 shrinks it
-            expected = copies.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
+            expected = copy_format.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
             assert np.array_equal(pixels, expected)
         names = list(members)  # tar order: json, copies, then the originals that have copies
         for entry in [meta["target"], *meta["sources"]]:
@@ -85,7 +85,7 @@ def test_convert_legacy_writes_the_copies_too(sample_data_dir, tmp_path):
     for members in read_samples(str(out)).values():
         meta = json.loads(members["json"])
         for entry in [meta["target"], *meta["sources"]]:
-            expected = copies.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
+            expected = copy_format.train_copy(imaging.open_rgb(members[entry["member"]]), 64)
             if expected is None:
                 assert "copy" not in entry
                 continue

@@ -12,7 +12,7 @@ from helpers import encode_image, read_samples
 from PIL import Image
 
 from pipeline.common import images as imaging
-from pipeline.shards import copies
+from pipeline.shards import copies as copy_format
 from pipeline.shards.format import COPY_PREFIX, image_entry
 from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
 from pipeline.shards.tasks import open_task
@@ -54,12 +54,12 @@ def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     full_decode = buf.getvalue()  # the same pixels, oriented, through the loader's full-decode path
-    copy = copies.train_copy(rgb, 512)
+    copy = copy_format.train_copy(rgb, 512)
     assert copy is not None and copy.shape[0] * copy.shape[1] < rgb.width * rgb.height
     own = imaging.crop_size(rgb.width / rgb.height, 512 * 512)
-    assert copies.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, own)
+    assert copy_format.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, own)
     for fraction in [(0.0, 0.0), (0.3, 0.7), (1.0, 1.0)]:
-        from_copy = copies.crop_from_copy(copy, rgb.size, own, fraction)
+        from_copy = copy_format.crop_from_copy(copy, rgb.size, own, fraction)
         reference = original_crop(full_decode, own, fraction)
         assert from_copy.shape == (3, own[1], own[0])
         assert torch.equal(from_copy, reference)
@@ -68,25 +68,25 @@ def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_
 
     for aspect_change, area in [(1.0, 384**2), (0.95, 384**2), (0.97, 500**2)]:
         smaller = imaging.crop_size(rgb.width / rgb.height * aspect_change, area)
-        assert copies.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, smaller)
-        from_copy = copies.crop_from_copy(copy, rgb.size, smaller, (0.5, 0.5))
+        assert copy_format.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, smaller)
+        from_copy = copy_format.crop_from_copy(copy, rgb.size, smaller, (0.5, 0.5))
         reference = original_crop(full_decode, smaller, (0.5, 0.5))
         assert psnr(from_copy, reference) >= 40
         assert float((from_copy.float() - reference.float()).abs().mean()) / 127.5 <= 0.01
     # a crop the copy cannot hold (a larger size, or another aspect) is not taken from it
-    assert not copies.copy_covers(
+    assert not copy_format.copy_covers(
         (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height, 640**2)
     )
-    assert not copies.copy_covers(
+    assert not copy_format.copy_covers(
         (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height * 1.3, 512**2)
     )
 
 
 def test_no_copy_when_training_would_not_shrink_the_image():
     rgb = Image.new("RGB", (500, 520))
-    assert copies.train_copy(rgb, 512) is None
-    assert copies.train_copy(rgb, 0) is None
-    assert copies.train_copy(rgb, 256) is not None
+    assert copy_format.train_copy(rgb, 512) is None
+    assert copy_format.train_copy(rgb, 0) is None
+    assert copy_format.train_copy(rgb, 256) is not None
 
 
 def test_training_reads_the_copies_and_fetches_an_original_only_for_a_crop_the_copy_cannot_hold(copied):
