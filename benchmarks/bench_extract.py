@@ -33,10 +33,10 @@ def main() -> None:
     args = p.parse_args()
 
     from pipeline.common.logs import setup_logging
+    from pipeline.common.records import Columns
     from pipeline.extract.cli import build_parser
     from pipeline.extract.extractor import Extractor, PromptBatcher
     from pipeline.extract.prepare import LineDataset, PreparedSample, PrepareOptions
-    from pipeline.extract.records import Columns
     from pipeline.kit.sample_data import combined_jsonl, make_sample_data
     from pipeline.kit.tiny_model import make_tiny_model
 

@@ -48,7 +48,7 @@ def write_validation_rows(data: dict[str, Path], path: Path) -> Path:
     """Two validation rows: an edit of a sample-data source, and a text-to-image prompt in Chinese."""
     import json
 
-    from pipeline.extract.records import read_records
+    from pipeline.common.records import read_records
 
     edit = next(r for r in read_records(str(data["edit_single"])) if not isinstance(r, Exception))
     rows = [
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from diffusers.utils import load_image
 
-    from pipeline.extract.records import read_records
+    from pipeline.common.records import read_records
     from pipeline.train.engine.validation import source_area
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from pipeline.common import images as imaging
 from pipeline.common.prompts import REAL_DROP_INDEX
+from pipeline.common.records import RecordError, iter_lines, parse_line, resolve_ref
 from pipeline.extract.prepare import sample_from_images
-from pipeline.extract.records import RecordError, iter_lines, parse_line, resolve_ref
 from pipeline.shards import copies
 from pipeline.shards.format import (
     COPY_PREFIX,

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
+from pipeline.common.records import Columns
 from pipeline.common.workers import die_with_parent
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
-from pipeline.extract.records import Columns
 from pipeline.shards import commits as prog
 from pipeline.shards.format import NULL_EMBEDDING, embedding_to_npy, new_manifest
 from pipeline.shards.storage import Store, options_for, parse_storage_options

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.common import images as imaging
 from pipeline.common.encoder import PromptBuilder
 from pipeline.common.prompts import plan_variants
-from pipeline.extract.records import Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.common.records import Columns, Record, RecordError, iter_lines, parse_line
 from pipeline.shards import copies
 from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample

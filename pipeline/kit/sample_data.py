@@ -326,7 +326,7 @@ def make_sample_data(out_dir: str | Path, samples: int = 12, seed: int = 0) -> d
 
 def combined_jsonl(data_dir: str | Path, out: str | Path, tasks: tuple[str, ...] = tuple(TASKS)) -> Path:
     """One JSONL with the rows of several task folders, image paths made absolute (benchmarks, tests)."""
-    from pipeline.extract.records import parse_line
+    from pipeline.common.records import parse_line
 
     lines = []
     for task in tasks:

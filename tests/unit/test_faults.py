@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pipeline.extract.records import RecordError, parse_line
+from pipeline.common.records import RecordError, parse_line
 from pipeline.shards.commits import ProgressLog
 from pipeline.shards.storage import Store
 from pipeline.shards.writer import Failure, PreparedSample, ShardSink

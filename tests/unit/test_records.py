@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.extract.records import Columns, Record, RecordError, parse_line, read_records, resolve_ref
+from pipeline.common.records import Columns, Record, RecordError, parse_line, read_records, resolve_ref
 
 FILE = "/data/task/train.jsonl"
 
@@ -167,3 +167,26 @@ def test_read_records_reports_line_numbers_and_skips_blank_lines(tmp_path):
     assert [o.line for o in out] == [0, 2, 3]
     assert out[0].target == str(tmp_path / "b.png")
     assert out[1].to_json()["line"] == 2
+
+
+def test_validation_rows_are_read_with_the_extraction_schema(tmp_path):
+    """One row schema: --validation_jsonl rows parse as extraction rows do (relative paths from the JSONL's folder,
+    0-3 sources, the same text fields and errors), with no target required."""
+    from pipeline.train.engine.validation import read_rows
+
+    jsonl = tmp_path / "val.jsonl"
+    jsonl.write_text(
+        '{"source_image": "a.png", "instruction": "paint it red"}\n\n'
+        '{"source_image": null, "instruction_cn": "一只猫", "target_image": "t.png"}\n'
+    )
+    rows = read_rows(str(jsonl))
+    assert [(r.line, r.sources, r.instruction) for r in rows] == [
+        (1, [str(tmp_path / "a.png")], "paint it red"),
+        (3, [], "一只猫"),
+    ]
+    jsonl.write_text('{"source_image": "a.png", "instruction": "x"}\n{"source_image": ["a", "b", "c", "d"]}\n')
+    with pytest.raises(RecordError, match=r"val.jsonl line 1, field 'source_image'"):
+        read_rows(str(jsonl))
+    jsonl.write_text('{"source_image": "a.png"}\n')
+    with pytest.raises(ValueError, match=r"line 0, field 'instruction': missing or empty"):
+        read_rows(str(jsonl))

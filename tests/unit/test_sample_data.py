@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.extract.records import Record, read_records
+from pipeline.common.records import Record, read_records
 
 
 def load_all(root):

@@ -22,7 +22,6 @@ Rank 0 assembles the contact sheet once all rows are written.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -49,35 +48,20 @@ class ValidationRow:
 
 
 def read_rows(path: str, storage_options: dict | None = None) -> list[ValidationRow]:
-    """The rows of ``--validation_jsonl``; a bad row is an error naming file, line and field (checked at start-up)."""
-    from pipeline.shards.storage import has_scheme, read_uri
+    """The rows of ``--validation_jsonl``, read with the extraction input's schema (``pipeline.common.records``:
+    relative image paths from the JSONL's folder, 0-3 sources, the same text fields) without a target; each needs an
+    instruction. A bad row is an error naming file, line and field (checked at start-up)."""
+    from pipeline.common.records import iter_lines, parse_line
 
     rows = []
-    text = read_uri(path, storage_options).decode("utf-8")
-    base = None if has_scheme(path) else Path(path).parent
-
-    def locate(source: str) -> str:  # a relative path is taken from the JSONL's folder when it exists there
-        if base is not None and not has_scheme(source) and not Path(source).is_absolute() and (base / source).exists():
-            return str(base / source)
-        return source
-
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object")
-        sources = record.get("source_image") or []
-        sources = [sources] if isinstance(sources, str) else sources
-        if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources) or len(sources) > 3:
-            raise ValueError(f"{path}:{number}: source_image: expected null, a path or a list of 1-3 paths")
-        instruction = record.get("instruction") or record.get("instruction_cn") or ""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError(f"{path}:{number}: instruction: missing or empty (instruction or instruction_cn)")
-        rows.append(ValidationRow(number, [locate(s) for s in sources], instruction))
+    for number, text in iter_lines(path, storage_options):
+        record = parse_line(text, path, number, require_target=False)
+        instruction = record.instruction or record.instruction_cn
+        if not instruction:
+            raise ValueError(
+                f"{path} line {number}, field 'instruction': missing or empty (instruction or instruction_cn)"
+            )
+        rows.append(ValidationRow(number + 1, list(record.sources), instruction))  # 1-based, as it always was
     if not rows:
         raise ValueError(f"{path}: no validation rows")
     return rows

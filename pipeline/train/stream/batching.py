@@ -24,6 +24,7 @@ from pipeline.shards import copies
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
+from pipeline.train.config import StreamConfig
 from pipeline.train.stream.seeding import step_rng
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ def choose_variant(
     if meta["num_sources"] == 0:
         return "null", "", False
     return ("drop_inv" if inverse else "drop"), "", inverse
+
+
+def choose(meta: dict[str, Any], rng: np.random.Generator, config: StreamConfig) -> tuple[str, str, bool]:
+    """The run's draw of a sample's variant: the one place the stream's settings decide it (at read-ahead time for
+    indexed shards, while the batch is assembled for streamed ones)."""
+    return choose_variant(meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not config.online_prompts)
 
 
 def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +130,7 @@ def assemble_batch(
     num_sources: int,
     step: int,
     rank: int,
-    config,
+    config: StreamConfig,
     reader: RangeReader,
     null_cache: dict[str, bytes],
     replace: Callable[[tuple], RawSample] | None = None,
@@ -139,7 +146,7 @@ def assemble_batch(
     """
     rng = step_rng(config.seed, 4, rank, step)
     samples = list(samples)
-    online = getattr(config, "online_prompts", False)
+    online = config.online_prompts
     prepared: list[dict[str, Any] | None] = [None] * len(samples)
 
     def prepare(i: int) -> None:
@@ -150,9 +157,7 @@ def assemble_batch(
                 if sample.choice is not None:  # drawn when the sample was read ahead (its embedding came with it)
                     variant, text, inverse = sample.choice
                 else:
-                    variant, text, inverse = choose_variant(
-                        sample.meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not online
-                    )
+                    variant, text, inverse = choose(sample.meta, rng, config)
                 roles = ["target", *(f"source{k}" for k in range(num_sources))]
                 if inverse:
                     roles[0], roles[1] = roles[1], roles[0]

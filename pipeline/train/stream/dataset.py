@@ -42,7 +42,7 @@ from pipeline.shards.reader import (
 )
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.config import StreamConfig
-from pipeline.train.stream.batching import assemble_batch, choose_variant
+from pipeline.train.stream.batching import assemble_batch, choose
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
 from pipeline.train.stream.seeding import stable_id, step_rng
@@ -420,8 +420,7 @@ class MixedBatchDataset(IterableDataset):
         return self._streams[key]
 
     def _choose(self, meta: dict, rng: np.random.Generator) -> tuple[str, str, bool]:
-        c = self.config
-        return choose_variant(meta, rng, c.enable_inverse, c.text_drop_ratio, stored=not c.online_prompts)
+        return choose(meta, rng, self.config)
 
     def step_of(self, made: int) -> int:
         return self.base + self._worker + made * self._workers

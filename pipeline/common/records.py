@@ -1,8 +1,10 @@
-"""Input rows: parse and validate one JSONL line into a :class:`Record`.
+"""Input rows: parse and validate one JSONL line into a :class:`Record` — the one row schema.
 
-Every later stage (extraction, the failures file, the sample data kit's own
-check) goes through :func:`parse_line`, so a bad row is reported the same way
-everywhere: file, 0-based line number, field, reason.
+Every reader of such rows (extraction, the failures file, convert-legacy, the
+sample data kit's own check, training's ``--validation_jsonl``) goes through
+:func:`parse_line`, so a row means the same everywhere and a bad row is reported
+the same way: file, 0-based line number, field, reason.  Validation rows have no
+target (``require_target=False``).
 """
 
 from __future__ import annotations
@@ -102,16 +104,23 @@ def _image_ref(value: Any, file: str, line: int, fieldname: str, base_dir: str) 
     return resolve_ref(value.strip(), base_dir)
 
 
-def parse_row(row: Any, file: str, line: int, columns: Columns = Columns(), base_dir: str | None = None) -> Record:
-    """Validate a decoded JSON value as a sample row."""
+def parse_row(
+    row: Any,
+    file: str,
+    line: int,
+    columns: Columns = Columns(),
+    base_dir: str | None = None,
+    require_target: bool = True,
+) -> Record:
+    """Validate a decoded JSON value as a sample row (without ``require_target``, the target may be absent: "")."""
     if not isinstance(row, dict):
         raise RecordError(file, line, None, f"expected a JSON object, got {type(row).__name__}")
     base = parent_of(file) if base_dir is None else base_dir
 
     target_key, target, present = _pick(row, columns.target, TARGET_ALIASES)
-    if not present or target is None:
+    if (not present or target is None) and require_target:
         raise RecordError(file, line, columns.target, "missing target image")
-    target_ref = _image_ref(target, file, line, target_key, base)
+    target_ref = "" if not present or target is None else _image_ref(target, file, line, target_key, base)
 
     source_key, raw_sources, _ = _pick(row, columns.source, SOURCE_ALIASES)
     if raw_sources is None:
@@ -143,7 +152,14 @@ def parse_row(row: Any, file: str, line: int, columns: Columns = Columns(), base
 MAX_NESTING = 64  # deeper JSON values are refused (they break json.dumps in the writer, or json.loads itself)
 
 
-def parse_line(text: str, file: str, line: int, columns: Columns = Columns(), base_dir: str | None = None) -> Record:
+def parse_line(
+    text: str,
+    file: str,
+    line: int,
+    columns: Columns = Columns(),
+    base_dir: str | None = None,
+    require_target: bool = True,
+) -> Record:
     """Decode and validate one JSONL line (``line`` is 0-based)."""
     bad = _first_surrogate(text)
     if bad is not None:  # iter_lines keeps undecodable bytes as surrogate escapes
@@ -157,7 +173,7 @@ def parse_line(text: str, file: str, line: int, columns: Columns = Columns(), ba
     problem = _unencodable(row)
     if problem is not None:
         raise RecordError(file, line, *problem)
-    return parse_row(row, file, line, columns, base_dir)
+    return parse_row(row, file, line, columns, base_dir, require_target)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
