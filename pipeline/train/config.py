@@ -187,6 +187,12 @@ class StreamConfig:
         flag_type=float,
         convert=_mib,
     )
+    max_bad_in_a_row: int = option(
+        1000,
+        "a stream (task, source count) stops the run after this many unusable samples in a row (unreadable, corrupt "
+        "or undecodable; each is skipped, counted and logged); an indexed task also stops after a whole failed pass",
+        scope=INVOCATION,
+    )
     readahead_bytes: int = option(
         64,
         "MiB of range reads a DataLoader worker keeps in flight for the samples it needs next (indexed shards, "

@@ -157,3 +157,30 @@ def test_t2i_task_without_null_embedding_is_refused_at_start_up():
         _build(t2i)
     _build(t2i, text_drop_ratio=0.0)
     _build({"t": _made_with("t", "diffusers", "d1", ns=(0,), null=True)})
+
+
+def test_the_stream_has_one_error_policy_for_every_kind_of_failure():
+    """SkipPolicy: a missing or forbidden shard stops the run; bad samples are skipped and counted in one counter;
+    reads failing a whole indexed pass in a row stop it; so do --max_bad_in_a_row undecodable samples in a row."""
+    from pipeline.shards.tasks import DataConfigError
+    from pipeline.train.stream.errors import NoUsableSample, SkipPolicy
+
+    policy = SkipPolicy("t", 1, shards=2, limit=5, read_limit=3)
+    for fatal in (FileNotFoundError("gone.tar"), PermissionError("no"), NoUsableSample("empty")):
+        with pytest.raises(DataConfigError, match="task t"):
+            policy.read_failed(fatal)
+    policy.read_failed(OSError("short read"))
+    policy.read_failed(OSError("short read"))
+    policy.read_ok()  # a good read ends the run of failures
+    policy.read_failed(OSError("short read"))
+    policy.read_failed(OSError("short read"))
+    with pytest.raises(RuntimeError, match="3 unreadable samples in a row"):
+        policy.read_failed(OSError("short read"))
+    policy.corrupt("a truncated member")
+    for _ in range(5):
+        policy.undecodable("k", ValueError("bad png"))
+    with pytest.raises(DataConfigError, match="6 samples in a row could not be decoded"):
+        policy.undecodable("k", ValueError("bad png"))
+    assert policy.skipped == 5 + 1 + 6  # reads skipped, the corrupt item, the undecodable ones: one count
+    policy.batch_assembled()
+    policy.undecodable("k", ValueError("bad png"))  # a batch assembled in between: counting starts again

@@ -133,7 +133,7 @@ def assemble_batch(
     config: StreamConfig,
     reader: RangeReader,
     null_cache: dict[str, bytes],
-    replace: Callable[[tuple], RawSample] | None = None,
+    replace: Callable[[RawSample, Exception], RawSample] | None = None,
 ) -> dict[str, Any]:
     """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts.
 
@@ -185,9 +185,7 @@ def assemble_batch(
     def drop(i: int, exc: Exception) -> None:
         if replace is None:
             raise exc
-        sample = samples[i]
-        log.warning("task %s: sample %s unusable (%s: %s); replaced", task.name, sample.key, type(exc).__name__, exc)
-        samples[i] = replace(tuple(sample.meta["bucket"]))
+        samples[i] = replace(samples[i], exc)  # the stream's error policy counts it and finds another
 
     for i in range(len(samples)):
         prepare(i)

@@ -43,14 +43,14 @@ from pipeline.shards.reader import (
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.config import StreamConfig
 from pipeline.train.stream.batching import assemble_batch, choose
+from pipeline.train.stream.errors import SkipPolicy
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
 from pipeline.train.stream.seeding import stable_id, step_rng
-from pipeline.train.stream.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
+from pipeline.train.stream.sources import IndexedSource, ShuffleBuffer, StreamedSource, ref_key
 
 log = logging.getLogger(__name__)
 
-MAX_CONSECUTIVE_BAD = 1000
 POOL_BATCHES = 4  # a stream's bucket pools hold at most this many batches' worth of samples
 DATA_STATE_VERSION = 2
 
@@ -157,6 +157,7 @@ class PartitionStream:
         choose: Callable[[dict, np.random.Generator], tuple[str, str, bool]] | None = None,
         fetch_embeddings: bool = True,
         readahead: ReadAhead | None = None,
+        max_bad_in_a_row: int = StreamConfig.max_bad_in_a_row,
     ):
         self.task, self.n, self.shards = task, num_sources, shards
         self.part, self.parts, self.seed = part, parts, seed
@@ -180,14 +181,13 @@ class PartitionStream:
                 len(shards), seed, salt, part, parts,
                 read_shard=lambda i: stream_shard(self.shards[i].url, self.storage_options),
                 bad=lambda item: item.reason if isinstance(item, CorruptSample) else None,
-                on_skip=self._skipped_streamed,
+                on_skip=lambda reason: self.errors.corrupt(reason),
             )  # fmt: skip
         buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # an indexed order is already shuffled
         self.buffer = ShuffleBuffer(buffer_size, (seed & 0xFFFFFFFF, *salt, part), self.budget, sample_bytes)
         self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
         self.generation = 0  # how many times the shard list changed under a resumed run
-        self.skipped = 0
-        self._replaced = 0
+        self.errors = SkipPolicy(task, num_sources, len(shards), max_bad_in_a_row, self.total if self.indexed else None)
 
     # ---- reading, for the source ---------------------------------------------------------------
     def _entry(self, shard: int, sample: int) -> tuple[str, dict]:
@@ -212,39 +212,24 @@ class PartitionStream:
                 sample.embeddings[variant] = self.reader.read(url, *sample.embedding_ranges[variant])
         return sample
 
-    def _skipped_streamed(self, reason: str) -> None:
-        self.skipped += 1
-        log.warning("task %s N=%d: skipped %s", self.task, self.n, reason)
+    @property
+    def skipped(self) -> int:
+        """Samples this stream skipped (saved in the data state)."""
+        return self.errors.skipped
+
+    @skipped.setter
+    def skipped(self, count: int) -> None:
+        self.errors.skipped = count
 
     def _next_owned(self) -> tuple[Any, RawSample]:
-        bad = 0
         while True:
             try:
-                return self.source.next()
-            except (DataConfigError, KeyboardInterrupt):
-                raise
-            except NoUsableSample as exc:
-                raise DataConfigError(
-                    f"task {self.task}: no usable sample with {self.n} source(s) in a whole pass over its "
-                    f"{len(self.shards)} shard(s) (every one unreadable, truncated or empty)"
-                ) from exc
-            except FileNotFoundError as exc:  # a shard that is gone does not come back by retrying
-                raise DataConfigError(f"task {self.task} N={self.n}: a shard is missing: {exc}") from exc
-            except PermissionError as exc:
-                raise DataConfigError(f"task {self.task} N={self.n}: a shard cannot be read: {exc}") from exc
-            except Exception as exc:  # a broken sample costs that sample, not the run
-                self.skipped += 1
-                bad += 1
-                log.warning(
-                    "task %s N=%d: skipped a sample (%s: %s; %d skipped so far)",
-                    self.task,
-                    self.n,
-                    type(exc).__name__,
-                    exc,
-                    self.skipped,
-                )
-                if bad >= min(MAX_CONSECUTIVE_BAD, max(self.total, 1) if self.indexed else MAX_CONSECUTIVE_BAD):
-                    raise RuntimeError(f"task {self.task} N={self.n}: {bad} unreadable samples in a row") from exc
+                item = self.source.next()
+            except Exception as exc:  # noqa: BLE001 - the policy decides: skip it, or stop with a message
+                self.errors.read_failed(exc)
+                continue
+            self.errors.read_ok()
+            return item
 
     def _next_item(self) -> tuple[Any, RawSample]:
         """The next owned sample: in computed order (indexed) or through the shuffle buffer (streamed)."""
@@ -254,22 +239,18 @@ class PartitionStream:
     def next_batch(self, batch_size: int) -> list[tuple[Any, RawSample]]:
         """(reference, sample) × ``batch_size``, of one aspect bucket (or similar, when the pools are full)."""
         self.pools.batch_size = batch_size
-        self._replaced = 0  # the previous batch was assembled
+        self.errors.batch_assembled()  # the previous batch was
         while True:
             ref, sample = self._next_item()
             batch = self.pools.add(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
             if batch is not None:
                 return batch
 
-    def replacement(self, bucket: tuple) -> RawSample:
-        """Another sample of ``bucket``, for one that turned out unreadable while its batch was built."""
-        self.skipped += 1
-        self._replaced += 1
-        if self._replaced > MAX_CONSECUTIVE_BAD:  # every replacement failed too: the data is unusable, do not spin
-            raise DataConfigError(
-                f"task {self.task} N={self.n}: {self._replaced} samples in a row could not be decoded "
-                "(images or embeddings); check it with python -m shards_tools verify"
-            )
+    def replacement(self, unusable: RawSample, exc: Exception) -> RawSample:
+        """Another sample of ``unusable``'s bucket, for one that failed while its batch was built (the policy counts
+        it, and stops a stream whose samples keep failing)."""
+        self.errors.undecodable(unusable.key, exc)
+        bucket = tuple(unusable.meta["bucket"])
         waiting = self.pools.pop_from(bucket)
         if waiting is not None:
             return waiting[1]
@@ -416,6 +397,7 @@ class MixedBatchDataset(IterableDataset):
                 choose=self._choose,
                 fetch_embeddings=not self.config.online_prompts,
                 readahead=self.readahead,
+                max_bad_in_a_row=self.config.max_bad_in_a_row,
             )
         return self._streams[key]
 

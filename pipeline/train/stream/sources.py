@@ -20,13 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.train.stream.errors import NoUsableSample
 from pipeline.train.stream.order import Cursor, EpochOrder, merge_cursors
 from pipeline.train.stream.pools import ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
-
-
-class NoUsableSample(Exception):
-    """A whole pass over a streamed source's shards gave nothing usable."""
 
 
 class IndexedSource:
