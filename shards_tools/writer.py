@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from pipeline.shards import commits as prog
-from pipeline.shards.format import MANIFEST, NULL_EMBEDDING
-from pipeline.shards.storage import Store
+from pipeline.shards.format import NULL_EMBEDDING
+from pipeline.shards.taskdir import TaskDirectory
 from pipeline.shards.writer import Failure, PreparedSample, ShardSink
 
 
-class TaskWriter:
-    """Shards, commit records, failures files and manifest of one task directory being written.
+class TaskWriter(TaskDirectory):
+    """A task directory written from existing samples, one input part at a time (see :class:`TaskDirectory`).
 
     ``identity`` (what is being converted) makes the directory resumable: a
     rerun with the same identity continues; another identity, or a directory
@@ -35,29 +35,25 @@ class TaskWriter:
         max_shard_bytes: int = 1 << 30,
         identity: dict[str, Any] | None = None,
     ):
-        self.url = output_url
-        self.store = Store(output_url, storage_options)
+        try:
+            super().__init__(
+                output_url,
+                storage_options,
+                identity,
+                "Rerun with the same input and flags to resume, or choose an empty folder.",
+            )
+        except ValueError as exc:
+            raise FileExistsError(str(exc)) from None
         self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
-        resumable = identity is not None and self.store.exists(prog.IDENTITY)
-        if not resumable and (self.store.exists(MANIFEST) or self.store.listdir(prog.PROGRESS)):
-            raise FileExistsError(f"{output_url} already holds a task; choose an empty output directory")
-        if identity is not None:
-            try:
-                prog.check_identity(
-                    self.store, identity, "Rerun with the same input and flags to resume, or choose an empty folder."
-                )
-            except ValueError as exc:
-                raise FileExistsError(str(exc)) from None
-        self.commits = prog.read_commits(self.store)
-        prog.remove_orphans(self.store, self.commits, lambda rank: True)
+        self.load_commits()
+        self.remove_orphans(lambda part: True)
         self.sink: ShardSink | None = None
 
     def open_part(self, part: int) -> np.ndarray:
         """Start writing input part ``part``; returns the mask of its lines already committed."""
         self.close_part()
-        progress = prog.ProgressLog(self.store, part, self.commits)
-        self.sink = ShardSink(self.store, progress, part, self.max_samples, self.max_bytes)
-        return prog.done_lines([c for c in self.commits if c.rank == part])
+        self.sink = self.open_writer(part, self.max_samples, self.max_bytes)
+        return self.done_lines(part)
 
     def close_part(self) -> None:
         if self.sink is not None:
@@ -84,8 +80,4 @@ class TaskWriter:
         """Flush the open part; write the manifest from every commit record (of this run and earlier ones)."""
         self.close_part()
         extra = {**extra, "null_embedding": NULL_EMBEDDING if self.has_null_embedding() else None}
-        commits = prog.read_commits(self.store)
-        prog.write_failures_files(self.store, commits, by_rank=True)
-        manifest = prog.build_manifest(self.store, base, commits, extra, by_rank=True)
-        prog.write_manifest(self.store, manifest)
-        return manifest
+        return self.finish(base, extra, by_rank=True)

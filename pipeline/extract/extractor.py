@@ -32,6 +32,7 @@ from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, Prepa
 from pipeline.shards import commits as prog
 from pipeline.shards.format import NULL_EMBEDDING, embedding_to_npy, new_manifest
 from pipeline.shards.storage import Store, options_for, parse_storage_options
+from pipeline.shards.taskdir import TaskDirectory
 from pipeline.shards.writer import ShardSink
 
 log = logging.getLogger("pipeline.extract")
@@ -129,11 +130,13 @@ class Extractor:
 
     # ---- main loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        prog.check_identity(
-            self.store,
+        self.taskdir = TaskDirectory(
+            self.config.output_dir,
+            self.storage_options,
             self.identity(),
             f"To start fresh, choose a new --output_dir or delete {self.config.output_dir}; "
             "to resume, rerun with the first run's input and flags.",
+            adopt_unrecorded=True,
         )
         lease = prog.RankLease(self.store, self.rank)
         try:
@@ -142,10 +145,9 @@ class Extractor:
             lease.release()
 
     def _run(self) -> dict[str, Any]:
-        commits = prog.read_commits(self.store)
+        self.taskdir.load_commits()
         # each rank cleans its own leftovers; rank 0 also those of ranks a larger earlier run had
-        prog.remove_orphans(self.store, commits, lambda r: r == self.rank or (self.rank == 0 and r >= self.world))
-        progress = prog.ProgressLog(self.store, self.rank, commits)
+        self.taskdir.remove_orphans(lambda r: r == self.rank or (self.rank == 0 and r >= self.world))
         opts = PrepareOptions(
             inverse=self.inverse,
             t2i_mode=self.config.t2i_mode,
@@ -157,7 +159,7 @@ class Extractor:
             train_copy_size=self.config.train_copy_size,
         )
         columns = Columns(self.config.source_column, self.config.target_column)
-        done = prog.done_lines(commits)
+        done = self.taskdir.done_lines()
         dataset = LineDataset(self.config.jsonl_path, self.rank, self.world, done, self.builder, opts, columns)
         total = sum(1 for _ in dataset.pending())
         log.info("%d line(s) to process on this rank; %d line(s) of the task done before", total, int(done.sum()))
@@ -169,14 +171,12 @@ class Extractor:
             prefetch_factor=self.config.prefetch_factor if self.config.num_workers else None,
             collate_fn=_identity,
         )
-        sink = ShardSink(
-            self.store,
-            progress,
+        sink = self.taskdir.open_writer(
             self.rank,
             self.config.max_samples_per_shard,
             self.config.max_shard_bytes,
-            self.config.queue_size,
-            self.config.tmp_dir,
+            queue_size=self.config.queue_size,
+            tmp_dir=self.config.tmp_dir,
         )
         batcher = PromptBatcher(
             self.config.batch_size, self.config.batching == "exact", max(64, 16 * self.config.batch_size)
@@ -294,9 +294,7 @@ class Extractor:
             "world_size": self.world,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        prog.write_failures_files(self.store, commits)
-        manifest = prog.build_manifest(self.store, base, commits, extra)
-        prog.write_manifest(self.store, manifest)
+        self.taskdir.finish(base, extra)
         print(json.dumps({"task": self.task, "output": self.config.output_dir, **summary}, ensure_ascii=False))
         log.info(
             "task %s: %d ok, %d failed %s; manifest %s",
