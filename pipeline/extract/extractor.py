@@ -1,11 +1,12 @@
 """One rank's extraction: JSONL lines → prepared samples → encoder batches → shards, then the manifest.
 
 Flow per rank: DataLoader workers turn this rank's pending lines into prepared
-samples (``prepare``); the main process groups their prompts into encoder
-batches (``PromptBatcher``) and runs the VLM (``encoder``); finished samples go
-to the background shard writer (``writer``), which publishes shards and commit
-records (``progress``).  When every rank is done, rank 0 writes the null
-embedding and, last, ``manifest.json``.
+samples (``extract/prepare.py``); the main process groups their prompts into
+encoder batches (``PromptBatcher``) and runs the VLM (``common/encoder.py``);
+finished samples go to the background shard writer (``shards/writer.py``), which
+publishes shards and commit records (``shards/commits.py``), opened through the
+task directory's session (``shards/taskdir.py``).  When every rank is done, rank 0
+writes the null embedding and, last, ``manifest.json``.
 """
 
 from __future__ import annotations
