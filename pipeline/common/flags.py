@@ -37,7 +37,12 @@ def add_prompt_style(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0], help=prompt_style_help(when))
 
 
-def add_shard_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = 1000) -> None:
+DEFAULT_SHARD_SAMPLES = 1000
+
+
+def add_shard_size(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = DEFAULT_SHARD_SAMPLES
+) -> None:
     """``--max_samples_per_shard``: a new shard starts after this many samples (required when no default)."""
     if default is None:
         parser.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
@@ -65,6 +70,9 @@ def add_max_failure_ratio(parser: argparse.ArgumentParser | argparse._ArgumentGr
     )
 
 
+NO_TRAIN_COPIES = 0  # --train_copy_size's default: originals only
+
+
 def train_copy_size_help(replaces: bool = False) -> str:
     return (
         "also store a training copy of each image that training at --image_sample_size N would shrink: "
@@ -77,7 +85,7 @@ def train_copy_size_help(replaces: bool = False) -> str:
 
 def add_train_copy_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, replaces: bool = False) -> None:
     """``--train_copy_size``: also store training copies (extract, convert-legacy, reshard)."""
-    parser.add_argument("--train_copy_size", type=int, default=0, help=train_copy_size_help(replaces))
+    parser.add_argument("--train_copy_size", type=int, default=NO_TRAIN_COPIES, help=train_copy_size_help(replaces))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pipeline.common import images as imaging
 from pipeline.common.flags import (
     DEFAULT_MAX_FAILURE_RATIO,
+    DEFAULT_SHARD_SAMPLES,
     MAX_FAILURE_RATIO_HELP,
+    NO_TRAIN_COPIES,
     STORAGE_OPTIONS_HELP,
     prompt_style_help,
     shard_size_help,
@@ -20,8 +22,6 @@ from pipeline.common.flags import (
 )
 from pipeline.common.options import option
 from pipeline.common.prompts import PROMPT_STYLES
-
-DEFAULT_SHARD_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ExtractConfig:
         "training time. --image_sample_size is the original tool's name for it (same default)",
         aliases=("image_sample_size",),
     )
-    train_copy_size: int = option(0, train_copy_size_help())
+    train_copy_size: int = option(NO_TRAIN_COPIES, train_copy_size_help())
     num_workers: int = option(
         2, "DataLoader workers loading and preprocessing images", aliases=("dataloader_num_workers",)
     )

@@ -20,7 +20,7 @@ import logging
 
 from pipeline.shards.tasks import DataConfigError
 
-log = logging.getLogger("pipeline.train.stream.dataset")
+log = logging.getLogger(__name__)
 
 
 class NoUsableSample(Exception):
@@ -32,7 +32,7 @@ class SkipPolicy:
 
     def __init__(self, task: str, n: int, shards: int, limit: int, read_limit: int | None = None):
         self.where = f"task {task} N={n}"
-        self.task, self.shards = task, shards
+        self.task, self.n, self.shards = task, n, shards
         self.limit = limit  # failures in a row before the stream stops
         self.read_limit = min(limit, read_limit) if read_limit else limit  # indexed: a whole pass is enough
         self.skipped = 0
@@ -45,7 +45,7 @@ class SkipPolicy:
             return exc
         if isinstance(exc, NoUsableSample):
             return DataConfigError(
-                f"task {self.task}: no usable sample with {self.where.rsplit('=', 1)[1]} source(s) in a whole pass "
+                f"task {self.task}: no usable sample with {self.n} source(s) in a whole pass "
                 f"over its {self.shards} shard(s) (every one unreadable, truncated or empty)"
             )
         if isinstance(exc, FileNotFoundError):  # a shard that is gone does not come back by retrying
