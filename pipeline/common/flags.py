@@ -129,9 +129,17 @@ def join_process_group(device_type: str = "cpu", timeout_s: float | None = None,
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **timeout)
 
 
-def leave_process_group() -> None:
-    """Tear the process group down on the way out: a gloo rank whose peer exited first aborts in its teardown."""
+def leave_process_group(together: bool = False) -> None:
+    """Tear the process group down on the way out (a gloo rank whose peer exited first aborts in its teardown).
+
+    ``together``: every rank reached the end of the run, so they first wait for each other — rank 0 may still be
+    writing (a manifest, an export) while the others would tear down under it, and gloo then aborts a rank with
+    "terminate called without an active exception". Only when all ranks get here: after an error a peer may
+    never come.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -52,16 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     exit_on_sigterm()
     rank, world = _init_distributed()
+    finished = False  # every rank reached the end: they leave the process group together (rank 0 wrote the manifest)
     try:
         extractor = Extractor(config, rank, world)
         extractor.run()
         _barrier(world)
         code = extractor.finish() if rank == 0 else 0
+        finished = True
     except (FileNotFoundError, ValueError, LeaseHeld) as exc:  # a missing input, bad flags, a second run ...
         log.error("%s", exc)
         code = 2
     finally:
-        leave_process_group()
+        leave_process_group(together=finished)
     return code
 
 

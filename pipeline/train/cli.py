@@ -107,6 +107,7 @@ def print_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    finished = False  # every rank reached the end: they leave the process group together
     try:
         args = parse_with_recipe(build_parser(), sys.argv[1:] if argv is None else list(argv))
         if args.plan:
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs = trainer.export(config.output_dir)  # collective under FSDP
             if trainer.accelerator.is_main_process:
                 log.info("exported %s", outputs)
+            finished = True
             return 0
         result = trainer.train()
         if trainer.accelerator.is_main_process:  # what the run measured, for scripts (benchmarks/gpu_check.py)
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["losses"][-1] if result["losses"] else float("nan"),
                 result["outputs"],
             )
+        finished = True
         return 0
     except NonFiniteTraining as exc:
         log.error("%s", exc)
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     finally:
-        leave_process_group()
+        leave_process_group(together=finished)
 
 
 if __name__ == "__main__":
