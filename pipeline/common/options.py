@@ -8,15 +8,25 @@ to convert, and its default is the converted flag default — one default, writt
 once.  The scope says what a changed value means when a run resumes
 (``pipeline.train.recipe``): ``model`` another model (refused), ``training`` a
 change that is reported, ``invocation`` one command's business (never compared).
+
+Each option also declares its valid values (``check=``: :func:`at_least`,
+:func:`between`); a float option is finite whatever else it declares. A config
+class that derives from :class:`Checked` checks every option field when it is
+built, so no config with a NaN learning rate or a negative limit ever exists, and
+the message names the flag. :func:`one_name_per_option` refuses an option given
+under two of its names with different values.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from typing import Any
+
+from pipeline.errors import UserError
 
 MODEL, TRAINING, INVOCATION = "model", "training", "invocation"
 _KEY = "option"
@@ -41,6 +51,7 @@ class Option:
     weights: bool = False  # a NAME=WEIGHT list (checked as such in recipes)
     positional: bool = False  # an argument without dashes
     required: bool = False
+    check: Callable[[Any], str | None] | None = None  # the value's rule: None when valid, else what it must be
 
     def name(self, field: dataclasses.Field) -> str:
         return self.flag or field.name
@@ -58,6 +69,88 @@ def option(default: Any, help: str, **declared: Any) -> Any:
     if isinstance(value, list | dict | set):
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
     return dataclasses.field(default=value, metadata=meta)
+
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    """A number >= ``low`` (None, where the field allows it, passes)."""
+    return lambda value: None if value is None or value >= low else f"a number >= {low:g}"
+
+
+def greater_than(low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None or value > low else f"a number > {low:g}"
+
+
+def between(low: float, high: float, high_open: bool = False) -> Callable[[Any], str | None]:
+    """A number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+    right = ")" if high_open else "]"
+
+    def rule(value: Any) -> str | None:
+        inside = value is None or (low <= value < high if high_open else low <= value <= high)
+        return None if inside else f"a number in [{low:g}, {high:g}{right}"
+
+    return rule
+
+
+class Checked:
+    """Base of a config dataclass whose option fields check themselves when it is built (``__post_init__``).
+
+    Subclasses add their cross-field checks by overriding ``__post_init__`` and
+    calling ``super().__post_init__()`` first.
+    """
+
+    def __post_init__(self) -> None:
+        for field, spec in options_of(type(self)):
+            problem = _problem(getattr(self, field.name), spec)
+            if problem:
+                flag = f"--{spec.name(field)}" if not spec.positional else spec.name(field)
+                raise UserError(f"{flag} must be {problem}, got {getattr(self, field.name)!r}")
+
+
+def _problem(value: Any, spec: Option) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    return spec.check(value) if spec.check is not None else None
+
+
+def one_name_per_option(parser: argparse.ArgumentParser, tokens: list[str], where: str = "the command line") -> None:
+    """Refuse one option given under two of its names (``--lora_r 8 --lora_rank 4``, ``--parallelism ddp
+    --use_fsdp``) with different values: argparse would keep the last one silently."""
+    actions = parser._option_string_actions
+    seen: dict[str, tuple[str, Any]] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            continue
+        name, has_value, inline = token.partition("=")
+        action = actions.get(name) or _abbreviated(actions, name)
+        if action is None or action.dest == "help":
+            continue
+        if action.nargs == 0:
+            value: Any = action.const
+        elif action.nargs is None and (has_value or i < len(tokens)):
+            text = inline if has_value else tokens[i]
+            i += 0 if has_value else 1
+            try:
+                value = action.type(text) if action.type is not None else text
+            except (TypeError, ValueError):
+                value = text  # argparse names the bad value itself
+        else:
+            continue  # lists: one name each
+        earlier = seen.get(action.dest)
+        if earlier is not None and earlier[0] != name and earlier[1] != value:
+            raise UserError(
+                f"{where} gives one option under two names with different values: {earlier[0]} {earlier[1]!r} and "
+                f"{name} {value!r}; keep one"
+            )
+        seen[action.dest] = (name, value)
+
+
+def _abbreviated(actions: dict[str, argparse.Action], prefix: str) -> argparse.Action | None:
+    """argparse's unique-prefix abbreviation (``--lora_ra`` for ``--lora_rank``)."""
+    matches = {a for option_string, a in actions.items() if option_string.startswith(prefix)}
+    return matches.pop() if len(matches) == 1 else None
 
 
 def options_of(cls: type) -> list[tuple[dataclasses.Field, Option]]:

@@ -31,6 +31,18 @@ def die_with_parent(worker_id: int = 0) -> None:
         os._exit(1)
 
 
+def stream_worker_init(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the training loader: die with the parent, and leave SIGINT / SIGTERM to it.
+
+    Ctrl-C reaches the whole process group and SLURM signals every process of a
+    step: the main process finishes its step and saves a checkpoint
+    (``pipeline.train.engine.stopping``), which needs its workers alive until then.
+    """
+    die_with_parent(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (torchrun stopping the other ranks after one failed, a scheduler's stop) into ``SystemExit``,
     so ``finally`` blocks run: leases are released and spooled partial shards removed, not left behind."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.shards.format import MANIFEST, SOURCE_COUNTS, add_totals, source_dir
 from pipeline.shards.storage import Store
 
@@ -73,8 +74,8 @@ LEASE_TTL = 60.0  # seconds without renewal after which a rank's lease is free
 LEASE_RENEW = 10.0
 
 
-class LeaseHeld(RuntimeError):
-    """Another live run writes this rank of the task directory."""
+class LeaseHeld(UserError):
+    """Another live run writes this folder (or this rank of the task directory)."""
 
 
 class RankLease:
@@ -82,54 +83,69 @@ class RankLease:
 
     A second run on the same output would delete the first run's published but
     not yet committed shard as an orphan and reuse its sequence numbers.  The
-    lease (``_progress/lease-rank-{r}.json``: run id, host, pid, renewal time) is
-    renewed every 10 s.  On the same host the holder's pid tells at once whether
-    it is alive (refused) or dead (taken over).  From another host a new run waits
-    for a renewal (the holder is alive: refused) or for 60 s without one (gone:
-    taken over), so a restart after a crash on another node waits up to a minute.
+    lease (``_progress/lease-rank-{r}.json``, or ``path``: run id, host, pid, renewal
+    time) is renewed every 10 s.  On the same host a live pid is refused at once.
+    A pid that is not alive here is taken over at once only when its lease was not
+    renewed for two renewal periods: a recent renewal counts as alive whatever the
+    pid says (a container with the same host name hides its processes).  From
+    another host a new run waits for a renewal (the holder is alive: refused) or for
+    60 s without one (gone: taken over), so a restart after a crash on another node
+    waits up to a minute.
     """
 
-    def __init__(self, store: Store, rank: int, wait: float = LEASE_TTL, renew_every: float = LEASE_RENEW):
-
-        self.store, self.path, self.renew_every = store, f"{PROGRESS}/lease-rank-{rank:05d}.json", renew_every
+    def __init__(
+        self,
+        store: Store,
+        rank: int,
+        wait: float = LEASE_TTL,
+        renew_every: float = LEASE_RENEW,
+        path: str | None = None,
+        what: str | None = None,
+    ):
+        self.store, self.renew_every = store, renew_every
+        self.path = path or f"{PROGRESS}/lease-rank-{rank:05d}.json"
+        self.what = what or f"rank {rank} of {store.root}"
         self.mine = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         held = self._read()
         deadline = time.time() + wait
         while held and held.get("run_id") != self.mine["run_id"]:
             holder = self._holder_here(held)
-            if holder is False:
-                break  # a dead process on this host
             if holder is True:
-                raise LeaseHeld(self._refusal(held, rank))
+                raise LeaseHeld(self._refusal(held))
+            if holder is False:  # no such process here: gone, unless the lease was renewed since it could have died
+                renewed = held.get("renewed")
+                renewed = float(renewed) if isinstance(renewed, int | float) else 0.0
+                deadline = min(deadline, renewed + 2 * renew_every)
             if time.time() > deadline:
-                break  # another host's holder, not renewed for a whole wait: gone
+                break  # not renewed for a whole wait: gone
             time.sleep(min(1.0, renew_every / 4))
             now = self._read()
             if now and now.get("renewed") != held.get("renewed"):
-                raise LeaseHeld(self._refusal(now, rank))
+                raise LeaseHeld(self._refusal(now))
             held = now
         self._write()
         time.sleep(0.2)  # two runs taking a free lease at once: the one whose write is not the last backs off
         if (self._read() or {}).get("run_id") != self.mine["run_id"]:
-            raise LeaseHeld(f"another run took rank {rank} of {store.root} at the same moment; use one run")
+            raise LeaseHeld(f"another run took {self.what} at the same moment; use one run")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{rank}", daemon=True)
         self._thread.start()
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return self.store.read_json(self.path)
+            held = self.store.read_json(self.path)
         except (FileNotFoundError, ValueError):
             return None
+        return held if isinstance(held, dict) else None
 
     def _write(self) -> None:
 
         self.store.write_json(self.path, {**self.mine, "renewed": time.time()})
 
-    def _refusal(self, held: dict[str, Any], rank: int) -> str:
+    def _refusal(self, held: dict[str, Any]) -> str:
         return (
-            f"another run ({held.get('host')}, pid {held.get('pid')}) is writing rank {rank} of {self.store.root}; "
-            "two runs on one output directory would lose shards. Stop it, or use another --output_dir"
+            f"another run ({held.get('host')}, pid {held.get('pid')}) is writing {self.what}; two runs on one "
+            "output directory would overwrite each other's files. Stop it, or use another --output_dir"
         )
 
     def _holder_here(self, held: dict[str, Any]) -> bool | None:

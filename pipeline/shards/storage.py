@@ -21,6 +21,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.errors import UserError
+
 LOCAL_PROTOCOLS = {"file", "local"}
 GCS_PROTOCOLS = {"gs", "gcs"}
 
@@ -38,9 +40,9 @@ def parse_storage_options(text: str | None, for_url: str | None = None) -> dict[
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--storage_options is not valid JSON: {exc}") from None
+        raise UserError(f"--storage_options is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError("--storage_options must be a JSON object")
+        raise UserError("--storage_options must be a JSON object")
     if value and not _is_per_protocol(value) and for_url and protocol_of(for_url) not in LOCAL_PROTOCOLS:
         return {protocol_of(for_url): value}
     return value

@@ -15,6 +15,7 @@ from typing import Any
 import braceexpand
 import fsspec
 
+from pipeline.errors import DataError
 from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, index_name
 from pipeline.shards.storage import Store, join, options_for, protocol_of, uri_exists
 
@@ -22,7 +23,7 @@ from pipeline.shards.storage import Store, join, options_for, protocol_of, uri_e
 SEEKABLE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "http", "https", "memory"}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(DataError):
     """A problem with the data a user pointed us at that they can fix (unknown task, nothing to train on ...)."""
 
 

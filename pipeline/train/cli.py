@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.common.flags import distributed_env, leave_process_group
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
-from pipeline.shards.tasks import DataConfigError
+from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.train.config import (
     OPTION_GROUPS,
     FlowConfig,
@@ -29,11 +29,12 @@ from pipeline.train.config import (
     PlanOptions,
     StreamConfig,
     config_from_args,
+    use_fsdp,
 )
-from pipeline.train.engine.checkpoint import CheckpointDamaged, damage_of
+from pipeline.train.engine.checkpoint import NonFiniteState
 from pipeline.train.engine.data_only import run_data_only
-from pipeline.train.engine.parallel import use_fsdp
 from pipeline.train.engine.step import NonFiniteTraining
+from pipeline.train.engine.stopping import Stopped
 from pipeline.train.engine.trainer import Trainer
 from pipeline.train.recipe import parse_with_recipe
 
@@ -74,7 +75,7 @@ def print_plan(args: argparse.Namespace) -> int:
     model = from_flags(ModelConfig, args, lora=from_flags(LoraConfig, args) if args.use_peft_lora else None)
     stream, optim, flow = from_flags(StreamConfig, args), from_flags(OptimConfig, args), from_flags(FlowConfig, args)
     if not model.pretrained:
-        raise ValueError("--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509)")
+        raise UserError("--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509)")
     lora = model.lora or LoraConfig()
     request = PlanRequest(
         lora=model.lora is not None,
@@ -106,24 +107,24 @@ def print_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a user's mistake (flag, path, recipe, data, run folder), one line; 1 a bug (with its
+    traceback) or a run stopped by non-finite training; 128 + N stopped by signal N after saving a checkpoint."""
     setup_logging()
     finished = False  # every rank reached the end: they leave the process group together
+    trainer = None
     try:
         args = parse_with_recipe(build_parser(), sys.argv[1:] if argv is None else list(argv))
         if args.plan:
             return print_plan(args)
         config = config_from_args(args)
         if config.model is None:
-            return run_data_only(config)
+            code = run_data_only(config)
+            finished = True
+            return code
         trainer = Trainer(config)
         trainer.setup()
         if config.export_checkpoint:
-            folder = Path(config.export_checkpoint)
-            problem = damage_of(folder, trainer.rank, trainer.world, trainer.accelerator.device)
-            if problem:
-                raise CheckpointDamaged(f"{folder} is damaged: {problem}")
-            trainer.load(folder)
-            outputs = trainer.export(config.output_dir)  # collective under FSDP
+            outputs = trainer.export_checkpoint(Path(config.export_checkpoint))  # collective under FSDP
             if trainer.accelerator.is_main_process:
                 log.info("exported %s", outputs)
             finished = True
@@ -139,13 +140,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         finished = True
         return 0
-    except NonFiniteTraining as exc:
+    except Stopped as stop:
+        log.warning("%s", stop)
+        finished = True  # every rank saved together and stops here
+        return stop.exit_code
+    except (NonFiniteTraining, NonFiniteState) as exc:
         log.error("%s", exc)
         return 1
-    except (DataConfigError, ValueError, FileNotFoundError) as exc:  # errors in what the user gave us
+    except (UserError, DataError) as exc:  # what the user gave us: one line
         log.error("%s", exc)
-        return 2
+        return USER_EXIT
     finally:
+        if trainer is not None:
+            trainer.close()
         leave_process_group(together=finished)
 
 

@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.common.flags import STORAGE_OPTIONS_HELP, prompt_style_help
-from pipeline.common.options import INVOCATION, MODEL, from_flags, option
+from pipeline.common.flags import STORAGE_OPTIONS_HELP, distributed_env, prompt_style_help
+from pipeline.common.options import INVOCATION, MODEL, Checked, at_least, between, from_flags, greater_than, option
 from pipeline.common.prompts import PROMPT_STYLES
+from pipeline.errors import UserError
 from pipeline.shards.storage import has_scheme, parse_storage_options
 from pipeline.shards.tasks import DataConfigError
 
@@ -31,18 +32,18 @@ def parse_weights(text: str, flag: str) -> dict[str, float]:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"{flag}: expected NAME=WEIGHT, got {item!r}")
+            raise UserError(f"{flag}: expected NAME=WEIGHT, got {item!r}")
         try:
             weight = float(value)
         except ValueError:
-            raise ValueError(f"{flag}: weight of {name!r} is not a number: {value!r}") from None
+            raise UserError(f"{flag}: weight of {name!r} is not a number: {value!r}") from None
         if not math.isfinite(weight) or weight < 0:  # inf would make every probability NaN
-            raise ValueError(f"{flag}: the weight of {name!r} must be a finite number >= 0, got {value!r}")
+            raise UserError(f"{flag}: the weight of {name!r} must be a finite number >= 0, got {value!r}")
         if name in weights:
-            raise ValueError(f"{flag}: {name!r} is listed twice")
+            raise UserError(f"{flag}: {name!r} is listed twice")
         weights[name] = weight
     if not weights:
-        raise ValueError(f"{flag}: no weights given")
+        raise UserError(f"{flag}: no weights given")
     return weights
 
 
@@ -105,7 +106,7 @@ def _data_url(args: argparse.Namespace) -> str | None:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Which tasks to read and how they are mixed."""
 
     meta_dir: str | None = option(
@@ -142,10 +143,11 @@ class DataConfig:
         0,
         "DataLoader workers per rank (0: the main process)",
         flag="dataloader_num_workers",
+        check=at_least(0),
         aliases=("num_workers",),
         scope=INVOCATION,
     )
-    prefetch_factor: int = option(2, "batches each worker prepares ahead", scope=INVOCATION)
+    prefetch_factor: int = option(2, "batches each worker prepares ahead", scope=INVOCATION, check=at_least(1))
     trace_path: str | None = option(
         None,
         "append one JSON line per step and rank (task, N, bucket, keys, variants, texts) to this file",
@@ -160,19 +162,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(Checked):
     """What the per-rank batch stream needs."""
 
-    batch_size: int = option(16, "samples per batch and rank", flag="train_batch_size")
+    batch_size: int = option(16, "samples per batch and rank", flag="train_batch_size", check=at_least(1))
     seed: int = option(42, "seed of every data, noise and validation draw")
     shuffle_buffer: int = option(
         64,
         "streamed shards only (pipe:, no index): samples in each stream's shuffle buffer; indexed shards follow "
         "a computed sample-level order and need none",
+        check=at_least(0),
     )
-    image_sample_size: int = option(512, "crop area ≈ this squared (sides /32)")
+    image_sample_size: int = option(512, "crop area ≈ this squared (sides /32)", check=at_least(1))
     enable_inverse: bool = option(False, "also train on inverse instructions (swap roles)")
-    text_drop_ratio: float = option(0.05, "probability of the empty-text embedding")
+    text_drop_ratio: float = option(0.05, "probability of the empty-text embedding", check=between(0, 1))
     storage_options: dict | None = option(
         None,
         STORAGE_OPTIONS_HELP,
@@ -186,12 +189,14 @@ class StreamConfig:
         flag="pool_mb",
         flag_type=float,
         convert=_mib,
+        check=at_least(0),
     )
     max_bad_in_a_row: int = option(
         1000,
         "a stream (task, source count) stops the run after this many unusable samples in a row (unreadable, corrupt "
         "or undecodable; each is skipped, counted and logged); an indexed task also stops after a whole failed pass",
         scope=INVOCATION,
+        check=at_least(1),
     )
     readahead_bytes: int = option(
         64,
@@ -200,15 +205,16 @@ class StreamConfig:
         flag="readahead_mb",
         flag_type=float,
         convert=_mib,
+        check=at_least(0),
     )
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(Checked):
     """Flow-matching loss: timestep sampling, loss weighting, VAE batching."""
 
     seed: int = StreamConfig.seed  # the one --seed
-    sampling_steps: int = option(1000, "T of the sigma schedule", flag="train_sampling_steps")
+    sampling_steps: int = option(1000, "T of the sigma schedule", flag="train_sampling_steps", check=at_least(1))
     uniform_sampling: bool = option(False, "timestep index range split evenly across ranks")
     weighting_scheme: str = option(
         "none",
@@ -216,34 +222,37 @@ class FlowConfig:
         choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"),
     )
     logit_mean: float = option(0.0, "mean of logit_normal timestep sampling")
-    logit_std: float = option(1.0, "std of logit_normal timestep sampling")
+    logit_std: float = option(1.0, "std of logit_normal timestep sampling", check=greater_than(0))
     mode_scale: float = option(1.29, "scale of mode timestep sampling")
-    vae_mini_batch: int = option(32, "images per VAE encode call")
+    vae_mini_batch: int = option(32, "images per VAE encode call", check=at_least(1))
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Checked):
     """Optimizer, schedule and gradient clipping; defaults are the original tool's."""
 
-    learning_rate: float = option(1e-4, "peak learning rate")
+    learning_rate: float = option(1e-4, "peak learning rate", check=at_least(0))
     scale_lr: bool = option(False, "multiply the LR by accumulation × batch × processes")
     lr_scheduler: str = option("constant", "diffusers get_scheduler name (constant_with_warmup …)")
-    lr_warmup_steps: int = option(500, "warm-up steps (of *_with_warmup schedulers)")
-    gradient_accumulation_steps: int = option(1, "batches per optimizer step")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    adam_weight_decay: float = option(1e-2, "AdamW weight decay")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    lr_warmup_steps: int = option(500, "warm-up steps (of *_with_warmup schedulers)", check=at_least(0))
+    gradient_accumulation_steps: int = option(1, "batches per optimizer step", check=at_least(1))
+    adam_beta1: float = option(0.9, "AdamW beta1", check=between(0, 1, high_open=True))
+    adam_beta2: float = option(0.999, "AdamW beta2", check=between(0, 1, high_open=True))
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay", check=at_least(0))
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", check=greater_than(0))
     use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (must be installed)")
     use_came: bool = option(False, "CAME optimizer (came-pytorch must be installed)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", check=at_least(0))
     initial_grad_norm_ratio: float = option(
         5,
         "the clipping threshold starts at this × --max_grad_norm and falls linearly to --max_grad_norm at step "
         "--abnormal_norm_clip_start",
+        check=at_least(1),
     )
     abnormal_norm_clip_start: int = option(
-        1000, "after this step, a norm above 5× the threshold is clipped to threshold / min(norm / threshold, 10)"
+        1000,
+        "after this step, a norm above 5× the threshold is clipped to threshold / min(norm / threshold, 10)",
+        check=at_least(0),
     )
     mixed_precision: str | None = option(
         None,
@@ -253,17 +262,19 @@ class OptimConfig:
     )
     allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs (faster fp32 parts)")
     max_nonfinite_steps: int = option(
-        5, "a step whose gradient norm is NaN/Inf is skipped; this many in a row stop the run"
+        5, "a step whose gradient norm is NaN/Inf is skipped; this many in a row stop the run", check=at_least(1)
     )
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Checked):
     """The adapter of a LoRA run (``--use_peft_lora``)."""
 
-    rank: int = option(32, "LoRA rank", flag="lora_r", aliases=("lora_rank",), scope=MODEL)
-    alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flag="lora_alpha", scope=MODEL)
-    dropout: float = option(0.0, "LoRA dropout", flag="lora_dropout")
+    rank: int = option(32, "LoRA rank", flag="lora_r", aliases=("lora_rank",), scope=MODEL, check=at_least(1))
+    alpha: float = option(
+        32.0, "LoRA alpha (the update is scaled by alpha / rank)", flag="lora_alpha", scope=MODEL, check=greater_than(0)
+    )
+    dropout: float = option(0.0, "LoRA dropout", flag="lora_dropout", check=between(0, 1, high_open=True))
     target_modules: tuple[str, ...] = option(
         DEFAULT_LORA_TARGETS,
         "comma-separated LoRA target modules",
@@ -290,7 +301,7 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """The transformer (and VAE) to train, and what of it trains."""
 
     pretrained: str | None = option(
@@ -334,13 +345,19 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Checked):
     """Where the run's checkpoints go and which one it resumes from."""
 
     output_dir: str = option("model-finetuned", "checkpoints, logs, validation images, exports")
-    every: int = option(500, "save a checkpoint every this many steps", flag="checkpointing_steps", scope=INVOCATION)
+    every: int = option(
+        500, "save a checkpoint every this many steps", flag="checkpointing_steps", scope=INVOCATION, check=at_least(1)
+    )
     total_limit: int | None = option(
-        None, "keep only the newest N checkpoints", flag="checkpoints_total_limit", scope=INVOCATION
+        None,
+        "keep only the newest N checkpoints of this run (others' are never removed)",
+        flag="checkpoints_total_limit",
+        scope=INVOCATION,
+        check=at_least(1),
     )
     resume_from: str | None = option(
         None,
@@ -348,10 +365,17 @@ class CheckpointConfig:
         flag="resume_from_checkpoint",
         scope=INVOCATION,
     )
+    overwrite: bool = option(
+        False,
+        "start a new run in an --output_dir that holds another run's checkpoints: the old run is moved into "
+        "output_dir/overwritten-STAMP/, never deleted (without it such a start is refused)",
+        flag="overwrite_output_dir",
+        scope=INVOCATION,
+    )
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Checked):
     """Experiment tracking (accelerate trackers) and what is logged."""
 
     report_to: str = option(
@@ -373,7 +397,7 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
+class ValidationConfig(Checked):
     """Images rendered with the current weights every ``steps`` optimizer steps and at the end."""
 
     jsonl: str | None = option(
@@ -382,8 +406,10 @@ class ValidationConfig:
         "every --validation_steps steps and at the end, into output_dir/validation/step-XXXXXX/ and the trackers",
         flag="validation_jsonl",
     )
-    steps: int = option(500, "render the validation rows every N steps", flag="validation_steps")
-    inference_steps: int = option(20, "denoising steps per validation image", flag="validation_inference_steps")
+    steps: int = option(500, "render the validation rows every N steps", flag="validation_steps", check=at_least(1))
+    inference_steps: int = option(
+        20, "denoising steps per validation image", flag="validation_inference_steps", check=at_least(1)
+    )
     guidance_scale: float = option(
         4.0,
         "true classifier-free guidance scale (negative prompt: a blank); <= 1 turns guidance off",
@@ -397,7 +423,7 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(Checked):
     """What one invocation does: these flags shape the configs (config_from_args) and are not kept in them."""
 
     data_only: bool = option(False, "run the real data loader without a model")
@@ -410,7 +436,7 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class PlanOptions:
+class PlanOptions(Checked):
     """``--plan``: the memory each GPU needs, from the model's config on the meta device."""
 
     plan: bool = option(
@@ -419,16 +445,18 @@ class PlanOptions:
         "--pretrained_model_name_or_path's config.json, or give that flag the name qwen-image-edit-2509",
         scope=INVOCATION,
     )
-    plan_gpu_memory: float = option(80.0, "GiB per GPU to check the plan against", scope=INVOCATION)
-    plan_processes: int | None = option(
-        None, "processes (GPUs) of the run (default: WORLD_SIZE or 1)", scope=INVOCATION
+    plan_gpu_memory: float = option(
+        80.0, "GiB per GPU to check the plan against", scope=INVOCATION, check=greater_than(0)
     )
-    plan_num_sources: int = option(1, "source images per sample to plan for", scope=INVOCATION)
-    plan_text_tokens: int = option(512, "prompt embedding length to plan for", scope=INVOCATION)
+    plan_processes: int | None = option(
+        None, "processes (GPUs) of the run (default: WORLD_SIZE or 1)", scope=INVOCATION, check=at_least(1)
+    )
+    plan_num_sources: int = option(1, "source images per sample to plan for", scope=INVOCATION, check=between(0, 3))
+    plan_text_tokens: int = option(512, "prompt embedding length to plan for", scope=INVOCATION, check=at_least(1))
 
 
 @dataclass(frozen=True)
-class CompatOptions:
+class CompatOptions(Checked):
     """Flags of the original tool's command lines, accepted and ignored (the launcher or the stream decides)."""
 
     local_rank: int = option(-1, "ignored: the rank comes from the launcher", scope=INVOCATION)
@@ -443,11 +471,13 @@ class CompatOptions:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     data: DataConfig
     stream: StreamConfig
     checkpoint: CheckpointConfig
-    max_train_steps: int | None = option(None, "optimizer steps to run (required unless --plan)", scope=INVOCATION)
+    max_train_steps: int | None = option(
+        None, "optimizer steps to run (required unless --plan)", scope=INVOCATION, check=at_least(1)
+    )
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: ModelConfig | None = None  # None: --data_only
@@ -471,6 +501,24 @@ class TrainConfig:
     recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
     allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml
 
+    def __post_init__(self) -> None:
+        """The checks across components: what would otherwise fail at the first step, or silently."""
+        super().__post_init__()
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise UserError("--fsdp_cpu_offload offloads FSDP's shards: add --parallelism fsdp (on one GPU too)")
+        lora = self.model.lora if self.model else None
+        if self.fsdp and lora is not None and lora.base_weight_dtype != "auto":
+            raise UserError(  # FSDP's param dtype would cast the fp8 weights to bf16 without their scales
+                "--base_weight_dtype float8_e4m3fn works with DDP or one process, not FSDP (each GPU holds the fp8 "
+                "base whole, ~20 GB for the 20B DiT)"
+            )
+        if self.optim.use_8bit_adam:
+            check_8bit_adam(self.fsdp)
+
+    @property
+    def fsdp(self) -> bool:
+        return use_fsdp(self.parallelism)
+
     @property
     def output_dir(self) -> str:
         return self.checkpoint.output_dir
@@ -488,6 +536,27 @@ class TrainConfig:
 
         walk("", self)
         return out
+
+
+def use_fsdp(parallelism: str) -> bool:
+    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch (``--use_fsdp``, or a config file with
+    ``distributed_type: FSDP``: both reach the processes as ``ACCELERATE_USE_FSDP``), on GPUs or CPUs."""
+    if parallelism == "auto":
+        return distributed_env().fsdp_requested
+    return parallelism == "fsdp"
+
+
+def check_8bit_adam(fsdp: bool) -> None:
+    """Refuse at start-up what would fail at the first step: bitsandbytes missing, or its kernels under FSDP2."""
+    if fsdp:
+        raise UserError(
+            "--use_8bit_adam works with DDP or one process: bitsandbytes' update kernels take no FSDP2 sharded "
+            "(DTensor) parameters; drop --parallelism fsdp, or use AdamW (whose states FSDP shards instead)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--use_8bit_adam needs bitsandbytes: pip install 'qwen-edit-shards[adam8bit]'") from None
 
 
 # (argparse group title, the classes whose options it shows), in --help order
@@ -509,45 +578,30 @@ def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
 
 
-def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The one place where flags become configs and are checked against each other."""
+    """The one place where flags become configs; each config checks its own fields and those across them."""
     for flag in ("output_dir", "max_train_steps"):
         if getattr(args, flag) is None:
-            raise ValueError(f"--{flag} is required")
-    _positive("--max_train_steps", args.max_train_steps)
-    _positive("--train_batch_size", args.train_batch_size)
-    _positive("--checkpointing_steps", args.checkpointing_steps)
-    _positive("--gradient_accumulation_steps", args.gradient_accumulation_steps)
-    _positive("--dataloader_num_workers", args.dataloader_num_workers, allow_zero=True)
-    if not 0.0 <= args.text_drop_ratio <= 1.0:
-        raise ValueError(f"--text_drop_ratio must be in [0, 1], got {args.text_drop_ratio}")
+            raise UserError(f"--{flag} is required")
     if not args.train_data_meta_dir and not args.train_shards:
         raise DataConfigError("give --train_data_meta_dir or --train_shards")
     if not args.data_only and not args.pretrained_model_name_or_path:
         raise DataConfigError("--pretrained_model_name_or_path is required (or --data_only)")
     if has_scheme(args.output_dir):
-        raise ValueError(
+        raise UserError(
             f"--output_dir {args.output_dir}: checkpoints and exports are written with local file operations "
             "(atomic renames); give a local or mounted folder (for object storage, mount it or copy afterwards)"
         )
     validation = None
     if args.validation_jsonl:
-        _positive("--validation_steps", args.validation_steps)
-        _positive("--validation_inference_steps", args.validation_inference_steps)
         validation = from_flags(ValidationConfig, args, seed=args.seed)
     model = None
     if args.pretrained_model_name_or_path and not args.data_only:
         lora = None
         if args.use_peft_lora:
-            _positive("--lora_r", args.lora_r)
             lora = from_flags(LoraConfig, args)
         elif args.base_weight_dtype != "auto":
-            raise ValueError("--base_weight_dtype float8_e4m3fn stores a frozen base: it needs --use_peft_lora")
+            raise UserError("--base_weight_dtype float8_e4m3fn stores a frozen base: it needs --use_peft_lora")
         model = from_flags(ModelConfig, args, lora=lora)
     return from_flags(
         TrainConfig,

@@ -10,6 +10,7 @@ resume compares them with what the run was started with.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import time
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.common.options import INVOCATION, MODEL, flag_names, weight_flags
+from pipeline.common.options import INVOCATION, MODEL, flag_names, one_name_per_option, weight_flags
+from pipeline.errors import UserError
 from pipeline.train.config import OPTION_CLASSES
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ WEIGHT_FLAGS = weight_flags(*OPTION_CLASSES)
 MODEL_FLAGS = flag_names(*OPTION_CLASSES, scope=MODEL)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file that cannot be used; the message names the file and the key."""
 
 
@@ -146,20 +148,69 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default=None)
     known, _ = first.parse_known_args(argv)
+    one_name_per_option(parser, argv)
     if not known.config:
         return parser.parse_args(argv)
     recipe = load_recipe(known.config)
-    return parser.parse_args([*recipe_argv(parser, recipe, argv, known.config), *argv])
+    tokens = recipe_argv(parser, recipe, argv, known.config)
+    try:
+        one_name_per_option(parser, tokens, f"--config {known.config}")
+    except UserError as exc:
+        raise RecipeError(str(exc)) from None
+    return parser.parse_args([*tokens, *argv])
 
 
 # ---------------------------------------------------------------------------------------------
 # the resolved recipe of a run
 
 
-def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+MODEL_PATHS = ("pretrained_model_name_or_path", "transformer_path", "vae_path")
+MODEL_IDENTITY = "model_identity"  # config.yaml: the model's content, compared instead of how its path is spelled
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def content_identity(path: str | None) -> str | None:
+    """What a model path holds, independent of its spelling: for a folder, the digest of its configs (``*.json``)
+    and its weight files' names and sizes; for one file, its size and the digest of its first MiB (a
+    safetensors header); a name that is no local path (a Hub id) stands for itself."""
+    if not path:
+        return None
+    local = Path(path).expanduser()
+    digest = hashlib.sha256()
+    if local.is_dir():
+        for file in sorted(local.rglob("*")):
+            relative = file.relative_to(local).as_posix()
+            if not file.is_file() or any(part.startswith(".") for part in Path(relative).parts):
+                continue
+            if file.suffix == ".json":
+                digest.update(f"{relative}\0".encode() + file.read_bytes())
+            elif file.suffix in _WEIGHT_SUFFIXES:
+                digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        return f"folder:{digest.hexdigest()}"
+    if local.is_file():
+        with open(local, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+        return f"file:{local.stat().st_size}:{digest.hexdigest()}"
+    return f"name:{path}"
+
+
+def with_model_identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with :data:`MODEL_IDENTITY`: each model path's :func:`content_identity`."""
+    return {**recipe, MODEL_IDENTITY: {flag: content_identity(recipe.get(flag)) for flag in MODEL_PATHS}}
+
+
+def _comparable(recipe: dict[str, Any], paths_by_content: bool) -> dict[str, Any]:
     from pipeline.train.config import parse_weights
 
     out = {k: v for k, v in recipe.items() if k not in RUN_ONLY}
+    if paths_by_content:  # both recipes identify the model by content: its path may be spelled any way
+        for flag in MODEL_PATHS:
+            out.pop(flag, None)
+    else:  # a config.yaml of an older version: the paths, normalised
+        out.pop(MODEL_IDENTITY, None)
+        for flag in MODEL_PATHS:
+            if isinstance(out.get(flag), str):
+                out[flag] = os.path.normpath(os.path.abspath(os.path.expanduser(out[flag])))
     for key in WEIGHT_FLAGS:
         if isinstance(out.get(key), str):
             try:
@@ -171,7 +222,8 @@ def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings that differ between two resolved recipes: key → (old, new)."""
-    a, b = _comparable(old), _comparable(new)
+    by_content = MODEL_IDENTITY in old and MODEL_IDENTITY in new
+    a, b = _comparable(old, by_content), _comparable(new, by_content)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -181,11 +233,16 @@ def check_resume_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any], s
     if not path.is_file():
         log.warning("resuming at step %d: %s is missing, so changed settings cannot be reported", step, path)
         return {}
-    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML ({exc}); restore it, or delete it to resume unchecked") from None
+    if not isinstance(old, dict):
+        raise RecipeError(f"{path} holds a {type(old).__name__}, not the run's settings; restore or delete it")
     changes = recipe_changes(old, recipe)
     for key, (before, after) in changes.items():
         log.warning("resuming at step %d with a changed setting: %s: %r -> %r", step, key, before, after)
-    model = sorted(set(changes) & MODEL_FLAGS)
+    model = sorted(set(changes) & (MODEL_FLAGS | {MODEL_IDENTITY}))
     if model and not allow_change:
         raise RecipeError(
             f"resuming at step {step}: the model settings differ from {path}: "

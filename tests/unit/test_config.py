@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.shards.tasks import DataConfigError
 from pipeline.train.cli import build_parser
 from pipeline.train.config import LoraConfig, config_from_args
@@ -50,10 +51,10 @@ def test_data_only_needs_no_model():
     "flags, error, message",
     [
         ([], DataConfigError, "--pretrained_model_name_or_path is required"),
-        (["--data_only", "--train_batch_size", "0"], ValueError, "--train_batch_size must be > 0"),
-        (["--data_only", "--text_drop_ratio", "1.5"], ValueError, "--text_drop_ratio"),
-        (["--data_only", "--train_src_img_num_weights", "1=x"], ValueError, "--train_src_img_num_weights"),
-        (["--data_only", "--storage_options", "{nope"], ValueError, "--storage_options is not valid JSON"),
+        (["--data_only", "--train_batch_size", "0"], UserError, "--train_batch_size must be a number >= 1, got 0"),
+        (["--data_only", "--text_drop_ratio", "1.5"], UserError, "--text_drop_ratio"),
+        (["--data_only", "--train_src_img_num_weights", "1=x"], UserError, "--train_src_img_num_weights"),
+        (["--data_only", "--storage_options", "{nope"], UserError, "--storage_options is not valid JSON"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_named(flags, error, message):

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.train.cli import build_parser
 from pipeline.train.config import config_from_args
-from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.recipe import RecipeError, check_resume_recipe, parse_with_recipe, write_recipe
 
 # --- the original tool's defaults --------------------------------------------------------------------
@@ -59,16 +58,6 @@ def test_original_flag_spellings_are_accepted(tmp_path):
     flags = ["--pretrained_model_name_or_path", "m", "--train_data_meta_dir", str(tmp_path), "--max_train_steps", "1"]
     config = config_from_args(build_parser().parse_args([*flags, "--trainable_modules", "attn", "proj_out,norm"]))
     assert config.model.trainable_modules == ("attn", "proj_out", "norm")
-
-
-def test_resume_from_a_checkpoint_name_inside_output_dir(tmp_path):
-    def write(folder):
-        (folder / "x").write_text("1")
-
-    ckpt.save_checkpoint(tmp_path, 500, 0, lambda: None, write, {})
-    assert ckpt.resolve_resume(tmp_path, "checkpoint-500") == tmp_path / "checkpoint-500"
-    with pytest.raises(FileNotFoundError, match="checkpoint-400"):
-        ckpt.resolve_resume(tmp_path, "checkpoint-400")
 
 
 # --- gradient clipping as the original ---------------------------------------------------------------

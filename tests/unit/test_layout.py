@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # lower layers never import higher ones; packages in one layer never import each other
 LAYERS = {
+    "pipeline.errors": -1,  # UserError / DataError: raised in every layer, mapped to exit 2 by the CLIs
     "pipeline.shards": 0,  # shard format, storage, commit records, shard reading
     "pipeline.common": 1,  # images, prompts, encoder, shared flags, logging: used by both halves
     "pipeline.extract": 2,

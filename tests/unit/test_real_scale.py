@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from pipeline.train.config import FlowConfig, LoraConfig, ModelConfig
-from pipeline.train.engine import checkpoint as ckpt
 
 HIDDEN_STATES_OF = "last_hidden_state"
 
@@ -188,46 +187,6 @@ def test_mixed_precision_comes_from_accelerate_launch_unless_given(tiny_model_di
             assert trainer.accelerator.mixed_precision == expected
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-
-
-# --- checkpoints that cannot poison a run ----------------------------------------------------------
-
-
-def fake_save(out, step, limit=None):
-    def write(folder):
-        (folder / "weights.txt").write_text(str(step))
-
-    return ckpt.save_checkpoint(out, step, 0, lambda: None, write, {}, limit)
-
-
-def test_resuming_earlier_then_saving_keeps_the_new_timeline(tmp_path):
-    for step in (2, 4, 6):
-        fake_save(tmp_path, step)
-    resume = ckpt.resume_point(tmp_path, str(tmp_path / "checkpoint-2"), 0, 1, "cpu")
-    assert resume == tmp_path / "checkpoint-2"
-    fake_save(tmp_path, 3, limit=1)
-    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-3"], "the fresh save survives"
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
-    assert sorted(p.name.split("-", 3)[-1] for p in tmp_path.glob("abandoned-*")) == ["checkpoint-4", "checkpoint-6"]
-
-
-def test_stale_staging_folders_are_removed_and_latest_without_checkpoints_is_none(tmp_path, caplog):
-    (tmp_path / ".checkpoint-8.incomplete").mkdir()
-    with caplog.at_level("INFO"):
-        assert ckpt.resume_point(tmp_path, "latest", 0, 1, "cpu") is None
-    assert "no complete checkpoint" in caplog.text
-    assert not (tmp_path / ".checkpoint-8.incomplete").exists()
-
-
-def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch):
-    import shutil
-
-    for step in (1, 2):
-        fake_save(tmp_path, step)
-    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # a removal that gets nowhere
-    ckpt.prune(tmp_path, 1)
-    assert not (tmp_path / "checkpoint-1" / ckpt.MARKER).exists()
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
 
 
 def test_loop_state_round_trips_through_json():

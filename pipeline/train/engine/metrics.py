@@ -9,6 +9,7 @@ each N show which part of the mix diverges.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 
 import torch
@@ -64,3 +65,16 @@ def group_grad_norms(named_params) -> dict[str, float]:
         key = group_of(name)
         squares[key] = squares.get(key, 0.0) + value**2
     return {f"grad_norm_by_group/{k}": float(v) ** 0.5 for k, v in sorted(squares.items())}
+
+
+def step_logs(result: dict[str, float], lr: float, samples: int, seconds: float, nonfinite_steps: int) -> dict:
+    """What the trackers get for one optimizer step (a skipped step's non-finite norm is logged as 0)."""
+    norm = result["grad_norm"]
+    return {
+        **{k: v for k, v in result.items() if k not in ("waited", "grad_norm")},
+        "lr": lr,
+        "grad_norm": norm if math.isfinite(norm) else 0.0,
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "data_wait_fraction": result["waited"] / max(seconds, 1e-9),
+        "nonfinite_steps": nonfinite_steps,
+    }

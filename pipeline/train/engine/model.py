@@ -214,6 +214,45 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
     return transformer, vae, scheduler, [g for g in groups if g["params"]]
 
 
+def make_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
+    """The run's optimizer over ``groups`` (AdamW by default; 8-bit AdamW or CAME when asked)."""
+    kwargs = {
+        "betas": (optim.adam_beta1, optim.adam_beta2),
+        "weight_decay": optim.adam_weight_decay,
+        "eps": optim.adam_epsilon,
+    }
+    if optim.use_8bit_adam:
+        import bitsandbytes as bnb  # optional dependency
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    if optim.use_came:
+        from came_pytorch import CAME  # optional dependency
+
+        return CAME(groups, weight_decay=optim.adam_weight_decay)
+    # fused on CUDA: one kernel per step, no per-parameter temporaries (foreach would allocate a copy of the
+    # trainable parameters in fp32 at every step); the plan counts on it
+    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])  # not under CPU offload
+    return torch.optim.AdamW(groups, **kwargs, fused=on_cuda or None)
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
+    """What of this rank's trainable weights and optimizer state holds NaN/Inf (None: all finite). Sharded
+    parameters are checked by their local rows: each rank its share."""
+
+    def finite(value) -> bool:
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return not local.is_floating_point() or bool(torch.isfinite(local.detach()).all())
+
+    for name, param in model.named_parameters():
+        if param.requires_grad and not finite(param):
+            return f"the trainable weight {name}"
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and not finite(value):
+                return f"the optimizer's {key}"
+    return None
+
+
 def export_transformer(transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Full fine-tune → a diffusers ``transformer/`` folder (safetensors).
 

@@ -1,16 +1,19 @@
-"""FSDP2 for the transformer: shard it ourselves, checkpoint its shards, gather it for export.
+"""How the transformer is spread over the ranks: one :class:`Parallelism` strategy, DDP or FSDP2.
 
-We wrap each transformer block, then the root, with PyTorch's ``fully_shard`` (as
+The trainer asks the strategy, never the mode: prepare the model and optimizer,
+backward with accumulation, whether this micro-batch synchronises, the model as
+diffusers sees it, the checkpoint part of the weights, and the export's state.
+
+For FSDP2 we wrap each transformer block, then the root, with PyTorch's ``fully_shard`` (as
+
 torchtitan does) instead of going through accelerate's FSDP plugin: this path is
 the same on GPUs (NCCL) and on CPUs (gloo), so the tests run the very code users
 run.  Sharded parameters are fp32 master weights for full fine-tuning (the frozen
 base stays in the compute dtype for LoRA); ``MixedPrecisionPolicy`` gathers them in
 the compute dtype for forward and backward and reduces gradients in fp32.
 
-Checkpoints hold only the trainable parameters and their optimizer state: each
-rank writes its shards as safetensors and the state's structure as JSON (not
-``torch.distributed.checkpoint``, whose ``.metadata`` is a pickle that a resume
-would load); a resume reads every tensor's rows back on any number of ranks.
+FSDP checkpoints hold each rank's rows of the trainable parameters and their
+optimizer state (``checkpoint/fsdp_files.py``).
 """
 
 from __future__ import annotations
@@ -18,17 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline.common.flags import distributed_env, join_process_group
+from pipeline.common.flags import join_process_group
+from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.model import weight_dtype
 
 log = logging.getLogger(__name__)
-
-FSDP_STATE = "fsdp"  # folder inside a checkpoint
 
 
 def shard_transformer(
@@ -60,182 +60,6 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
-def sharded_state(model: torch.nn.Module, optimizer, names: set[str]) -> dict[str, Any]:
-    """The trainable parameters' shards and the optimizer's, as DCP state (collective)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
-    return {"model": weights, "optimizer": get_optimizer_state_dict(model, optimizer)}
-
-
-SHARD_FILE = "rank{rank}.safetensors"  # this rank's shards of every tensor
-SHARD_INDEX = "rank{rank}.json"  # the state's structure with each tensor's global shape and row offset
-
-
-def _shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The rows of dimension 0 that FSDP2's ``Shard(0)`` gives ``rank``: ``torch.chunk`` sizes, the last ones short."""
-    chunk = -(-rows // world) if rows else 0
-    start = min(rank * chunk, rows)
-    return start, min(start + chunk, rows) - start
-
-
-def _local(value: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
-    """(this rank's part, the global shape, its first row): a DTensor sharded on dim 0, or a replicated tensor."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(value, DTensor):
-        return value.detach(), list(value.shape), 0
-    if tuple(value.placements) != (Shard(0),):
-        raise NotImplementedError(f"checkpoints hold FSDP2 Shard(0) tensors; got placements {value.placements}")
-    local = value.to_local().detach()
-    rank, world = value.device_mesh.get_local_rank(), value.device_mesh.size()
-    start, count = _shard_rows(value.shape[0], rank, world)
-    if local.shape[0] != count:
-        raise RuntimeError(f"a shard of {count} rows was expected, FSDP holds {local.shape[0]}")
-    return local, list(value.shape), start
-
-
-def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor], shapes: dict[str, Any]) -> Any:
-    """``value`` as JSON with each tensor replaced by ``{"tensor": key}`` (the tensors go to ``tensors``)."""
-    if isinstance(value, dict):
-        return {"dict": {str(k): _encode(v, f"{path}/{k}", tensors, shapes) for k, v in value.items()}}
-    if isinstance(value, list | tuple):
-        return {"list": [_encode(v, f"{path}/{i}", tensors, shapes) for i, v in enumerate(value)]}
-    if torch.is_tensor(value):
-        from torch.distributed.tensor import DTensor
-
-        local, shape, start = _local(value)
-        tensors[path] = local.cpu().contiguous()
-        shapes[path] = {"shape": shape, "start": start, "sharded": isinstance(value, DTensor)}
-        return {"tensor": path}
-    if value is None or isinstance(value, bool | int | float | str):
-        return {"value": value}
-    raise TypeError(f"{path}: a {type(value).__name__} cannot go into a checkpoint without pickle")
-
-
-def save_shards(folder: Path, model: torch.nn.Module, optimizer, names: set[str]) -> None:
-    """Collective: every rank writes its shards as ``fsdp/rank{r}.safetensors`` and the state's structure, each
-    tensor's global shape and this rank's rows, as ``fsdp/rank{r}.json``: nothing a resume unpickles."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from pipeline.train.engine.checkpoint.manager import write_json_file
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, Any] = {}
-    structure = _encode(sharded_state(model, optimizer, names), "", tensors, shapes)
-    target = folder / FSDP_STATE
-    target.mkdir(exist_ok=True)
-    save_file(tensors, str(target / SHARD_FILE.format(rank=rank)))
-    write_json_file(
-        target / SHARD_INDEX.format(rank=rank), {"world_size": world, "structure": structure, "tensors": shapes}
-    )
-
-
-class ShardFiles:
-    """The shard files of every rank of a saved FSDP state, read lazily by row ranges (any new world size)."""
-
-    def __init__(self, folder: Path):
-        import json
-
-        self.folder = folder
-        first = folder / SHARD_INDEX.format(rank=0)
-        if (folder / ".metadata").exists():
-            raise CheckpointFormatError(
-                f"{folder} was written by torch.distributed.checkpoint, whose .metadata is a pickle this version "
-                "never loads: export it with the version that wrote it (--export_checkpoint) and start from the export"
-            )
-        if not first.is_file():
-            raise CheckpointFormatError(f"{folder}: no {first.name}; not an FSDP state this version wrote")
-        self.world = int(json.loads(first.read_text())["world_size"])
-        self.indexes = [json.loads((folder / SHARD_INDEX.format(rank=r)).read_text()) for r in range(self.world)]
-        self._open: dict[int, Any] = {}
-
-    def _file(self, rank: int):
-        from safetensors import safe_open
-
-        if rank not in self._open:
-            self._open[rank] = safe_open(str(self.folder / SHARD_FILE.format(rank=rank)), framework="pt")
-        return self._open[rank]
-
-    def rows(self, key: str, start: int, count: int) -> torch.Tensor:
-        """Rows ``[start, start + count)`` of tensor ``key`` (all of it when it was not sharded), from the ranks
-        that saved them."""
-        pieces = []
-        for rank, index in enumerate(self.indexes):
-            saved = index["tensors"].get(key)
-            if saved is None:
-                continue
-            handle = self._file(rank)
-            if not saved["sharded"]:  # replicated (an optimizer step): every rank saved all of it
-                return handle.get_tensor(key)
-            first, size = saved["start"], handle.get_slice(key).get_shape()[0]
-            lo, hi = max(start, first), min(start + count, first + size)
-            if lo < hi:
-                pieces.append(handle.get_slice(key)[lo - first : hi - first])
-        if sum(p.shape[0] for p in pieces) != count:
-            raise CheckpointFormatError(f"{self.folder}: the saved shards of {key!r} do not cover its rows")
-        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint file that is not what this version writes."""
-
-
-def _decode(node: Any, template: Any, files: ShardFiles) -> Any:
-    """The saved structure with each ``{"tensor": key}`` read into the matching template tensor (in place)."""
-    if "dict" in node:
-        template = template if isinstance(template, dict) else {}
-        by_name = {str(k): k for k in template}
-        out = dict(template)  # entries the checkpoint does not have keep the template's (fresh) value
-        for name, child in node["dict"].items():
-            key = by_name.get(name, name)
-            out[key] = _decode(child, template.get(key), files)
-        return out
-    if "list" in node:
-        items = list(template) if isinstance(template, list | tuple) else []
-        return [_decode(child, items[i] if i < len(items) else None, files) for i, child in enumerate(node["list"])]
-    if "tensor" in node:
-        key = node["tensor"]
-        if not torch.is_tensor(template):
-            raise CheckpointFormatError(f"{files.folder}: {key!r} is in the checkpoint but not in this run's state")
-        local, shape, start = _local(template)
-        saved_shape = files.indexes[0]["tensors"][key]["shape"]
-        if shape != saved_shape:
-            raise CheckpointFormatError(f"{files.folder}: {key!r} was saved as {saved_shape}, the run has {shape}")
-        if local.numel():  # a rank may hold no rows of a small tensor
-            local.copy_(files.rows(key, start, local.shape[0] if local.dim() else 0))
-        return template
-    return node["value"]
-
-
-def load_shards(folder: Path, model: torch.nn.Module, optimizer, names: set[str]) -> None:
-    """Collective: read the shards back into the sharded model and optimizer (on any number of ranks).
-
-    Every trainable parameter must be in the checkpoint. Parameters that never received a
-    gradient (outputs that do not reach the loss) have no optimizer state there; they keep
-    the fresh entries made here, which AdamW never uses either.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    files = ShardFiles(folder / FSDP_STATE)
-    template = sharded_state(model, optimizer, names)
-    saved = files.indexes[0]["structure"]
-    absent = sorted(set(template["model"]) - set(saved["dict"]["model"]["dict"]))
-    if absent:
-        raise CheckpointFormatError(
-            f"{folder / FSDP_STATE}: {len(absent)} trainable parameter(s) are not in the checkpoint, e.g. {absent[:3]}"
-        )
-    state = _decode(saved, template, files)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
 def gather_full_state(model: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Collective: the full (unsharded) state dict on rank 0's CPU, empty on the other ranks.
 
@@ -256,14 +80,6 @@ def gather_full_state(model: torch.nn.Module, names: set[str] | None = None) -> 
     return full
 
 
-def use_fsdp(parallelism: str) -> bool:
-    """``--parallelism fsdp``, or ``auto`` under an accelerate FSDP launch (``--use_fsdp``, or a config file with
-    ``distributed_type: FSDP``: both reach the processes as ``ACCELERATE_USE_FSDP``), on GPUs or CPUs."""
-    if parallelism == "auto":
-        return distributed_env().fsdp_requested
-    return parallelism == "fsdp"
-
-
 @contextlib.contextmanager
 def without_accelerate_fsdp(active: bool):
     """Build the Accelerator as for DDP when the trainer shards with its own FSDP2: accelerate would otherwise
@@ -281,3 +97,101 @@ def without_accelerate_fsdp(active: bool):
             os.environ.pop("ACCELERATE_USE_FSDP", None)
         else:
             os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+class Parallelism:
+    """What differs between DDP and FSDP2, behind one interface (see :func:`strategy`)."""
+
+    name = "ddp"
+
+    def __init__(self, accelerator, mixed_precision: str | None, cpu_offload: bool = False):
+        self.accelerator, self.mixed_precision, self.cpu_offload = accelerator, mixed_precision, cpu_offload
+        self.model: torch.nn.Module | None = None
+        self.optimizer = None
+
+    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer) -> tuple:
+        """The training model and its optimizer, built over ``groups`` by ``make_optimizer``."""
+        self.model, self.optimizer = self.accelerator.prepare(transformer, make_optimizer(groups))
+        return self.model, self.optimizer
+
+    def accumulating(self, last: bool):
+        """The context of one micro-batch's forward and backward (accelerate's accumulation)."""
+        return self.accelerator.accumulate(self.model)
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        self.accelerator.backward(loss)
+
+    def syncs(self, last: bool) -> bool:
+        """Whether the gradients are complete after this micro-batch (clip and step then)."""
+        return self.accelerator.sync_gradients
+
+    def zero_grad(self, synced: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # accelerate's optimizer ignores it between syncs
+
+    def unscale(self) -> None:
+        self.accelerator.unscale_gradients()  # fp16: clip the true gradients
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The model as diffusers and the validation pipelines see it."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def weights_part(self, rank: int):
+        """The checkpoint part holding the trainable weights and the optimizer's state."""
+        return ckpt.ReplicatedWeights(self.unwrapped(), self.optimizer, rank)
+
+    def export_names(self) -> set[str] | None:
+        """The trained parameters to gather for an export (FSDP); None: the model is whole on every rank."""
+        return None
+
+    def renders_every_row(self) -> bool:
+        """Validation: every rank renders every row in lockstep (FSDP's collectives), or each its own rows."""
+        return False
+
+
+class FSDP(Parallelism):
+    """Our own FSDP2 (``fully_shard`` per block); accelerate does not touch the model."""
+
+    name = "fsdp"
+
+    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer) -> tuple:
+        names = {id(p): n for n, p in transformer.named_parameters()}  # sharding replaces the parameters
+        group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        shard_transformer(transformer, self.mixed_precision, self.accelerator.device, self.cpu_offload)
+        params = dict(transformer.named_parameters())
+        groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
+        self.model, self.optimizer = transformer, make_optimizer(groups)
+        self.trainable = trainable_names(transformer)
+        return self.model, self.optimizer
+
+    def accumulating(self, last: bool):
+        self.model.set_requires_gradient_sync(last)  # gradients are reduced on the last micro-batch only
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        (loss / accumulation).backward()
+
+    def syncs(self, last: bool) -> bool:
+        return last
+
+    def zero_grad(self, synced: bool) -> None:
+        if synced:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def unscale(self) -> None:
+        return None  # FSDP reduces in fp32; no loss scaler
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def weights_part(self, rank: int):
+        return ckpt.FSDPShards(self.model, self.optimizer, self.trainable)
+
+    def export_names(self) -> set[str] | None:
+        return self.trainable
+
+    def renders_every_row(self) -> bool:
+        return True
+
+
+def strategy(fsdp: bool, accelerator, mixed_precision: str | None, cpu_offload: bool = False) -> Parallelism:
+    return (FSDP if fsdp else Parallelism)(accelerator, mixed_precision, cpu_offload)

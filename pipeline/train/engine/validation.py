@@ -204,3 +204,49 @@ class Validator:
         ]
         contact_sheet(rows, font_path=self.config.caption_font).save(folder / "sheet.png")
         return folder, images
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.config.steps == 0 or step == last
+
+    def run(self, step: int, strategy, vae, accelerator) -> float:
+        """Collective: render with the current weights, write the rows and the sheet, log the sheet; the seconds
+        it took (logged apart from the training steps). Under FSDP every rank renders all rows in lockstep."""
+        started = time.perf_counter()
+        accelerator.wait_for_everyone()
+        images = self.render(strategy.unwrapped(), vae, accelerator.device, accelerator.autocast())
+        if (
+            accelerator.is_main_process or not strategy.renders_every_row()
+        ):  # FSDP: every rank rendered all rows, rank 0 writes them
+            self.save_rows(step, images)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            folder, all_images = self.save_sheet(step)
+            log_images(accelerator.trackers, step, folder, all_images)
+        seconds = time.perf_counter() - started
+        accelerator.log({"validation_seconds": seconds}, step=step)
+        if accelerator.is_main_process:
+            log.info("step %d: validation images in %.1fs", step, seconds)
+        return seconds
+
+
+def log_images(trackers, step: int, folder: Path, images: list) -> None:
+    """The sheet (and each image, for wandb) to the experiment trackers."""
+    import numpy as np
+
+    sheet = np.asarray(Image.open(folder / "sheet.png").convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation/sheet": sheet[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": images, "validation_sheet": [sheet]}, step=step)
+
+
+def first_batch_sheet(batch: dict[str, Any], path: Path) -> None:
+    """One contact sheet of the first batch: target, sources, instruction (what the run really trains on)."""
+    from pipeline.common.preview import tensor_to_image
+
+    rows = []
+    for i in range(batch["target"].shape[0]):
+        pictures = [tensor_to_image(s[i]) for s in batch["sources"]] + [tensor_to_image(batch["target"][i])]
+        rows.append((pictures, f"{batch['task']} {batch['keys'][i]} [{batch['variants'][i]}] {batch['texts'][i]}"))
+    contact_sheet(rows).save(path)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.common.workers import die_with_parent
+from pipeline.common.workers import stream_worker_init
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
 from pipeline.train.config import DataConfig, StreamConfig
 from pipeline.train.stream.dataset import MixedBatchDataset, MixPlan, plan_mix
@@ -128,7 +128,7 @@ def build_loader(dataset: MixedBatchDataset, data: DataConfig):
         dataset,
         batch_size=None,
         num_workers=data.num_workers,
-        worker_init_fn=die_with_parent,
+        worker_init_fn=stream_worker_init,
         prefetch_factor=data.prefetch_factor if data.num_workers else None,
         persistent_workers=False,
     )

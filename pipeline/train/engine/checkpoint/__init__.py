@@ -7,8 +7,10 @@ state is and how it is written.  Both are reached through this package.
 from pipeline.train.engine.checkpoint.manager import (  # noqa: F401
     MARKER,
     CheckpointDamaged,
-    Checkpointer,
+    CheckpointManager,
+    NonFiniteState,
     check_files,
+    check_mode,
     checkpoint_files,
     clean_stale,
     complete_checkpoints,
@@ -16,13 +18,16 @@ from pipeline.train.engine.checkpoint.manager import (  # noqa: F401
     file_owner,
     file_record,
     final_dir,
+    marker_or_none,
     prune,
+    read_json_object,
     read_marker,
     resolve_resume,
     resume_point,
     save_checkpoint,
     set_aside_newer,
     staging_dir,
+    step_of,
     write_json_file,
 )
 from pipeline.train.engine.checkpoint.parts import (  # noqa: F401

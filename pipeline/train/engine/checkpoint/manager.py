@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARKER = "checkpoint.json"
@@ -32,8 +34,12 @@ _RANK_IN_NAME = re.compile(r"rank(\d+)")
 _HASH_LIST = ".files-rank{rank}.json"  # one rank's hashes, merged into the marker by rank 0
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(UserError):
     """A checkpoint whose files do not match the sizes and digests recorded when it was saved."""
+
+
+class NonFiniteState(RuntimeError):
+    """The trainable weights or the optimizer's state hold NaN/Inf: saving them would poison every resume."""
 
 
 def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -71,14 +77,51 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
     if not (path / MARKER).is_file() and (Path(output_dir) / path.name / MARKER).is_file():
         path = Path(output_dir) / path.name  # a name inside output_dir ("checkpoint-500"), as the original accepts
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(
-            f"{value} is not a complete checkpoint (no {MARKER}), neither as a path nor inside {output_dir}"
+        raise UserError(
+            f"--resume_from_checkpoint {value} is not a complete checkpoint (no {MARKER}), neither as a path nor "
+            f"inside {output_dir}"
         )
     return path
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (ValueError otherwise, as for text that is not JSON)."""
+    value = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / MARKER).read_text())
+    """A checkpoint's marker, validated: an object with an integer step and a record per file (ValueError)."""
+    marker = read_json_object(Path(path) / MARKER)
+    if not isinstance(marker.get("step"), int) or isinstance(marker.get("step"), bool):
+        raise ValueError(f"its step is {marker.get('step')!r}, not an integer")
+    files = marker.get("files")
+    if files is not None:
+        if not isinstance(files, dict):
+            raise ValueError(f"its file records are a {type(files).__name__}, not an object")
+        for name, record in files.items():
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("size"), int)
+                and isinstance(record.get("sha256"), str)
+            ):
+                raise ValueError(f"the record of {name} is {record!r}, not {{size, sha256}}")
+    return marker
+
+
+def marker_or_none(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        return read_marker(path)
+    except (OSError, ValueError):
+        return None
+
+
+def step_of(folder: Path) -> int:
+    """The step in a ``checkpoint-N`` folder's name (a damaged marker cannot say it)."""
+    match = _NAME.match(folder.name)
+    return int(match.group(1)) if match else -1
 
 
 def write_json_file(path: str | os.PathLike, value: Any) -> None:
@@ -117,14 +160,14 @@ def checkpoint_files(folder: Path) -> list[str]:
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
-    rank: int,
-    barrier: Callable[[], None],
+    collective,
     write_rank_files: Callable[[Path], None],
     marker: dict[str, Any],
     total_limit: int | None = None,
-    world: int = 1,
+    owns: Callable[[dict[str, Any]], bool] = lambda marker: True,
 ) -> Path:
     """Collective: every rank calls it; returns the published folder."""
+    rank, world, barrier = collective.rank, collective.world, collective.barrier
     staging = staging_dir(output_dir, step)
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -146,7 +189,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        prune(output_dir, total_limit)
+        prune(output_dir, total_limit, owns)
         log.info("saved %s", final)
     barrier()
     return final
@@ -158,7 +201,7 @@ def check_files(folder: Path, rank: int = 0, world: int = 1) -> tuple[int, str] 
     try:
         marker = read_marker(folder)
     except (OSError, ValueError) as exc:
-        return -1, f"{MARKER} cannot be read ({exc})"
+        return -1, f"cannot be read ({exc})"
     recorded = marker.get("files")
     if not isinstance(recorded, dict):
         return None  # written before the records: nothing to check against (logged by the caller)
@@ -181,16 +224,25 @@ def check_files(folder: Path, rank: int = 0, world: int = 1) -> tuple[int, str] 
     return None
 
 
-def prune(output_dir: str | os.PathLike, total_limit: int | None) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints.
+def prune(
+    output_dir: str | os.PathLike,
+    total_limit: int | None,
+    owns: Callable[[dict[str, Any]], bool] = lambda marker: True,
+) -> None:
+    """Keep the newest ``total_limit`` checkpoints of the run that ``owns`` their marker; never touch another's.
 
-    The marker goes first: a prune cut short leaves a folder ``latest`` ignores,
-    never a half-deleted one it would take as complete.
+    The run's checkpoints set aside when it resumed from an earlier one
+    (``abandoned-*``) count as older than every live one, so they go first. The
+    marker goes first: a prune cut short leaves a folder ``latest`` ignores, never
+    a half-deleted one it would take as complete.
     """
     if not total_limit or total_limit <= 0:
         return
-    found = complete_checkpoints(output_dir)
-    for _, path in found[: max(0, len(found) - total_limit)]:
+    root = Path(output_dir)
+    abandoned = sorted(p for p in root.glob(f"{ABANDONED}*") if p.is_dir())
+    mine = [p for p in abandoned if (m := marker_or_none(p)) is not None and owns(m)]
+    mine += [p for _, p in complete_checkpoints(root) if (m := marker_or_none(p)) is not None and owns(m)]
+    for path in mine[: max(0, len(mine) - total_limit)]:
         (path / MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
         log.info("removed old checkpoint %s", path)
@@ -211,32 +263,38 @@ def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
     return stale + unmarked
 
 
-def set_aside_newer(output_dir: str | os.PathLike, step: int) -> list[Path]:
-    """Rename complete checkpoints newer than ``step`` (a run abandoned by resuming earlier) out of the way.
+ABANDONED = "abandoned-"
+DAMAGED = "damaged-"
 
-    Otherwise ``latest`` would point back into the abandoned run and pruning
+
+def set_aside_newer(output_dir: str | os.PathLike, step: int, damaged: dict[Path, str] | None = None) -> list[Path]:
+    """Rename complete checkpoints newer than ``step`` out of the way: ``damaged-*`` for those found damaged (kept
+    for inspection, never pruned), ``abandoned-*`` for intact ones a resume from an earlier step leaves behind.
+
+    Otherwise ``latest`` would point back into the abandoned timeline and pruning
     would count its checkpoints as newer than the ones this run saves.
     """
+    damaged = damaged or {}
     moved = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for found_step, path in complete_checkpoints(output_dir):
-        if found_step > step:
-            target = path.with_name(f"abandoned-{stamp}-{path.name}")
-            os.replace(path, target)
-            moved.append(target)
-            log.warning("resuming at step %d: %s belongs to an abandoned run, moved to %s", step, path, target)
+        if found_step <= step:
+            continue
+        why = damaged.get(path)
+        target = path.with_name(f"{DAMAGED if why else ABANDONED}{stamp}-{path.name}")
+        os.replace(path, target)
+        moved.append(target)
+        if why:
+            log.warning("%s is damaged (%s): moved to %s", path, why, target)
+        else:
+            log.warning("resuming at step %d: %s is of the abandoned later timeline, moved to %s", step, path, target)
     return moved
 
 
-def damage_of(folder: Path, rank: int, world: int, device) -> str | None:
+def damage_of(folder: Path, collective) -> str | None:
     """Collective: every rank checks its share of ``folder``'s files; all get the first problem as one phrase."""
-    import torch
-
-    found = check_files(folder, rank, world)
-    code = torch.tensor([found[0] + 1 if found else 1 << 40], dtype=torch.long, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
-    first = int(code.item())
+    found = check_files(folder, collective.rank, collective.world)
+    first = collective.smallest(found[0] + 1 if found else 1 << 40)
     if first == 1 << 40:
         return None
     if found and found[0] + 1 == first:
@@ -245,27 +303,17 @@ def damage_of(folder: Path, rank: int, world: int, device) -> str | None:
         what = "does not match its record (size or sha256)"
     if first == 0:
         return f"{MARKER} {what}" if found else f"{MARKER} cannot be read"
-    names = sorted(read_marker(folder).get("files", {}))
-    name = names[first - 1] if first - 1 < len(names) else "an unrecorded file"
-    return f"{name} {what}" if first - 1 < len(names) else what
+    names = sorted((marker_or_none(folder) or {}).get("files", {}))
+    return f"{names[first - 1]} {what}" if first - 1 < len(names) else what
 
 
-def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, world: int, device) -> Path | None:
+def resume_point(output_dir: str | os.PathLike, value: str | None, collective) -> Path | None:
     """Collective: rank 0 cleans stale saves and resolves ``value``; every rank checks its share of the chosen
-    checkpoint's files against their records. ``latest`` passes over damaged checkpoints to the newest intact one;
-    a named checkpoint that is damaged raises :class:`CheckpointDamaged` naming the file and the newest intact
-    older checkpoint. Every rank gets the same answer (the step travels as a tensor, no pickle)."""
-    import torch
-
-    def shared(number: int) -> int:
-        if world == 1:
-            return number
-        value_t = torch.tensor([number], dtype=torch.long, device=device)
-        torch.distributed.broadcast(value_t, src=0)
-        return int(value_t.item())
-
+    checkpoint's files against their records. ``latest`` passes over damaged checkpoints to the newest intact one
+    (and sets them aside as ``damaged-*``); a named checkpoint that is damaged raises :class:`CheckpointDamaged`
+    naming the file and the newest intact older checkpoint. Every rank gets the same answer."""
     candidates: list[tuple[int, Path]] = []
-    if rank == 0:
+    if collective.rank == 0:
         clean_stale(output_dir)
         if value == "latest":
             candidates = complete_checkpoints(output_dir)[::-1]
@@ -275,25 +323,17 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
                 )
         elif value:
             found = resolve_resume(output_dir, value)
-            named = int(read_marker(found)["step"])
+            named = step_of(found)
+            if named < 0:  # a folder named otherwise: its marker says the step (damage is found below)
+                named = int((marker_or_none(found) or {}).get("step", 1 << 40))
             candidates = [(named, found)] + [c for c in complete_checkpoints(output_dir)[::-1] if c[0] < named]
 
-    def shared_path(path: Path | None) -> Path:
-        """Rank 0's path on every rank (a named checkpoint may lie outside ``output_dir``): bytes as a tensor."""
-        if world == 1:
-            return path
-        data = list(str(path).encode("utf-8")) if rank == 0 else []
-        size = shared(len(data))
-        buffer = torch.tensor(data if rank == 0 else [0] * size, dtype=torch.uint8, device=device)
-        torch.distributed.broadcast(buffer, src=0)
-        return Path(bytes(buffer.tolist()).decode("utf-8"))
-
-    count = shared(len(candidates))
+    count = collective.number(len(candidates))
     damaged: list[tuple[Path, str]] = []
     for i in range(count):
-        step = shared(candidates[i][0] if rank == 0 else 0)
-        folder = shared_path(candidates[i][1] if rank == 0 else None)
-        problem = damage_of(folder, rank, world, device)
+        step = collective.number(candidates[i][0] if collective.rank == 0 else 0)
+        folder = Path(collective.text(str(candidates[i][1]) if collective.rank == 0 else None))
+        problem = damage_of(folder, collective)
         if problem is None:
             if damaged and value != "latest":
                 bad, why = damaged[0]
@@ -301,13 +341,13 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
                     f"{bad} is damaged: {why}; the newest intact older checkpoint is {folder}: "
                     f"resume with --resume_from_checkpoint {folder}"
                 )
-            if rank == 0:
+            if collective.rank == 0:
                 if "files" not in read_marker(folder):
                     log.warning("%s was saved before checkpoints recorded their files; not checked", folder)
-                set_aside_newer(output_dir, step)
+                set_aside_newer(output_dir, step, dict(damaged))
             return folder
         damaged.append((folder, problem))
-        if value == "latest" and rank == 0:
+        if value == "latest" and collective.rank == 0:
             log.warning("%s is damaged (%s); trying the checkpoint before it", folder, problem)
     if damaged:
         bad, why = damaged[0]
@@ -315,35 +355,83 @@ def resume_point(output_dir: str | os.PathLike, value: str | None, rank: int, wo
             f"{bad} is damaged: {why}; no intact checkpoint is older: start without --resume_from_checkpoint"
             if value != "latest"
             else f"every checkpoint in {output_dir} is damaged (the newest: {bad}: {why}); "
-            "start without --resume_from_checkpoint"
+            "start over with --overwrite_output_dir (the damaged ones are moved aside, not deleted)"
         )
     return None
 
 
-class Checkpointer:
-    """Collective save and load of named parts (``save(folder)`` / ``load(folder)``) into ``checkpoint-{step}/``."""
+def check_mode(folder: Path, marker: dict[str, Any], fsdp: bool, lora: bool) -> None:
+    """Refuse, before anything loads, a checkpoint saved in another mode than the run's (FSDP or not, LoRA or not)."""
+    if "fsdp" in marker and bool(marker["fsdp"]) != fsdp:
+        raise CheckpointDamaged(
+            f"{folder} was saved {'with' if marker['fsdp'] else 'without'} FSDP; resume it the same way "
+            "(--parallelism), or export it with --export_checkpoint and start from the export"
+        )
+    if "lora" in marker and bool(marker["lora"]) != lora:
+        raise CheckpointDamaged(
+            f"{folder} holds a {'LoRA' if marker['lora'] else 'full fine-tuning'} state; give the run's own "
+            "--use_peft_lora setting"
+        )
+
+
+class CheckpointManager:
+    """Every checkpoint of a run: when to save, the save itself (collective, refused from non-finite state), which
+    checkpoint a resume takes, its integrity, and pruning within the run's lineage.
+
+    ``parts``: named parts, each saving and loading its own files (no pickle).
+    ``marker``: what the marker records besides the step and the files (the run's id and mode).
+    ``finite``: a per-rank check of the state to save (None: finite; else what is not), agreed by all ranks.
+    ``owns``: whether a marker is of this run's lineage (only those are pruned).
+    """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        rank: int,
-        barrier: Callable[[], None],
+        collective,
         parts: dict[str, Any],
         marker: dict[str, Any],
+        every: int | None = None,
         total_limit: int | None = None,
-        world: int = 1,
+        finite: Callable[[], str | None] = lambda: None,
+        owns: Callable[[dict[str, Any]], bool] = lambda marker: True,
     ):
-        self.output_dir, self.rank, self.barrier, self.world = output_dir, rank, barrier, world
-        self.parts, self.marker, self.total_limit = parts, marker, total_limit
+        self.output_dir, self.collective = Path(output_dir), collective
+        self.parts, self.marker, self.every, self.total_limit = parts, marker, every, total_limit
+        self.finite, self.owns = finite, owns
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) ends with a save: every ``every`` steps and at the end."""
+        return step == last or (self.every is not None and step % self.every == 0)
 
     def save(self, step: int) -> Path:
+        """Collective: ``checkpoint-{step}/`` published atomically, then older checkpoints of the run pruned.
+
+        Refused (:class:`NonFiniteState`, nothing written) when any rank's state is not finite: ``latest`` stays
+        the newest finite checkpoint."""
+        problem = self.finite()
+        if self.collective.any(problem is not None):
+            where = problem or "another rank's share of the state"
+            raise NonFiniteState(
+                f"step {step}: {where} is not finite (NaN/Inf); no checkpoint was written, the newest checkpoint "
+                f"in {self.output_dir} is the last finite one. Lower the learning rate or check the data, then "
+                "resume from it"
+            )
+
         def write(folder: Path) -> None:
             for part in self.parts.values():
                 part.save(folder)
 
-        return save_checkpoint(
-            self.output_dir, step, self.rank, self.barrier, write, self.marker, self.total_limit, self.world
-        )
+        return save_checkpoint(self.output_dir, step, self.collective, write, self.marker, self.total_limit, self.owns)
+
+    def find(self, value: str | None) -> Path | None:
+        """Collective: the checkpoint ``--resume_from_checkpoint value`` names, checked intact (see resume_point)."""
+        return resume_point(self.output_dir, value, self.collective)
+
+    def check_intact(self, folder: Path) -> None:
+        """Collective: refuse a damaged checkpoint given by name (an export)."""
+        problem = damage_of(folder, self.collective)
+        if problem:
+            raise CheckpointDamaged(f"{folder} is damaged: {problem}")
 
     def load(self, folder: Path) -> int:
         for part in self.parts.values():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.train.engine.checkpoint import fsdp_files
 from pipeline.train.engine.checkpoint.manager import CheckpointDamaged, write_json_file
 from pipeline.train.engine.model import trainable_state
 from pipeline.train.stream.loader import elastic_resume, json_state, same_layout, worker_states
@@ -181,6 +182,16 @@ class ReplicatedWeights:
                 f"{path} lacks {len(absent)} of the run's trainable parameters, e.g. {absent[:3]}: it was saved by "
                 "another run mode (LoRA targets, rank, trainable modules) or is damaged"
             )
+        own = dict(model.named_parameters())
+        other = [
+            (k, tuple(v.shape), tuple(own[k].shape)) for k, v in weights.items() if k in own and own[k].shape != v.shape
+        ]
+        if other:  # checked before anything loads: a half-loaded model would train on
+            name, saved, now = other[0]
+            raise CheckpointDamaged(
+                f"{path}: {name} was saved as {list(saved)}, this run has {list(now)} ({len(other)} such): the "
+                "checkpoint was saved with other model settings (LoRA rank or targets, another model)"
+            )
         result = model.load_state_dict(weights, strict=False)
         if result.unexpected_keys:
             raise CheckpointDamaged(f"{path}: weights this model does not have, e.g. {result.unexpected_keys[:3]}")
@@ -195,14 +206,10 @@ class FSDPShards:
         self.model, self.optimizer, self.trainable = model, optimizer, trainable
 
     def save(self, folder: Path) -> None:
-        from pipeline.train.engine import parallel
-
-        parallel.save_shards(folder, self.model, self.optimizer, self.trainable)
+        fsdp_files.save_shards(folder, self.model, self.optimizer, self.trainable)
 
     def load(self, folder: Path) -> None:
-        from pipeline.train.engine import parallel
-
-        parallel.load_shards(folder, self.model, self.optimizer, self.trainable)
+        fsdp_files.load_shards(folder, self.model, self.optimizer, self.trainable)
 
 
 class LoraFiles:

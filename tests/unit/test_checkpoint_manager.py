@@ -1,5 +1,6 @@
-"""Checkpoints that cannot poison or silently corrupt a resume: recorded sizes and digests, damaged checkpoints
-named or passed over, no file ever unpickled, leftovers of a killed prune removed."""
+"""The checkpoint manager (``engine/checkpoint/``): folders published atomically, recorded sizes and digests,
+damaged checkpoints named or passed over, no file ever unpickled, leftovers of a killed prune removed, pruning
+within the run's lineage, no checkpoint from non-finite state; and the FSDP shard files."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import pytest
 import torch
 from helpers import PickleBomb
 
+from pipeline.errors import UserError
 from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine import parallel
+from pipeline.train.engine.checkpoint import fsdp_files
+from pipeline.train.engine.collective import Collective
+
+ALONE = Collective(0, 1)  # one process: every collective is a plain call
 
 
 def save_like_a_run(out: Path, step: int) -> Path:
@@ -40,7 +45,7 @@ def save_like_a_run(out: Path, step: int) -> Path:
             return None
 
     parts["weights"] = Weights()
-    return ckpt.Checkpointer(out, 0, lambda: None, parts, {"world_size": 1}).save(step)
+    return ckpt.CheckpointManager(out, ALONE, parts, {"world_size": 1}).save(step)
 
 
 def test_the_marker_records_every_file_with_its_size_and_sha256(tmp_path):
@@ -83,13 +88,13 @@ def test_a_damaged_file_is_named_latest_passes_over_it_and_nothing_is_unpickled(
     DAMAGES[damage](out / "checkpoint-6" / name, marker)
 
     with pytest.raises(ckpt.CheckpointDamaged) as named:
-        ckpt.resume_point(out, "checkpoint-6", 0, 1, "cpu")
+        ckpt.resume_point(out, "checkpoint-6", ALONE)
     message = str(named.value)
     assert "\n" not in message and name in message and "checkpoint-6" in message
     assert str(out / "checkpoint-3") in message, "names the newest intact older checkpoint to pass instead"
 
     with caplog.at_level(logging.WARNING):
-        assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-3"
+        assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-3"
     assert "checkpoint-6 is damaged" in caplog.text and name in caplog.text
     assert not (out / "checkpoint-6").exists(), "set aside with the abandoned run, never taken as latest again"
     assert not marker.exists(), "a file of a checkpoint was unpickled"
@@ -101,13 +106,13 @@ def test_an_added_file_and_a_damaged_marker_are_named_too(tmp_path):
     save_like_a_run(out, 6)
     (out / "checkpoint-6" / "fsdp" / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
     with pytest.raises(ckpt.CheckpointDamaged, match=r"fsdp/\.metadata, a file it was not saved with"):
-        ckpt.resume_point(out, str(out / "checkpoint-6"), 0, 1, "cpu")
+        ckpt.resume_point(out, str(out / "checkpoint-6"), ALONE)
     marker = out / "checkpoint-6" / ckpt.MARKER
     marker.write_text(marker.read_text()[:20])
-    assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-3"
+    assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-3"
     (out / "checkpoint-3" / "scheduler.json").unlink()
     with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
-        ckpt.resume_point(out, "latest", 0, 1, "cpu")
+        ckpt.resume_point(out, "latest", ALONE)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -117,8 +122,8 @@ def test_a_torch_distributed_checkpoint_is_refused_without_reading_its_pickle(tm
     folder.mkdir()
     (folder / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
     (folder / "__0_0.distcp").write_bytes(b"\0" * 64)
-    with pytest.raises(parallel.CheckpointFormatError, match="torch.distributed.checkpoint"):
-        parallel.ShardFiles(folder)
+    with pytest.raises(fsdp_files.CheckpointFormatError, match="torch.distributed.checkpoint"):
+        fsdp_files.ShardFiles(folder)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -128,7 +133,7 @@ def test_shard_rows_are_fsdp2s_chunks():
         for world in (1, 2, 3, 8):
             chunks = torch.arange(rows).chunk(world) if rows else []
             expected = [(int(c[0]), len(c)) for c in chunks] + [(rows, 0)] * (world - len(chunks))
-            got = [parallel._shard_rows(rows, r, world) for r in range(world)]
+            got = [fsdp_files._shard_rows(rows, r, world) for r in range(world)]
             assert [g for g in got if g[1]] == [e for e in expected if e[1]]
             assert sum(count for _, count in got) == rows
 
@@ -140,6 +145,64 @@ def test_a_checkpoint_folder_without_its_marker_is_removed_at_start(tmp_path, ca
         save_like_a_run(out, step)
     (out / "checkpoint-2" / ckpt.MARKER).unlink()
     with caplog.at_level(logging.INFO):
-        assert ckpt.resume_point(out, "latest", 0, 1, "cpu") == out / "checkpoint-4"
+        assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-4"
     assert not (out / "checkpoint-2").exists() and "checkpoint-2" in caplog.text
     assert json.loads((out / "checkpoint-4" / ckpt.MARKER).read_text())["step"] == 4
+
+
+def fake_save(out, step, limit=None, marker=None, owns=lambda marker: True):
+    def write(folder):
+        (folder / "weights.txt").write_text(str(step))
+
+    return ckpt.save_checkpoint(out, step, ALONE, write, marker or {}, limit, owns)
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / ckpt.MARKER).write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint-6").mkdir()  # crashed before the marker
+    (tmp_path / ".checkpoint-8.incomplete").mkdir()
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
+    with pytest.raises(UserError):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-6"))
+    ckpt.prune(tmp_path, 1)
+    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
+
+
+def test_resuming_earlier_then_saving_keeps_the_new_timeline(tmp_path):
+    for step in (2, 4, 6):
+        fake_save(tmp_path, step)
+    resume = ckpt.resume_point(tmp_path, str(tmp_path / "checkpoint-2"), ALONE)
+    assert resume == tmp_path / "checkpoint-2"
+    assert sorted(p.name.split("-", 3)[-1] for p in tmp_path.glob("abandoned-*")) == ["checkpoint-4", "checkpoint-6"]
+    fake_save(tmp_path, 3, limit=2)
+    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert not list(tmp_path.glob("abandoned-*")), "the abandoned timeline counts as older than any live checkpoint"
+
+
+def test_stale_staging_folders_are_removed_and_latest_without_checkpoints_is_none(tmp_path, caplog):
+    (tmp_path / ".checkpoint-8.incomplete").mkdir()
+    with caplog.at_level("INFO"):
+        assert ckpt.resume_point(tmp_path, "latest", ALONE) is None
+    assert "no complete checkpoint" in caplog.text
+    assert not (tmp_path / ".checkpoint-8.incomplete").exists()
+
+
+def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch):
+    import shutil
+
+    for step in (1, 2):
+        fake_save(tmp_path, step)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # a removal that gets nowhere
+    ckpt.prune(tmp_path, 1)
+    assert not (tmp_path / "checkpoint-1" / ckpt.MARKER).exists()
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+
+def test_resume_from_a_checkpoint_name_inside_output_dir(tmp_path):
+    fake_save(tmp_path, 500)
+    assert ckpt.resolve_resume(tmp_path, "checkpoint-500") == tmp_path / "checkpoint-500"
+    with pytest.raises(UserError, match="checkpoint-400"):
+        ckpt.resolve_resume(tmp_path, "checkpoint-400")

@@ -1,0 +1,122 @@
+"""The run's folder: who writes it, which run it holds, and whether this launch may start, resume or overwrite.
+
+A training run owns its ``--output_dir``.  :class:`RunDirectory` decides, before
+anything is built or loaded:
+
+- the lease (``.lease.json``: host, pid, renewal, the same lease extraction takes
+  per rank): a second launch on a folder a live run writes is refused, naming it;
+- fresh or resumed: a fresh start over a folder that holds checkpoints is refused
+  (naming the newest one and the two ways on), unless ``--overwrite_output_dir``,
+  which moves the old run into ``overwritten-{stamp}/`` — never deletes it;
+- the run's identity (``run.json``: its id): every checkpoint records it, so
+  pruning removes only this run's checkpoints, never another's;
+- ``config.yaml``: the resolved settings, compared on resume before any weight
+  is loaded (``pipeline.train.recipe``), with the model identified by content.
+
+Rank 0 decides and writes; the other ranks learn the outcome through one broadcast
+(a refusal reaches every rank as the same one-line error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.shards.commits import RankLease
+from pipeline.shards.storage import Store
+from pipeline.train.engine.checkpoint import manager
+from pipeline.train.engine.collective import Collective
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LEASE_FILE = ".lease.json"
+OVERWRITTEN = "overwritten-"
+
+
+class RunDirectory:
+    """One run's ``--output_dir`` (collective: every rank builds it and calls :meth:`open` and :meth:`close`)."""
+
+    def __init__(self, output_dir: str | os.PathLike, collective: Collective):
+        self.root = Path(output_dir)
+        self.collective = collective
+        self.lease: RankLease | None = None
+        self.run_id: str | None = None
+
+    # ---- opening --------------------------------------------------------------------------------------------------
+    def open(self, resume_from: str | None, overwrite: bool = False, fresh_check: bool = True) -> None:
+        """Take the folder: the lease, then the fresh-start rules. ``fresh_check=False``: an export, which writes
+        next to the checkpoints and never starts a run."""
+        if overwrite and resume_from == "latest":
+            raise UserError(
+                "--overwrite_output_dir moves the old run aside and --resume_from_checkpoint latest resumes it: "
+                "give one of them"
+            )
+        self.collective.on_rank0(lambda: self._take(resume_from, overwrite, fresh_check))
+
+    def _take(self, resume_from: str | None, overwrite: bool, fresh_check: bool) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--output_dir {self.root} is a file; give a folder (it is created when missing)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--output_dir {self.root}: cannot create it ({exc.strerror or exc})") from None
+        self.lease = RankLease(Store(str(self.root)), 0, path=LEASE_FILE, what=f"the training run folder {self.root}")
+        if not fresh_check:
+            return
+        found = manager.complete_checkpoints(self.root)
+        if found and overwrite:
+            self._move_aside()
+        elif found and not resume_from:
+            raise UserError(
+                f"--output_dir {self.root} holds the checkpoints of a run (newest: {found[-1][1].name}): continue it "
+                "with --resume_from_checkpoint latest, or start over with --overwrite_output_dir (the old run is "
+                "moved into a subfolder, not deleted)"
+            )
+
+    def _move_aside(self) -> Path:
+        """Everything of the old run into ``overwritten-{stamp}/`` (earlier ones and the lease stay)."""
+        target = self.root / f"{OVERWRITTEN}{time.strftime('%Y%m%d-%H%M%S')}"
+        target.mkdir()
+        for child in sorted(self.root.iterdir()):
+            if child.name in (LEASE_FILE, target.name) or child.name.startswith(OVERWRITTEN):
+                continue
+            os.replace(child, target / child.name)
+        log.warning("--overwrite_output_dir: the previous run in %s was moved to %s", self.root, target)
+        return target
+
+    # ---- the run's identity -------------------------------------------------------------------------------------
+    def adopt(self, marker: dict[str, Any] | None) -> str:
+        """The run's id: the resumed checkpoint's (its lineage goes on), or a new one for a fresh start. Rank 0
+        writes ``run.json``; every rank gets the id."""
+
+        def decide() -> str:
+            resumed = marker.get("run_id") if marker else None
+            run_id = resumed if isinstance(resumed, str) else uuid.uuid4().hex
+            adopted = bool(marker) and not resumed  # an older version's checkpoint: its unrecorded lineage goes on
+            manager.write_json_file(self.root / RUN_FILE, {"run_id": run_id, "adopted_unrecorded": adopted})
+            return run_id
+
+        self.run_id = self.collective.text_from_rank0(decide)
+        return self.run_id
+
+    def owns(self, marker: dict[str, Any]) -> bool:
+        """Whether a checkpoint (by its marker) is of this run's lineage; an older version's checkpoints, which
+        record no run, are this run's when it resumed one of them."""
+        recorded = marker.get("run_id")
+        if recorded is None:
+            try:
+                return bool(manager.read_json_object(self.root / RUN_FILE).get("adopted_unrecorded"))
+            except (OSError, ValueError):
+                return False
+        return recorded == self.run_id
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None

@@ -1,0 +1,62 @@
+"""SIGTERM and SIGINT end a run with a checkpoint, not with lost work.
+
+SLURM, Kubernetes and spot instances send SIGTERM before the kill; Ctrl-C sends
+SIGINT. Either one is noted here; every rank finishes the step it is in, the
+ranks agree at the step's end that one of them was asked to stop, save one
+checkpoint together and exit with ``128 + signal`` (143 for SIGTERM, 130 for
+SIGINT). A second signal while stopping is logged and otherwise ignored, so it
+cannot cut a save short (a save is atomic anyway: SIGKILL leaves the previous
+checkpoint as ``latest``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger("pipeline.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving ``checkpoint``; the process exits with ``exit_code``."""
+
+    def __init__(self, step: int, signum: int, checkpoint):
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}: saved {checkpoint}; continue with "
+            "--resume_from_checkpoint latest"
+        )
+
+
+class StopRequest:
+    """Notes SIGTERM / SIGINT (main thread) instead of dying; :meth:`signum` is the first one received."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning(
+                "%s received: finishing this step, then saving a checkpoint and exiting (SIGKILL stops at once)",
+                signal.Signals(signum).name,
+            )
+        else:
+            log.warning("%s received while stopping: the checkpoint is being saved", signal.Signals(signum).name)
+
+    def agreed(self, collective) -> int:
+        """Collective: the signal one of the ranks received (the largest number), or 0 when none did."""
+        return -collective.smallest(-(self.received or 0))
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
