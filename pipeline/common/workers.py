@@ -31,16 +31,22 @@ def die_with_parent(worker_id: int = 0) -> None:
         os._exit(1)
 
 
+WORKER_STOP_GRACE_S = 120  # a worker outlives a SIGTERM by this long at most (its parent ends it sooner)
+
+
 def stream_worker_init(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of the training loader: die with the parent, and leave SIGINT / SIGTERM to it.
+    """``worker_init_fn`` of the training loader: die with the parent; SIGINT and SIGTERM are the parent's to act on.
 
     Ctrl-C reaches the whole process group and SLURM signals every process of a
     step: the main process finishes its step and saves a checkpoint
     (``pipeline.train.engine.stopping``), which needs its workers alive until then.
+    SIGINT is ignored; a SIGTERM arms an alarm instead of killing at once, so a
+    worker nobody shuts down (Python's exit terminates daemonic children and joins
+    them) still ends within :data:`WORKER_STOP_GRACE_S`.
     """
     die_with_parent(worker_id)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_STOP_GRACE_S))
 
 
 def exit_on_sigterm() -> None:

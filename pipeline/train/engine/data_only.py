@@ -15,7 +15,14 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.run_dir import RunDirectory
-from pipeline.train.stream.loader import TraceWriter, build_dataset, build_loader, next_batch, truncate_trace
+from pipeline.train.stream.loader import (
+    TraceWriter,
+    build_dataset,
+    build_loader,
+    next_batch,
+    stop_workers,
+    truncate_trace,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -60,6 +67,7 @@ def run_data_only(config: TrainConfig) -> int:
                     checkpoints.save(step + 1)
         finally:
             trace.close()
+            stop_workers(batches)
     finally:
         run.close()
     elapsed = time.perf_counter() - started

@@ -29,7 +29,14 @@ from pipeline.train.engine.metrics import LossBoard, group_grad_norms, step_logs
 from pipeline.train.engine.run_dir import RunDirectory
 from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_loss, clip_gradients, encode_online
 from pipeline.train.engine.stopping import Stopped, StopRequest
-from pipeline.train.stream.loader import TraceWriter, build_dataset, build_loader, next_batch, truncate_trace
+from pipeline.train.stream.loader import (
+    TraceWriter,
+    build_dataset,
+    build_loader,
+    next_batch,
+    stop_workers,
+    truncate_trace,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -228,7 +235,7 @@ class Trainer:
         if acc.is_main_process:
             recipes.write_recipe(config.output_dir, self.recipe, start, getattr(self, "recipe_changes", {}))
         trace = TraceWriter(config.data.trace_path)
-        batches = iter(self.loader)
+        batches = self.batches = iter(self.loader)
         bar = tqdm(total=config.max_train_steps, initial=start, desc="train", disable=not acc.is_main_process)
         losses, step_seconds, wait_total = [], [], 0.0
         per_step = config.stream.batch_size * config.optim.gradient_accumulation_steps * self.world
@@ -250,9 +257,7 @@ class Trainer:
                 if saved:
                     self.checkpoints.save(done)
                 if self.validator is not None and self.validator.due(done, config.max_train_steps):
-                    self.validator.run(
-                        done, self.parallel.unwrapped(), self.vae, acc, self.parallel.renders_every_row()
-                    )
+                    self.validator.run(done, self.parallel, self.vae, acc)
                 signum = self.stop.agreed(self.collective)
                 if signum and done < config.max_train_steps:
                     folder = ckpt.final_dir(config.output_dir, done) if saved else self.checkpoints.save(done)
@@ -292,4 +297,6 @@ class Trainer:
         )  # fmt: skip
 
     def close(self) -> None:
+        """Whatever happened: the loader's workers shut down (not left to Python's exit), the lease released."""
+        stop_workers(getattr(self, "batches", None))
         self.run.close()

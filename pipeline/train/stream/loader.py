@@ -224,3 +224,10 @@ def elastic_resume(states: list[dict[str, Any]]) -> tuple[int, list[dict[str, An
 def json_state(state: Any) -> Any:
     """StatefulDataLoader state as plain JSON (a round trip checks nothing un-JSON-able slipped in)."""
     return json.loads(json.dumps(state))
+
+
+def stop_workers(batches) -> None:
+    """Shut a loader iterator's worker processes down now (a no-op without workers)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
