@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.common.prompts import PROMPT_STYLES
+from pipeline.errors import UserError
 
 STORAGE_OPTIONS_HELP = (
     'JSON fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://host:9000"}, "gs": {...}}\', '
@@ -143,3 +146,21 @@ def leave_process_group(together: bool = False) -> None:
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def require_model_folder(path: str | None, flag: str) -> None:
+    """A model given as a folder must be one: ``/nonexistent`` or a file is the user's mistake, said in one line
+    (the loaders would try the Hub and fail with a message about repo ids or the internet connection). A name
+    shaped like a Hub id (``org/name``) that is no folder here is left to the loaders."""
+    if not path:
+        return
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return
+    if local.exists():
+        raise UserError(f"{flag} {path} is a file; give the model's diffusers folder (with model_index.json)")
+    if not _HUB_ID.fullmatch(path):
+        raise UserError(f"{flag} {path}: no such folder")

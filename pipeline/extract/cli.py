@@ -8,13 +8,13 @@ import sys
 
 import torch
 
-from pipeline.common.flags import distributed_env, join_process_group, leave_process_group
+from pipeline.common.flags import distributed_env, join_process_group, leave_process_group, require_model_folder
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
 from pipeline.common.workers import exit_on_sigterm
+from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.extractor import Extractor
-from pipeline.shards.commits import LeaseHeld
 
 log = logging.getLogger("pipeline.extract")
 
@@ -54,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _init_distributed()
     finished = False  # every rank reached the end: they leave the process group together (rank 0 wrote the manifest)
     try:
+        if not config.skip_embeddings:
+            require_model_folder(config.model_path, "--model_path")
         extractor = Extractor(config, rank, world)
         extractor.run()
         _barrier(world)
         code = extractor.finish() if rank == 0 else 0
         finished = True
-    except (FileNotFoundError, ValueError, LeaseHeld) as exc:  # a missing input, bad flags, a second run ...
+    except (UserError, DataError) as exc:  # a missing input, bad flags, a second run ...
         log.error("%s", exc)
-        code = 2
+        code = USER_EXIT
     finally:
         leave_process_group(together=finished)
     return code

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
 from pipeline.common.records import Columns
 from pipeline.common.workers import die_with_parent
+from pipeline.errors import UserError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
 from pipeline.shards import commits as prog
@@ -100,6 +101,8 @@ def input_fingerprint(url: str, storage_options: dict | None) -> dict[str, Any]:
     """Size and sha256 of the first 64 MiB of the input JSONL: another file under the same name is noticed."""
     digest = hashlib.sha256()
     fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+    if not fs.isfile(path):
+        raise UserError(f"the input JSONL {url} does not exist (or is not a file)")
     with fs.open(path, "rb") as handle:
         remaining = FINGERPRINT_BYTES
         while remaining > 0:

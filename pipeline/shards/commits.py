@@ -56,7 +56,7 @@ def check_identity(store: Store, identity: dict[str, Any], fresh_hint: str) -> N
     changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
     if changed:
         diff = "; ".join(f"{k}: {previous.get(k)!r} then, {identity.get(k)!r} now" for k in changed)
-        raise ValueError(f"{store.root} was written from other input or flags ({diff}). {fresh_hint}")
+        raise UserError(f"{store.root} was written from other input or flags ({diff}). {fresh_hint}")
 
 
 def pid_alive(pid: int) -> bool:

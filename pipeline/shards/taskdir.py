@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.shards import commits as prog
 from pipeline.shards.format import MANIFEST
 from pipeline.shards.storage import Store
@@ -42,7 +43,7 @@ class TaskDirectory:
         self.store = Store(output_url, storage_options)
         resumable = identity is not None and (adopt_unrecorded or self.store.exists(prog.IDENTITY))
         if not resumable and (self.store.exists(MANIFEST) or self.store.listdir(prog.PROGRESS)):
-            raise FileExistsError(f"{output_url} already holds a task; choose an empty output directory")
+            raise UserError(f"{output_url} already holds a task; choose an empty output directory")
         if identity is not None:
             prog.check_identity(self.store, identity, hint)
         self.commits: list[prog.Commit] = []

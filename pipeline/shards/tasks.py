@@ -113,7 +113,7 @@ def open_tasks(url: str, storage_options: dict | None) -> list[Task]:
     """A task directory, or every task directory directly under a meta directory (tolerant)."""
     tasks = [open_task(u, storage_options) for u in task_dirs(url, storage_options)]
     if not tasks:
-        raise FileNotFoundError(f"{url}: no {MANIFEST} here or in any subfolder")
+        raise DataConfigError(f"{url}: no {MANIFEST} here or in any subfolder")
     return tasks
 
 

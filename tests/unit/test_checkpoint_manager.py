@@ -206,3 +206,58 @@ def test_resume_from_a_checkpoint_name_inside_output_dir(tmp_path):
     assert ckpt.resolve_resume(tmp_path, "checkpoint-500") == tmp_path / "checkpoint-500"
     with pytest.raises(UserError, match="checkpoint-400"):
         ckpt.resolve_resume(tmp_path, "checkpoint-400")
+
+
+@pytest.mark.parametrize("marker", ["[1, 2]", "5", '{"step": "6"}', '{"step": 6, "files": {"a": 5}}', '{"step": 6'])
+def test_latest_passes_over_any_marker_that_does_not_validate(tmp_path, caplog, marker):
+    """JSON that is not an object (or whose records are not objects) is damage like a truncated marker."""
+    save_like_a_run(tmp_path, 3)
+    save_like_a_run(tmp_path, 6)
+    (tmp_path / "checkpoint-6" / ckpt.MARKER).write_text(marker)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume_point(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-3"
+    assert "checkpoint.json cannot be read" in caplog.text and "checkpoint.json checkpoint.json" not in caplog.text
+    assert list(tmp_path.glob("damaged-*-checkpoint-6")), "set aside as damaged, not as an abandoned run"
+    assert "abandoned" not in caplog.text
+
+
+def test_a_named_checkpoint_with_a_truncated_marker_is_one_line_naming_the_intact_older_one(tmp_path):
+    save_like_a_run(tmp_path, 3)
+    save_like_a_run(tmp_path, 6)
+    marker = tmp_path / "checkpoint-6" / ckpt.MARKER
+    marker.write_text(marker.read_text()[:50])
+    with pytest.raises(ckpt.CheckpointDamaged) as refused:
+        ckpt.resume_point(tmp_path, "checkpoint-6", ALONE)
+    message = str(refused.value)
+    assert "\n" not in message and "checkpoint-6" in message and ckpt.MARKER in message
+    assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}" in message
+
+
+def test_no_checkpoint_is_written_from_non_finite_state_and_latest_stays_the_last_finite(tmp_path):
+    from pipeline.train.engine.model import first_nonfinite
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    part = ckpt.JsonPart("state.json", lambda: {"w": model.weight.tolist()}, lambda s: None, 0)
+    manager = ckpt.CheckpointManager(
+        tmp_path, ALONE, {"weights": part}, {}, finite=lambda: first_nonfinite(model, optimizer)
+    )
+    manager.save(1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteState, match="step 2: the trainable weight weight is not finite"):
+        manager.save(2)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    optimizer.state[model.bias]["exp_avg_sq"][0] = float("inf")
+    with pytest.raises(ckpt.NonFiniteState, match="the optimizer's exp_avg_sq"):
+        manager.save(3)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [1] and not list(tmp_path.glob(".checkpoint-*"))
+    assert ckpt.resume_point(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-1"
+
+
+def test_the_cadence_saves_every_n_steps_and_at_the_end():
+    manager = ckpt.CheckpointManager(".", ALONE, {}, {}, every=3)
+    assert [s for s in range(1, 11) if manager.due(s, 10)] == [3, 6, 9, 10]

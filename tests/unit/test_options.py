@@ -134,3 +134,65 @@ def test_extraction_takes_a_typed_config_derived_from_the_same_declarations():
     )
     flags = {a.dest for a in extract_parser()._actions if a.dest != "help"}
     assert flags == {f.name for f in dataclasses.fields(ExtractConfig)}
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be a number >= 0"),
+        (["--adam_beta1", "1"], "--adam_beta1 must be a number in [0, 1)"),
+        (["--adam_beta2", "-0.1"], "--adam_beta2"),
+        (["--adam_epsilon", "0"], "--adam_epsilon must be a number > 0"),
+        (["--adam_weight_decay", "-1"], "--adam_weight_decay"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
+        (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be a number >= 1"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps"),
+        (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps"),
+        (["--lora_dropout", "1"], "--lora_dropout"),
+        (["--text_drop_ratio", "nan"], "--text_drop_ratio"),
+    ],
+)
+def test_every_numeric_option_is_checked_where_it_is_declared(flags, named):
+    from pipeline.errors import UserError
+    from pipeline.train.cli import build_parser
+    from pipeline.train.config import config_from_args
+
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_meta_dir", "x", "--output_dir", "o"]
+    base += ["--max_train_steps", "1", "--use_peft_lora"]  # configs are built, nothing is loaded
+    with pytest.raises(UserError) as refused:
+        config_from_args(build_parser().parse_args(base + flags))
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--lora_r", "8", "--lora_rank", "4"],
+        ["--parallelism", "ddp", "--use_fsdp"],
+        ["--num_workers", "2", "--dataloader_num_workers=3"],
+    ],
+)
+def test_one_option_under_two_names_with_different_values_is_refused(argv):
+    from pipeline.errors import UserError
+    from pipeline.train.cli import build_parser
+    from pipeline.train.recipe import parse_with_recipe
+
+    with pytest.raises(UserError, match="two names") as refused:
+        parse_with_recipe(build_parser(), argv)
+    assert argv[0] in str(refused.value)
+    parse_with_recipe(build_parser(), ["--lora_r", "8", "--lora_rank", "8"])  # the same value twice is no conflict
+
+
+@pytest.mark.parametrize("recipe", ["lora_r: 8\nlora_rank: 4\n", "num_workers: 1\ndataloader_num_workers: 2\n"])
+def test_a_recipe_naming_one_option_twice_is_refused_and_the_command_line_still_overrides(tmp_path, recipe):
+    from pipeline.train.cli import build_parser
+    from pipeline.train.recipe import RecipeError, parse_with_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(RecipeError, match="two names"):
+        parse_with_recipe(build_parser(), ["--config", str(path)])
+    path.write_text("lora_rank: 4\n")
+    assert parse_with_recipe(build_parser(), ["--config", str(path), "--lora_r", "8"]).lora_r == 8

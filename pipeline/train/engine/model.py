@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.common.flags import require_model_folder
+from pipeline.errors import UserError
 from pipeline.train.config import DEFAULT_LORA_TARGETS, ModelConfig  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,20 @@ def open_state_dict(path: str | Path):
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+        with handle:
             yield list(handle.keys()), lambda key: tuple(handle.get_slice(key).get_shape()), handle.get_tensor
         return
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise UserError(f"{path}: not a state dict of tensors")
     yield list(state), lambda key: tuple(state[key].shape), state.__getitem__
 
 
@@ -77,13 +83,13 @@ def load_into(module: torch.nn.Module, path: str | Path, what: str) -> torch.nn.
             names[key] = name
         unknown = sorted(n for n in names.values() if n not in own)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
                 f"(is it a {what} state dict?)"
             )
         shapes = sorted(n for k, n in names.items() if shape(k) != tuple(own[n].shape))
         if shapes:
-            raise ValueError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
+            raise UserError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
         with torch.no_grad():
             for key, name in names.items():
                 own[name].copy_(get(key))
@@ -142,7 +148,7 @@ def select_trainable(
         else:
             param.requires_grad_(False)
     if not normal and not low:
-        raise ValueError(f"no transformer parameter matches --trainable_modules {modules} / {low_lr_modules}")
+        raise UserError(f"no transformer parameter matches --trainable_modules {modules} / {low_lr_modules}")
     return normal, low
 
 
@@ -167,6 +173,9 @@ def add_lora(
     if lora_path:
         from diffusers import QwenImagePipeline
 
+        if not Path(lora_path).is_file():
+            raise UserError(f"--lora_path {lora_path}: no such file (a LoRA .safetensors file)")
+
         state = QwenImagePipeline.lora_state_dict(lora_path)
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
         result = set_peft_model_state_dict(transformer, state, adapter_name="default")
@@ -188,6 +197,10 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
 
     The caller moves them to the device (or shards them); dtypes follow :func:`training_dtypes`.
     """
+    require_model_folder(model.pretrained, "--pretrained_model_name_or_path")
+    for flag, path in (("--transformer_path", model.transformer_path), ("--vae_path", model.vae_path)):
+        if path and not _is_file(path):
+            require_model_folder(path, flag)
     transformer_dtype, vae_dtype = training_dtypes(mixed_precision, model.lora is not None)
     transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype)
     vae = load_vae(model.pretrained, model.vae_path, vae_dtype)
