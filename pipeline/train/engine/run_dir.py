@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -81,7 +80,7 @@ class RunDirectory:
 
     def _move_aside(self) -> Path:
         """Everything of the old run into ``overwritten-{stamp}/`` (earlier ones and the lease stay)."""
-        target = self.root / f"{OVERWRITTEN}{time.strftime('%Y%m%d-%H%M%S')}"
+        target = manager.aside_path(self.root, OVERWRITTEN)
         target.mkdir()
         for child in sorted(self.root.iterdir()):
             if child.name in (LEASE_FILE, target.name) or child.name.startswith(OVERWRITTEN):

@@ -263,6 +263,18 @@ def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
     return stale + unmarked
 
 
+def aside_path(parent: Path, prefix: str, name: str = "") -> Path:
+    """A new name to move something aside to: ``{prefix}{stamp}[-n][-name]``, never one that exists (two moves
+    in one second get distinct names)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = f"-{name}" if name else ""
+    for n in range(1000):
+        candidate = parent / f"{prefix}{stamp}{f'.{n}' if n else ''}{suffix}"
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"{parent}: no free name for {prefix}{stamp}{suffix}")
+
+
 ABANDONED = "abandoned-"
 DAMAGED = "damaged-"
 
@@ -276,12 +288,11 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, damaged: dict[Path
     """
     damaged = damaged or {}
     moved = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     for found_step, path in complete_checkpoints(output_dir):
         if found_step <= step:
             continue
         why = damaged.get(path)
-        target = path.with_name(f"{DAMAGED if why else ABANDONED}{stamp}-{path.name}")
+        target = aside_path(path.parent, DAMAGED if why else ABANDONED, path.name)
         os.replace(path, target)
         moved.append(target)
         if why:
