@@ -20,12 +20,12 @@ from pipeline.common.flags import (
     shard_size_help,
     train_copy_size_help,
 )
-from pipeline.common.options import option
+from pipeline.common.options import Checked, at_least, between, greater_than, option
 from pipeline.common.prompts import PROMPT_STYLES
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Checked):
     """One extraction run: input, model, the prompts' form, the shards, and the limits on hostile input."""
 
     jsonl_path: str | None = option(
@@ -33,7 +33,7 @@ class ExtractConfig:
     )
     output_dir: str | None = option(None, "task directory to write: local path, s3://, gs://, ...", required=True)
     model_path: str | None = option(None, "Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)", required=True)
-    batch_size: int = option(4, "prompts per encoder forward (a sample has 1-6)")
+    batch_size: int = option(4, "prompts per encoder forward (a sample has 1-6)", check=at_least(1))
     crop_scale: int = option(
         512,
         "scale of the --prompt_style firered crop table; images are stored at original resolution and cropped at "
@@ -61,9 +61,11 @@ class ExtractConfig:
         "across batch shapes); batches are often half full",
         choices=("padded", "exact"),
     )
-    max_samples_per_shard: int = option(DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES))
-    max_shard_bytes: int = option(1 << 30, "start a new shard after this many bytes")
-    max_failure_ratio: float = option(DEFAULT_MAX_FAILURE_RATIO, MAX_FAILURE_RATIO_HELP)
+    max_samples_per_shard: int = option(
+        DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES), check=at_least(1)
+    )
+    max_shard_bytes: int = option(1 << 30, "start a new shard after this many bytes", check=at_least(1))
+    max_failure_ratio: float = option(DEFAULT_MAX_FAILURE_RATIO, MAX_FAILURE_RATIO_HELP, check=between(0, 1))
     max_image_pixels: int = option(
         imaging.DEFAULT_MAX_PIXELS,
         "reject images with more pixels (decompression bombs); may exceed PIL's own limit (default: PIL's)",
@@ -75,6 +77,7 @@ class ExtractConfig:
     fetch_timeout: float = option(
         imaging.DEFAULT_FETCH_TIMEOUT,
         "seconds to connect to and wait for data from http(s) and S3 image URLs (default 60)",
+        check=greater_than(0),
     )
     source_column: str = option("source_image", "JSONL field with the source image(s)")
     target_column: str = option("target_image", "JSONL field with the target image")
