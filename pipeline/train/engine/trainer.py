@@ -1,10 +1,7 @@
 """The Trainer: one rank's run under accelerate, top-down — take the folder, build, resume, loop, export.
 
-Each concern lives in its own room and the trainer only strings them together:
-the run's folder (``run_dir``: lease, fresh or resumed, identity), the
-checkpoints (``checkpoint``: cadence, integrity, lineage, refusing non-finite
-state), DDP or FSDP2 (``parallel``: one strategy, no mode branches here), the
-step's pieces (``step``), the signals (``stopping``), export and validation.
+Each concern has its own room (``run_dir``, ``checkpoint``, ``parallel``, ``step``, ``stopping``, export and
+validation); the trainer strings them together, with no DDP/FSDP branch.
 """
 
 from __future__ import annotations
@@ -168,11 +165,6 @@ class Trainer:
             finite=lambda: models.first_nonfinite(self.transformer, self.optimizer), owns=self.run.owns,
         )  # fmt: skip
 
-    def load(self, folder: Path) -> int:
-        step = self.checkpoints.load(folder)
-        log.info("resumed from %s (step %d)", folder, step)
-        return step
-
     # ---- the step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int, batches, trace: TraceWriter) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` batches; a non-finite gradient skips the update.
@@ -228,7 +220,8 @@ class Trainer:
         config, acc = self.config, self.accelerator
         start = 0
         if self.resume_from is not None:
-            start = self.load(self.resume_from)
+            start = self.checkpoints.load(self.resume_from)
+            log.info("resumed from %s (step %d)", self.resume_from, start)
             if self.rank == 0:
                 truncate_trace(config.data.trace_path, start)
         acc.wait_for_everyone()
@@ -279,7 +272,7 @@ class Trainer:
     def export_checkpoint(self, folder: Path) -> dict[str, str]:
         """``--export_checkpoint``: the checkpoint checked intact, loaded, exported into ``--output_dir``."""
         self.checkpoints.check_intact(folder)
-        self.load(folder)
+        self.checkpoints.load(folder)
         return self.export(self.config.output_dir)
 
     def export(self, out_dir: str | Path) -> dict[str, str]:
