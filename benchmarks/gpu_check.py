@@ -108,6 +108,8 @@ def train(
     workers = "2" if torch.cuda.is_available() else "1"
     cmd += ["--dataloader_num_workers", workers, "--learning_rate", "1e-5", "--lr_warmup_steps", "0"]
     cmd += ["--train_batch_size", "1", "--train_src_img_num_weights", "0=1,1=1,2=1,3=1", *extra]
+    if "--resume_from_checkpoint" not in extra:  # a rerun in the same --work_dir starts over (the old run moved aside)
+        cmd.append("--overwrite_output_dir")
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
