@@ -56,6 +56,13 @@ class StopRequest:
         """Collective: the signal one of the ranks received (the largest number), or 0 when none did."""
         return -collective.smallest(-(self.received or 0))
 
+    def ignore_more(self) -> None:
+        """After the stop's save: later signals are ignored by the kernel, not reset to fatal by Python's exit
+        (which restores the default disposition of the handlers it installed, and a late second SIGTERM would then
+        end the process with -15 instead of the documented exit code)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -254,9 +254,11 @@ class Trainer:
                 signum = self.stop.agreed(self.collective)
                 if signum and done < config.max_train_steps:
                     folder = ckpt.final_dir(config.output_dir, done) if saved else self.checkpoints.save(done)
+                    self.stop.ignore_more()
                     raise Stopped(done, signum, folder)
         finally:
-            self.stop.restore()
+            if self.stop.received is None:  # once stopping, later signals are ignored until the exit
+                self.stop.restore()
             bar.close()
             trace.close()
         acc.wait_for_everyone()
