@@ -297,6 +297,8 @@ class RoundRobinLoader:
     def load_state_dict(self, state: dict) -> None:
         from pipeline.train.stream.loader import worker_states
 
+        # StatefulDataLoader's own checks: a state of the other kind (0 vs 1 worker) is an AssertionError there
+        assert ("dataset_state" in state) == (not self.workers), "a loader state of the other kind"
         for dataset, own in zip(self.datasets, worker_states(state), strict=True):
             dataset.load_state_dict(own)
         self.yielded = state["yielded"]  # StatefulDataLoader resumes after the last worker it asked
@@ -322,7 +324,7 @@ def layouts_run(tasks, plan, config, ranks, workers, steps, monkeypatch, resume_
 
     loaders, batches = [], []
     for rank in range(ranks):
-        if resume_from is not None and not same_layout(resume_from, ranks, max(workers, 1)):
+        if resume_from is not None and not same_layout(resume_from, ranks, workers):
             main = dataset_of(rank)
             main.set_elastic(*elastic_resume(resume_from))
             loader = RoundRobinLoader(lambda main=main: copy.deepcopy(main), workers, monkeypatch)
@@ -349,6 +351,9 @@ def test_resume_on_any_layout_at_any_step_trains_each_sample_once(two_small_task
         ([(1, 2), (1, 4), (1, 4)], [6, 3, 3]),
         ([(1, 2), (1, 3), (2, 1)], [4, 4, 2]),
         ([(2, 1), (1, 4), (1, 4)], [5, 1, 4]),
+        ([(1, 0), (1, 1), (1, 0)], [3, 4, 2]),  # 0 and 1 workers: one dataset state each, not the same layout
+        ([(1, 1), (1, 0), (1, 1)], [1, 2, 5]),
+        ([(2, 0), (2, 1), (3, 0)], [2, 3, 3]),
     ]
     random = [
         (

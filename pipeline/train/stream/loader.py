@@ -208,8 +208,15 @@ def worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def same_layout(states: list[dict[str, Any]], world: int, workers: int) -> bool:
-    """Whether loader states (one per old rank) were written by ``world`` ranks × ``workers`` workers."""
-    return len(states) == world and all(len(worker_states(s)) == workers for s in states)
+    """Whether loader states (one per old rank) were written by ``world`` ranks × ``workers`` DataLoader workers.
+
+    0 and 1 workers both hold one dataset state but are different layouts: the loader's own state differs
+    (``dataset_state`` in the main process, ``_snapshot`` of a worker), and StatefulDataLoader refuses the
+    other's; they resume through the elastic path like any other change."""
+    in_process = workers == 0
+    return len(states) == world and all(
+        ("dataset_state" in s) == in_process and len(worker_states(s)) == max(workers, 1) for s in states
+    )
 
 
 def elastic_resume(states: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:

@@ -99,7 +99,7 @@ class DataPart(JsonPart):
     def load(self, folder: Path) -> None:
         files = sorted(folder.glob("data_state_rank*.json"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
         states = [json.loads(f.read_text())["loader"] for f in files]
-        workers = self.loader.num_workers or 1
+        workers = self.loader.num_workers
         if same_layout(states, self.world, workers):
             self.loader.load_state_dict(states[self.rank])
             return
@@ -111,7 +111,7 @@ class DataPart(JsonPart):
                 len(states),
                 len(worker_states(states[0])),
                 self.world,
-                workers,
+                max(workers, 1),
                 len(partitions),
                 next_step,
             )
