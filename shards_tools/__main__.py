@@ -10,6 +10,7 @@ import sys
 from pipeline.common.flags import add_max_failure_ratio, add_shard_size, add_storage_options, add_train_copy_size
 from pipeline.common.logs import setup_logging
 from pipeline.common.workers import exit_on_sigterm
+from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.shards.commits import failure_exit_code
 
 log = logging.getLogger("shards_tools")
@@ -116,7 +117,7 @@ def _task_output(args: argparse.Namespace, result: dict, name: str) -> str:
 def _path_map(text: str) -> tuple[str, str]:
     old, sep, new = text.partition("=")
     if not sep or not old:
-        raise ValueError(f"--path_map expects OLD_PREFIX=NEW_PREFIX, got {text!r}")
+        raise UserError(f"--path_map expects OLD_PREFIX=NEW_PREFIX, got {text!r}")
     return old, new
 
 
@@ -286,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (UserError, DataError) as exc:  # a wrong path, flag or task: one line; anything else is a bug
         log.error("%s", exc)
-        return 2
+        return USER_EXIT
 
 
 if __name__ == "__main__":

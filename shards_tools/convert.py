@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline.common import images as imaging
 from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.common.records import RecordError, iter_lines, parse_line, resolve_ref
+from pipeline.errors import DataError, UserError
 from pipeline.extract.prepare import sample_from_images
 from pipeline.shards import copies
 from pipeline.shards.format import (
@@ -64,7 +65,7 @@ RESHARD_SAMPLES, CARRIED_FAILURES = 0, 1  # reshard's writer parts: the copied s
 _RANK_FOLDER = re.compile(r"^(rank)?[_-]?\d+$", re.IGNORECASE)
 
 
-class ConversionRefused(ValueError):
+class ConversionRefused(UserError):
     """A task that must not be converted as it is (the message says how to fix it)."""
 
 
@@ -154,7 +155,7 @@ def find_legacy_tasks(
     store = Store(root, storage_options)
     folders, files = store.folders_and_files("")
     if not folders and not files:
-        raise FileNotFoundError(f"{root}: no such folder, or it is empty")
+        raise UserError(f"{root}: no such folder, or it is empty")
     if layout == "auto":
         with_jsonl = [f for f in folders if any(n.endswith(".jsonl") for n in store.folders_and_files(f)[1])]
         top = any(f.endswith(".jsonl") for f in files)
@@ -168,7 +169,7 @@ def find_legacy_tasks(
                 log.info("%s: no *.jsonl in it or its sub-folders; not a task, skipped", task.root)
         tasks = [t for t in tasks if t.jsonls]
     if not any(t.jsonls for t in tasks):
-        raise FileNotFoundError(f"{root}: no *.jsonl files (looked in it and in sub-folders up to 3 levels down)")
+        raise UserError(f"{root}: no *.jsonl files (looked in it and in sub-folders up to 3 levels down)")
     return layout, tasks
 
 
@@ -327,55 +328,58 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
         **({"train_copy_size": options.train_copy_size} if options.train_copy_size else {}),
     }
     writer = TaskWriter(output_url, storage_options, options.max_samples_per_shard, identity=identity)
-    null = NullEmbedding(writer, task, options, storage_options)
-    stop = posixpath.dirname(task.root.rstrip("/")) or task.root
-    hidden = null.hidden
-    bar = tqdm(desc=f"convert {task.name}", unit="sample", dynamic_ncols=True, mininterval=1.0)
     try:
-        for part, rel in enumerate(task.jsonls):
-            done = writer.open_part(part)
-            jsonl = join(task.root, rel)
-            candidates = _ancestors(posixpath.dirname(jsonl), stop)
-            images = RefResolver(candidates, storage_options, options.path_map)
-            tensors = RefResolver(candidates, storage_options, options.path_map)
-            for number, text in iter_lines(jsonl, storage_options):
-                if number < len(done) and done[number]:
-                    continue
-                result = _convert_line(
-                    text, jsonl, number, rel, images, tensors, storage_options, hidden, options.train_copy_size
-                )
-                bar.update(1)
-                if isinstance(result, Failure):
-                    log.warning("%s line %d: %s: %s", jsonl, number, result.kind, result.reason)
-                    writer.fail(result)
-                    continue
-                sample, embeddings = result
-                if sample.num_sources == 0:  # T2I: the empty text is the task's null embedding
-                    if "drop" in embeddings:
-                        null.offer(embeddings.pop("drop"))
-                    null.require(jsonl, number)
-                hidden = hidden or next((int(t.shape[1]) for t in embeddings.values()), None)
-                writer.add(sample, embeddings)
+        null = NullEmbedding(writer, task, options, storage_options)
+        stop = posixpath.dirname(task.root.rstrip("/")) or task.root
+        hidden = null.hidden
+        bar = tqdm(desc=f"convert {task.name}", unit="sample", dynamic_ncols=True, mininterval=1.0)
+        try:
+            for part, rel in enumerate(task.jsonls):
+                done = writer.open_part(part)
+                jsonl = join(task.root, rel)
+                candidates = _ancestors(posixpath.dirname(jsonl), stop)
+                images = RefResolver(candidates, storage_options, options.path_map)
+                tensors = RefResolver(candidates, storage_options, options.path_map)
+                for number, text in iter_lines(jsonl, storage_options):
+                    if number < len(done) and done[number]:
+                        continue
+                    result = _convert_line(
+                        text, jsonl, number, rel, images, tensors, storage_options, hidden, options.train_copy_size
+                    )
+                    bar.update(1)
+                    if isinstance(result, Failure):
+                        log.warning("%s line %d: %s: %s", jsonl, number, result.kind, result.reason)
+                        writer.fail(result)
+                        continue
+                    sample, embeddings = result
+                    if sample.num_sources == 0:  # T2I: the empty text is the task's null embedding
+                        if "drop" in embeddings:
+                            null.offer(embeddings.pop("drop"))
+                        null.require(jsonl, number)
+                    hidden = hidden or next((int(t.shape[1]) for t in embeddings.values()), None)
+                    writer.add(sample, embeddings)
+        finally:
+            bar.close()
+            writer.close_part()
+        hidden = hidden or _hidden_from_shards(writer, storage_options)
+        if null.hidden is not None and hidden is not None and null.hidden != hidden:
+            raise ConversionRefused(
+                f"task {task.name}: the null embedding has hidden size {null.hidden}, the task's embeddings {hidden}"
+            )
+        model = {
+            "path": options.model_path,
+            "config_sha256": _config_digest(options.model_path),
+            "hidden_size": hidden,
+            "compute_dtype": None,
+            "converted_from": task.root,
+        }
+        base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
+        extra = {"inverse": True, "converted_from": task.root}
+        if options.train_copy_size:
+            extra["train_copy_size"] = options.train_copy_size
+        return writer.close(base, extra)
     finally:
-        bar.close()
-        writer.close_part()
-    hidden = hidden or _hidden_from_shards(writer, storage_options)
-    if null.hidden is not None and hidden is not None and null.hidden != hidden:
-        raise ConversionRefused(
-            f"task {task.name}: the null embedding has hidden size {null.hidden}, the task's embeddings {hidden}"
-        )
-    model = {
-        "path": options.model_path,
-        "config_sha256": _config_digest(options.model_path),
-        "hidden_size": hidden,
-        "compute_dtype": None,
-        "converted_from": task.root,
-    }
-    base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
-    extra = {"inverse": True, "converted_from": task.root}
-    if options.train_copy_size:
-        extra["train_copy_size"] = options.train_copy_size
-    return writer.close(base, extra)
+        writer.release()  # the lease, whatever happened
 
 
 def _config_digest(model_path: str | None) -> str | None:
@@ -426,7 +430,7 @@ def reshard(
     """
     task = open_task(url, storage_options)
     if task.manifest is None:
-        raise FileNotFoundError(task.error)
+        raise DataError(task.error)
     identity = {
         "resharded_from": url,
         "source_shards": [[s["url"], s.get("sha256")] for s in task.manifest["shards"]],
@@ -434,49 +438,68 @@ def reshard(
         "train_copy_size": train_copy_size,
     }
     writer = TaskWriter(output_url, storage_options, max_samples_per_shard, identity=identity)
-    bar = tqdm(desc=f"reshard {task.name}", unit="sample", dynamic_ncols=True, mininterval=1.0)
     try:
-        done = writer.open_part(RESHARD_SAMPLES)
-        items = (item for shard in task.shard_urls() for item in _with_shard(shard, storage_options))
-        for number, (shard_url, item) in enumerate(items):
-            if number < len(done) and done[number]:
-                continue
-            bar.update(1)
-            result = _reshard_sample(item, shard_url, number, train_copy_size)
-            if isinstance(result, Failure):
-                log.warning("%s: %s", shard_url, result.reason)
-                writer.fail(result)
-            else:
-                writer.add(*result)
-        done = writer.open_part(CARRIED_FAILURES)  # the source's own failures, once
-        source_store = Store(url, storage_options)
-        for name in [n for n in source_store.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
-            for text in source_store.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
-                entry = json.loads(text) if text.strip() else None
-                line = int(entry.get("line") or 0) if entry else 0
-                if entry and not (line < len(done) and done[line]):
-                    writer.fail(
-                        Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")})
-                    )
+        bar = tqdm(desc=f"reshard {task.name}", unit="sample", dynamic_ncols=True, mininterval=1.0)
+        try:
+            done = writer.open_part(RESHARD_SAMPLES)
+            claimed = dict(zip(task.shard_urls(), (e.get("samples") for e in task.manifest["shards"]), strict=True))
+            read: dict[str, int] = {}  # samples split out of each shard so far
+            items = (item for shard in task.shard_urls() for item in _with_shard(shard, storage_options))
+            for number, (shard_url, item) in enumerate(items):
+                if item.key is not None:
+                    read[shard_url] = read.get(shard_url, 0) + 1
+                if number < len(done) and done[number]:
+                    continue
+                bar.update(1)
+                result = _reshard_sample(item, shard_url, number, train_copy_size)
+                if isinstance(result, Failure) and item.key is None:  # the rest of a truncated shard: all it held
+                    rest = claimed.get(shard_url)
+                    result.samples = max(1, rest - read.get(shard_url, 0)) if isinstance(rest, int) else 1
+                if isinstance(result, Failure):
+                    log.warning("%s: %s", shard_url, result.reason)
+                    writer.fail(result)
+                else:
+                    writer.add(*result)
+            done = writer.open_part(CARRIED_FAILURES)  # the source's own failures, once
+            source_store = Store(url, storage_options)
+            for name in [n for n in source_store.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
+                for text in source_store.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
+                    entry = json.loads(text) if text.strip() else None
+                    line = int(entry.get("line") or 0) if entry else 0
+                    if entry and not (line < len(done) and done[line]):
+                        writer.fail(
+                            Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")})
+                        )
+        finally:
+            bar.close()
+            writer.close_part()
+        if task.manifest.get("null_embedding"):
+            writer.write_null_embedding(Store(url, storage_options).read_bytes(task.manifest["null_embedding"]))
+        keep = ("format", "format_version", "task", "model", "prompt_style", "drop_index", "embedding")
+        base = {k: task.manifest[k] for k in keep if k in task.manifest}
+        base.setdefault("shards", [])
+        extra = {
+            k: v
+            for k, v in task.manifest.items()
+            if k
+            not in (
+                *keep,
+                "shards",
+                "totals",
+                "samples",
+                "failures",
+                "failures_by_reason",
+                "variants",
+                "null_embedding",
+            )
+        }
+        extra["resharded_from"] = url
+        if train_copy_size:
+            extra["train_copy_size"] = train_copy_size
+        manifest = writer.close(base, extra)
+        return {**manifest, "reshard": writer.part_summary(RESHARD_SAMPLES)}
     finally:
-        bar.close()
-        writer.close_part()
-    if task.manifest.get("null_embedding"):
-        writer.write_null_embedding(Store(url, storage_options).read_bytes(task.manifest["null_embedding"]))
-    keep = ("format", "format_version", "task", "model", "prompt_style", "drop_index", "embedding")
-    base = {k: task.manifest[k] for k in keep if k in task.manifest}
-    base.setdefault("shards", [])
-    extra = {
-        k: v
-        for k, v in task.manifest.items()
-        if k
-        not in (*keep, "shards", "totals", "samples", "failures", "failures_by_reason", "variants", "null_embedding")
-    }
-    extra["resharded_from"] = url
-    if train_copy_size:
-        extra["train_copy_size"] = train_copy_size
-    manifest = writer.close(base, extra)
-    return {**manifest, "reshard": writer.part_summary(RESHARD_SAMPLES)}
+        writer.release()  # the lease, whatever happened
 
 
 def _with_shard(shard_url: str, storage_options: dict | None):

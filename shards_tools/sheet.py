@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.common import images as imaging
 from pipeline.common.preview import contact_sheet
+from pipeline.errors import DataError
 from pipeline.shards.reader import iter_checked_samples, stored_problems
 from pipeline.shards.tasks import shard_list
 
@@ -35,5 +36,5 @@ def preview(url: str, out: str, samples: int, storage_options: dict | None) -> t
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(rows).save(out)
     elif not problems:
-        raise FileNotFoundError(f"{url}: no samples")
+        raise DataError(f"{url}: no samples")
     return len(rows), problems

@@ -35,19 +35,27 @@ class TaskWriter(TaskDirectory):
         max_shard_bytes: int = 1 << 30,
         identity: dict[str, Any] | None = None,
     ):
-        try:
-            super().__init__(
-                output_url,
-                storage_options,
-                identity,
-                "Rerun with the same input and flags to resume, or choose an empty folder.",
-            )
-        except ValueError as exc:
-            raise FileExistsError(str(exc)) from None
+        super().__init__(
+            output_url,
+            storage_options,
+            identity,
+            "Rerun with the same input and flags to resume, or choose an empty folder.",
+        )
         self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
-        self.load_commits()
-        self.remove_orphans(lambda part: True)
         self.sink: ShardSink | None = None
+        self._lease = self.lease(0)  # one process writes every part: a second run is refused before it cleans up
+        try:
+            self.load_commits()
+            self.remove_orphans(lambda part: True)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the directory's lease back (at the end, or when the run fails)."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def open_part(self, part: int) -> np.ndarray:
         """Start writing input part ``part``; returns the mask of its lines already committed."""
@@ -80,4 +88,7 @@ class TaskWriter(TaskDirectory):
         """Flush the open part; write the manifest from every commit record (of this run and earlier ones)."""
         self.close_part()
         extra = {**extra, "null_embedding": NULL_EMBEDDING if self.has_null_embedding() else None}
-        return self.finish(base, extra, by_rank=True)
+        try:
+            return self.finish(base, extra, by_rank=True)
+        finally:
+            self.release()

@@ -142,7 +142,7 @@ class Extractor:
             "to resume, rerun with the first run's input and flags.",
             adopt_unrecorded=True,
         )
-        lease = prog.RankLease(self.store, self.rank)
+        lease = self.taskdir.lease(self.rank)
         try:
             return self._run()
         finally:

@@ -321,9 +321,11 @@ def write_failures_files(store: Store, commits: list[Commit], by_rank: bool = Fa
 
 
 def summarize(commits: list[Commit], by_rank: bool = False) -> dict[str, Any]:
-    """ok / failed counts (per reason) over all commits; failures superseded by a retry do not count."""
+    """ok / failed counts of samples (per reason) over all commits; failures superseded by a retry do not count."""
     ok = sum(len(c.lines) for c in commits)
-    reasons = Counter(f["kind"] for _, f in standing_failures(commits, by_rank))
+    reasons: Counter = Counter()
+    for _, failure in standing_failures(commits, by_rank):  # a failure counts the samples it cost
+        reasons[failure["kind"]] += max(1, int(failure.get("samples") or 1))
     return {"ok": ok, "failed": sum(reasons.values()), "failed_by_reason": dict(sorted(reasons.items()))}
 
 

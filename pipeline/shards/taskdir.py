@@ -48,6 +48,11 @@ class TaskDirectory:
             prog.check_identity(self.store, identity, hint)
         self.commits: list[prog.Commit] = []
 
+    def lease(self, writer: int) -> prog.RankLease:
+        """Writer ``writer``'s lease on this directory: a second live writer of it is refused (:class:`LeaseHeld`)
+        before it could remove the first one's published but uncommitted shards as orphans. Release it at the end."""
+        return prog.RankLease(self.store, writer)
+
     def load_commits(self) -> list[prog.Commit]:
         """The commit records as they are now (after this writer holds its lease, where it takes one)."""
         self.commits = prog.read_commits(self.store)

@@ -50,10 +50,15 @@ class Failure:
     reason: str
     field: str | None = None
     text: str = ""
+    samples: int = 1  # how many samples it costs (the rest of a truncated shard: all it still held)
 
     def to_json(self) -> dict[str, Any]:
-        """As JSON values that always encode as UTF-8 (a bad line's text may hold undecodable bytes)."""
-        return {k: _encodable(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
+        """As JSON values that always encode as UTF-8 (a bad line's text may hold undecodable bytes); ``samples``
+        only when the failure costs more than one."""
+        value = {k: _encodable(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
+        if value["samples"] == 1:
+            del value["samples"]
+        return value
 
 
 def _encodable(text: str) -> str:

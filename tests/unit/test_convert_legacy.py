@@ -19,6 +19,7 @@ import pytest
 import torch
 from legacy_outputs import HIDDEN, assert_every_tensor_kept, original_output
 
+from pipeline.errors import UserError
 from pipeline.shards.format import npy_to_embedding
 from shards_tools.convert import ConvertOptions, convert_legacy
 from shards_tools.verify import verify
@@ -63,7 +64,7 @@ def test_a_rerun_resumes_and_other_input_is_refused(sample_data_dir, tmp_path):
     again = convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(max_samples_per_shard=5))
     assert again["tasks"]["edit_a"]["shards"] == first["tasks"]["edit_a"]["shards"]  # nothing converted twice
     (work / "out_jsonl" / "data_rank_002.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match=r"other input or flags \(inputs: "):
+    with pytest.raises(UserError, match=r"other input or flags \(inputs: "):
         convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(max_samples_per_shard=5))
 
 
@@ -72,9 +73,9 @@ def test_a_rerun_with_another_train_copy_size_is_refused(sample_data_dir, tmp_pa
     original_output(work, sample_data_dir, "edit_single", ranks=1)
     out = tmp_path / "edit_c"
     convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(train_copy_size=64))
-    with pytest.raises(FileExistsError, match="train_copy_size: 64 then, 32 now"):
+    with pytest.raises(UserError, match="train_copy_size: 64 then, 32 now"):
         convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions(train_copy_size=32))
-    with pytest.raises(FileExistsError, match="train_copy_size: 64 then, None now"):
+    with pytest.raises(UserError, match="train_copy_size: 64 then, None now"):
         convert_legacy(str(work / "out_jsonl"), str(out), None, ConvertOptions())
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.shards.format import unsafe_name
 from pipeline.shards.reader import iter_checked
 from shards_tools.convert import reshard
@@ -51,7 +52,10 @@ def test_reshard_records_bad_samples_copies_the_rest_and_writes_nothing_outside(
     for what, key in hits.items():
         assert any(key in f["reason"] and f["file"].endswith(".tar") for f in failures), f"{what}:\n{text}"
     assert any(f["kind"] == "unreadable_shard" for f in failures), text
-    assert own["failed"] == len(failures) and own["ok"] == manifest["samples"]
+    source = sum(e["samples"] for e in json.loads((task / "manifest.json").read_text())["shards"])
+    assert own["ok"] == manifest["samples"]
+    # the ratio counts samples: the truncated shard's failure costs every sample it still held
+    assert own["failed"] == source - own["ok"] and own["failed"] > len(failures)
     assert manifest["samples"] >= 30 - 5 - 5 - 1  # the truncated shard loses at most its 5
     _, problems = verify(str(out), None)
     assert problems == [], problems
@@ -68,7 +72,7 @@ def test_reshard_reruns_resume_and_other_flags_are_refused(hostile, tmp_path):
     again = reshard(str(task), str(out), None, 4)
     assert again["samples"] == first["samples"] and again["shards"] == first["shards"], "a rerun adds nothing"
     assert again["reshard"] == first["reshard"]
-    with pytest.raises(FileExistsError, match="max_samples_per_shard"):
+    with pytest.raises(UserError, match="max_samples_per_shard"):
         reshard(str(task), str(out), None, 3)
 
 
@@ -92,3 +96,25 @@ def test_no_writer_puts_a_name_that_leaves_the_folder_into_a_shard(tmp_path):
     writer.close()
     with tarfile.open(tmp_path / "x.tar") as tar:
         assert tar.getnames() == ["fine-000000001.json"]
+
+
+def test_a_second_writer_of_a_task_directory_is_refused_before_it_removes_anything(hostile, tmp_path):
+    """reshard (and convert-legacy, through the same TaskWriter) take the lease extraction takes: a second run on
+    an output a live run writes used to be accepted and removed the live run's uncommitted shards as orphans."""
+    from pipeline.shards.commits import LeaseHeld, RankLease
+    from pipeline.shards.storage import Store
+
+    task, _ = hostile
+    out = tmp_path / "out" / "t"
+    reshard(str(task), str(out), None, 4)
+    in_flight = out / "src1" / "00000-000099.tar"  # a live run's published, not yet committed shard
+    in_flight.write_bytes(b"x" * 1024)
+    live = RankLease(Store(str(out)), 0)
+    try:
+        with pytest.raises(LeaseHeld, match="another run"):
+            reshard(str(task), str(out), None, 4)
+        assert in_flight.exists(), "the refused run removed the live run's shard"
+    finally:
+        live.release()
+    reshard(str(task), str(out), None, 4)  # the lease is free again: the rerun resumes and cleans up
+    assert not in_flight.exists()
