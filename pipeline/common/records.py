@@ -145,11 +145,23 @@ def parse_row(
         texts[name] = value.strip()
 
     used = {target_key, source_key, *TEXT_FIELDS}
-    extra = {k: v for k, v in row.items() if k not in used}
+    extra = _small_fields({k: v for k, v in row.items() if k not in used})
     return Record(file=file, line=line, sources=sources, target=target_ref, extra=extra, **texts)
 
 
 MAX_NESTING = 64  # deeper JSON values are refused (they break json.dumps in the writer, or json.loads itself)
+
+
+def _small_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields the format does not use, kept for the user up to :data:`MAX_EXTRA_FIELD_BYTES` each; larger ones
+    are named in ``_dropped`` (a 100 MB field must not be stored in every sample's json)."""
+    kept, dropped = {}, []
+    for key, value in fields.items():
+        size = len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        (dropped.append(key) if size > MAX_EXTRA_FIELD_BYTES else kept.__setitem__(key, value))
+    if dropped:
+        kept["_dropped"] = sorted(dropped)
+    return kept
 
 
 def parse_line(
@@ -161,6 +173,8 @@ def parse_line(
     require_target: bool = True,
 ) -> Record:
     """Decode and validate one JSONL line (``line`` is 0-based)."""
+    if isinstance(text, OversizedLine):
+        raise RecordError(file, line, None, f"row too large: {text.size} bytes, over the {text.cap}-byte limit")
     bad = _first_surrogate(text)
     if bad is not None:  # iter_lines keeps undecodable bytes as surrogate escapes
         raise RecordError(file, line, None, f"invalid UTF-8 (byte 0x{ord(text[bad]) - 0xDC00:02x} at column {bad + 1})")
@@ -208,19 +222,48 @@ def _unencodable(value: Any, path: str = "", depth: int = 0) -> tuple[str | None
     return None
 
 
-def iter_lines(file: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[int, str]]:
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # a row names images and holds instructions: a few kB; 1 MiB is generous
+MAX_EXTRA_FIELD_BYTES = 4096  # a field the format does not use is kept in the sample's json up to this size
+
+
+class OversizedLine(str):
+    """Stands for a line longer than the cap (its text is never held): :func:`parse_line` refuses it."""
+
+    def __new__(cls, size: int, cap: int):
+        line = super().__new__(cls, "")
+        line.size, line.cap = size, cap
+        return line
+
+
+def iter_lines(
+    file: str, storage_options: dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> Iterator[tuple[int, str]]:
     """(0-based line number, text) for every non-blank line of a local or fsspec JSONL.
 
     Bytes that are not UTF-8 do not stop the file: they are kept as surrogate
-    escapes, and :func:`parse_line` reports that line (file, line, column).
+    escapes, and :func:`parse_line` reports that line (file, line, column). A line
+    over ``max_bytes`` is read through in blocks, never held: it comes as an
+    :class:`OversizedLine` that :func:`parse_line` refuses.
     """
     import fsspec
 
     with fsspec.open(file, "rb", **options_for(file, storage_options)) as handle:
-        for number, raw in enumerate(handle):
-            text = raw.decode("utf-8", "surrogateescape")
-            if text.strip():
-                yield number, text
+        number = 0
+        while True:
+            raw = handle.readline(max_bytes + 1)
+            if not raw:
+                return
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, block by block
+                    raw = handle.readline(1 << 20)
+                    size += len(raw)
+                yield number, OversizedLine(size, max_bytes)
+            else:
+                text = raw.decode("utf-8", "surrogateescape")
+                if text.strip():
+                    yield number, text
+            number += 1
 
 
 def read_records(

@@ -22,6 +22,7 @@ from pipeline.common.flags import (
 )
 from pipeline.common.options import Checked, at_least, between, greater_than, option
 from pipeline.common.prompts import PROMPT_STYLES
+from pipeline.common.records import DEFAULT_MAX_ROW_BYTES
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,19 @@ class ExtractConfig(Checked):
     max_image_bytes: int = option(
         imaging.DEFAULT_MAX_BYTES,
         "reject image files larger than this, checked before and while reading (default 64 MiB)",
+    )
+    max_sequence_length: int = option(
+        1024,
+        "a prompt whose embedding is longer than this many tokens (the instruction with the system prompt and the "
+        "source images' vision tokens) goes to the failures file as prompt_too_long, whole: truncating it would "
+        "cut the instruction, which comes last. Default: the diffusers pipeline's cap",
+        check=at_least(1),
+    )
+    max_row_bytes: int = option(
+        DEFAULT_MAX_ROW_BYTES,
+        "a JSONL row longer than this (bytes) goes to the failures file as row_too_large, read through without "
+        "being held (default 1 MiB); fields the format does not use are kept in the sample up to 4 KiB each",
+        check=at_least(1024),
     )
     fetch_timeout: float = option(
         imaging.DEFAULT_FETCH_TIMEOUT,

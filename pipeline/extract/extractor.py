@@ -161,6 +161,7 @@ class Extractor:
             storage_options=self.storage_options,
             skip_embeddings=self.config.skip_embeddings,
             train_copy_size=self.config.train_copy_size,
+            max_row_bytes=self.config.max_row_bytes,
         )
         columns = Columns(self.config.source_column, self.config.target_column)
         done = self.taskdir.done_lines()
@@ -181,6 +182,7 @@ class Extractor:
             self.config.max_shard_bytes,
             queue_size=self.config.queue_size,
             tmp_dir=self.config.tmp_dir,
+            max_sequence_length=self.config.max_sequence_length,
         )
         batcher = PromptBatcher(
             self.config.batch_size, self.config.batching == "exact", max(64, 16 * self.config.batch_size)

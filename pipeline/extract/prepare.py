@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.common import images as imaging
 from pipeline.common.encoder import PromptBuilder
 from pipeline.common.prompts import plan_variants
-from pipeline.common.records import Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.common.records import DEFAULT_MAX_ROW_BYTES, Columns, Record, RecordError, iter_lines, parse_line
 from pipeline.shards import copies
 from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample
@@ -33,9 +33,12 @@ class PrepareOptions:
     storage_options: dict[str, Any] | None = None
     skip_embeddings: bool = False
     train_copy_size: int = 0  # also store training copies for --image_sample_size this (uint8 .npy); 0: none
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
 
 def _record_failure(err: RecordError, text: str) -> Failure:
+    if err.reason.startswith("row too large"):
+        return Failure(err.file, err.line, "row_too_large", err.reason, err.field, "")  # the row is not kept
     kind = "malformed_json" if err.reason.startswith("malformed JSON") else "invalid_row"
     return Failure(err.file, err.line, kind, err.reason, err.field, text)
 
@@ -143,7 +146,7 @@ class LineDataset(IterableDataset):
         self.builder, self.opts, self.columns = builder, opts, columns
 
     def pending(self):
-        for number, text in iter_lines(self.file, self.opts.storage_options):
+        for number, text in iter_lines(self.file, self.opts.storage_options, self.opts.max_row_bytes):
             if number % self.world_size != self.rank:
                 continue
             if number < len(self.done) and self.done[number]:

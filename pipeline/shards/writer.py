@@ -119,8 +119,10 @@ class ShardSink:
         max_shard_bytes: int,
         queue_size: int = 32,
         tmp_dir: str | None = None,
+        max_sequence_length: int | None = None,
     ):
         self.store, self.progress, self.rank = store, progress, rank
+        self.max_sequence_length = max_sequence_length  # None: embeddings of any length (resharding, conversion)
         self.max_samples, self.max_bytes = max_samples_per_shard, max_shard_bytes
         self.tmp_dir = _spool_dir(store, rank, tmp_dir)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -180,14 +182,12 @@ class ShardSink:
 
     def _write(self, sample: PreparedSample, embeddings: dict[str, torch.Tensor]) -> None:
         embeddings = {v: embeddings[v] for v in VARIANTS if v in embeddings}  # fixed member order
-        for variant, tensor in embeddings.items():  # NaN/Inf (e.g. fp16 overflow) would poison training later
-            if not isinstance(tensor, bytes) and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                reason = f"embedding {variant} has {bad} non-finite value(s) of {tensor.numel()}"
+        for variant, tensor in embeddings.items():
+            problem = self._unusable(variant, tensor)
+            if problem is not None:
+                kind, reason = problem
                 log.warning("%s line %s: %s; sample not written", sample.meta.get("input"), sample.line, reason)
-                failure = Failure(
-                    str(sample.meta.get("input", "")), sample.line, "non_finite_embedding", reason, variant
-                )
+                failure = Failure(str(sample.meta.get("input", "")), sample.line, kind, reason, variant)
                 self.failures.append(failure.to_json())
                 return
         # tensors are encoded here; ready .npy bytes (resharding, conversion) are stored as they are
@@ -208,6 +208,21 @@ class ShardSink:
         shard.variants.update(embeddings)
         if len(shard.writer) >= self.max_samples or shard.writer.bytes_written >= self.max_bytes:
             self._publish(sample.num_sources)
+
+    def _unusable(self, variant: str, tensor) -> tuple[str, str] | None:
+        """(failure kind, reason) of an embedding that must not be written: NaN/Inf (e.g. fp16 overflow) would
+        poison training; a prompt longer than ``max_sequence_length`` tokens would stop every run that draws it."""
+        if isinstance(tensor, bytes):
+            return None
+        if self.max_sequence_length is not None and tensor.shape[0] > self.max_sequence_length:
+            return "prompt_too_long", (
+                f"embedding {variant} has {tensor.shape[0]} tokens, over --max_sequence_length "
+                f"{self.max_sequence_length}"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            return "non_finite_embedding", f"embedding {variant} has {bad} non-finite value(s) of {tensor.numel()}"
+        return None
 
     def _publish(self, num_sources: int) -> None:
         shard = self.open.pop(num_sources)

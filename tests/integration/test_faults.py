@@ -103,6 +103,32 @@ def test_poison_lines_do_not_stop_extraction(sample_data_dir, tiny_model_dir, tm
     assert {json.loads(s["json"])["line"] for s in read_samples(str(out)).values()} == {0, 5}
 
 
+def test_an_over_long_prompt_and_an_over_large_row_go_to_the_failures_file(sample_data_dir, tiny_model_dir, tmp_path):
+    """A ~25 kB instruction (thousands of tokens, over --max_sequence_length) used to be extracted and then stop
+    every training run that drew it; a 3 MB row was read whole and stored in the sample's json."""
+    good = [json.loads(x) for x in (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:3]]
+    for row in good:
+        row["source_image"] = str(sample_data_dir / "edit_single" / row["source_image"])
+        row["target_image"] = str(sample_data_dir / "edit_single" / row["target_image"])
+    lines = [
+        {**good[0], "note": "n" * 10_000},  # a field the format does not use, over 4 KiB: not stored
+        {**good[1], "instruction": "make it blue, " * 1800},  # ~25 kB
+        {**good[2], "blob": "x" * 3_000_000},
+    ]
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    out = tmp_path / "task"
+    result = extract(jsonl, out, tiny_model_dir, "--max_failure_ratio", "0.9", "--disable_inverse", check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = {f["line"]: f for f in map(json.loads, (out / "_failures" / "rank-0.jsonl").read_text().splitlines())}
+    assert failures[1]["kind"] == "prompt_too_long" and "--max_sequence_length 1024" in failures[1]["reason"]
+    assert failures[2]["kind"] == "row_too_large" and failures[2]["text"] == ""
+    (sample,) = read_samples(str(out)).values()
+    meta = json.loads(sample["json"])
+    assert meta["line"] == 0 and "note" not in meta["extra"] and meta["extra"]["_dropped"] == ["note"]
+    assert len(sample["json"]) < 4096
+
+
 def test_flat_storage_options_go_to_the_output_store_not_to_http_images(sample_data_dir):
     from range_server import RangeServer
 

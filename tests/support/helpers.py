@@ -211,12 +211,20 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def synthetic_task(
-    root, name: str, samples: int, per_shard: int, bucket_of=None, hidden: int = 8, image_bytes: bytes | None = None
+    root,
+    name: str,
+    samples: int,
+    per_shard: int,
+    bucket_of=None,
+    hidden: int = 8,
+    image_bytes: bytes | None = None,
+    tokens_of=None,
 ):
     """A task of ``samples`` single-source samples with tiny images and embeddings, written directly (no model).
 
     ``bucket_of(i)`` gives sample i's bucket tuple (default: all in one bucket); ``image_bytes`` replaces every
-    image (e.g. bytes no decoder accepts). Returns the task folder.
+    image (e.g. bytes no decoder accepts); ``tokens_of(i)`` sample i's prompt length (default 4). Returns the task
+    folder.
     """
     import io as _io
 
@@ -236,7 +244,8 @@ def synthetic_task(
             buf = _io.BytesIO()
             _Image.new("RGB", (16, 16), (i % 256, 0, 0)).save(buf, format="PNG")
             png = buf.getvalue() if image_bytes is None else image_bytes
-            emb = _torch.full((4, hidden), float(i)).bfloat16()
+            tokens = tokens_of(i) if tokens_of else 4
+            emb = _torch.full((tokens, hidden), float(i)).bfloat16()
             meta = {
                 "key": key,
                 "line": i,
@@ -245,7 +254,7 @@ def synthetic_task(
                 "sources": [{"member": "source0.png", "size": [16, 16]}],
                 "target": {"member": "target.png", "size": [16, 16]},
                 "bucket": list(bucket_of(i)) if bucket_of else [1.0, 1.0],
-                "variants": {"en": [4, hidden], "drop": [4, hidden]},
+                "variants": {"en": [tokens, hidden], "drop": [tokens, hidden]},
             }
             members = sample_members(
                 meta,

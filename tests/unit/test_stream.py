@@ -184,3 +184,23 @@ def test_the_stream_has_one_error_policy_for_every_kind_of_failure():
     assert policy.skipped == 5 + 1 + 6  # reads skipped, the corrupt item, the undecodable ones: one count
     policy.batch_assembled()
     policy.undecodable("k", ValueError("bad png"))  # a batch assembled in between: counting starts again
+
+
+def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp_path, caplog):
+    """A ~9,200-token instruction written by another tool used to stop every run that drew it (the transformer's
+    text positions); the stream now skips and counts it like a corrupt sample."""
+    from helpers import synthetic_task
+
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream.batching import ROPE_POSITIONS, text_positions
+    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+
+    assert text_positions([(1024, 1024)]) == ROPE_POSITIONS - 32  # diffusers: text starts after max(h, w) // 2
+    synthetic_task(tmp_path, "t", samples=12, per_shard=6, tokens_of=lambda i: 9201 if i == 5 else 4)
+    tasks = discover_tasks(str(tmp_path), None)
+    config = StreamConfig(batch_size=2, seed=1, image_sample_size=16, text_drop_ratio=0.0, readahead_bytes=0)
+    stream = iter(MixedBatchDataset(tasks, plan_mix(tasks, {"t": 1}, {"1": 1}), 0, 1, config))
+    with caplog.at_level("WARNING"):
+        keys = [key for _ in range(12) for key in next(stream)["keys"]]
+    assert "s-0000005" not in keys and len(keys) == 24
+    assert "PromptTooLong" in caplog.text and "9201 tokens" in caplog.text

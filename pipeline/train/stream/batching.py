@@ -78,6 +78,20 @@ def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
     return out, mask
 
 
+ROPE_POSITIONS = 4096  # positions of the QwenImage transformer's RoPE table (diffusers' QwenEmbedRope)
+
+
+class PromptTooLong(ValueError):
+    """A sample's prompt embedding is longer than the transformer can position: skipped like a corrupt sample."""
+
+
+def text_positions(sizes: list[tuple[int, int]]) -> int:
+    """How many prompt tokens the transformer can position next to images of these pixel sizes: its RoPE table
+    less the largest image's half side in latent patches (16 px each), as diffusers' QwenEmbedRope (scale_rope)
+    starts the text after them."""
+    return ROPE_POSITIONS - max((max(w, h) // 16) // 2 for w, h in sizes)
+
+
 def fetch_embedding(sample: RawSample, variant: str, reader: RangeReader) -> torch.Tensor:
     """Only this variant's bytes are fetched when the shard is indexed."""
     if variant in sample.embeddings:
@@ -198,6 +212,15 @@ def assemble_batch(
             for k in range(num_sources)
         ]
         try:
+            if not online:  # a prompt the transformer cannot position at these sizes would stop the run
+                limit = text_positions([target_size, *source_sizes])
+                too_long = [i for i, p in enumerate(prepared) if p["emb"].shape[0] > limit]
+                if too_long:
+                    failing = too_long[0]
+                    raise PromptTooLong(
+                        f"a prompt of {prepared[failing]['emb'].shape[0]} tokens, over the {limit} text positions "
+                        f"the transformer has next to images of {target_size[0]}x{target_size[1]}"
+                    )
             target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
             for i, (p, f) in enumerate(zip(prepared, fractions, strict=True)):
                 failing = i
