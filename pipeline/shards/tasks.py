@@ -16,7 +16,7 @@ import braceexpand
 import fsspec
 
 from pipeline.errors import DataError
-from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, index_name
+from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, SOURCE_COUNTS, index_name
 from pipeline.shards.storage import Store, join, options_for, protocol_of, uri_exists
 
 # protocols on which a shard can be read by byte ranges (through its .index.json)
@@ -77,7 +77,31 @@ def read_manifest(task_url: str, storage_options: dict | None) -> dict[str, Any]
         missing = [k for k in ("url", "num_sources", "samples") if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise DataConfigError(f"{where}: shards[{i}] lacks {', '.join(missing)}")
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataConfigError(
+                f"{where}: shards[{i}] ({entry.get('url')}) {problem}; check the task with "
+                f"python -m shards_tools verify {task_url}"
+            )
     return manifest
+
+
+MAX_SHARD_SAMPLES = 1_000_000  # a shard of more would carry over 1.5 GB of tar headers alone
+MIN_SAMPLE_BYTES = 3 * 512  # a sample is at least a json, an image and an embedding: three tar headers
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """What is impossible in one manifest entry (checked before any allocation is sized from it), or None."""
+    samples, size, n = entry.get("samples"), entry.get("bytes"), entry.get("num_sources")
+    if not isinstance(entry.get("url"), str) or not entry["url"]:
+        return f"has the url {entry.get('url')!r}"
+    if not isinstance(n, int) or isinstance(n, bool) or n not in SOURCE_COUNTS:
+        return f"has num_sources {n!r}, not one of {list(SOURCE_COUNTS)}"
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples <= MAX_SHARD_SAMPLES:
+        return f"claims {samples!r} samples, not a count from 0 to {MAX_SHARD_SAMPLES:,}"
+    if isinstance(size, int) and not isinstance(size, bool) and samples * MIN_SAMPLE_BYTES > size:
+        return f"claims {samples} samples in {size} bytes (a sample takes at least {MIN_SAMPLE_BYTES})"
+    return None
 
 
 def task_from_manifest(name: str, task_url: str, manifest: dict[str, Any]) -> Task:

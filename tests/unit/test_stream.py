@@ -204,3 +204,43 @@ def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp
         keys = [key for _ in range(12) for key in next(stream)["keys"]]
     assert "s-0000005" not in keys and len(keys) == 24
     assert "PromptTooLong" in caplog.text and "9201 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("claim", [300_000_000, 10**12, -5, "8", True, 100])
+def test_a_manifest_count_that_cannot_be_true_is_refused_before_anything_is_sized_from_it(tmp_path, claim):
+    """300M (index: 5) used to build a 300M-entry order and 1e12 to try a 7 TiB allocation; -5 was a traceback."""
+    import json
+
+    from helpers import synthetic_task
+
+    from pipeline.shards.tasks import discover_tasks
+
+    task = synthetic_task(tmp_path, "t", samples=10, per_shard=5)
+    manifest = json.loads((task / "manifest.json").read_text())
+    manifest["shards"][1]["samples"] = claim
+    (task / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataConfigError) as refused:
+        discover_tasks(str(tmp_path), None)
+    message = str(refused.value)
+    assert "manifest.json" in message and "src1/00000-000001.tar" in message and "shards_tools verify" in message
+
+
+def test_a_manifest_count_its_index_contradicts_stops_the_stream_naming_both(tmp_path):
+    """100 claimed where the index lists 8 used to train on while 92 of every 100 draws were skipped."""
+    import json
+
+    from helpers import synthetic_task
+
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream.dataset import MixedBatchDataset
+
+    task = synthetic_task(tmp_path, "t", samples=10, per_shard=5)
+    manifest = json.loads((task / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] = 6  # plausible for its size, but the index lists 5
+    (task / "manifest.json").write_text(json.dumps(manifest))
+    tasks = discover_tasks(str(tmp_path), None)
+    config = StreamConfig(batch_size=1, seed=1, image_sample_size=16, text_drop_ratio=0.0, readahead_bytes=0)
+    stream = iter(MixedBatchDataset(tasks, plan_mix(tasks, {"t": 1}, {"1": 1}), 0, 1, config))
+    with pytest.raises(DataConfigError, match=r"says 6 samples in .*00000-000000\.tar.* lists 5.*verify"):
+        for _ in range(11):
+            next(stream)

@@ -191,7 +191,14 @@ class PartitionStream:
 
     # ---- reading, for the source ---------------------------------------------------------------
     def _entry(self, shard: int, sample: int) -> tuple[str, dict]:
-        return self.shards[shard].url, self.index_cache.get(self.shards[shard].index_url)[sample]
+        entry = self.shards[shard]
+        index = self.index_cache.get(entry.index_url)
+        if len(index) != entry.samples:  # the order was sized from the manifest: it must not lie
+            raise DataConfigError(
+                f"task {self.task}: the manifest says {entry.samples} samples in {entry.url}, its index "
+                f"{entry.index_url} lists {len(index)}; check the task with python -m shards_tools verify"
+            )
+        return entry.url, index[sample]
 
     def _read_size(self, shard: int, sample: int) -> int:
         """Bytes the read of an indexed sample brings: eager members and the largest embedding."""
