@@ -35,7 +35,7 @@ def main() -> None:
     from pipeline.train.cli import build_parser
     from pipeline.train.config import config_from_args
     from pipeline.train.engine.trainer import Trainer
-    from pipeline.train.stream.loader import TraceWriter
+    from pipeline.train.stream.trace import TraceWriter
 
     setup_logging()
     work = Path(args.work_dir)

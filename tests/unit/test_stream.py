@@ -116,7 +116,7 @@ def _made_with(name: str, style: str, digest: str | None, hidden: int = 64, ns=(
 
 def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=0.05, task_weights=None):
     from pipeline.train.config import DataConfig
-    from pipeline.train.stream.loader import mix_tasks
+    from pipeline.train.stream.startup import mix_tasks
 
     config = DataConfig(
         task_weights=task_weights,
@@ -127,7 +127,7 @@ def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=
 
 
 def test_tasks_made_differently_are_refused_unless_allowed(caplog):
-    from pipeline.train.stream.loader import describe_tasks
+    from pipeline.train.stream.startup import describe_tasks
 
     same = {"a": _made_with("a", "diffusers", "d1"), "b": _made_with("b", "diffusers", "d1", ns=(2,))}
     _build(same)

@@ -295,7 +295,7 @@ class RoundRobinLoader:
         return {"_snapshot": {"_worker_snapshots": snapshots}, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        from pipeline.train.stream.loader import worker_states
+        from pipeline.train.stream.state import worker_states
 
         # StatefulDataLoader's own checks: a state of the other kind (0 vs 1 worker) is an AssertionError there
         assert ("dataset_state" in state) == (not self.workers), "a loader state of the other kind"
@@ -317,7 +317,7 @@ def layouts_run(tasks, plan, config, ranks, workers, steps, monkeypatch, resume_
     ranks' loader states; returns (batches, each rank's loader state at the end)."""
     import copy
 
-    from pipeline.train.stream.loader import elastic_resume, same_layout
+    from pipeline.train.stream.state import elastic_resume, same_layout
 
     def dataset_of(rank):
         return MixedBatchDataset(tasks, plan, rank, ranks, config)
@@ -386,7 +386,7 @@ def test_resume_on_any_layout_at_any_step_trains_each_sample_once(two_small_task
 def next_untaken(loader_states: list[dict], stream: str) -> int:
     """The first element of ``stream`` no partition of a layout will take again: the slowest partition's next
     (a partition that never read the stream starts where the others' merged cursors put it, at k = 0)."""
-    from pipeline.train.stream.loader import worker_states
+    from pipeline.train.stream.state import worker_states
 
     partitions = [w for state in loader_states for w in worker_states(state)]
     cursors = [Cursor.from_state(p["streams"][stream]["cursor"]) for p in partitions if stream in p["streams"]]

@@ -15,14 +15,8 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.run_dir import RunDirectory
-from pipeline.train.stream.loader import (
-    TraceWriter,
-    build_dataset,
-    build_loader,
-    next_batch,
-    stop_workers,
-    truncate_trace,
-)
+from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
+from pipeline.train.stream.trace import TraceWriter, truncate_trace
 
 log = logging.getLogger("pipeline.train")
 

@@ -26,14 +26,8 @@ from pipeline.train.engine.metrics import LossBoard, group_grad_norms, step_logs
 from pipeline.train.engine.run_dir import RunDirectory
 from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_loss, clip_gradients, encode_online
 from pipeline.train.engine.stopping import Stopped, StopRequest
-from pipeline.train.stream.loader import (
-    TraceWriter,
-    build_dataset,
-    build_loader,
-    next_batch,
-    stop_workers,
-    truncate_trace,
-)
+from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
+from pipeline.train.stream.trace import TraceWriter, truncate_trace
 
 log = logging.getLogger("pipeline.train")
 

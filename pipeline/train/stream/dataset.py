@@ -23,14 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import images as imaging
-from pipeline.shards.format import SOURCE_COUNTS
 from pipeline.shards.reader import (
     CorruptSample,
     IndexCache,
@@ -42,74 +40,19 @@ from pipeline.shards.reader import (
 )
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.config import StreamConfig
+from pipeline.train.stream import state as state_mod
 from pipeline.train.stream.batching import assemble_batch, choose
 from pipeline.train.stream.errors import SkipPolicy
+from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task, plan_mix  # noqa: F401 (re-exported)
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.seeding import stable_id, step_rng
+from pipeline.train.stream.seeding import stable_id
 from pipeline.train.stream.sources import IndexedSource, ShuffleBuffer, StreamedSource, ref_key
+from pipeline.train.stream.state import DATA_STATE_VERSION
 
 log = logging.getLogger(__name__)
 
 POOL_BATCHES = 4  # a stream's bucket pools hold at most this many batches' worth of samples
-DATA_STATE_VERSION = 2
-
-
-# ---------------------------------------------------------------------------------------------
-# per-step draws (pure functions of seed, rank, step)
-
-
-def draw_num_sources(seed: int, step: int, n_probs: dict[int, float]) -> int:
-    """N for ``step``: a function of (seed, step) only, so every rank draws the same."""
-    ns = sorted(n_probs)
-    return ns[int(step_rng(seed, 1, step).choice(len(ns), p=[n_probs[n] for n in ns]))]
-
-
-def draw_task(seed: int, rank: int, step: int, task_probs: dict[str, float]) -> str:
-    """Task for (rank, step) among those with data at this step's N, by weight."""
-    names = sorted(task_probs)
-    return names[int(step_rng(seed, 2, rank, step).choice(len(names), p=[task_probs[t] for t in names]))]
-
-
-@dataclass
-class MixPlan:
-    """Normalised source-count probabilities and, per N, task probabilities."""
-
-    n_probs: dict[int, float]
-    task_probs: dict[int, dict[str, float]]
-
-
-def plan_mix(tasks: dict[str, Task], task_weights: dict[str, float], n_weights: dict[str, float]) -> MixPlan:
-    """Check the weights against the data; warn about counts without data; renormalise."""
-    unknown = sorted(set(task_weights) - set(tasks))
-    if unknown:
-        raise DataConfigError(f"--train_data_weights names unknown task(s) {unknown}; available tasks: {sorted(tasks)}")
-    bad_n = sorted(k for k in n_weights if k not in {str(n) for n in SOURCE_COUNTS})
-    if bad_n:
-        raise DataConfigError(f"--train_src_img_num_weights keys must be 0-3, got {bad_n}")
-    used = {t: w for t, w in task_weights.items() if w > 0}
-    task_probs: dict[int, dict[str, float]] = {}
-    n_probs: dict[int, float] = {}
-    for key, weight in n_weights.items():
-        n = int(key)
-        if weight <= 0:
-            continue
-        having = {t: w for t, w in used.items() if tasks[t].shards.get(n)}
-        if not having:
-            log.warning(
-                "source count %d has weight %g but no listed task has data with %d source(s); ignored", n, weight, n
-            )
-            continue
-        total = sum(having.values())
-        task_probs[n] = {t: w / total for t, w in having.items()}
-        n_probs[n] = weight
-    if not n_probs:
-        raise DataConfigError(
-            "nothing to train on: no source count with positive weight has data in the listed tasks "
-            f"(tasks: { {t: sorted(tasks[t].counts()) for t in used} })"
-        )
-    total = sum(n_probs.values())
-    return MixPlan({n: w / total for n, w in n_probs.items()}, task_probs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,54 +424,7 @@ class MixedBatchDataset(IterableDataset):
         self._ready = False
 
     def _restore(self, state: dict[str, Any]) -> None:
-        version = state.get("version", 1)
-        if version > DATA_STATE_VERSION:
-            raise DataConfigError(
-                f"the checkpoint's data state is version {version}; this version reads up to "
-                f"{DATA_STATE_VERSION}: resume with the version that wrote it"
-            )
-        self.base = state.get("base", 0)
-        if state["made"] == 0 and not state["streams"]:
-            return  # this worker had not made a batch when the checkpoint was taken: nothing to restore
-        if state["workers"] != self._workers or state["world_size"] != self.world_size:
-            raise DataConfigError(  # the loop takes another layout over with set_elastic; this is a direct misuse
-                f"this worker's state is of {state['world_size']} rank(s) × {state['workers']} worker(s), the run "
-                f"has {self.world_size} × {self._workers}; resume through the checkpoint folder (set_elastic)"
-            )
-        self.made = state["made"]
-        for key, stream_state in state["streams"].items():
-            task, n = key.rsplit("|", 1)
-            stream = self._stream(task, int(n))
-            if version < 2:  # written before the sample-level order: positions cannot be mapped
-                stream.start_new_epoch({"generation": 0})
-            else:
-                stream.load_state_dict(stream_state)
+        state_mod.restore(self, state)
 
     def _take_over(self, elastic: dict[str, Any]) -> None:
-        """This worker's part of a resume from another layout: its next step, and every stream merged."""
-        self.base, self.made = elastic["next_step"], 0
-        by_stream: dict[str, list[dict[str, Any]]] = {}
-        for partition in elastic["partitions"]:
-            for key, stream_state in partition["streams"].items():
-                by_stream.setdefault(key, []).append(stream_state)
-        parts = len(elastic["partitions"])
-        for key, olds in by_stream.items():
-            task, n = key.rsplit("|", 1)
-            if task not in self.tasks or int(n) not in self.tasks[task].shards:
-                continue
-            # partitions that never read this stream had consumed nothing of it
-            present = {o["cursor"]["part"] for o in olds if "cursor" in o}
-            template = next((o for o in olds if "cursor" in o), None)
-            if template is not None:
-                for p in range(parts):
-                    if p not in present:
-                        olds.append(
-                            {
-                                **template,
-                                "cursor": {**template["cursor"], "part": p, "k": 0},
-                                "pools": {"arrivals": 0, "pools": []},
-                                "skipped": 0,
-                            }
-                        )
-            self._stream(task, int(n)).load_elastic(olds)
-        self._elastic = None
+        state_mod.take_over(self, elastic)

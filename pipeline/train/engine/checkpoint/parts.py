@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.train.engine.checkpoint import fsdp_files
 from pipeline.train.engine.checkpoint.manager import CheckpointDamaged, write_json_file
 from pipeline.train.engine.model import trainable_state
-from pipeline.train.stream.loader import elastic_resume, json_state, same_layout, worker_states
+from pipeline.train.stream.state import elastic_resume, json_state, same_layout, worker_states
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,112 @@
+"""The tasks a run trains on, checked at start-up: found, mixed by weight, made alike, and tabled in the log.
+
+Everything here runs once, before the first batch: a task that cannot be trained
+on (unknown, made with another prompt style or encoder, a text-to-image task
+without its null embedding) stops the run here with one line, not hours later.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
+from pipeline.train.config import DataConfig, StreamConfig
+from pipeline.train.stream.mix import MixPlan, plan_mix
+
+log = logging.getLogger("pipeline.train")
+
+
+def load_tasks(data: DataConfig, storage_options: dict | None) -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    if data.meta_dir:
+        wanted = None
+        if data.task_weights is not None:  # tasks the weights do not name are not opened
+            wanted = set(data.task_weights) - set(data.shard_patterns)
+        tasks.update(discover_tasks(data.meta_dir, storage_options, wanted))
+    for name, patterns in data.shard_patterns.items():
+        tasks[name] = task_from_patterns(name, patterns, storage_options)
+    if not tasks:
+        raise DataConfigError("give --train_data_meta_dir or --train_shards")
+    return tasks
+
+
+def mix_tasks(tasks: dict[str, Task], data: DataConfig, stream: StreamConfig, rank: int = 0) -> MixPlan:
+    """The mix plan over ``tasks`` after the start-up checks of the tasks it draws; rank 0 logs the table."""
+    task_weights = data.task_weights if data.task_weights is not None else {name: 1.0 for name in tasks}
+    plan = plan_mix(tasks, task_weights, data.source_count_weights)
+    used = {name: tasks[name] for name in sorted({t for probs in plan.task_probs.values() for t in probs})}
+    check_conditioning(used, data.allow_mixed_conditioning)
+    check_null_embeddings(used, plan, stream)
+    if rank == 0:
+        log.info("mix: N %s; tasks per N %s", plan.n_probs, plan.task_probs)
+        for line in describe_tasks(used, task_weights):
+            log.info("%s", line)
+    return plan
+
+
+def conditioning(task: Task) -> dict[str, Any]:
+    """What a task's embeddings were made with (``None`` where its manifest does not say)."""
+    manifest = task.manifest or {}
+    model = manifest.get("model") or {}
+    hidden = model.get("hidden_size") or (manifest.get("embedding") or {}).get("hidden_size")
+    return {"prompt style": manifest.get("prompt_style"), "encoder": model.get("config_sha256"), "hidden size": hidden}
+
+
+def check_conditioning(tasks: dict[str, Task], allow_mixed: bool) -> None:
+    """Refuse tasks whose embeddings were made differently: mixing them silently conditions the model two ways."""
+    described = {name: conditioning(task) for name, task in tasks.items()}
+    for key in ("hidden size", "prompt style", "encoder"):
+        values: dict[Any, list[str]] = {}
+        for name, cond in described.items():
+            if cond[key] is not None:
+                values.setdefault(cond[key], []).append(name)
+        if len(values) < 2:
+            continue
+        detail = "; ".join(f"{str(v)[:16]}: {', '.join(names)}" for v, names in values.items())
+        if key == "hidden size":
+            raise DataConfigError(f"tasks have embeddings of different hidden sizes ({detail}); one model takes one")
+        if not allow_mixed:
+            raise DataConfigError(
+                f"tasks differ in {key} ({detail}): their embeddings condition the model differently. "
+                "Re-extract them alike, leave some out of --train_data_weights, or pass --allow_mixed_conditioning"
+            )
+        log.warning("tasks differ in %s (%s); mixed on purpose (--allow_mixed_conditioning)", key, detail)
+
+
+def check_null_embeddings(tasks: dict[str, Task], plan: MixPlan, stream: StreamConfig) -> None:
+    """A task drawn with 0 sources drops its text to the null embedding: it must exist before the first step."""
+    if stream.online_prompts or stream.text_drop_ratio <= 0:
+        return
+    missing = sorted(name for name in plan.task_probs.get(0, {}) if tasks[name].null_embedding_url is None)
+    if missing:
+        raise DataConfigError(
+            f"task(s) {', '.join(missing)} have text-to-image samples but no null_embedding.npy, which "
+            f"--text_drop_ratio {stream.text_drop_ratio} needs: re-extract them (extraction writes it), convert them "
+            "with `shards_tools convert-legacy --null_embedding FILE`, or set --text_drop_ratio 0"
+        )
+
+
+def describe_tasks(tasks: dict[str, Task], weights: dict[str, float]) -> list[str]:
+    """The start-up table: per task its weight, prompt style, encoder, hidden size and samples per N."""
+    rows = [("task", "weight", "style", "encoder", "hidden", "samples N=0/1/2/3", "null")]
+    for name, task in tasks.items():
+        cond = conditioning(task)
+        per_n = []
+        for n in range(4):
+            shards = task.shards.get(n, [])
+            counts = [s.samples for s in shards]
+            per_n.append("-" if not shards else "?" if None in counts else str(sum(counts)))
+        rows.append(
+            (
+                name,
+                f"{weights.get(name, 0):g}",
+                str(cond["prompt style"] or "?"),
+                (cond["encoder"] or "?")[:12],
+                str(cond["hidden size"] or "?"),
+                "/".join(per_n),
+                "yes" if task.null_embedding_url else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
