@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.shards import commits as prog
+from pipeline.shards import commits
 from pipeline.shards.format import NULL_EMBEDDING
 from pipeline.shards.taskdir import TaskDirectory
 from pipeline.shards.writer import Failure, PreparedSample, ShardSink
@@ -82,7 +82,7 @@ class TaskWriter(TaskDirectory):
 
     def part_summary(self, part: int) -> dict[str, Any]:
         """ok / failed counts of one input part, from its commit records (this run's and earlier ones)."""
-        return prog.summarize([c for c in prog.read_commits(self.store) if c.rank == part], by_rank=True)
+        return commits.summarize([c for c in commits.read_commits(self.store) if c.rank == part], by_rank=True)
 
     def close(self, base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """Flush the open part; write the manifest from every commit record (of this run and earlier ones)."""

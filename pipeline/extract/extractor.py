@@ -31,7 +31,7 @@ from pipeline.common.workers import die_with_parent
 from pipeline.errors import UserError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.prepare import Failure, LineDataset, PreparedSample, PrepareOptions
-from pipeline.shards import commits as prog
+from pipeline.shards import commits
 from pipeline.shards.format import NULL_EMBEDDING, embedding_to_npy, new_manifest
 from pipeline.shards.storage import Store, options_for, parse_storage_options
 from pipeline.shards.taskdir import TaskDirectory
@@ -280,9 +280,9 @@ class Extractor:
 
     # ---- end of run (rank 0) ---------------------------------------------------------------
     def finish(self) -> int:
-        commits = prog.read_commits(self.store)
-        summary = prog.summarize(commits)
-        has_t2i = any(c.shard and c.shard["num_sources"] == 0 for c in commits)
+        records = commits.read_commits(self.store)
+        summary = commits.summarize(records)
+        has_t2i = any(c.shard and c.shard["num_sources"] == 0 for c in records)
         null_url = None
         if has_t2i and self.encoder is not None:
             null = self.encoder.encode([self.builder.t2i("")], self.builder.drop_index)[0]
@@ -310,9 +310,9 @@ class Extractor:
             summary["failed_by_reason"],
             self.store.url("manifest.json"),
         )
-        return prog.failure_exit_code(
+        return commits.failure_exit_code(
             f"task {self.task}", summary["ok"], summary["failed"], self.config.max_failure_ratio,
-            self.store.url(prog.FAILURES),
+            self.store.url(commits.FAILURES),
         )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:

@@ -168,13 +168,7 @@ class Store:
         target = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(os.path.dirname(target))
+            atomic_write(target, data)
         else:
             self.fs.pipe_file(target, data)
 
@@ -193,6 +187,24 @@ class Store:
             _fsync_dir(os.path.dirname(target))
         else:
             self.fs.put_file(local_file, target)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """The one atomic write of a local file: a temporary beside it, fsynced, renamed over it, the folder fsynced —
+    a crash leaves the old file or the new one, never a torn one (shards, commit records, checkpoints, recipes)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_file(path: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.shards import commits as prog
+from pipeline.shards import commits
 from pipeline.shards.format import MANIFEST
 from pipeline.shards.storage import Store
 from pipeline.shards.writer import ShardSink
@@ -41,41 +41,41 @@ class TaskDirectory:
     ):
         self.url = output_url
         self.store = Store(output_url, storage_options)
-        resumable = identity is not None and (adopt_unrecorded or self.store.exists(prog.IDENTITY))
-        if not resumable and (self.store.exists(MANIFEST) or self.store.listdir(prog.PROGRESS)):
+        resumable = identity is not None and (adopt_unrecorded or self.store.exists(commits.IDENTITY))
+        if not resumable and (self.store.exists(MANIFEST) or self.store.listdir(commits.PROGRESS)):
             raise UserError(f"{output_url} already holds a task; choose an empty output directory")
         if identity is not None:
-            prog.check_identity(self.store, identity, hint)
-        self.commits: list[prog.Commit] = []
+            commits.check_identity(self.store, identity, hint)
+        self.commits: list[commits.Commit] = []
 
-    def lease(self, writer: int) -> prog.RankLease:
+    def lease(self, writer: int) -> commits.RankLease:
         """Writer ``writer``'s lease on this directory: a second live writer of it is refused (:class:`LeaseHeld`)
         before it could remove the first one's published but uncommitted shards as orphans. Release it at the end."""
-        return prog.RankLease(self.store, writer)
+        return commits.RankLease(self.store, writer)
 
-    def load_commits(self) -> list[prog.Commit]:
+    def load_commits(self) -> list[commits.Commit]:
         """The commit records as they are now (after this writer holds its lease, where it takes one)."""
-        self.commits = prog.read_commits(self.store)
+        self.commits = commits.read_commits(self.store)
         return self.commits
 
     def remove_orphans(self, owned: Callable[[int], bool]) -> None:
         """Remove the half-written shards of the writers ``owned`` says are this process's to clean."""
-        prog.remove_orphans(self.store, self.commits, owned)
+        commits.remove_orphans(self.store, self.commits, owned)
 
     def done_lines(self, writer: int | None = None) -> np.ndarray:
         """Input lines (or samples) already committed: by any writer, or by ``writer`` alone."""
         commits = self.commits if writer is None else [c for c in self.commits if c.rank == writer]
-        return prog.done_lines(commits)
+        return commits.done_lines(commits)
 
     def open_writer(self, writer: int, max_samples: int, max_bytes: int, **sink_options: Any) -> ShardSink:
         """Writer ``writer``'s shard sink, continuing its shard sequence and commit records."""
-        progress = prog.ProgressLog(self.store, writer, self.commits)
+        progress = commits.ProgressLog(self.store, writer, self.commits)
         return ShardSink(self.store, progress, writer, max_samples, max_bytes, **sink_options)
 
     def finish(self, base: dict[str, Any], extra: dict[str, Any], by_rank: bool = False) -> dict[str, Any]:
         """The failures files and the manifest, from every commit record (this run's and earlier ones)."""
-        commits = prog.read_commits(self.store)
-        prog.write_failures_files(self.store, commits, by_rank=by_rank)
-        manifest = prog.build_manifest(self.store, base, commits, extra, by_rank=by_rank)
-        prog.write_manifest(self.store, manifest)
+        records = commits.read_commits(self.store)
+        commits.write_failures_files(self.store, records, by_rank=by_rank)
+        manifest = commits.build_manifest(self.store, base, records, extra, by_rank=by_rank)
+        commits.write_manifest(self.store, manifest)
         return manifest

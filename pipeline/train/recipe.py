@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.common.options import INVOCATION, MODEL, flag_names, one_name_per_option, weight_flags
 from pipeline.errors import UserError
+from pipeline.shards.storage import atomic_write
 from pipeline.train.config import OPTION_CLASSES
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,5 @@ def write_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any], step: in
         kept = path.with_name(f"config-before-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         os.replace(path, kept)
         log.info("the settings the run had before step %d: %s", step, kept)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(recipe, sort_keys=True, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(recipe, sort_keys=True, allow_unicode=True).encode("utf-8"))
     return path

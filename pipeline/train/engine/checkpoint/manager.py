@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.shards.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,8 @@ def step_of(folder: Path) -> int:
 
 
 def write_json_file(path: str | os.PathLike, value: Any) -> None:
-    """Write JSON through a temporary file and rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """JSON written atomically (``storage.atomic_write``)."""
+    atomic_write(path, json.dumps(value).encode("utf-8"))
 
 
 def file_owner(relative: str) -> int:
