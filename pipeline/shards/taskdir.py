@@ -64,8 +64,8 @@ class TaskDirectory:
 
     def done_lines(self, writer: int | None = None) -> np.ndarray:
         """Input lines (or samples) already committed: by any writer, or by ``writer`` alone."""
-        commits = self.commits if writer is None else [c for c in self.commits if c.rank == writer]
-        return commits.done_lines(commits)
+        records = self.commits if writer is None else [c for c in self.commits if c.rank == writer]
+        return commits.done_lines(records)
 
     def open_writer(self, writer: int, max_samples: int, max_bytes: int, **sink_options: Any) -> ShardSink:
         """Writer ``writer``'s shard sink, continuing its shard sequence and commit records."""

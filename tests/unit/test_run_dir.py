@@ -123,8 +123,8 @@ def test_a_recent_renewal_counts_as_alive_whatever_the_pid_says(tmp_path):
     holder.start()
     try:
         time.sleep(0.3)
-        with pytest.raises(LeaseHeld):
-            RankLease(store, 0, wait=5, renew_every=0.2, path=LEASE_FILE, what="the run folder")
+        with pytest.raises(LeaseHeld):  # renewals every 0.2 s; "recent" is within 2 of the claimant's 1 s periods
+            RankLease(store, 0, wait=5, renew_every=1.0, path=LEASE_FILE, what="the run folder")
     finally:
         stop.set()
         holder.join()
