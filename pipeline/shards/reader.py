@@ -39,6 +39,12 @@ READ_TIMEOUT = 60.0  # seconds a range read may wait for data before it counts a
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, tarfile.TarError, EOFError, ValueError)
 
 
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based) of a read: 0.2 s doubling, with jitter so that workers
+    that failed together spread out."""
+    return 0.2 * 2**attempt * (0.5 + random.random())
+
+
 def _with_retries(what: str, fn, retries: int = READ_RETRIES):
     """Retry transient read errors (network resets, throttling) with backoff; missing files fail at once."""
     for attempt in range(retries):
@@ -49,7 +55,7 @@ def _with_retries(what: str, fn, retries: int = READ_RETRIES):
         except Exception as exc:
             if attempt == retries - 1:
                 raise
-            delay = 0.2 * 2**attempt * (0.5 + random.random())  # jitter: workers that failed together spread out
+            delay = backoff(attempt)
             log.warning(
                 "transient error reading %s (%s: %s); retry %d in %.1fs",
                 what,
@@ -376,7 +382,7 @@ def stream_shard(
             if isinstance(exc, PERMANENT_ERRORS) or failures >= retries:
                 log.warning("shard read error, rest of the shard skipped: %s: %s", url, exc)
                 return
-            delay = 0.2 * 2 ** (failures - 1) * (0.5 + random.random())
+            delay = backoff(failures - 1)
             log.warning("transient error streaming %s (%s: %s); reopening at sample %d in %.1fs", url,
                         type(exc).__name__, exc, produced, delay)  # fmt: skip
             time.sleep(delay)
