@@ -248,22 +248,44 @@ def iter_lines(
     import fsspec
 
     with fsspec.open(file, "rb", **options_for(file, storage_options)) as handle:
-        number = 0
+        for number, raw in enumerate(_bounded_lines(handle, max_bytes)):
+            if isinstance(raw, int):
+                yield number, OversizedLine(raw, max_bytes)
+                continue
+            text = raw.decode("utf-8", "surrogateescape")
+            if text.strip():
+                yield number, text
+
+
+def _bounded_lines(handle, max_bytes: int, block_size: int = 1 << 20) -> Iterator[bytes | int]:
+    """The lines of a binary file object (any fsspec file: ``readline`` there takes no size) read in blocks; a
+    line longer than ``max_bytes`` is not kept: its size comes instead."""
+    pending, skipped = b"", None  # the start of the current line, or the bytes of an oversized one so far
+    while True:
+        block = handle.read(block_size)
+        if not block:
+            if skipped is not None:
+                yield skipped
+            elif pending:
+                yield pending
+            return
+        start = 0
         while True:
-            raw = handle.readline(max_bytes + 1)
-            if not raw:
-                return
-            if len(raw) > max_bytes and not raw.endswith(b"\n"):
-                size = len(raw)
-                while raw and not raw.endswith(b"\n"):  # the rest of the line, block by block
-                    raw = handle.readline(1 << 20)
-                    size += len(raw)
-                yield number, OversizedLine(size, max_bytes)
+            end = block.find(b"\n", start)
+            piece = block[start:] if end < 0 else block[start : end + 1]
+            if skipped is not None:
+                skipped += len(piece)
             else:
-                text = raw.decode("utf-8", "surrogateescape")
-                if text.strip():
-                    yield number, text
-            number += 1
+                pending += piece
+                if len(pending) > max_bytes:
+                    skipped, pending = len(pending), b""
+            if end < 0:
+                break
+            if skipped is not None:
+                yield skipped
+            else:
+                yield pending
+            pending, skipped, start = b"", None, end + 1
 
 
 def read_records(

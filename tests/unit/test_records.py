@@ -190,3 +190,27 @@ def test_validation_rows_are_read_with_the_extraction_schema(tmp_path):
     jsonl.write_text('{"source_image": "a.png"}\n')
     with pytest.raises(ValueError, match=r"line 0, field 'instruction': missing or empty"):
         read_rows(str(jsonl))
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 20])
+def test_lines_are_read_in_blocks_and_an_oversized_one_is_never_held(block):
+    """Any file object (fsspec's buffered remote files take no readline size): lines split across blocks, an
+    over-long line comes as its size only."""
+    import io
+
+    from pipeline.common.records import _bounded_lines
+
+    data = b"a\nbb\n" + b"x" * 50 + b"\nccc\n\nlast"
+    assert list(_bounded_lines(io.BytesIO(data), 10, block)) == [b"a\n", b"bb\n", 51, b"ccc\n", b"\n", b"last"]
+    assert list(_bounded_lines(io.BytesIO(b"x" * 30), 10, block)) == [30]
+
+
+def test_iter_lines_numbers_an_oversized_row_and_goes_on(tmp_path):
+    from pipeline.common.records import OversizedLine, RecordError, iter_lines, parse_line
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n' + b'{"blob": "' + b"x" * 5000 + b'"}\n\n{"b": 2}\n')
+    lines = list(iter_lines(str(path), max_bytes=1024))
+    assert [n for n, _ in lines] == [0, 1, 3] and isinstance(lines[1][1], OversizedLine)
+    with pytest.raises(RecordError, match="row too large: 5013 bytes, over the 1024-byte limit"):
+        parse_line(lines[1][1], str(path), 1)
