@@ -122,7 +122,7 @@ def _path_map(text: str) -> tuple[str, str]:
 
 
 def _reshard(args: argparse.Namespace) -> int:
-    from shards_tools.convert import reshard
+    from shards_tools.reshard import reshard
 
     m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard, args.train_copy_size)
     own = m["reshard"]

@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.shards.format import unsafe_name
 from pipeline.shards.reader import iter_checked
-from shards_tools.convert import reshard
+from shards_tools.reshard import reshard
 from shards_tools.sheet import preview
 from shards_tools.verify import verify
 
