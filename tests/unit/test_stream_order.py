@@ -121,7 +121,7 @@ def test_shuffle_buffer_mixes_stays_in_its_byte_budget_and_resumes_from_its_stat
         return taken[-1], taken[-1]
 
     budget = ByteBudget(50)
-    buffer = ShuffleBuffer(8, (3, 1), budget, size_of=lambda x: 10)
+    buffer = ShuffleBuffer(8, np.random.default_rng([3, 1]), budget, size_of=lambda x: 10)
     out = [buffer.next(take)[1] for _ in range(40)]
     assert out != sorted(out) and len(set(out)) == 40
     assert budget.used <= 50 + 10 and len(buffer.items) <= 6  # the budget, not the size, bounds it here
@@ -129,7 +129,7 @@ def test_shuffle_buffer_mixes_stays_in_its_byte_budget_and_resumes_from_its_stat
     held, resume_at = {ref: item for ref, item in buffer.items}, taken[-1] + 1
     follow = [buffer.next(take)[1] for _ in range(10)]
     counter = iter(range(resume_at, 10**6))  # the source resumes where it was at the checkpoint
-    again = ShuffleBuffer(8, (3, 1), ByteBudget(50), size_of=lambda x: 10)
+    again = ShuffleBuffer(8, np.random.default_rng([3, 1]), ByteBudget(50), size_of=lambda x: 10)
     again.load_state_dict(state, held)
     assert [again.next(take)[1] for _ in range(10)] == follow
 
@@ -505,3 +505,25 @@ def test_a_streamed_shard_whose_read_breaks_is_reopened_where_it_stopped(big_tas
     keys = [s.key for s in stream_shard("flakytest://bucket/shard.tar", None)]
     assert breaks["left"] == 0, "the read did break"
     assert keys == [s.key for s in stream_shard(str(shard), None)] and len(keys) == 100, "each once, in order"
+
+
+def test_every_random_draw_has_a_named_purpose_and_keeps_its_first_written_seed():
+    """seeding.py names each draw; the seeds are those the draws were first written with (a change would silently
+    change every run's sample order), and no two purposes share one."""
+    from pipeline.train.stream import seeding
+
+    purposes = [v for v in vars(seeding).values() if isinstance(v, seeding.Purpose)]
+    numbers = [p.number for p in purposes if p.number is not None]
+    assert len(numbers) == len(set(numbers)) and len(purposes) == 7
+    seed = (1 << 40) + 5  # masked to 32 bits, as before
+    first_written = {
+        seeding.SOURCE_COUNT: ((7,), [seed & 0xFFFFFFFF, 1, 7]),
+        seeding.TASK: ((2, 7), [seed & 0xFFFFFFFF, 2, 2, 7]),
+        seeding.CROP: ((2, 7), [seed & 0xFFFFFFFF, 4, 2, 7]),
+        seeding.SHARD_ORDER: ((9, 3), [seed & 0xFFFFFFFF, 9, 3, 3]),
+        seeding.BLOCK_ORDER: ((9, 3, 1), [seed & 0xFFFFFFFF, 9, 3, 1, 5]),
+        seeding.VARIANT: ((9, 1, 11), [seed & 0xFFFFFFFF, 9, 1, 11, 7]),
+        seeding.SHUFFLE_BUFFER: ((9, 1, 0), [seed & 0xFFFFFFFF, 9, 1, 0]),
+    }
+    for purpose, (keys, parts) in first_written.items():
+        assert purpose.rng(seed, *keys).random(4).tolist() == np.random.default_rng(parts).random(4).tolist(), purpose

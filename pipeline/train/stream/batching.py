@@ -25,7 +25,7 @@ from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
 from pipeline.train.config import StreamConfig
-from pipeline.train.stream.seeding import step_rng
+from pipeline.train.stream.seeding import CROP
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def assemble_batch(
     that still covers its resize (``imaging.decode_and_crop``).  A sample whose image or
     embedding cannot be read is replaced by another of its bucket (``replace``).
     """
-    rng = step_rng(config.seed, 4, rank, step)
+    rng = CROP.rng(config.seed, rank, step)
     samples = list(samples)
     online = config.online_prompts
     prepared: list[dict[str, Any] | None] = [None] * len(samples)

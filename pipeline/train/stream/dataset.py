@@ -46,7 +46,7 @@ from pipeline.train.stream.errors import SkipPolicy
 from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task, plan_mix  # noqa: F401 (re-exported)
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.seeding import stable_id
+from pipeline.train.stream.seeding import SHUFFLE_BUFFER, VARIANT, stable_id
 from pipeline.train.stream.sources import IndexedSource, ShuffleBuffer, StreamedSource, ref_key
 from pipeline.train.stream.state import DATA_STATE_VERSION
 
@@ -127,7 +127,7 @@ class PartitionStream:
                 on_skip=lambda reason: self.errors.corrupt(reason),
             )  # fmt: skip
         buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # an indexed order is already shuffled
-        self.buffer = ShuffleBuffer(buffer_size, (seed & 0xFFFFFFFF, *salt, part), self.budget, sample_bytes)
+        self.buffer = ShuffleBuffer(buffer_size, SHUFFLE_BUFFER.rng(seed, *salt, part), self.budget, sample_bytes)
         self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
         self.generation = 0  # how many times the shard list changed under a resumed run
         self.errors = SkipPolicy(task, num_sources, len(shards), max_bad_in_a_row, self.total if self.indexed else None)
@@ -155,7 +155,7 @@ class PartitionStream:
         url, entry = self._entry(shard, sample_index)
         sample = read_indexed_sample(self.reader, url, entry)
         if self.choose is not None:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, stable_id(self.task), self.n, g, 7])
+            rng = VARIANT.rng(self.seed, stable_id(self.task), self.n, g)
             sample.choice = self.choose(sample.meta, rng)
             variant = sample.choice[0]
             if self.fetch_embeddings and variant in sample.embedding_ranges:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.shards.format import SOURCE_COUNTS
 from pipeline.shards.tasks import DataConfigError, Task
-from pipeline.train.stream.seeding import step_rng
+from pipeline.train.stream.seeding import SOURCE_COUNT, TASK
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +19,13 @@ log = logging.getLogger(__name__)
 def draw_num_sources(seed: int, step: int, n_probs: dict[int, float]) -> int:
     """N for ``step``: a function of (seed, step) only, so every rank draws the same."""
     ns = sorted(n_probs)
-    return ns[int(step_rng(seed, 1, step).choice(len(ns), p=[n_probs[n] for n in ns]))]
+    return ns[int(SOURCE_COUNT.rng(seed, step).choice(len(ns), p=[n_probs[n] for n in ns]))]
 
 
 def draw_task(seed: int, rank: int, step: int, task_probs: dict[str, float]) -> str:
     """Task for (rank, step) among those with data at this step's N, by weight."""
     names = sorted(task_probs)
-    return names[int(step_rng(seed, 2, rank, step).choice(len(names), p=[task_probs[t] for t in names]))]
+    return names[int(TASK.rng(seed, rank, step).choice(len(names), p=[task_probs[t] for t in names]))]
 
 
 @dataclass

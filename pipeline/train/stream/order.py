@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.train.stream.seeding import BLOCK_ORDER, SHARD_ORDER
+
 BLOCK_SAMPLES = 32768
-_SEED_MASK = 0xFFFFFFFF
 
 
 class EpochOrder:
@@ -41,7 +42,7 @@ class EpochOrder:
     def _layout(self, epoch: int):
         """The epoch's shard order, cumulative counts in that order, and block start offsets."""
         if self._layout_cache is None or self._layout_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed & _SEED_MASK, *self.salt, epoch, 3])
+            rng = SHARD_ORDER.rng(self.seed, *self.salt, epoch)
             perm = rng.permutation(len(self.counts))
             cum = np.cumsum(self.counts[perm])
             starts, running = [0], 0
@@ -60,7 +61,7 @@ class EpochOrder:
         if key not in self._blocks:
             if len(self._blocks) >= 2:  # the partitions of a worker move through one block at a time
                 self._blocks.pop(next(iter(self._blocks)))
-            rng = np.random.default_rng([self.seed & _SEED_MASK, *self.salt, epoch, b, 5])
+            rng = BLOCK_ORDER.rng(self.seed, *self.salt, epoch, b)
             self._blocks[key] = rng.permutation(size).astype(np.int32)
         return self._blocks[key]
 

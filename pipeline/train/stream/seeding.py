@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+SEED_MASK = 0xFFFFFFFF
 
-def step_rng(seed: int, *parts: int) -> np.random.Generator:
-    """numpy generator for data draws keyed by (seed, purpose, rank, step …)."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, *parts])
+
+@dataclass(frozen=True)
+class Purpose:
+    """One kind of random draw of the data stream: its number is part of every seed it makes, so no two purposes
+    ever share a stream of numbers. The number goes first or ``last`` as each draw was first written (moving it
+    would change the sample order of every run)."""
+
+    name: str
+    number: int | None  # None: the keys alone (the shuffle buffer's draws, keyed by its partition)
+    last: bool = False
+
+    def rng(self, seed: int, *keys: int) -> np.random.Generator:
+        """The numpy generator of this purpose for (seed, keys…): e.g. (seed, step) or (seed, rank, step)."""
+        number = [] if self.number is None else [self.number]
+        parts = [*keys, *number] if self.last else [*number, *keys]
+        return np.random.default_rng([seed & SEED_MASK, *parts])
+
+
+# every random draw of the stream, by purpose
+SOURCE_COUNT = Purpose("the number of source images of a step (every rank the same)", 1)
+TASK = Purpose("the task of a rank's step", 2)
+SHARD_ORDER = Purpose("the shard order of an epoch of a stream", 3, last=True)
+CROP = Purpose("the crop offsets of a batch", 4)
+BLOCK_ORDER = Purpose("the sample order inside a block of an epoch", 5, last=True)
+SHUFFLE_BUFFER = Purpose("the sample a streamed shard's shuffle buffer gives next", None)
+VARIANT = Purpose("the embedding variant (language, dropped text, inverse) of an element", 7, last=True)
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:

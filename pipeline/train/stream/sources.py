@@ -24,6 +24,7 @@ from pipeline.train.stream.errors import NoUsableSample
 from pipeline.train.stream.order import Cursor, EpochOrder, merge_cursors
 from pipeline.train.stream.pools import ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
+from pipeline.train.stream.seeding import SHARD_ORDER
 
 
 class IndexedSource:
@@ -137,7 +138,7 @@ class StreamedSource:
     def shard_order(self, epoch: int) -> np.ndarray:
         """Shard order of ``epoch`` (the same for every partition)."""
         if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, *self.salt, epoch, 3])
+            rng = SHARD_ORDER.rng(self.seed, *self.salt, epoch)
             self._perm = (epoch, rng.permutation(self.num_shards))
         return self._perm[1]
 
@@ -207,9 +208,9 @@ class ShuffleBuffer:
     instead of refilling.  State: the generator and the references of what waits.
     """
 
-    def __init__(self, size: int, seed: tuple[int, ...], budget: ByteBudget, size_of: Callable[[Any], int]):
+    def __init__(self, size: int, rng: np.random.Generator, budget: ByteBudget, size_of: Callable[[Any], int]):
         self.size, self.budget, self.size_of = size, budget, size_of
-        self.rng = np.random.Generator(np.random.PCG64(list(seed)))
+        self.rng = rng
         self.items: list[tuple[Any, Any]] = []
 
     def next(self, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
