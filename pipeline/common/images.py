@@ -10,7 +10,6 @@ bytes when they are already PNG/JPEG/WebP, lossless PNG otherwise.
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.shards.copies import cover, crop_size  # noqa: F401 (crop_size: the bucket crop, used here and by callers)
+from pipeline.shards.copies import cover, crop_offset, crop_size  # noqa: F401 (crop_size: the bucket crop, used here and by callers)
 from pipeline.shards.storage import TooLarge, read_uri
 
 CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE for Edit-Plus
@@ -285,15 +284,14 @@ def decode_and_crop(
     h, w = pixels.shape[1:]  # the decoded (oriented, maybe reduced) size decides the resize
     rw, rh = cover((w, h), size, False)
     resized = torch.nn.functional.interpolate(pixels[None], size=(rh, rw), mode="bicubic", antialias=True)[0]
-    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
+    x0, y0 = crop_offset((rw, rh), size, fraction)
     return resized[:, y0 : y0 + ch, x0 : x0 + cw]
 
 
 def resize_and_crop(img: Image.Image, size: tuple[int, int], fraction: tuple[float, float]) -> Image.Image:
     """Scale so ``img`` covers ``size`` (short side first), then crop at ``fraction`` of the excess."""
     cw, ch = size
-    scale = max(cw / img.width, ch / img.height)
-    rw, rh = max(cw, math.ceil(img.width * scale)), max(ch, math.ceil(img.height * scale))
+    rw, rh = cover(img.size, size, False)
     resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
-    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
+    x0, y0 = crop_offset((rw, rh), size, fraction)
     return resized.crop((x0, y0, x0 + cw, y0 + ch))

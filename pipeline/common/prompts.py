@@ -8,6 +8,8 @@ template's system prefix) is computed from the tokenizer, never hard-coded.
 
 from __future__ import annotations
 
+from pipeline.shards.format import VARIANT_TEXT
+
 # diffusers QwenImageEditPlusPipeline.prompt_template_encode
 EDIT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -86,15 +88,11 @@ def plan_variants(texts: dict[str, str], num_sources: int, inverse: bool) -> lis
     source and are conditioned on the target.
     """
     images = "sources" if num_sources else "none"
-    plan = [(v, images, texts[f]) for v, f in (("en", "instruction"), ("cn", "instruction_cn")) if texts[f]]
+    plan = [(v, images, texts[VARIANT_TEXT[v]]) for v in ("en", "cn") if texts[VARIANT_TEXT[v]]]
     if num_sources:
         plan.append(("drop", "sources", ""))
     if inverse and num_sources == 1:
-        inv = [
-            (v, "target", texts[f])
-            for v, f in (("en_inv", "inverse_instruction"), ("cn_inv", "inverse_instruction_cn"))
-        ]
-        inv = [p for p in inv if p[2]]
+        inv = [(v, "target", texts[VARIANT_TEXT[v]]) for v in ("en_inv", "cn_inv") if texts[VARIANT_TEXT[v]]]
         if inv:
             plan.extend(inv)
             plan.append(("drop_inv", "target", ""))

@@ -16,10 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.shards.format import MAX_SOURCES
+from pipeline.shards.format import MAX_SOURCES, TEXT_FIELDS
 from pipeline.shards.storage import has_scheme, options_for
-
-TEXT_FIELDS = ("instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 
 # Accepted alternative spellings of the image columns (the original tool's
 # ``edit_image`` among them); the configured column name always wins.

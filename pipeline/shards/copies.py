@@ -36,6 +36,12 @@ def cover(image_size: tuple[int, int], size: tuple[int, int], swap: bool) -> tup
     return (rh, rw) if swap else (rw, rh)
 
 
+def crop_offset(resized: tuple[int, int], size: tuple[int, int], fraction: tuple[float, float]) -> tuple[int, int]:
+    """Where a crop of ``size`` starts in an image resized to ``resized``: ``fraction`` of the excess (x, y)."""
+    (rw, rh), (cw, ch) = resized, size
+    return int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
+
+
 def train_copy(rgb: Image.Image, train_copy_size: int) -> np.ndarray | None:
     """The image as training at ``--image_sample_size train_copy_size`` resizes it, uint8 [h, w, 3]; None when
     that is not smaller than the image.
@@ -93,6 +99,7 @@ def crop_from_copy(
     cw, ch = size
     h, w = pixels.shape[:2]
     rw, rh = cover(original_size, size, False)
+    x0, y0 = crop_offset((rw, rh), size, fraction)
     with warnings.catch_warnings():  # a read-only view of the shard's bytes: only read here, never written
         warnings.simplefilter("ignore", UserWarning)
         view = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels-last: the SIMD uint8 kernel's layout
@@ -100,5 +107,4 @@ def crop_from_copy(
         resized = view[0]
     else:
         resized = torch.nn.functional.interpolate(view, size=(rh, rw), mode="bicubic", antialias=True)[0]
-    x0, y0 = int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
     return resized[:, y0 : y0 + ch, x0 : x0 + cw]

@@ -30,6 +30,14 @@ MAX_SOURCES = 3  # source images per sample: 0 (text-to-image) to 3
 SOURCE_COUNTS = tuple(range(MAX_SOURCES + 1))
 # embedding variants of a sample, in member order
 VARIANTS = ("en", "cn", "drop", "en_inv", "cn_inv", "drop_inv")
+# the row's text field each variant encodes (the drop variants encode the empty text): the one mapping
+VARIANT_TEXT = {
+    "en": "instruction",
+    "cn": "instruction_cn",
+    "en_inv": "inverse_instruction",
+    "cn_inv": "inverse_instruction_cn",
+}
+TEXT_FIELDS = tuple(VARIANT_TEXT.values())
 COPY_PREFIX = "copy_"  # role of an image's training-size copy: copy_target, copy_source0 … (member .npy)
 
 

@@ -21,20 +21,13 @@ import torch
 
 from pipeline.common import images as imaging
 from pipeline.shards import copies
-from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
+from pipeline.shards.format import VARIANT_TEXT, copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
 from pipeline.train.config import StreamConfig
 from pipeline.train.stream.seeding import CROP
 
 log = logging.getLogger(__name__)
-
-TEXT_FIELDS = {
-    "en": "instruction",
-    "cn": "instruction_cn",
-    "en_inv": "inverse_instruction",
-    "cn_inv": "inverse_instruction_cn",
-}
 
 
 def choose_variant(
@@ -45,14 +38,14 @@ def choose_variant(
     ``stored``: only variants with a stored embedding count (offline); otherwise any non-empty text (online).
     """
     present = meta.get("variants", {})
-    options = [v for v in ("en", "cn") if meta.get(TEXT_FIELDS[v]) and (v in present or not stored)]
+    options = [v for v in ("en", "cn") if meta.get(VARIANT_TEXT[v]) and (v in present or not stored)]
     if enable_inverse and meta["num_sources"] == 1:
-        options += [v for v in ("en_inv", "cn_inv") if meta.get(TEXT_FIELDS[v]) and (v in present or not stored)]
+        options += [v for v in ("en_inv", "cn_inv") if meta.get(VARIANT_TEXT[v]) and (v in present or not stored)]
     chosen = options[int(rng.integers(len(options)))] if options else None
     dropped = rng.random() < drop_ratio or chosen is None
     inverse = chosen is not None and chosen.endswith("_inv")
     if not dropped:
-        return chosen, meta[TEXT_FIELDS[chosen]], inverse
+        return chosen, meta[VARIANT_TEXT[chosen]], inverse
     if meta["num_sources"] == 0:
         return "null", "", False
     return ("drop_inv" if inverse else "drop"), "", inverse
