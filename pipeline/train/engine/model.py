@@ -250,19 +250,21 @@ def make_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
 
 def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
     """What of this rank's trainable weights and optimizer state holds NaN/Inf (None: all finite). Sharded
-    parameters are checked by their local rows: each rank its share."""
-
-    def finite(value) -> bool:
+    parameters are checked by their local rows: each rank its share. One host sync per device, not per tensor
+    (a 20B model has thousands of tensors)."""
+    labelled = [(f"the trainable weight {n}", p) for n, p in model.named_parameters() if p.requires_grad]
+    labelled += [(f"the optimizer's {k}", v) for state in optimizer.state.values() for k, v in state.items()]
+    flags: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for label, value in labelled:
         local = value.to_local() if hasattr(value, "to_local") else value
-        return not local.is_floating_point() or bool(torch.isfinite(local.detach()).all())
-
-    for name, param in model.named_parameters():
-        if param.requires_grad and not finite(param):
-            return f"the trainable weight {name}"
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and not finite(value):
-                return f"the optimizer's {key}"
+        if torch.is_tensor(local) and local.is_floating_point():
+            labels, found = flags.setdefault(local.device, ([], []))
+            labels.append(label)
+            found.append(torch.isfinite(local.detach()).all())
+    for labels, found in flags.values():
+        bad = (~torch.stack(found)).nonzero()
+        if len(bad):
+            return labels[int(bad[0])]
     return None
 
 

@@ -6,6 +6,7 @@ validation); the trainer strings them together, with no DDP/FSDP branch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -63,6 +64,7 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(config.optim.max_nonfinite_steps)
         self.stop = StopRequest()
         self.resume_from: Path | None = None
+        self.recipe_changes: dict[str, Any] = {}  # settings changed since config.yaml (resume only)
 
     # ---- set-up: the folder and the checkpoint to resume are decided before anything is built or loaded ----------
     def setup(self) -> None:
@@ -129,7 +131,7 @@ class Trainer:
                 config.output_dir, self.recipe, int(marker.get("step", 0)), config.allow_recipe_change
             )
 
-    @property
+    @functools.cached_property
     def recipe(self) -> dict[str, Any]:
         """Every resolved flag, with the model identified by content (what ``config.yaml`` keeps)."""
         return recipes.with_model_identity(self.config.recipe)
@@ -220,7 +222,7 @@ class Trainer:
                 truncate_trace(config.data.trace_path, start)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            recipes.write_recipe(config.output_dir, self.recipe, start, getattr(self, "recipe_changes", {}))
+            recipes.write_recipe(config.output_dir, self.recipe, start, self.recipe_changes)
         trace = TraceWriter(config.data.trace_path)
         batches = self.batches = iter(self.loader)
         bar = tqdm(total=config.max_train_steps, initial=start, desc="train", disable=not acc.is_main_process)
