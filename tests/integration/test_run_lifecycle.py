@@ -201,3 +201,21 @@ def test_a_bug_keeps_its_traceback_and_exit_1(tiny_model_dir, edit_meta, tmp_pat
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "Traceback" in result.stderr and "deep inside torch" in result.stderr
+
+
+def test_a_loader_worker_ignores_ctrl_c_and_outlives_a_sigterm_by_a_bounded_time():
+    """The main process saves on SIGINT/SIGTERM with its workers alive; a worker nobody shuts down still ends."""
+    code = (
+        "import os, signal, time\n"
+        "from pipeline.common.workers import WORKER_STOP_GRACE_S, stream_worker_init\n"
+        "stream_worker_init(0)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "print(signal.alarm(0), WORKER_STOP_GRACE_S)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    left, grace = map(int, result.stdout.split())
+    assert 0 < left <= grace  # the SIGTERM armed the alarm at the grace period; it has not run out yet

@@ -151,7 +151,7 @@ class Trainer:
             "data": ckpt.DataPart(self.loader, rank, self.world),
         }
         if config.model.lora is not None:  # a LoRA file that loads as it is, in every checkpoint
-            parts["lora_files"] = ckpt.LoraFiles(self.export)
+            parts["lora_files"] = ckpt.LoraFiles(lambda folder: self.export(folder, checked=True))
         marker = {
             "world_size": self.world, "lora": config.model.lora is not None, "fsdp": config.fsdp,
             "run_id": self.run.run_id,
@@ -273,11 +273,12 @@ class Trainer:
         self.checkpoints.load(folder)
         return self.export(self.config.output_dir)
 
-    def export(self, out_dir: str | Path) -> dict[str, str]:
+    def export(self, out_dir: str | Path, checked: bool = False) -> dict[str, str]:
         """Collective: diffusers files on rank 0 (gathered from the shards under FSDP); ``{}`` on other ranks.
-        Refused, like a checkpoint, when the weights are not finite."""
-        problem = models.first_nonfinite(self.transformer, self.optimizer)
-        if self.collective.any(problem is not None):
+        Refused, like a checkpoint, when the weights are not finite (``checked``: the save that calls it has just
+        checked them)."""
+        problem = None if checked else models.first_nonfinite(self.transformer, self.optimizer)
+        if not checked and self.collective.any(problem is not None):
             raise ckpt.NonFiniteState(
                 f"{problem or 'another rank’s share of the weights'} is not finite (NaN/Inf): nothing exported to "
                 f"{out_dir}"
