@@ -45,34 +45,47 @@ def backoff(attempt: int) -> float:
     return 0.2 * 2**attempt * (0.5 + random.random())
 
 
-def _with_retries(what: str, fn, retries: int = READ_RETRIES):
-    """Retry transient read errors (network resets, throttling) with backoff; missing files fail at once."""
-    for attempt in range(retries):
+class RetryPolicy:
+    """Whether a failed read is tried again, and after how long: the one place a transient read error (a reset, a
+    timeout, throttling) is told from a permanent one (a missing or forbidden object, malformed data).
+
+    Every read of this module asks its policy; the training stream passes its error handler, a subclass that
+    also decides what a sample that stays unreadable costs."""
+
+    def __init__(self, retries: int = READ_RETRIES):
+        self.retries = retries
+
+    def retry_after(self, what: str, exc: BaseException, attempt: int) -> float | None:
+        """Seconds to wait before reading ``what`` again after failure ``attempt`` (0-based), or None: give up."""
+        if isinstance(exc, PERMANENT_ERRORS) or attempt + 1 >= self.retries:
+            return None
+        delay = backoff(attempt)
+        log.warning(
+            "transient error reading %s (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt + 1, delay
+        )
+        return delay
+
+
+def _with_retries(what: str, fn, policy: RetryPolicy):
+    """``fn()``, tried again after the delays ``policy`` gives; its last error raised when the policy gives up."""
+    attempt = 0
+    while True:
         try:
             return fn()
-        except PERMANENT_ERRORS:  # 404, 403, a wrong path, malformed data: at once
-            raise
         except Exception as exc:
-            if attempt == retries - 1:
+            delay = policy.retry_after(what, exc, attempt)
+            if delay is None:
                 raise
-            delay = backoff(attempt)
-            log.warning(
-                "transient error reading %s (%s: %s); retry %d in %.1fs",
-                what,
-                type(exc).__name__,
-                exc,
-                attempt + 1,
-                delay,
-            )
             time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+            attempt += 1
 
 
 class RangeReader:
     """Byte ranges and whole objects from any fsspec URL, with retries; counts bytes read."""
 
-    def __init__(self, storage_options: dict | None, timeout: float = READ_TIMEOUT):
+    def __init__(self, storage_options: dict | None, timeout: float = READ_TIMEOUT, policy: RetryPolicy | None = None):
         self.storage_options, self.timeout = storage_options, timeout
+        self.policy = policy or RetryPolicy()
         self._fs: dict[str, Any] = {}
         self.bytes_read = 0
 
@@ -86,7 +99,7 @@ class RangeReader:
 
     def read(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
         fs, path = self._resolve(url)
-        data = _with_retries(url, lambda: fs.cat_file(path, start=start, end=end))
+        data = _with_retries(url, lambda: fs.cat_file(path, start=start, end=end), self.policy)
         if start is not None and end is not None and len(data) != end - start:
             raise OSError(f"{url}: short read at [{start}, {end}) — truncated shard?")
         self.bytes_read += len(data)
@@ -121,7 +134,7 @@ class RawSample:
     shard_url: str
     embeddings: dict[str, bytes] = field(default_factory=dict)  # variant -> npy bytes (streamed reads)
     embedding_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant -> [start, end)
-    choice: tuple[str, str, bool] | None = None  # (variant, text, inverse) when chosen at read time (read-ahead)
+    choice: Any = None  # the run's draws for this sample (the training stream's Choice), made once it is read
     image_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> [start, end) of an original
     # not read yet because its training copy (images["copy_<role>"]) was
 
@@ -339,15 +352,17 @@ class CorruptSample:
 
 
 def stream_shard(
-    url: str, storage_options: dict | None, retries: int = READ_RETRIES
+    url: str, storage_options: dict | None, policy: RetryPolicy | None = None
 ) -> Iterator[RawSample | CorruptSample]:
-    """Samples of one shard in file order, checked.
+    """Samples of one shard in file order, checked; what cannot be used is reported, not decided, here.
 
-    A transient read error (connection reset, timeout) reopens the shard and skips the
-    samples already produced, with backoff, like indexed reads are retried; a truncated or
-    malformed tar, or retries used up, ends the shard with a warning; a missing or forbidden
-    one raises.
+    A sample that is malformed comes as a :class:`CorruptSample`. A read error reopens the
+    shard after the delay ``policy`` gives and skips the samples already produced, like
+    indexed reads are retried; when the policy gives up (a truncated or malformed tar,
+    retries used up), one last :class:`CorruptSample` stands for the rest of the shard.
+    A missing or forbidden shard raises: the caller's handler decides what it costs.
     """
+    policy = policy or RetryPolicy()
     produced, failures = 0, 0
     while True:
         samples = iter_samples(url, storage_options)
@@ -378,11 +393,11 @@ def stream_shard(
         except StopIteration:  # the shard is shorter than on the first read
             return
         except Exception as exc:
+            delay = policy.retry_after(f"{url} (streamed, from sample {produced})", exc, failures)
             failures += 1
-            if isinstance(exc, PERMANENT_ERRORS) or failures >= retries:
-                log.warning("shard read error, rest of the shard skipped: %s: %s", url, exc)
+            if delay is None:
+                yield CorruptSample(
+                    f"{url}: the rest of the shard from sample {produced} ({type(exc).__name__}: {exc})"
+                )
                 return
-            delay = backoff(failures - 1)
-            log.warning("transient error streaming %s (%s: %s); reopening at sample %d in %.1fs", url,
-                        type(exc).__name__, exc, produced, delay)  # fmt: skip
             time.sleep(delay)

@@ -11,8 +11,9 @@ import pytest
 from pipeline.shards.tasks import DataConfigError, Task
 from pipeline.train.config import parse_weights
 from pipeline.train.stream import dataset as stream_mod
-from pipeline.train.stream.batching import choose_variant
 from pipeline.train.stream.dataset import StreamConfig, draw_num_sources, draw_task, plan_mix
+from pipeline.train.stream.decide import choose_variant
+from pipeline.train.stream.errors import UnusableData
 
 # --- weights and mixing ----------------------------------------------------------------------
 
@@ -159,31 +160,36 @@ def test_t2i_task_without_null_embedding_is_refused_at_start_up():
     _build({"t": _made_with("t", "diffusers", "d1", ns=(0,), null=True)})
 
 
-def test_the_stream_has_one_error_policy_for_every_kind_of_failure():
-    """SkipPolicy: a missing or forbidden shard stops the run; bad samples are skipped and counted in one counter;
-    reads failing a whole indexed pass in a row stop it; so do --max_bad_in_a_row undecodable samples in a row."""
-    from pipeline.shards.tasks import DataConfigError
-    from pipeline.train.stream.errors import NoUsableSample, SkipPolicy
+def test_the_stream_has_one_error_handler_for_every_kind_of_failure():
+    """ErrorHandler: a missing or forbidden shard stops the run; bad samples are skipped and counted in one counter;
+    reads failing a whole indexed pass in a row stop it; so do --max_bad_in_a_row unusable samples in a row; and it
+    is the reader's retry policy (a transient error retried with backoff, a permanent one given up at once)."""
+    from pipeline.train.stream.errors import ASSEMBLE, ITEM, READ, ErrorHandler, NoUsableSample, UnusableData
 
-    policy = SkipPolicy("t", 1, shards=2, limit=5, read_limit=3)
+    handler = ErrorHandler(limit=5)
+    handler.register("t|1", "t", 1, shards=2, samples=3)
     for fatal in (FileNotFoundError("gone.tar"), PermissionError("no"), NoUsableSample("empty")):
-        with pytest.raises(DataConfigError, match="task t"):
-            policy.read_failed(fatal)
-    policy.read_failed(OSError("short read"))
-    policy.read_failed(OSError("short read"))
-    policy.read_ok()  # a good read ends the run of failures
-    policy.read_failed(OSError("short read"))
-    policy.read_failed(OSError("short read"))
-    with pytest.raises(RuntimeError, match="3 unreadable samples in a row"):
-        policy.read_failed(OSError("short read"))
-    policy.corrupt("a truncated member")
+        with pytest.raises(UnusableData, match="task t"):
+            handler.handle("t|1", READ, fatal)
+    handler.handle("t|1", READ, OSError("short read"))
+    handler.handle("t|1", READ, OSError("short read"))
+    handler.passed("t|1", READ)  # a good read ends the run of failures
+    handler.handle("t|1", READ, OSError("short read"))
+    handler.handle("t|1", READ, OSError("short read"))
+    with pytest.raises(UnusableData, match="3 unreadable samples in a row, the last: OSError: short read"):
+        handler.handle("t|1", READ, OSError("short read"))
+    handler.handle("t|1", ITEM, "a truncated member")
     for _ in range(5):
-        policy.undecodable("k", ValueError("bad png"))
-    with pytest.raises(DataConfigError, match="6 samples in a row could not be decoded"):
-        policy.undecodable("k", ValueError("bad png"))
-    assert policy.skipped == 5 + 1 + 6  # reads skipped, the corrupt item, the undecodable ones: one count
-    policy.batch_assembled()
-    policy.undecodable("k", ValueError("bad png"))  # a batch assembled in between: counting starts again
+        handler.handle("t|1", ASSEMBLE, ValueError("bad png"), "k")
+    with pytest.raises(UnusableData, match="6 samples in a row could not be used"):
+        handler.handle("t|1", ASSEMBLE, ValueError("bad png"), "k")
+    assert handler.streams["t|1"].skipped == 5 + 1 + 6  # reads skipped, the corrupt item, the unusable: one count
+    handler.passed("t|1", ASSEMBLE)
+    handler.handle("t|1", ASSEMBLE, ValueError("bad png"), "k")  # a batch assembled in between: counting restarts
+
+    assert handler.retry_after("s3://b/x.tar", ConnectionResetError("reset"), 0) is not None
+    assert handler.retry_after("s3://b/x.tar", ConnectionResetError("reset"), handler.retries - 1) is None
+    assert handler.retry_after("s3://b/x.tar", FileNotFoundError("gone"), 0) is None
 
 
 def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp_path, caplog):
@@ -241,6 +247,6 @@ def test_a_manifest_count_its_index_contradicts_stops_the_stream_naming_both(tmp
     tasks = discover_tasks(str(tmp_path), None)
     config = StreamConfig(batch_size=1, seed=1, image_sample_size=16, text_drop_ratio=0.0, readahead_bytes=0)
     stream = iter(MixedBatchDataset(tasks, plan_mix(tasks, {"t": 1}, {"1": 1}), 0, 1, config))
-    with pytest.raises(DataConfigError, match=r"says 6 samples in .*00000-000000\.tar.* lists 5.*verify"):
+    with pytest.raises(UnusableData, match=r"says 6 samples in .*00000-000000\.tar.* lists 5.*verify"):
         for _ in range(11):
             next(stream)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 from helpers import encode_image, synthetic_task
 
-from pipeline.shards.tasks import DataConfigError, discover_tasks
+from pipeline.shards.reader import CorruptSample
+from pipeline.shards.tasks import DataConfigError, discover_tasks, task_from_patterns
 from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+from pipeline.train.stream.errors import UnusableData
 from pipeline.train.stream.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
 from pipeline.train.stream.pools import BucketPools, ByteBudget
-from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.sources import IndexedSource, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
+from pipeline.train.stream.readahead import Prefetch, ReadAhead
+from pipeline.train.stream.sources import IndexedOrder, NoUsableSample, ShuffleBuffer, StreamedSource, ref_key
 
 
 def neighbour_fraction(refs: list[tuple[int, int]]) -> float:
@@ -63,54 +66,91 @@ def test_cursors_taken_over_by_another_layout_take_every_element_once(layouts):
 # ---- the source stages on plain integers ------------------------------------------------------------
 
 
-def test_indexed_source_reads_its_elements_through_the_read_ahead_and_resumes_from_its_state():
+def test_indexed_order_and_read_ahead_take_every_element_once_and_resume_from_the_order_state():
+    """Order gives element ids only; the read-ahead stage reads ahead through the read function it is given."""
     counts = [7, 5, 9]
     loads = []
-
-    def load(g, shard, sample):
-        loads.append(g)
-        return (shard, sample)
-
     parts = 3
-    sources = [
-        IndexedSource(counts, 1, (4,), p, parts, load, size_of=lambda s, i: 10, readahead=ReadAhead(25), depth=4)
-        for p in range(parts)
-    ]
-    epoch = [sources[g % parts].next() for g in range(sum(counts))]
+    orders = [IndexedOrder(counts, 1, (4,), p, parts) for p in range(parts)]
+
+    def reader_of(order):
+        def read(g):
+            loads.append(g)
+            return order.locate(g)
+
+        return Prefetch(ReadAhead(25), read, size_of=lambda g: 10, depth=4)
+
+    aheads = [reader_of(o) for o in orders]
+
+    def take(p):
+        g = orders[p].next()
+        item = aheads[p].take(g)
+        aheads[p].plan(orders[p].peek(aheads[p].depth))
+        return g, item
+
+    epoch = [take(g % parts) for g in range(sum(counts))]
     assert [g for g, _ in epoch] == list(range(sum(counts)))  # partition p takes g ≡ p (mod parts)
     assert sorted(item for _, item in epoch) == sorted((s, i) for s, c in enumerate(counts) for i in range(c))
     assert len(loads) > sum(counts)  # elements were read ahead (and the in-flight reads bounded by 25 bytes)
-    state = json.loads(json.dumps(sources[1].state_dict()))
-    after = [sources[1].next() for _ in range(5)]
-    again = IndexedSource(counts, 1, (4,), 1, parts, load)
+    state = json.loads(json.dumps(orders[1].state_dict()))
+    after = [orders[1].next() for _ in range(5)]
+    again = IndexedOrder(counts, 1, (4,), 1, parts)
     again.load_state_dict(state)
     assert [again.next() for _ in range(5)] == after
 
 
-def test_streamed_source_partitions_each_pass_skips_bad_items_and_resumes_from_its_state():
-    shards = [list(range(s * 100, s * 100 + n)) for s, n in enumerate([4, 6, 3])]
-    skipped = []
+def test_a_read_ahead_failure_is_reported_once_when_its_element_is_taken_never_swallowed():
+    """A read that fails in the background, or whose size cannot be known, raises when its element is taken — once
+    — so the error handler sees it; the old read-ahead dropped a failing size silently."""
+    reads = []
+
+    def read(g):
+        reads.append(g)
+        if g == 2:
+            raise OSError("reset by peer")
+        return g * 10
+
+    def size_of(g):
+        if g == 3:
+            raise KeyError("the index has no such sample")
+        return 1
+
+    ahead = Prefetch(ReadAhead(100), read, size_of, depth=4)
+    ahead.plan([1, 2, 3, 4])
+    assert ahead.take(1) == 10
+    with pytest.raises(OSError, match="reset by peer"):
+        ahead.take(2)
+    with pytest.raises(KeyError, match="no such sample"):
+        ahead.take(3)
+    assert ahead.take(4) == 40
+    assert ahead.pool.used == 0, "every reserved byte released, the failed reads' included"
+    assert 3 not in reads, "an element whose size failed is not read in the background"
+
+
+def test_streamed_source_partitions_each_pass_hands_on_bad_items_and_resumes_from_its_state():
+    bad = CorruptSample("odd one")
+    shards = [[*range(0, 4)], [100, bad, *range(102, 106)], [*range(200, 203)]]
 
     def make(part):
-        return StreamedSource(
-            len(shards), 5, (1, 2), part, 2, read_shard=lambda i: iter(shards[i]),
-            bad=lambda x: "odd one" if x == 101 else None, on_skip=skipped.append,
-        )  # fmt: skip
+        return StreamedSource(len(shards), 5, (1, 2), part, 2, read_shard=lambda i: iter(shards[i]))
 
     a, b = make(0), make(1)
-    first_pass = [a.next()[1] for _ in range(6)] + [b.next()[1] for _ in range(6)]
-    assert sorted(first_pass) == sorted(x for shard in shards for x in shard if x != 101)  # disjoint, complete
-    assert skipped == ["odd one"]
+    first_pass = [a.next()[1] for _ in range(7)] + [b.next()[1] for _ in range(6)]  # ordinals 0, 2, … are part 0's
+    usable = [x for x in first_pass if not isinstance(x, CorruptSample)]
+    assert sorted(usable) == sorted(x for shard in shards for x in shard if x is not bad)  # disjoint, complete
+    assert first_pass.count(bad) == 1, "the corrupt item is handed on once, to its owner: the handler decides"
     state = json.loads(json.dumps(a.state_dict()))
     after = [a.next() for _ in range(7)]
     resumed = make(0)
     resumed.load_state_dict(state)
     assert [resumed.next() for _ in range(7)] == after
-    assert resumed.reread([ref for ref, _ in after[:3]]) == {ref_key(ref): item for ref, item in after[:3]}
+    good = [(ref, item) for ref, item in after if not isinstance(item, CorruptSample)][:3]
+    assert resumed.reread([ref for ref, _ in good]) == {ref_key(ref): item for ref, item in good}
 
-    nothing = StreamedSource(2, 0, (1,), 0, 1, read_shard=lambda i: iter([1, 2]), bad=lambda x: "broken")
+    nothing = StreamedSource(2, 0, (1,), 0, 1, read_shard=lambda i: iter([CorruptSample("broken")] * 2))
     with pytest.raises(NoUsableSample):
-        nothing.next()
+        for _ in range(10):
+            nothing.next()
 
 
 def test_shuffle_buffer_mixes_stays_in_its_byte_budget_and_resumes_from_its_state():
@@ -239,7 +279,60 @@ def test_a_streamed_task_of_only_broken_samples_is_an_error_not_a_spin(big_task,
     dataset = MixedBatchDataset({"broken": task}, plan_mix({"broken": task}, {"broken": 1}, {"1": 1}), 0, 1, config)
     finished, error = first_batch_within(dataset, 60)
     assert finished, "the stream spun without a batch or an error"
-    assert isinstance(error, DataConfigError) and "no usable sample" in str(error)
+    assert isinstance(error, UnusableData) and "no usable sample" in str(error)
+
+
+def test_the_cut_off_rest_of_a_streamed_shard_goes_to_the_handler_and_is_counted(big_task, tmp_path, caplog):
+    """A streamed shard cut inside a member 60 % in: the reader used to end it with a warning of its own, uncounted;
+    now the rest of the shard is one failure the stream's handler counts in the data state, and the stream goes on."""
+    import tarfile
+
+    shard = next((big_task / "big" / "src1").glob("*.tar"))
+    cut = tmp_path / "src1" / "cut.tar"
+    cut.parent.mkdir()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    inside = members[len(members) * 6 // 10]  # cut in its data: the tar reader fails there (a cut between
+    cut.write_bytes(shard.read_bytes()[: inside.offset_data + inside.size // 2])  # members just ends the tar)
+    task = task_from_patterns("cut", [f"pipe:cat {cut}"], None)
+    config = StreamConfig(batch_size=1, shuffle_buffer=0, image_sample_size=32)
+    dataset = MixedBatchDataset({"cut": task}, plan_mix({"cut": task}, {"cut": 1}, {"1": 1}), 0, 1, config)
+    batches = iter(dataset)
+    with caplog.at_level(logging.WARNING):
+        keys = [next(batches)["keys"][0] for _ in range(70)]  # the shard holds 100 samples, 60 readable
+    assert len(keys) == 70, "the stream went on into the next pass"
+    stream = dataset._streams["cut|1"]
+    assert stream.skipped >= 1, "the lost rest of the shard is counted"
+    assert dataset.state_dict()["streams"]["cut|1"]["skipped"] == stream.skipped, "and saved with the data state"
+    assert any("the rest of the shard" in r.getMessage() for r in caplog.records if r.name.endswith("errors"))
+
+
+def test_the_stages_take_no_callback_into_the_stream_that_composes_them():
+    """The stream composes its stages and calls them downward only: no method of the stream or the dataset is handed
+    to a stage (the old stream gave its source load/size_of/bad/on_skip/choose and assembly a replace callback)."""
+    import ast
+    import inspect
+
+    from pipeline.train.stream import dataset as dataset_module
+
+    tree = ast.parse(inspect.getsource(dataset_module))
+    own_methods = {
+        f.name for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body if isinstance(f, ast.FunctionDef)
+    }
+    stages = {"IndexedOrder", "StreamedSource", "IndexedReads", "Prefetch", "ShuffleBuffer", "BucketPools",
+              "assemble_batch", "partial"}  # fmt: skip
+    handed = []
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", None)) in stages:
+            for arg in [*call.args, *(k.value for k in call.keywords)]:
+                for node in ast.walk(arg):
+                    composer = isinstance(node, ast.Attribute) and getattr(node.value, "id", None) in ("self", "stream")
+                    if isinstance(node, ast.Lambda) or (composer and node.attr in own_methods):
+                        handed.append(ast.unparse(arg))
+    assert handed == [], f"callbacks handed to a stage: {handed}"
+    for module in ("sources", "read", "readahead", "pools", "batching", "decide", "order", "errors"):
+        source = inspect.getsource(importlib.import_module(f"pipeline.train.stream.{module}"))
+        assert "stream.dataset" not in source and "stream.loader" not in source, f"{module} imports upward"
 
 
 def test_an_indexed_task_whose_images_never_decode_is_an_error_not_a_spin(tmp_path):
@@ -250,7 +343,7 @@ def test_an_indexed_task_whose_images_never_decode_is_an_error_not_a_spin(tmp_pa
     dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"garbage": 1}, {"1": 1}), 0, 1, config)
     finished, error = first_batch_within(dataset, 120)
     assert finished, "the stream spun without a batch or an error"
-    assert isinstance(error, DataConfigError) and "could not be decoded" in str(error)
+    assert isinstance(error, UnusableData) and "could not be used" in str(error)
 
 
 # ---- resume on any layout at any step: the real dataset under a loader that asks its workers in turn -----

@@ -1,18 +1,17 @@
-"""Raw samples of one (task, N, bucket) → a training batch.
+"""Assemble: raw samples of one (task, N, bucket) → a training batch, and nothing else.
 
-Per sample: the text (uniform among non-empty instructions, inverse ones with
-``enable_inverse``), text dropout to the ``drop`` variant, the inverse swap of
-target and source 0, and the null embedding for empty text without sources.
-Per batch: one crop size (area ≈ image_sample_size², aspect = batch mean, sides
-multiples of 32) for the target and one per source position, with the same crop
-randomness for a sample's target and sources.  All draws come from (seed, rank,
-step), so a resumed run makes the same choices.
+Each sample comes with its draws made (``decide.py``: variant, text, inverse,
+crop offsets). Per sample: the inverse swap of target and source 0, its embedding
+(or the null embedding for empty text without sources). Per batch: one crop size
+(area ≈ image_sample_size², aspect = batch mean, sides multiples of 32) for the
+target and one per source position, each sample's offsets the same for its target
+and sources. A sample that cannot be used is reported as :class:`UnusableSample`
+(its index and cause) and assembly stops: the stream replaces it and assembles
+again; nothing here calls back into the stream.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,40 +20,11 @@ import torch
 
 from pipeline.common import images as imaging
 from pipeline.shards import copies
-from pipeline.shards.format import VARIANT_TEXT, copy_role, image_entry, npy_to_embedding, npy_to_image
+from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
 from pipeline.train.config import StreamConfig
-from pipeline.train.stream.seeding import CROP
-
-log = logging.getLogger(__name__)
-
-
-def choose_variant(
-    meta: dict[str, Any], rng: np.random.Generator, enable_inverse: bool, drop_ratio: float, stored: bool = True
-):
-    """(variant, text, inverse?) for one sample; variant "null" means the task's null embedding.
-
-    ``stored``: only variants with a stored embedding count (offline); otherwise any non-empty text (online).
-    """
-    present = meta.get("variants", {})
-    options = [v for v in ("en", "cn") if meta.get(VARIANT_TEXT[v]) and (v in present or not stored)]
-    if enable_inverse and meta["num_sources"] == 1:
-        options += [v for v in ("en_inv", "cn_inv") if meta.get(VARIANT_TEXT[v]) and (v in present or not stored)]
-    chosen = options[int(rng.integers(len(options)))] if options else None
-    dropped = rng.random() < drop_ratio or chosen is None
-    inverse = chosen is not None and chosen.endswith("_inv")
-    if not dropped:
-        return chosen, meta[VARIANT_TEXT[chosen]], inverse
-    if meta["num_sources"] == 0:
-        return "null", "", False
-    return ("drop_inv" if inverse else "drop"), "", inverse
-
-
-def choose(meta: dict[str, Any], rng: np.random.Generator, config: StreamConfig) -> tuple[str, str, bool]:
-    """The run's draw of a sample's variant: the one place the stream's settings decide it (at read-ahead time for
-    indexed shards, while the batch is assembled for streamed ones)."""
-    return choose_variant(meta, rng, config.enable_inverse, config.text_drop_ratio, stored=not config.online_prompts)
+from pipeline.train.stream.errors import UnusableSample
 
 
 def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +110,6 @@ def assemble_batch(
     config: StreamConfig,
     reader: RangeReader,
     null_cache: dict[str, bytes],
-    replace: Callable[[RawSample, Exception], RawSample] | None = None,
 ) -> dict[str, Any]:
     """One batch; with ``config.online_prompts`` it carries what the trainer needs to encode the prompts.
 
@@ -148,82 +117,36 @@ def assemble_batch(
     the device).  Images are opened lazily (headers only) first, so the batch's crop sizes are known
     before any pixel is decoded; each image is then cropped from its training copy when the shard
     has one that holds enough pixels (no decoding at all), else decoded at the smallest JPEG scale
-    that still covers its resize (``imaging.decode_and_crop``).  A sample whose image or
-    embedding cannot be read is replaced by another of its bucket (``replace``).
+    that still covers its resize (``imaging.decode_and_crop``).  Raises :class:`UnusableSample` for
+    the first sample whose image or embedding cannot be read or whose prompt does not fit.
     """
-    rng = CROP.rng(config.seed, rank, step)
-    samples = list(samples)
     online = config.online_prompts
-    prepared: list[dict[str, Any] | None] = [None] * len(samples)
-
-    def prepare(i: int) -> None:
-        """Variant, text, embedding and lazily opened images of sample i (replacing it until one works)."""
-        while True:
-            sample = samples[i]
-            try:
-                if sample.choice is not None:  # drawn when the sample was read ahead (its embedding came with it)
-                    variant, text, inverse = sample.choice
-                else:
-                    variant, text, inverse = choose(sample.meta, rng, config)
-                roles = ["target", *(f"source{k}" for k in range(num_sources))]
-                if inverse:
-                    roles[0], roles[1] = roles[1], roles[0]
-                pictures = [Picture.of(sample, role) for role in roles]
-                if online:
-                    role_images = [sample.original(r, reader) for r in (["target"] if inverse else roles[1:])]
-                    emb = {
-                        "kind": "t2i" if num_sources == 0 else "edit",
-                        "text": text,
-                        "images": role_images if num_sources else [],
-                        "target_size": sample.meta["target"]["size"],
-                    }
-                else:
-                    emb = (
-                        null_embedding(task, reader, null_cache)
-                        if variant == "null"
-                        else fetch_embedding(sample, variant, reader)
-                    )
-            except Exception as exc:  # a broken sample is replaced by another of the same bucket
-                drop(i, exc)
-                continue
-            prepared[i] = {"variant": variant, "text": text, "emb": emb, "pictures": pictures}
-            return
-
-    def drop(i: int, exc: Exception) -> None:
-        if replace is None:
-            raise exc
-        samples[i] = replace(samples[i], exc)  # the stream's error policy counts it and finds another
-
-    for i in range(len(samples)):
-        prepare(i)
+    prepared = [_prepare(i, sample, task, num_sources, online, reader, null_cache) for i, sample in enumerate(samples)]
     area = config.image_sample_size**2
-    fractions = rng.random((len(samples), 2))
-    while True:  # decode at the batch's crop sizes; a sample that fails to decode is replaced and sizes redone
-        target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
-        source_sizes = [
-            imaging.crop_size(float(np.mean([p["pictures"][k + 1].aspect for p in prepared])), area)
-            for k in range(num_sources)
-        ]
+    target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
+    source_sizes = [
+        imaging.crop_size(float(np.mean([p["pictures"][k + 1].aspect for p in prepared])), area)
+        for k in range(num_sources)
+    ]
+    if not online:  # a prompt the transformer cannot position at these sizes would stop the run
+        limit = text_positions([target_size, *source_sizes])
+        for i, p in enumerate(prepared):
+            if p["emb"].shape[0] > limit:
+                raise UnusableSample(
+                    i,
+                    PromptTooLong(
+                        f"a prompt of {p['emb'].shape[0]} tokens, over the {limit} text positions the "
+                        f"transformer has next to images of {target_size[0]}x{target_size[1]}"
+                    ),
+                )
+    target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
+    for i, (p, sample) in enumerate(zip(prepared, samples, strict=True)):
         try:
-            if not online:  # a prompt the transformer cannot position at these sizes would stop the run
-                limit = text_positions([target_size, *source_sizes])
-                too_long = [i for i, p in enumerate(prepared) if p["emb"].shape[0] > limit]
-                if too_long:
-                    failing = too_long[0]
-                    raise PromptTooLong(
-                        f"a prompt of {prepared[failing]['emb'].shape[0]} tokens, over the {limit} text positions "
-                        f"the transformer has next to images of {target_size[0]}x{target_size[1]}"
-                    )
-            target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
-            for i, (p, f) in enumerate(zip(prepared, fractions, strict=True)):
-                failing = i
-                target_tensors.append(p["pictures"][0].crop(target_size, f, reader))
-                for k, size in enumerate(source_sizes):
-                    source_tensors[k].append(p["pictures"][k + 1].crop(size, f, reader))
-            break
-        except Exception as exc:
-            drop(failing, exc)
-            prepare(failing)
+            target_tensors.append(p["pictures"][0].crop(target_size, sample.choice.fraction, reader))
+            for k, size in enumerate(source_sizes):
+                source_tensors[k].append(p["pictures"][k + 1].crop(size, sample.choice.fraction, reader))
+        except Exception as exc:  # noqa: BLE001 - reported with its index; the stream decides
+            raise UnusableSample(i, exc) from exc
     batch: dict[str, Any] = {
         "step": step,
         "rank": rank,
@@ -243,3 +166,36 @@ def assemble_batch(
     else:
         batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
     return batch
+
+
+def _prepare(
+    index: int,
+    sample: RawSample,
+    task: Task,
+    num_sources: int,
+    online: bool,
+    reader: RangeReader,
+    null_cache: dict[str, bytes],
+) -> dict[str, Any]:
+    """Variant, text, embedding (or what encodes it online) and lazily opened images of one sample."""
+    choice = sample.choice
+    try:
+        roles = ["target", *(f"source{k}" for k in range(num_sources))]
+        if choice.inverse:
+            roles[0], roles[1] = roles[1], roles[0]
+        pictures = [Picture.of(sample, role) for role in roles]
+        if online:
+            role_images = [sample.original(r, reader) for r in (["target"] if choice.inverse else roles[1:])]
+            emb: Any = {
+                "kind": "t2i" if num_sources == 0 else "edit",
+                "text": choice.text,
+                "images": role_images if num_sources else [],
+                "target_size": sample.meta["target"]["size"],
+            }
+        elif choice.variant == "null":
+            emb = null_embedding(task, reader, null_cache)
+        else:
+            emb = fetch_embedding(sample, choice.variant, reader)
+    except Exception as exc:  # noqa: BLE001 - reported with its index; the stream decides
+        raise UnusableSample(index, exc) from exc
+    return {"variant": choice.variant, "text": choice.text, "emb": emb, "pictures": pictures}

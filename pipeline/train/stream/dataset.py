@@ -22,32 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import images as imaging
-from pipeline.shards.reader import (
-    CorruptSample,
-    IndexCache,
-    RangeReader,
-    RawSample,
-    eager_members,
-    read_indexed_sample,
-    stream_shard,
-)
+from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, stream_shard
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.config import StreamConfig
 from pipeline.train.stream import state as state_mod
-from pipeline.train.stream.batching import assemble_batch, choose
-from pipeline.train.stream.errors import SkipPolicy
+from pipeline.train.stream.batching import assemble_batch
+from pipeline.train.stream.decide import decide
+from pipeline.train.stream.errors import ASSEMBLE, ITEM, READ, ErrorHandler, UnusableData, UnusableSample
 from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task, plan_mix  # noqa: F401 (re-exported)
 from pipeline.train.stream.pools import BucketPools, ByteBudget
-from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.seeding import SHUFFLE_BUFFER, VARIANT, stable_id
-from pipeline.train.stream.sources import IndexedSource, ShuffleBuffer, StreamedSource, ref_key
+from pipeline.train.stream.read import IndexedReads
+from pipeline.train.stream.readahead import Prefetch, ReadAhead
+from pipeline.train.stream.seeding import SHUFFLE_BUFFER, stable_id
+from pipeline.train.stream.sources import IndexedOrder, ShuffleBuffer, StreamedSource, ref_key
 from pipeline.train.stream.state import DATA_STATE_VERSION
 
 log = logging.getLogger(__name__)
@@ -69,6 +62,11 @@ def sample_bytes(sample: RawSample) -> int:
     return sum(len(v) for v in sample.images.values()) + sum(len(v) for v in sample.embeddings.values())
 
 
+def read_streamed(urls: list[str], storage_options: dict | None, policy, index: int):
+    """Shard ``index`` of ``urls`` front to back (the reader stage the streamed source is given)."""
+    return stream_shard(urls[index], storage_options, policy)
+
+
 # a fresh epoch after the shard list changed: far beyond any epoch a run reaches, distinct per change
 GENERATION_EPOCHS = 1 << 32
 
@@ -76,11 +74,13 @@ GENERATION_EPOCHS = 1 << 32
 class PartitionStream:
     """The samples of one (task, N) that partition ``part`` of ``parts`` owns: endless, shuffled, bucketed.
 
-    Stages, each with its own state (``sources.py``, ``pools.py``): a *source* — indexed
-    shards in a computed sample-level order, or streamed shards (``pipe:``, no index) read
-    front to back through a shuffle buffer — then the bucket *pools* that make batches.
-    This class reads the samples for them and applies the error policy: a sample that
-    cannot be read is skipped and counted; a shard that is gone or forbidden is an error.
+    It composes the stages, each its own unit with its own state, and calls them
+    downward only: *order* (``sources.py``: element ids of indexed shards, or the items
+    of streamed shards front to back through a shuffle buffer) → *read* (``read.py``:
+    element → sample, with its draws decided, ``decide.py``) behind the *read-ahead*
+    (``readahead.py``) → *pool* by bucket (``pools.py``, where replacements come from).
+    Assembly into tensors is the dataset's next stage. Every failure on the way goes to
+    the worker's one :class:`ErrorHandler`, which skips and counts or stops the run.
     """
 
     def __init__(
@@ -90,96 +90,78 @@ class PartitionStream:
         shards: list[Shard],
         part: int,
         parts: int,
-        seed: int,
-        shuffle_buffer: int,
+        config: StreamConfig,
         reader: RangeReader,
         index_cache: IndexCache,
-        storage_options: dict | None,
-        batch_size: int = 1,
+        handler: ErrorHandler,
         budget: ByteBudget | None = None,
-        choose: Callable[[dict, np.random.Generator], tuple[str, str, bool]] | None = None,
-        fetch_embeddings: bool = True,
         readahead: ReadAhead | None = None,
-        max_bad_in_a_row: int = StreamConfig.max_bad_in_a_row,
     ):
-        self.task, self.n, self.shards = task, num_sources, shards
-        self.part, self.parts, self.seed = part, parts, seed
-        self.reader, self.index_cache, self.storage_options = reader, index_cache, storage_options
+        self.task, self.n, self.shards, self.config = task, num_sources, shards, config
+        self.part, self.parts = part, parts
         self.indexed = all(s.index_url and s.samples is not None for s in shards)
         self.total = sum(s.samples or 0 for s in shards)
         self.digest = shard_digest(shards)
         if self.indexed and self.total == 0:
             raise DataConfigError(f"task {task}: the shards with {num_sources} source(s) hold no samples")
         self.budget = budget or ByteBudget(1 << 62)
-        self.choose, self.fetch_embeddings = choose, fetch_embeddings
+        self.key = f"{task}|{num_sources}"
+        self.handler = handler
+        self.counts = handler.register(self.key, task, num_sources, len(shards), self.total if self.indexed else None)
         salt = (stable_id(task), num_sources)
-        self.source: IndexedSource | StreamedSource
+        self.order: IndexedOrder | StreamedSource
         if self.indexed:
-            self.source = IndexedSource(
-                [s.samples for s in shards], seed, salt, part, parts,
-                load=self._load, size_of=self._read_size, readahead=readahead, depth=max(4, 2 * batch_size),
-            )  # fmt: skip
+            self.order = IndexedOrder([s.samples for s in shards], config.seed, salt, part, parts)
+            self.reads = IndexedReads(task, num_sources, shards, self.order, reader, index_cache, config)
+            depth = max(4, 2 * config.batch_size)
+            self.ahead = Prefetch(readahead, self.reads.read, self.reads.size_of, depth)
         else:
-            self.source = StreamedSource(
-                len(shards), seed, salt, part, parts,
-                read_shard=lambda i: stream_shard(self.shards[i].url, self.storage_options),
-                bad=lambda item: item.reason if isinstance(item, CorruptSample) else None,
-                on_skip=lambda reason: self.errors.corrupt(reason),
-            )  # fmt: skip
-        buffer_size = 0 if self.indexed else max(0, shuffle_buffer)  # an indexed order is already shuffled
-        self.buffer = ShuffleBuffer(buffer_size, SHUFFLE_BUFFER.rng(seed, *salt, part), self.budget, sample_bytes)
-        self.pools = BucketPools(batch_size, POOL_BATCHES * batch_size, self.budget)
+            read_shard = partial(read_streamed, [s.url for s in shards], config.storage_options, reader.policy)
+            self.order = StreamedSource(len(shards), config.seed, salt, part, parts, read_shard=read_shard)
+        buffer_size = 0 if self.indexed else max(0, config.shuffle_buffer)  # an indexed order is already shuffled
+        self.buffer = ShuffleBuffer(
+            buffer_size, SHUFFLE_BUFFER.rng(config.seed, *salt, part), self.budget, sample_bytes
+        )
+        self.pools = BucketPools(config.batch_size, POOL_BATCHES * config.batch_size, self.budget)
         self.generation = 0  # how many times the shard list changed under a resumed run
-        self.errors = SkipPolicy(task, num_sources, len(shards), max_bad_in_a_row, self.total if self.indexed else None)
-
-    # ---- reading, for the source ---------------------------------------------------------------
-    def _entry(self, shard: int, sample: int) -> tuple[str, dict]:
-        entry = self.shards[shard]
-        index = self.index_cache.get(entry.index_url)
-        if len(index) != entry.samples:  # the order was sized from the manifest: it must not lie
-            raise DataConfigError(
-                f"task {self.task}: the manifest says {entry.samples} samples in {entry.url}, its index "
-                f"{entry.index_url} lists {len(index)}; check the task with python -m shards_tools verify"
-            )
-        return entry.url, index[sample]
-
-    def _read_size(self, shard: int, sample: int) -> int:
-        """Bytes the read of an indexed sample brings: eager members and the largest embedding."""
-        members = self._entry(shard, sample)[1]["members"]
-        size = sum(members[ext][1] for ext in eager_members(members))
-        return size + max((m[1] for ext, m in members.items() if ext.startswith("emb_")), default=0)
-
-    def _load(self, g: int, shard: int, sample_index: int) -> RawSample:
-        """One sample by range reads; with ``choose``, its variant drawn from (seed, task, N, g) and that
-        embedding read too (so read-ahead brings everything the batch needs)."""
-        url, entry = self._entry(shard, sample_index)
-        sample = read_indexed_sample(self.reader, url, entry)
-        if self.choose is not None:
-            rng = VARIANT.rng(self.seed, stable_id(self.task), self.n, g)
-            sample.choice = self.choose(sample.meta, rng)
-            variant = sample.choice[0]
-            if self.fetch_embeddings and variant in sample.embedding_ranges:
-                sample.embeddings[variant] = self.reader.read(url, *sample.embedding_ranges[variant])
-        return sample
 
     @property
     def skipped(self) -> int:
         """Samples this stream skipped (saved in the data state)."""
-        return self.errors.skipped
+        return self.counts.skipped
 
     @skipped.setter
     def skipped(self, count: int) -> None:
-        self.errors.skipped = count
+        self.counts.skipped = count
+
+    # ---- order → read → decide ---------------------------------------------------------------
+    def read(self, ref: Any) -> RawSample:
+        """The sample at ``ref`` read again (a resume re-reads what waited), with its draws."""
+        if self.indexed:
+            return self.reads.read(ref)
+        return self._reread([ref])[ref_key(ref)]
 
     def _next_owned(self) -> tuple[Any, RawSample]:
+        """The next sample of this partition that can be read; every failure to the handler."""
         while True:
             try:
-                item = self.source.next()
-            except Exception as exc:  # noqa: BLE001 - the policy decides: skip it, or stop with a message
-                self.errors.read_failed(exc)
+                if self.indexed:
+                    ref = self.order.next()
+                    try:
+                        sample = self.ahead.take(ref)
+                    finally:
+                        self.ahead.plan(self.order.peek(self.ahead.depth))
+                else:
+                    ref, sample = self.order.next()
+                    if isinstance(sample, CorruptSample):
+                        self.handler.handle(self.key, ITEM, sample.reason)
+                        continue
+                    sample.choice = decide(sample.meta, self.config, self.task, self.n, tuple(ref))
+            except Exception as exc:  # noqa: BLE001 - the handler decides: skip it, or stop with a message
+                self.handler.handle(self.key, READ, exc)
                 continue
-            self.errors.read_ok()
-            return item
+            self.handler.passed(self.key, READ)
+            return ref, sample
 
     def _next_item(self) -> tuple[Any, RawSample]:
         """The next owned sample: in computed order (indexed) or through the shuffle buffer (streamed)."""
@@ -189,33 +171,36 @@ class PartitionStream:
     def next_batch(self, batch_size: int) -> list[tuple[Any, RawSample]]:
         """(reference, sample) × ``batch_size``, of one aspect bucket (or similar, when the pools are full)."""
         self.pools.batch_size = batch_size
-        self.errors.batch_assembled()  # the previous batch was
         while True:
             ref, sample = self._next_item()
             batch = self.pools.add(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
             if batch is not None:
                 return batch
 
-    def replacement(self, unusable: RawSample, exc: Exception) -> RawSample:
-        """Another sample of ``unusable``'s bucket, for one that failed while its batch was built (the policy counts
-        it, and stops a stream whose samples keep failing)."""
-        self.errors.undecodable(unusable.key, exc)
-        bucket = tuple(unusable.meta["bucket"])
+    def replacement(self, unusable: tuple[Any, RawSample], exc: Exception) -> tuple[Any, RawSample]:
+        """Another sample of ``unusable``'s bucket, for one that failed while its batch was assembled (the handler
+        counts it, and stops a stream whose samples keep failing)."""
+        self.handler.handle(self.key, ASSEMBLE, exc, unusable[1].key)
+        bucket = tuple(unusable[1].meta["bucket"])
         waiting = self.pools.pop_from(bucket)
         if waiting is not None:
-            return waiting[1]
+            return waiting
         for _ in range(self.pools.max_samples):
             ref, sample = self._next_item()
-            if tuple(sample.meta["bucket"]) == tuple(bucket):
-                return sample
+            if tuple(sample.meta["bucket"]) == bucket:
+                return ref, sample
             self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
         log.warning("task %s N=%d: no sample of bucket %s nearby; another bucket's instead", self.task, self.n, bucket)
-        return self._next_item()[1]
+        return self._next_item()
+
+    def assembled(self) -> None:
+        """The batch taken last was assembled: the handler's run of assembly failures ends."""
+        self.handler.passed(self.key, ASSEMBLE)
 
     # ---- state -------------------------------------------------------------------------------
     def drop_readahead(self) -> None:
         if self.indexed:
-            self.source.drop_readahead()
+            self.ahead.drop()
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -224,7 +209,7 @@ class PartitionStream:
             "generation": self.generation,
             "skipped": self.skipped,
             "pools": self.pools.state_dict(lambda item: item[0]),
-            **self.source.state_dict(),
+            **self.order.state_dict(),
         }
         if not self.indexed:
             state.update(self.buffer.state_dict())
@@ -237,7 +222,7 @@ class PartitionStream:
             self.start_new_epoch(state)
             return
         self.generation = state["generation"]
-        self.source.load_state_dict(state)
+        self.order.load_state_dict(state)
         pooled = [ref for _, entries in state["pools"]["pools"] for _, ref in entries]
         samples = self._reread([*state.get("buffer", []), *pooled])
         if not self.indexed:
@@ -257,7 +242,8 @@ class PartitionStream:
             len(self.shards),
             self.total,
         )
-        self.source.start_epoch(self.generation * GENERATION_EPOCHS)
+        self.drop_readahead()
+        self.order.start_epoch(self.generation * GENERATION_EPOCHS)
 
     def load_elastic(self, olds: list[dict[str, Any]]) -> int:
         """Take over from every partition of another (ranks × workers) layout; returns the samples re-read.
@@ -275,22 +261,28 @@ class PartitionStream:
             return 0
         self.skipped = sum(o.get("skipped", 0) for o in olds)
         self.generation = olds[0]["generation"]
-        self.source.merge(olds)
+        self.drop_readahead()
+        self.order.merge(olds)
         waiting = [ref for o in olds for _, entries in o["pools"]["pools"] for _, ref in entries]
         mine = sorted(ref for ref in waiting if ref % self.parts == self.part)
         for ref in mine:
-            sample = self.source.read(ref)
+            sample = self.read(ref)
             self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
         return len(mine)
 
     def _reread(self, refs: list) -> dict[Any, RawSample]:
         """Fetch waiting samples again: one range read each, or one pass per shard when streamed."""
         if self.indexed:
-            return {ref: self.source.read(ref) for ref in refs}
-        out = self.source.reread(refs)
+            return {ref: self.reads.read(ref) for ref in refs}
+        out = self.order.reread(refs)
         missing = [r for r in refs if ref_key(r) not in out]
         if missing:
-            raise RuntimeError(f"task {self.task} N={self.n}: cannot re-read buffered samples {missing[:3]}")
+            raise UnusableData(
+                f"task {self.task} N={self.n}: the samples that waited at the checkpoint cannot be read again "
+                f"({missing[:3]}...): a shard changed in place; check it with python -m shards_tools verify"
+            )
+        for ref, sample in out.items():
+            sample.choice = decide(sample.meta, self.config, self.task, self.n, ref)
         return out
 
 
@@ -322,7 +314,8 @@ class MixedBatchDataset(IterableDataset):
         info = get_worker_info()
         self._worker, self._workers = (info.id, info.num_workers) if info else (0, 1)
         self._streams = {}
-        self.reader = RangeReader(self.config.storage_options)
+        self.handler = ErrorHandler(self.config.max_bad_in_a_row)  # every stage's failures, the reader's included
+        self.reader = RangeReader(self.config.storage_options, policy=self.handler)
         self.index_cache = IndexCache(self.reader)
         self.budget = ByteBudget(self.config.pool_bytes)
         self.readahead = ReadAhead(self.config.readahead_bytes)
@@ -337,22 +330,14 @@ class MixedBatchDataset(IterableDataset):
                 self.tasks[task].shards[n],
                 part=self.rank * self._workers + self._worker,
                 parts=self.world_size * self._workers,
-                seed=self.config.seed,
-                shuffle_buffer=self.config.shuffle_buffer,
+                config=self.config,
                 reader=self.reader,
                 index_cache=self.index_cache,
-                storage_options=self.config.storage_options,
-                batch_size=self.config.batch_size,
+                handler=self.handler,
                 budget=self.budget,
-                choose=self._choose,
-                fetch_embeddings=not self.config.online_prompts,
                 readahead=self.readahead,
-                max_bad_in_a_row=self.config.max_bad_in_a_row,
             )
         return self._streams[key]
-
-    def _choose(self, meta: dict, rng: np.random.Generator) -> tuple[str, str, bool]:
-        return choose(meta, rng, self.config)
 
     def step_of(self, made: int) -> int:
         return self.base + self._worker + made * self._workers
@@ -382,20 +367,30 @@ class MixedBatchDataset(IterableDataset):
             task = draw_task(self.config.seed, self.rank, step, self.plan.task_probs[n])
             stream = self._stream(task, n)
             taken = stream.next_batch(self.config.batch_size)
-            batch = assemble_batch(
-                [sample for _, sample in taken],
-                self.tasks[task],
-                n,
-                step,
-                self.rank,
-                self.config,
-                self.reader,
-                self._null_cache,
-                replace=stream.replacement,  # a corrupt image or embedding costs a sample, not the run
-            )
+            batch = self._assemble(stream, taken, step)
             batch["elements"] = [ref for ref, _ in taken]  # the stream positions (trace: exactly-once checks)
             self.made += 1
             yield batch
+
+    def _assemble(self, stream: PartitionStream, taken: list[tuple[Any, RawSample]], step: int) -> dict[str, Any]:
+        """Assemble ``taken`` (in place); a sample that cannot be used costs itself: the stream replaces it."""
+        while True:
+            try:
+                batch = assemble_batch(
+                    [sample for _, sample in taken],
+                    self.tasks[stream.task],
+                    stream.n,
+                    step,
+                    self.rank,
+                    self.config,
+                    self.reader,
+                    self._null_cache,
+                )
+            except UnusableSample as bad:
+                taken[bad.index] = stream.replacement(taken[bad.index], bad.cause)
+                continue
+            stream.assembled()
+            return batch
 
     def state_dict(self) -> dict[str, Any]:
         self._prepare()

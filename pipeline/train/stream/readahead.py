@@ -43,3 +43,56 @@ class ReadAhead:
     def release(self, size: int) -> None:
         with self._lock:
             self.used -= size
+
+
+class Prefetch:
+    """The read-ahead stage of one indexed stream: element reads started before the elements are taken.
+
+    ``read(g)`` and ``size_of(g)`` are the read stage's (a lower stage, passed in). A read
+    that fails in the background — or whose size cannot even be known — fails again, once,
+    when its element is taken, so the stream's error handler sees every failure exactly
+    once and nothing is swallowed here.
+    """
+
+    def __init__(self, pool: ReadAhead | None, read: Callable[[int], Any], size_of: Callable[[int], int], depth: int):
+        self.pool, self.read, self.size_of, self.depth = pool, read, size_of, depth
+        self.ahead: dict[int, tuple[Future, int]] = {}  # element -> (read in flight, bytes reserved)
+
+    def take(self, g: int) -> Any:
+        """Element ``g``: from the read in flight, else read now (either raises the read's error)."""
+        pending = self.ahead.pop(g, None)
+        if pending is None:
+            return self.read(g)
+        future, size = pending
+        try:
+            return future.result()
+        finally:
+            if self.pool is not None:
+                self.pool.release(size)
+
+    def plan(self, upcoming: list[int]) -> None:
+        """Start the reads of ``upcoming`` elements that fit the worker's read-ahead budget."""
+        if self.pool is None or not self.pool.enabled:
+            return
+        for g in upcoming:
+            if g in self.ahead:
+                continue
+            try:
+                size = self.size_of(g)
+            except Exception as exc:  # noqa: BLE001 - kept for the element: it fails when taken, once
+                failed: Future = Future()
+                failed.set_exception(exc)
+                self.ahead[g] = (failed, 0)
+                continue
+            future = self.pool.try_submit(size, lambda g=g: self.read(g))
+            if future is None:
+                return
+            self.ahead[g] = (future, size)
+
+    def drop(self) -> None:
+        """Forget reads in flight (their elements are read again when taken)."""
+        for future, size in self.ahead.values():
+            future.cancel()
+            if self.pool is not None:
+                self.pool.release(size)
+        self.ahead.clear()

@@ -32,7 +32,7 @@ class Purpose:
 SOURCE_COUNT = Purpose("the number of source images of a step (every rank the same)", 1)
 TASK = Purpose("the task of a rank's step", 2)
 SHARD_ORDER = Purpose("the shard order of an epoch of a stream", 3, last=True)
-CROP = Purpose("the crop offsets of a batch", 4)
+CROP = Purpose("the crop offsets of an element", 4)
 BLOCK_ORDER = Purpose("the sample order inside a block of an epoch", 5, last=True)
 SHUFFLE_BUFFER = Purpose("the sample a streamed shard's shuffle buffer gives next", None)
 VARIANT = Purpose("the embedding variant (language, dropped text, inverse) of an element", 7, last=True)
