@@ -125,8 +125,9 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
     from pipeline.train.engine.model import DEFAULT_LORA_TARGETS, build_training_models
 
     lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=tuple(DEFAULT_LORA_TARGETS.split(","))) if lora else None
-    transformer, _, _, _ = build_training_models(ModelConfig(pretrained=str(model), lora=lora_cfg), mixed, 1e-5)
-    transformer.to(device)
+    transformer = build_training_models(
+        ModelConfig(pretrained=str(model), lora=lora_cfg), mixed, 1e-5, device
+    ).transformer
     side = size // 16  # 8× VAE, 2×2 packing
     tokens = side * side
     dtype = {"bf16": torch.bfloat16}.get(mixed, torch.float32)

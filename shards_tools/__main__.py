@@ -19,8 +19,8 @@ log = logging.getLogger("shards_tools")
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from pipeline.kit.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.out_dir, seed=args.seed, size=args.size)
-    log.info("%s Qwen-Image-Edit-2509-layout model written to %s", args.size, out)
+    out = make_tiny_model(args.out_dir, seed=args.seed, size=args.size, variant=args.variant)
+    log.info("%s Qwen-Image-Edit-%s-layout model written to %s", args.size, args.variant, out)
     return 0
 
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser(
         "make-tiny-model",
-        help="write a tiny random-weight model in the Qwen-Image-Edit-2509 diffusers layout",
+        help="write a tiny random-weight model in the Qwen-Image-Edit-2509 (or 2511) diffusers layout",
         description="Write, offline and deterministically, a tiny random-weight model that "
         "diffusers' QwenImageEditPlusPipeline.from_pretrained loads (tests, demo, CI).",
     )
@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="tiny: 4 MB, for tests and the demo (default); bench: ~60 MB, big enough that the encoder "
         "forward dominates CPU benchmarks",
+    )
+    tiny.add_argument(
+        "--variant",
+        choices=["2509", "2511"],
+        default="2509",
+        help="2509 (default; also the layout of FireRed-Image-Edit 1.0/1.1) or 2511 (zero_cond_t: the source "
+        "images' tokens are modulated as at t = 0)",
     )
     tiny.set_defaults(func=_make_tiny_model)
 

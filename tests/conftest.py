@@ -44,6 +44,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_2511_dir(tmp_path_factory):
+    """The tiny model in the Qwen-Image-Edit-2511 layout (zero_cond_t); same seed, so the same text encoder."""
+    from pipeline.kit.tiny_model import make_tiny_model
+
+    return built_once(tmp_path_factory, "tiny-2511", lambda folder: make_tiny_model(folder, seed=0, variant="2511"))
+
+
+@pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
     from pipeline.kit.sample_data import make_sample_data
 

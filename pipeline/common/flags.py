@@ -73,6 +73,19 @@ def add_max_failure_ratio(parser: argparse.ArgumentParser | argparse._ArgumentGr
     )
 
 
+def ddp_timeout_help(default: int, longest: str) -> str:
+    """``--ddp_timeout``'s help (training and extraction declare it with their own default)."""
+    return (
+        "seconds one rank may wait for the others in a collective (the transformers Trainer's flag): the process "
+        f"group's limit (NCCL's watchdog on GPUs) and the limit of every wait for rank 0. Default {default}: "
+        f"{longest}. A wait past it ends the run with one line naming what was being waited for"
+    )
+
+
+TRAIN_DDP_TIMEOUT = 1800  # seconds: the longest rank-0 phase at 20B (docs/training.md) with a wide margin
+EXTRACT_DDP_TIMEOUT = 24 * 3600  # seconds: at the end the ranks wait for the slowest one's share of the input
+
+
 NO_TRAIN_COPIES = 0  # --train_copy_size's default: originals only
 
 
@@ -97,7 +110,8 @@ class DistributedEnv:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
+    local_rank: int = 0  # this process's GPU on its node
+    node_rank: int = 0  # which node (torchrun's GROUP_RANK): per-node work such as caches goes by it
     fsdp_requested: bool = False  # accelerate launch with an FSDP configuration
 
 
@@ -107,6 +121,7 @@ def distributed_env() -> DistributedEnv:
         rank=int(os.environ.get("RANK", "0")),
         world=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        node_rank=int(os.environ.get("GROUP_RANK", "0")),
         fsdp_requested=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"),
     )
 

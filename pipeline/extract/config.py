@@ -13,9 +13,11 @@ from pipeline.common import images as imaging
 from pipeline.common.flags import (
     DEFAULT_MAX_FAILURE_RATIO,
     DEFAULT_SHARD_SAMPLES,
+    EXTRACT_DDP_TIMEOUT,
     MAX_FAILURE_RATIO_HELP,
     NO_TRAIN_COPIES,
     STORAGE_OPTIONS_HELP,
+    ddp_timeout_help,
     prompt_style_help,
     shard_size_help,
     train_copy_size_help,
@@ -96,6 +98,11 @@ class ExtractConfig(Checked):
     source_column: str = option("source_image", "JSONL field with the source image(s)")
     target_column: str = option("target_image", "JSONL field with the target image")
     storage_options: str | None = option(None, STORAGE_OPTIONS_HELP)
+    ddp_timeout: int = option(
+        EXTRACT_DDP_TIMEOUT,
+        ddp_timeout_help(EXTRACT_DDP_TIMEOUT, "24 hours, as the ranks' shares of the input may end hours apart"),
+        check=at_least(1),
+    )
     skip_embeddings: bool = option(False, "write image-only shards (online encoding)")
     device: str = option("auto", "auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
     dtype: str = option(

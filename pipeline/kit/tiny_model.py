@@ -223,8 +223,16 @@ def text_encoder_config(tokenizer, size: ModelSize = SIZES["tiny"]) -> dict[str,
     }
 
 
-def transformer_config(size: ModelSize = SIZES["tiny"]) -> dict[str, Any]:
+# what each generation of the family sets in transformer/config.json beyond the 2509 layout
+VARIANTS: dict[str, dict[str, Any]] = {
+    "2509": {},  # Qwen-Image-Edit-2509, FireRed-Image-Edit 1.0/1.1
+    "2511": {"zero_cond_t": True},  # Qwen-Image-Edit-2511: source-image tokens modulated as at t = 0
+}
+
+
+def transformer_config(size: ModelSize = SIZES["tiny"], variant: str = "2509") -> dict[str, Any]:
     return {
+        **VARIANTS[variant],
         "patch_size": 2,
         "in_channels": 64,
         "out_channels": 16,
@@ -266,8 +274,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_components(seed: int = 0, size: str | ModelSize = "tiny") -> dict[str, Any]:
-    """All six pipeline components at ``size`` (a key of SIZES, or a ModelSize), seeded; weights in float32."""
+def build_components(seed: int = 0, size: str | ModelSize = "tiny", variant: str = "2509") -> dict[str, Any]:
+    """All six pipeline components at ``size`` (a key of SIZES, or a ModelSize) and ``variant`` (a key of VARIANTS),
+    seeded; weights in float32."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -277,7 +286,7 @@ def build_components(seed: int = 0, size: str | ModelSize = "tiny") -> dict[str,
     dims = SIZES[size] if isinstance(size, str) else size
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_encoder_config(tokenizer, dims)))
     torch.manual_seed(seed + 1)
-    transformer = QwenImageTransformer2DModel(**transformer_config(dims))
+    transformer = QwenImageTransformer2DModel(**transformer_config(dims, variant))
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLQwenImage(**vae_config(dims))
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
@@ -291,12 +300,12 @@ def build_components(seed: int = 0, size: str | ModelSize = "tiny") -> dict[str,
     }
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, size: str | ModelSize = "tiny") -> Path:
-    """Write the model to ``out_dir`` in the Qwen-Image-Edit-2509 layout."""
+def make_tiny_model(out_dir: str | Path, seed: int = 0, size: str | ModelSize = "tiny", variant: str = "2509") -> Path:
+    """Write the model to ``out_dir`` in the Qwen-Image-Edit diffusers layout of ``variant`` (2509 or 2511)."""
     from diffusers import QwenImageEditPlusPipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = QwenImageEditPlusPipeline(**build_components(seed, size))
+    pipe = QwenImageEditPlusPipeline(**build_components(seed, size, variant))
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -75,7 +75,9 @@ def print_plan(args: argparse.Namespace) -> int:
     model = from_flags(ModelConfig, args, lora=from_flags(LoraConfig, args) if args.use_peft_lora else None)
     stream, optim, flow = from_flags(StreamConfig, args), from_flags(OptimConfig, args), from_flags(FlowConfig, args)
     if not model.pretrained:
-        raise UserError("--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509)")
+        raise UserError(
+            "--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509 / qwen-image-edit-2511)"
+        )
     lora = model.lora or LoraConfig()
     request = PlanRequest(
         lora=model.lora is not None,

@@ -15,7 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.common.flags import STORAGE_OPTIONS_HELP, distributed_env, prompt_style_help
+from pipeline.common.flags import (
+    STORAGE_OPTIONS_HELP,
+    TRAIN_DDP_TIMEOUT,
+    ddp_timeout_help,
+    distributed_env,
+    prompt_style_help,
+)
 from pipeline.common.options import INVOCATION, MODEL, Checked, at_least, between, from_flags, greater_than, option
 from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.errors import UserError
@@ -442,7 +448,8 @@ class PlanOptions(Checked):
     plan: bool = option(
         False,
         "print the memory each GPU needs for this mode and exit; the model is built on the meta device from "
-        "--pretrained_model_name_or_path's config.json, or give that flag the name qwen-image-edit-2509",
+        "--pretrained_model_name_or_path's config.json, or give that flag the name qwen-image-edit-2509 or "
+        "qwen-image-edit-2511",
         scope=INVOCATION,
     )
     plan_gpu_memory: float = option(
@@ -497,6 +504,12 @@ class TrainConfig(Checked):
         "FSDP only: keep the sharded parameters, their gradients and the optimizer states in host memory "
         "(FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU); a GPU then holds the gathered blocks and the "
         "activations. For full fine-tuning on fewer or smaller GPUs, and LoRA on one GPU (--parallelism fsdp over 1)",
+    )
+    ddp_timeout: int = option(
+        TRAIN_DDP_TIMEOUT,
+        ddp_timeout_help(TRAIN_DDP_TIMEOUT, "30 minutes, several times the longest wait at 20B (an export)"),
+        scope=INVOCATION,
+        check=at_least(1),
     )
     recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
     allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml

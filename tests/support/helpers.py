@@ -63,11 +63,11 @@ def _catches_sigusr1(pid: int) -> bool:
     return bool(int(caught, 16) >> (signal.SIGUSR1 - 1) & 1)
 
 
-def run_bounded(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+def run_bounded(cmd: list[str], env: dict, timeout: float, cwd: str | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd)`` with captured text output; past ``timeout`` every process of the tree that can
     prints its Python stacks (SIGUSR1) before all are killed, and the test fails with those stacks: a hang in CI
     says where it waited."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -105,6 +105,44 @@ def torchrun(nproc: int, module: str, *args: str, env: dict | None = None, timeo
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun {module} exited {result.returncode}\n{result.stderr[-4000:]}")
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(module: str, *args: str, nproc: int = 1, cwds: tuple | None = None, timeout: int = 900):
+    """Two torchrun launchers on this machine, ``--nnodes 2 --node_rank 0/1`` with a rendezvous on 127.0.0.1, ``nproc``
+    processes each: two nodes to every line of our code. ``cwds``: each node's own working folder (a relative path
+    then names a different folder on each). Returns both launchers' results (node 0 first)."""
+    import threading
+
+    port = free_port()
+    results: list = [None, None]
+
+    def node(rank: int) -> None:
+        launcher = ["--nnodes=2", f"--node_rank={rank}", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--master_port={port}", "-m", module, *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        cwd = str(cwds[rank]) if cwds else None
+        try:
+            results[rank] = run_bounded(cmd, env, timeout, cwd=cwd)
+        except AssertionError as exc:  # a hang: its stacks, for the test to fail with
+            results[rank] = exc
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, AssertionError):
+            raise result
+    return results
 
 
 def extract(jsonl, out_dir, model_dir, *extra: str, env: dict | None = None, check: bool = True):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers import PickleBomb
 
+from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.checkpoint import fsdp_files
-from pipeline.train.engine.collective import Collective
 
 ALONE = Collective(0, 1)  # one process: every collective is a plain call
 

@@ -81,6 +81,7 @@ def test_parsed_defaults_are_the_config_defaults():
                 "plan_gpu_memory", "plan_processes", "plan_num_sources", "plan_text_tokens",
                 "max_bad_in_a_row",  # added since: one field in StreamConfig, its scope says "not compared"
                 "overwrite_output_dir",  # added since: how this launch treats the folder
+                "ddp_timeout",  # added since: how long this launch's ranks wait for each other
             },
         ),
         (

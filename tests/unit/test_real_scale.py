@@ -157,7 +157,8 @@ def test_weights_load_in_the_dtype_of_their_mode(tiny_model_dir, mixed_precision
         pretrained=str(tiny_model_dir),
         lora=LoraConfig(rank=4, alpha=2, dropout=0.1, target_modules=("to_q", "to_k")) if lora else None,
     )
-    transformer, vae_model, _, groups = build_training_models(model, mixed_precision, 1e-4)
+    built = build_training_models(model, mixed_precision, 1e-4)
+    transformer, vae_model, groups = built.transformer, built.vae, built.groups
     frozen = {p.dtype for p in transformer.parameters() if not p.requires_grad}
     trained = {p.dtype for g in groups for p in g["params"]}
     if lora:
@@ -295,3 +296,25 @@ def test_plan_cli_reads_only_the_config(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "memory plan per GPU: LoRA r4, DDP over 1 process(es)" in out and "fits in 80 GiB" in out
     assert "which card" in out and any(line.split()[:3] == ["full", "8", "(FSDP)"] for line in out.splitlines())
+
+
+def test_the_plan_knows_2511_and_counts_what_zero_cond_t_changes(tiny_2511_dir, capsys):
+    """2511's zero_cond_t turns each image-stream modulation's shift, scale and gate into full [tokens, hidden]
+    tensors (one row per sample before): the measured activations per image token must grow by at least the two
+    modulations of the image stream each saving one such tensor, in at least 2-byte elements."""
+    from pipeline.kit.tiny_model import SIZES, transformer_config
+    from pipeline.train.cli import main
+    from pipeline.train.engine.activations import ActivationMode, block_activations
+    from pipeline.train.engine.plan import read_configs
+
+    assert read_configs("qwen-image-edit-2511")[0]["zero_cond_t"] is True
+    assert "zero_cond_t" not in read_configs("qwen-image-edit-2509")[0]
+    mode = ActivationMode(lora_rank=4, lora_targets=("to_q", "to_k", "to_v"))
+    size = SIZES["tiny"]
+    old = block_activations(transformer_config(size, "2509"), mode)
+    new = block_activations(transformer_config(size, "2511"), mode)
+    hidden = size.dit_heads * size.dit_head_dim
+    assert new.per_image_token - old.per_image_token >= 2 * hidden * 2
+    args = ["--plan", "--pretrained_model_name_or_path", str(tiny_2511_dir), "--use_peft_lora", "--lora_rank", "4"]
+    assert main(args) == 0
+    assert "memory plan per GPU: LoRA r4" in capsys.readouterr().out

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.shards.commits import LeaseHeld, RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.run_dir import LEASE_FILE, RUN_FILE, RunDirectory
 
 ALONE = Collective(0, 1)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.shards.commits import LeaseHeld
 from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.run_dir import RunDirectory
 
 ALONE = Collective(0, 1)

@@ -64,6 +64,12 @@ class BlockActivations:
         return batch * (self.input_per_image_token * image_tokens + self.input_per_text_token * text_tokens)
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``dtype`` by PyTorch's own cast: diffusers' ``ModelMixin.to`` warns on every dtype cast (that
+    some modules should stay in float32, listing none), and the plan casts dozens of models."""
+    return torch.nn.Module.to(module, dtype)
+
+
 def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.Module:
     """The configured transformer with one block, on the CPU, with the mode's dtypes and trainable parameters."""
     from diffusers import QwenImageTransformer2DModel
@@ -77,7 +83,7 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
         model = QwenImageTransformer2DModel.from_config(config)
     compute = weight_dtype(mode.mixed_precision)
     if mode.lora_rank is not None:
-        model.to(compute)  # the frozen base in the compute dtype
+        cast(model, compute)  # the frozen base in the compute dtype
         add_lora(model, mode.lora_rank, float(mode.lora_rank), mode.lora_dropout, list(mode.lora_targets), None)
         for param in model.parameters():
             if param.requires_grad:
@@ -87,10 +93,10 @@ def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.
 
             quantize_frozen_linears(model, FP8_DTYPES[mode.base_weight_dtype])
     else:
-        model.to(torch.float32)  # fp32 master weights
+        cast(model, torch.float32)  # fp32 master weights
         select_trainable(model, list(mode.trainable_modules), [])
     if mode.fsdp:  # MixedPrecisionPolicy: forward and backward see the parameters in the compute dtype
-        model.to(compute)
+        cast(model, compute)
     return model.train()
 
 

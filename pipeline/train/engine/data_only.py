@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 
+from pipeline.common.collective import Collective
 from pipeline.common.flags import distributed_env, join_process_group
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.run_dir import RunDirectory
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
 from pipeline.train.stream.trace import TraceWriter, truncate_trace
@@ -24,8 +24,8 @@ log = logging.getLogger("pipeline.train")
 def run_data_only(config: TrainConfig) -> int:
     """The real loader without a model: trace, checkpoints of the data state, exact resume."""
     env = distributed_env()
-    join_process_group("cpu")
-    collective = Collective(env.rank, env.world)
+    join_process_group("cpu", timeout_s=config.ddp_timeout)
+    collective = Collective(env.rank, env.world, config.ddp_timeout)
     run = RunDirectory(config.output_dir, collective)
     try:
         checkpoint = config.checkpoint

@@ -69,13 +69,17 @@ class Float8Linear(torch.nn.Module):
 def quantize_frozen_linears(transformer: torch.nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> int:
     """Replace every frozen ``nn.Linear`` inside the transformer blocks (LoRA's base layers included, its A/B not)
     by a :class:`Float8Linear`; returns how many. Call after the adapter is added."""
+    return sum(quantize_block(block, fp8_dtype) for block in transformer.transformer_blocks)
+
+
+def quantize_block(block: torch.nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> int:
+    """:func:`quantize_frozen_linears` for one block (the loader quantises each block as it fills it)."""
     replaced = 0
-    for block in transformer.transformer_blocks:
-        for name, module in list(block.named_modules()):
-            if type(module) is not torch.nn.Linear or module.weight.requires_grad or "lora_" in name:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, Float8Linear(module, fp8_dtype))
-            replaced += 1
+    for name, module in list(block.named_modules()):
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or "lora_" in name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, Float8Linear(module, fp8_dtype))
+        replaced += 1
     return replaced

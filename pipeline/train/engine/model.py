@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,39 +154,55 @@ def select_trainable(
     return normal, low
 
 
-def add_lora(
-    transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None, seed: int = 0
-):
-    """Freeze the transformer and add a PEFT LoRA adapter (optionally initialised from a file).
-
-    The random init is drawn from ``seed`` alone, so every rank (and every run of the
-    same seed, under DDP or FSDP) starts from the same adapter.
-    """
+def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None,
+             seed: int = 0) -> tuple[list[torch.nn.Parameter], dict[str, torch.Tensor]]:  # fmt: skip
+    """Freeze the transformer and add a PEFT LoRA adapter; returns (its parameters, in fp32, and their initial
+    values by name). The values come from ``seed`` and each parameter's name alone (:func:`loading.lora_init`),
+    then from ``--lora_path`` where given, so every rank and mode starts from the same adapter. On a real model
+    they are copied in here; on ``meta`` the caller fills them after allocating."""
     from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
+
+    from pipeline.train.engine.loading import lora_init
 
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # PEFT's own init draws are replaced below: leave the global RNG be
         transformer.add_adapter(config)
-    if lora_path:
-        from diffusers import QwenImagePipeline
-
-        if not Path(lora_path).is_file():
-            raise UserError(f"--lora_path {lora_path}: no such file (a LoRA .safetensors file)")
-
-        state = QwenImagePipeline.lora_state_dict(lora_path)
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(transformer, state, adapter_name="default")
-        if result is not None and getattr(result, "unexpected_keys", None):
-            log.warning("unexpected keys in --lora_path: %s", result.unexpected_keys[:5])
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     for param in trainable:  # adapters train in fp32 whatever the base dtype
         param.data = param.data.float()
-    return trainable
+    values = lora_init(transformer, seed)
+    if lora_path:
+        values.update(lora_file_values(lora_path, set(values)))
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name in values and not param.is_meta:
+                param.copy_(values[name])
+    return trainable, values
+
+
+def lora_file_values(lora_path: str, names: set[str]) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors under the adapter's parameter names (diffusers or PEFT layout)."""
+    from diffusers import QwenImagePipeline
+
+    if not Path(lora_path).is_file():
+        raise UserError(f"--lora_path {lora_path}: no such file (a LoRA .safetensors file)")
+    state = QwenImagePipeline.lora_state_dict(lora_path)
+    state = state[0] if isinstance(state, tuple) else state
+    out, unexpected = {}, []
+    for key, value in state.items():
+        name = key.removeprefix("transformer.")
+        for part in ("lora_A", "lora_B"):
+            name = name.replace(f".{part}.weight", f".{part}.default.weight")
+        if name in names:
+            out[name] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        log.warning("unexpected keys in --lora_path: %s", unexpected[:5])
+    return out
 
 
 def trainable_state(transformer) -> dict[str, torch.Tensor]:
@@ -192,29 +210,63 @@ def trainable_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def build_training_models(model: ModelConfig, mixed_precision: str | None, learning_rate: float, seed: int = 0):
-    """(transformer in train mode, frozen VAE, scheduler, optimizer parameter groups) for a mode, on the CPU.
+@dataclass
+class TrainingModels:
+    """What a mode trains with. ``weights``: where the transformer's values are still to be read from when it is
+    on ``meta`` (FSDP fills each rank's rows after sharding, ``parallel.FSDP.prepare``); None once filled."""
 
-    The caller moves them to the device (or shards them); dtypes follow :func:`training_dtypes`.
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    groups: list[dict]
+    weights: object | None = None
+
+
+def build_training_models(
+    model: ModelConfig,
+    mixed_precision: str | None,
+    learning_rate: float,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    sharded: bool = False,
+) -> TrainingModels:
+    """The transformer in train mode (LoRA or the trainable set chosen), the frozen VAE, the scheduler and the
+    optimizer parameter groups for a mode; dtypes follow :func:`training_dtypes`.
+
+    From safetensors weights the transformer is built on ``meta`` and filled where it lives
+    (``loading.py``): ``sharded`` (FSDP) leaves it on ``meta`` for each rank to fill its own rows after
+    sharding; otherwise each block is filled and moved to ``device`` in turn. Other weight files load whole on
+    the CPU, as before, and the caller moves them.
     """
+    from pipeline.train.engine import loading
+
     require_model_folder(model.pretrained, "--pretrained_model_name_or_path")
     for flag, path in (("--transformer_path", model.transformer_path), ("--vae_path", model.vae_path)):
         if path and not _is_file(path):
             require_model_folder(path, flag)
     transformer_dtype, vae_dtype = training_dtypes(mixed_precision, model.lora is not None)
-    transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype)
+    source = loading.safetensors_source(model.pretrained, model.transformer_path)
+    if source is None:
+        transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype)
+    else:
+        folder = model.transformer_path if model.transformer_path and not _is_file(model.transformer_path) else None
+        transformer = loading.build_empty(folder or str(Path(model.pretrained) / "transformer"), transformer_dtype)
     vae = load_vae(model.pretrained, model.vae_path, vae_dtype)
     scheduler = load_scheduler(model.pretrained)
+    quantize = None
     if model.lora is not None:
         lora = model.lora
-        params = add_lora(
+        params, values = add_lora(
             transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path, seed
         )
+        if source is not None:
+            source.computed.update(values)
         if lora.base_weight_dtype != "auto":  # after the adapter: PEFT would cast a new adapter to its base's dtype
-            from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_frozen_linears
+            from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_block
 
-            count = quantize_frozen_linears(transformer, FP8_DTYPES[lora.base_weight_dtype])
-            log.info("frozen base: %d Linear weights of the blocks stored as %s", count, lora.base_weight_dtype)
+            fp8 = FP8_DTYPES[lora.base_weight_dtype]
+            quantize = functools.partial(quantize_block, fp8_dtype=fp8)
+            log.info("frozen base: the Linear weights of the blocks stored as %s", lora.base_weight_dtype)
         groups = [{"params": params, "lr": learning_rate}]
     else:
         normal, low = select_trainable(transformer, list(model.trainable_modules), list(model.low_lr_modules))
@@ -224,7 +276,20 @@ def build_training_models(model: ModelConfig, mixed_precision: str | None, learn
     if model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()  # diffusers returns models in eval mode: LoRA dropout would do nothing
-    return transformer, vae, scheduler, [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if source is None:
+        if quantize is not None:
+            for block in transformer.transformer_blocks:
+                quantize(block)
+        return TrainingModels(transformer, vae, scheduler, groups)
+    if sharded:
+        return TrainingModels(transformer, vae, scheduler, groups, weights=source)
+    names = {id(p): n for n, p in transformer.named_parameters()}  # allocating replaces the meta parameters
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+    loading.materialize_blocks(transformer, source, torch.device(device), quantize)
+    params = dict(transformer.named_parameters())
+    groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
+    return TrainingModels(transformer, vae, scheduler, groups)
 
 
 def make_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -109,8 +110,9 @@ class Parallelism:
         self.model: torch.nn.Module | None = None
         self.optimizer = None
 
-    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer) -> tuple:
-        """The training model and its optimizer, built over ``groups`` by ``make_optimizer``."""
+    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer, weights=None) -> tuple:
+        """The training model and its optimizer, built over ``groups`` by ``make_optimizer``. ``weights``: what a
+        model built on ``meta`` is still to be filled from (FSDP only: DDP models arrive filled)."""
         self.model, self.optimizer = self.accelerator.prepare(transformer, make_optimizer(groups))
         return self.model, self.optimizer
 
@@ -153,10 +155,16 @@ class FSDP(Parallelism):
 
     name = "fsdp"
 
-    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer) -> tuple:
+    def prepare(self, transformer: torch.nn.Module, groups: list[dict], make_optimizer, weights=None) -> tuple:
         names = {id(p): n for n, p in transformer.named_parameters()}  # sharding replaces the parameters
         group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        shard_transformer(transformer, self.mixed_precision, self.accelerator.device, self.cpu_offload)
+        device = self.accelerator.device
+        shard_transformer(transformer, self.mixed_precision, device, self.cpu_offload)
+        if weights is not None:  # built on meta: each rank allocates and reads only its own rows
+            from pipeline.train.engine.loading import fill
+
+            transformer.to_empty(device="cpu" if self.cpu_offload else device)
+            fill(transformer, weights)
         params = dict(transformer.named_parameters())
         groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
         self.model, self.optimizer = transformer, make_optimizer(groups)
@@ -195,3 +203,28 @@ class FSDP(Parallelism):
 
 def strategy(fsdp: bool, accelerator, mixed_precision: str | None, cpu_offload: bool = False) -> Parallelism:
     return (FSDP if fsdp else Parallelism)(accelerator, mixed_precision, cpu_offload)
+
+
+def make_accelerator(config):
+    """The run's ``Accelerator``: mixed precision, accumulation, trackers, and the process group's time limit
+    (``--ddp_timeout``). Under our FSDP it must not build its own plugin."""
+    import datetime
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+    tracking, out = config.tracking, config.output_dir
+    with without_accelerate_fsdp(config.fsdp):
+        return Accelerator(
+            mixed_precision=config.optim.mixed_precision,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+            log_with=None if tracking.report_to == "none" else tracking.report_to.split(","),
+            project_config=ProjectConfiguration(project_dir=out, logging_dir=str(Path(out) / tracking.logging_dir)),
+            cpu=not torch.cuda.is_available(),
+            # the last block's text-stream outputs do not reach the loss: some parameters get no gradient; the
+            # buffers are constants (rope frequencies, an fp8 base): DDP must not broadcast them every forward
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.ddp_timeout)),
+            ],
+        )

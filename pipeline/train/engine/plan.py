@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.train.engine.activations import ActivationMode, BlockActivations, block_activations
+from pipeline.train.engine.activations import ActivationMode, BlockActivations, block_activations, cast
 
 GiB = 1024**3
 
@@ -56,7 +56,14 @@ QWEN_IMAGE_EDIT_2509_TRANSFORMER = {
     "guidance_embeds": False,
     "axes_dims_rope": [16, 56, 56],
 }
-PUBLISHED = {"qwen-image-edit-2509": QWEN_IMAGE_EDIT_2509_TRANSFORMER}
+# Qwen/Qwen-Image-Edit-2511: the same layout with zero_cond_t, which doubles the timestep embedding's batch and
+# modulates each image token by its own index (target or source): per block, the shift, scale and gate become
+# full [batch, image tokens, hidden] tensors instead of one row per sample (counted by the activation measurement)
+QWEN_IMAGE_EDIT_2511_TRANSFORMER = {**QWEN_IMAGE_EDIT_2509_TRANSFORMER, "zero_cond_t": True}
+PUBLISHED = {
+    "qwen-image-edit-2509": QWEN_IMAGE_EDIT_2509_TRANSFORMER,
+    "qwen-image-edit-2511": QWEN_IMAGE_EDIT_2511_TRANSFORMER,
+}
 MARGIN = 0.9  # share of the card the plan may use
 
 
@@ -124,14 +131,14 @@ class LiveBytes(TorchDispatchMode):
 def vae_encode_peak(vae: torch.nn.Module, images: int, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE encodes ``images`` pictures of ``size``² (on ``meta``: counted, not run)."""
     return _peak_on_meta(
-        lambda: vae.to(dtype).encode(torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype))
+        lambda: cast(vae, dtype).encode(torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype))
     )
 
 
 def vae_decode_peak(vae: torch.nn.Module, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE decodes one ``size``² picture (validation rendering), counted on ``meta``."""
     latents = torch.empty(1, vae.config.z_dim, 1, size // 8, size // 8, device="meta", dtype=dtype)
-    return _peak_on_meta(lambda: vae.to(dtype).decode(latents))
+    return _peak_on_meta(lambda: cast(vae, dtype).decode(latents))
 
 
 def _peak_on_meta(run) -> int:
@@ -206,6 +213,10 @@ def memory_plan(
         gathered = 2 * block * compute
         host = weights - gathered + grads - block * 4 + optimizer
         weights, grads, optimizer = gathered, block * 4, 0.0
+    # while the model loads (loading.py; weights stored in bf16): under FSDP a process reads one tensor's rows at a
+    # time and converts them on their way to the GPU; otherwise one block is filled in host memory, then moved
+    largest = max(p.numel() for p in transformer.parameters())
+    loading = largest * (2 + size) / shards if req.fsdp else block * (2 + size)
     if activations is None:
         activations = block_activations(transformer_config(transformer), req.activation_mode())
     image_tokens = (req.image_sample_size // 16) ** 2 * (1 + req.num_sources)
@@ -242,6 +253,7 @@ def memory_plan(
             "total": total / GiB,
         },
         "host_gib_per_process": host / GiB,
+        "host_load_gib_per_process": (host + loading) / GiB,
         "fits": total <= MARGIN * req.gpu_memory_gib * GiB,
     }
 
@@ -274,6 +286,11 @@ def format_plan(plan: dict) -> str:
     )
     if gib["vae_encode"] > gib["gradients"] + gib["activations"] + gib["backward_temporaries"]:
         lines.append("  (the VAE encode sets the peak: a smaller --vae_mini_batch lowers it)")
+    how = "its rows of one tensor at a time" if req["fsdp"] else "one block at a time, then moved to the GPU"
+    lines.append(
+        f"  host memory per process while the model loads: {plan['host_load_gib_per_process']:.2f} GiB ({how}; "
+        "never the whole model), beside what the process itself holds (Python, libraries, the data loader)"
+    )
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(f"  → peak {gib['total']:.1f} GiB: {verdict} in {req['gpu_memory_gib']:g} GiB (with a 10 % margin)")
     return "\n".join(lines)

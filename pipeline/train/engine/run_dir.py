@@ -25,11 +25,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.shards.commits import RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine.checkpoint import manager
-from pipeline.train.engine.collective import Collective
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,25 @@ class RunDirectory:
                 "--overwrite_output_dir moves the old run aside and --resume_from_checkpoint latest resumes it: "
                 "give one of them"
             )
-        self.collective.on_rank0(lambda: self._take(resume_from, overwrite, fresh_check))
+        with self.collective.phase("taking the run folder (rank 0: the lease, the checkpoints there)"):
+            self.collective.on_rank0(lambda: self._take(resume_from, overwrite, fresh_check))
+        self._require_shared()
+
+    def _require_shared(self) -> None:
+        """Every rank must see the folder rank 0 took: checkpoints written where another node cannot read them would
+        fail the first resume hours later. Checked by the lease rank 0 just wrote (its run token)."""
+        token = self.collective.text(self.lease.mine["run_id"] if self.lease else None)
+        if self.collective.world == 1:
+            return
+        try:
+            seen = manager.read_json_object(self.root / LEASE_FILE).get("run_id")
+        except (OSError, ValueError):  # missing or unreadable here: not the folder rank 0 wrote
+            seen = None
+        self.collective.require_seen(
+            seen == token,
+            f"{self.root.resolve()}/{LEASE_FILE}, which rank 0 has just written: --output_dir must be one folder "
+            "that every node shares (a shared filesystem; a relative path names each node's own working folder)",
+        )
 
     def _take(self, resume_from: str | None, overwrite: bool, fresh_check: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -101,7 +119,8 @@ class RunDirectory:
             manager.write_json_file(self.root / RUN_FILE, {"run_id": run_id, "adopted_unrecorded": adopted})
             return run_id
 
-        self.run_id = self.collective.text_from_rank0(decide)
+        with self.collective.phase("recording the run's identity (rank 0)"):
+            self.run_id = self.collective.text_from_rank0(decide)
         return self.run_id
 
     def owns(self, marker: dict[str, Any]) -> bool:

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.common.collective import Collective
 from pipeline.train import recipe as recipes
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine import model as models
 from pipeline.train.engine import parallel
-from pipeline.train.engine.collective import Collective
 from pipeline.train.engine.export import export_weights
 from pipeline.train.engine.metrics import LossBoard, group_grad_norms, step_logs
 from pipeline.train.engine.run_dir import RunDirectory
@@ -37,28 +37,14 @@ class Trainer:
     """One rank's training run under accelerate, configured by a :class:`TrainConfig`."""
 
     def __init__(self, config: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
         self.config = config
-        tracking, out = config.tracking, config.output_dir
-        with parallel.without_accelerate_fsdp(config.fsdp):  # under FSDP accelerate must not build its own plugin
-            self.accelerator = Accelerator(
-                mixed_precision=config.optim.mixed_precision,
-                gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-                log_with=None if tracking.report_to == "none" else tracking.report_to.split(","),
-                project_config=ProjectConfiguration(project_dir=out, logging_dir=str(Path(out) / tracking.logging_dir)),
-                cpu=not torch.cuda.is_available(),
-                # the last block's text-stream outputs do not reach the loss: some parameters get no gradient; the
-                # buffers are constants (rope frequencies, an fp8 base): DDP must not broadcast them every forward
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
-            )
+        self.accelerator = parallel.make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         if config.optim.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.collective = Collective(self.rank, self.world, acc.device)
+        self.collective = Collective(self.rank, self.world, config.ddp_timeout)
         self.run = RunDirectory(config.output_dir, self.collective)
         self.parallel = parallel.strategy(config.fsdp, acc, acc.mixed_precision, config.fsdp_cpu_offload)
         self.nonfinite = NonFinitePolicy(config.optim.max_nonfinite_steps)
@@ -95,15 +81,15 @@ class Trainer:
             # this rank's rows; the text encoder is loaded and freed before the transformer arrives
             rows = self.validator.rows_of(self.rank, self.world, self.parallel.renders_every_row())
             self.validator.prepare(acc.device, rows)
-        transformer, vae, self.scheduler, groups = models.build_training_models(
-            model, acc.mixed_precision, optim.learning_rate, config.flow.seed
+        built = models.build_training_models(
+            model, acc.mixed_precision, optim.learning_rate, config.flow.seed, acc.device, sharded=config.fsdp
         )
-        self.vae = vae.to(acc.device)
+        self.vae, self.scheduler, groups = built.vae.to(acc.device), built.scheduler, built.groups
         if optim.scale_lr:
             for g in groups:
                 g["lr"] *= optim.gradient_accumulation_steps * config.stream.batch_size * self.world
         self.transformer, self.optimizer = self.parallel.prepare(
-            transformer, groups, lambda gs: models.make_optimizer(gs, optim)
+            built.transformer, groups, lambda gs: models.make_optimizer(gs, optim), built.weights
         )
         self.lr_scheduler = get_scheduler(
             optim.lr_scheduler, self.optimizer, num_warmup_steps=optim.lr_warmup_steps,
@@ -246,7 +232,9 @@ class Trainer:
                 if saved:
                     self.checkpoints.save(done)
                 if self.validator is not None and self.validator.due(done, config.max_train_steps):
-                    self.validator.run(done, self.parallel, self.vae, acc)
+                    with self.collective.phase(f"validation images at step {done} (rank 0 writes the sheet)"):
+                        self.validator.run(done, self.parallel, self.vae, acc)
+                        self.collective.barrier()
                 signum = self.stop.agreed(self.collective)
                 if signum and done < config.max_train_steps:
                     folder = ckpt.final_dir(config.output_dir, done) if saved else self.checkpoints.save(done)
@@ -283,10 +271,13 @@ class Trainer:
                 f"{problem or 'another rank’s share of the weights'} is not finite (NaN/Inf): nothing exported to "
                 f"{out_dir}"
             )
-        return export_weights(
-            self.parallel.unwrapped(), self.config.model.lora, out_dir, self.parallel.export_names(),
-            self.accelerator.is_main_process,
-        )  # fmt: skip
+        with self.collective.phase(f"exporting the weights to {out_dir} (rank 0 writes them)"):
+            outputs = export_weights(
+                self.parallel.unwrapped(), self.config.model.lora, out_dir, self.parallel.export_names(),
+                self.accelerator.is_main_process,
+            )  # fmt: skip
+            self.collective.barrier()
+        return outputs
 
     def close(self) -> None:
         """Whatever happened: the loader's workers shut down (not left to Python's exit), the lease released."""

@@ -169,26 +169,35 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    write_rank_files(staging)
-    barrier()
-    mine = {f: file_record(staging / f) for f in checkpoint_files(staging) if file_owner(f) % world == rank}
-    write_json_file(staging / _HASH_LIST.format(rank=rank), mine)
-    barrier()
+    with collective.phase(f"writing checkpoint-{step} (each rank its files)"):
+        write_rank_files(staging)
+        barrier()
+    with collective.phase(f"hashing checkpoint-{step}'s files (each rank its share)"):
+        mine = {f: file_record(staging / f) for f in checkpoint_files(staging) if file_owner(f) % world == rank}
+        write_json_file(staging / _HASH_LIST.format(rank=rank), mine)
+        barrier()
     final = final_dir(output_dir, step)
-    if rank == 0:
-        files: dict[str, Any] = {}
-        for r in range(world):
-            listing = staging / _HASH_LIST.format(rank=r)
-            files.update(json.loads(listing.read_text()))
-            listing.unlink()
-        write_json_file(staging / MARKER, {"step": step, **marker, "files": dict(sorted(files.items()))})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        prune(output_dir, total_limit, owns)
-        log.info("saved %s", final)
-    barrier()
+    with collective.phase(f"publishing checkpoint-{step} (rank 0: its marker, the rename, pruning old ones)"):
+        if rank == 0:
+            _publish(staging, final, step, world, marker, output_dir, total_limit, owns)
+        barrier()
     return final
+
+
+def _publish(staging: Path, final: Path, step: int, world: int, marker: dict[str, Any], output_dir, total_limit,
+             owns) -> None:  # fmt: skip
+    """Rank 0: the ranks' file records into the marker, the staging folder renamed into place, old ones pruned."""
+    files: dict[str, Any] = {}
+    for r in range(world):
+        listing = staging / _HASH_LIST.format(rank=r)
+        files.update(json.loads(listing.read_text()))
+        listing.unlink()
+    write_json_file(staging / MARKER, {"step": step, **marker, "files": dict(sorted(files.items()))})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    prune(output_dir, total_limit, owns)
+    log.info("saved %s", final)
 
 
 def check_files(folder: Path, rank: int = 0, world: int = 1) -> tuple[int, str] | None:
@@ -432,7 +441,8 @@ class CheckpointManager:
 
     def find(self, value: str | None) -> Path | None:
         """Collective: the checkpoint ``--resume_from_checkpoint value`` names, checked intact (see resume_point)."""
-        return resume_point(self.output_dir, value, self.collective)
+        with self.collective.phase(f"choosing the checkpoint to resume ({value}; rank 0 lists and checks them)"):
+            return resume_point(self.output_dir, value, self.collective)
 
     def check_intact(self, folder: Path) -> None:
         """Collective: refuse a damaged checkpoint given by name (an export)."""

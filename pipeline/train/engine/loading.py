@@ -1,0 +1,182 @@
+"""The transformer built on ``meta`` and filled where it lives, tensor by tensor: no rank holds the whole model.
+
+``from_pretrained`` builds the whole transformer in host memory first: for full
+fine-tuning of the 20B DiT that is ~82 GB of fp32 on every rank before FSDP shards
+it, and a LoRA run on one card reads the whole bf16 model (~41 GB) into host memory.
+Here (PyTorch's and accelerate's documented route: build on ``meta``, then load):
+
+* the model is built with its parameters on ``meta`` (``accelerate.init_empty_weights``),
+  cast to the training dtype, the adapter added and the trainable set chosen — all free;
+* under FSDP the ranks shard the empty model, allocate only their own rows
+  (``to_empty``), and each fills its rows from the safetensors files, reading only
+  them (``safe_open(...).get_slice(key)[start:stop]``): host memory per rank ≈ its
+  share (on the GPU, not even that) + one slice;
+* on one process or under DDP each block is allocated, filled tensor by tensor,
+  quantised to fp8 when asked, and moved to its device before the next: host memory ≈
+  one block.
+
+Values are exactly the file's converted to the parameter's dtype (``copy_``), as
+``from_pretrained(torch_dtype=...)`` converts them; a LoRA adapter's initial values are
+computed from the seed and each parameter's name alone (:func:`lora_init`), so every
+rank and every mode start from the same adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BASE_LAYER = ".base_layer."  # PEFT's name for a wrapped layer's own weights
+# prefixes other tools put before the diffusers parameter names (ComfyUI, accelerate, the original's saves)
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.")
+
+
+def file_names(keys: list[str], own: set[str]) -> dict[str, str]:
+    """Each file key → the parameter name it holds: known prefixes removed where the plain key is not a name."""
+    names = {}
+    for key in keys:
+        name = key
+        for prefix in KEY_PREFIXES:
+            if name not in own and name.startswith(prefix):
+                name = name[len(prefix) :]
+        names[key] = name
+    return names
+
+
+@dataclass
+class WeightSource:
+    """Where every parameter's values come from: a (safetensors file, key) per weight name, and values computed
+    here (a LoRA adapter's), by parameter name."""
+
+    files: dict[str, tuple[Path, str]]
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def value(self, name: str, handles: dict, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Parameter ``name``'s values (only ``rows`` of them when given), read now."""
+        if name in self.computed:
+            full = self.computed[name]
+            return full if rows is None else full[rows[0] : rows[1]]
+        path, key = self.files[name.replace(BASE_LAYER, ".")]
+        if path not in handles:
+            from safetensors import safe_open
+
+            handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        tensor = handles[path].get_slice(key)
+        return tensor[:] if rows is None else tensor[rows[0] : rows[1]]
+
+
+def safetensors_source(model_path: str, transformer_path: str | None) -> WeightSource | None:
+    """The transformer's weights by name: its folder's safetensors files, then a single ``--transformer_path`` file
+    over them; None when they are not all safetensors (then the model loads the usual way)."""
+    from safetensors import SafetensorError, safe_open
+
+    single = transformer_path if transformer_path and Path(transformer_path).is_file() else None
+    folder = Path(transformer_path) if transformer_path and not single else Path(model_path) / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files or (single and Path(single).suffix != ".safetensors"):
+        return None
+    source = WeightSource({})
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            source.files.update({key: (path, key) for key in handle.keys()})
+    if single:
+        try:
+            with safe_open(single, framework="pt", device="cpu") as handle:
+                keys = list(handle.keys())
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{single}: not a readable safetensors file ({exc})") from None
+        names = file_names(keys, set(source.files))
+        unknown = sorted(n for n in names.values() if n not in source.files)
+        if unknown:
+            raise UserError(
+                f"--transformer_path {single}: {len(unknown)} key(s) the transformer does not have, e.g. "
+                f"{unknown[:3]} (is it a transformer state dict?)"
+            )
+        source.files.update({name: (Path(single), key) for key, name in names.items()})
+    return source
+
+
+def build_empty(config_folder: str, dtype: torch.dtype):
+    """The transformer with its parameters on ``meta`` in ``dtype``: shapes only, no memory."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    config = QwenImageTransformer2DModel.load_config(config_folder)
+    with init_empty_weights():  # parameters on meta; tensors built in __init__ (the RoPE table) stay real
+        transformer = QwenImageTransformer2DModel.from_config(config)
+    return torch.nn.Module.to(transformer, dtype)  # PyTorch's cast (diffusers' warns on every cast)
+
+
+def lora_init(transformer: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A new adapter's values, from ``seed`` and each parameter's name alone (PEFT's "gaussian" init: A ~ N(0, 1/r),
+    B = 0): the same on every rank, device and mode, computed from shapes (the model may be on ``meta``)."""
+    values = {}
+    for name, param in transformer.named_parameters():
+        if ".lora_A." in name:
+            generator = torch.Generator().manual_seed((seed & 0xFFFFFFFF) * 0x9E3779B1 ^ zlib.crc32(name.encode()))
+            rank = param.shape[0]
+            values[name] = torch.randn(tuple(param.shape), generator=generator) / rank
+        elif ".lora_B." in name:
+            values[name] = torch.zeros(tuple(param.shape))
+    return values
+
+
+def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """(the tensor this rank writes, the rows of the full parameter it holds — None: all of it). FSDP2 shards dim 0
+    as ``torch.chunk`` does: ceil(rows / ranks) each, the last ones shorter or empty."""
+    if not hasattr(param, "to_local"):
+        return param, None
+    local = param.to_local()
+    rows, ranks = param.shape[0], param.device_mesh.size()
+    chunk = math.ceil(rows / ranks)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"shard of {tuple(param.shape)} has {local.shape[0]} rows, expected {stop - start}")
+    return local, (start, stop)
+
+
+@torch.no_grad()
+def fill(module: torch.nn.Module, source: WeightSource, prefix: str = "") -> int:
+    """Every parameter of ``module`` (allocated, on any device, sharded or not) from ``source``; returns the bytes
+    read. Each tensor is read (its rows only when sharded), converted and copied before the next is read."""
+    handles: dict = {}  # one open file each, closed when they go out of scope
+    read = 0
+    for name, param in module.named_parameters():
+        local, rows = shard_rows(param)
+        value = source.value(prefix + name, handles, rows)
+        if tuple(value.shape) != tuple(local.shape):
+            raise UserError(
+                f"{prefix + name}: the weights hold shape {tuple(value.shape)}, the model {tuple(local.shape)} "
+                "(another model size?)"
+            )
+        local.copy_(value)
+        read += value.numel() * value.element_size()
+    return read
+
+
+def materialize_blocks(transformer: torch.nn.Module, source: WeightSource, device: torch.device, quantize=None) -> None:
+    """One process or DDP: each block (then the rest of the model) allocated on the CPU, filled, quantised when asked
+    (``quantize(block)``), and moved to ``device`` before the next: host memory holds one block at a time."""
+    blocks = transformer.transformer_blocks
+    for index, block in enumerate(blocks):
+        block.to_empty(device="cpu")
+        fill(block, source, f"transformer_blocks.{index}.")
+        if quantize is not None:
+            quantize(block)
+        block.to(device)
+    for name, child in transformer.named_children():
+        if child is blocks:
+            continue
+        child.to_empty(device="cpu")
+        fill(child, source, f"{name}.")
+        child.to(device)
