@@ -97,7 +97,7 @@ def worker(model: str, lora: bool, whole: bool = False) -> None:
     from pipeline.train.engine.loading import BASE_LAYER, safetensors_source, shard_rows
     from pipeline.train.engine.model import build_training_models
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on a GPU the rows go straight to it
     import peft  # noqa: F401
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel  # noqa: F401 - imports are not the load
     from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -135,7 +135,7 @@ def worker(model: str, lora: bool, whole: bool = False) -> None:
         expected = handles[path].get_slice(key)
         expected = expected[:] if rows is None else expected[rows[0] : rows[1]]
         checked += 1
-        mismatched += not torch.equal(local, expected.to(local.dtype))
+        mismatched += not torch.equal(local, expected.to(local.device, local.dtype))
     result = {
         "rank": accelerator.process_index,
         "ranks": accelerator.num_processes,

@@ -125,9 +125,8 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
     from pipeline.train.engine.model import DEFAULT_LORA_TARGETS, build_training_models
 
     lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=tuple(DEFAULT_LORA_TARGETS.split(","))) if lora else None
-    transformer = build_training_models(
-        ModelConfig(pretrained=str(model), lora=lora_cfg), mixed, 1e-5, device
-    ).transformer
+    config = ModelConfig(pretrained=str(model), lora=lora_cfg)
+    transformer = build_training_models(config, mixed, 1e-5, device=device).transformer
     side = size // 16  # 8× VAE, 2×2 packing
     tokens = side * side
     dtype = {"bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -312,6 +311,19 @@ def main() -> None:
             entry["measured_over_planned_60_blocks"] = round(at_60 / GiB / plan_60, 3)
         runs[name] = entry
     report["training"] = runs
+
+    # host memory per rank and time while the transformer loads (sharded load, and the whole-model load before it):
+    # on a GPU, and in the CPU rehearsal at the published width (the tiny model's load says nothing)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_load", REPO / "benchmarks" / "bench_load.py")
+    bench_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_load)
+    load_ranks = min(2, max(1, torch.cuda.device_count())) if cuda else 2
+    report["load"] = (cuda or rehearsal) and {
+        how: {f"{n}_process": bench_load.launch(model, n, lora=True, whole=whole) for n in sorted({1, load_ranks})}
+        for how, whole in (("sharded", False), ("whole_then_shard", True))
+    }
 
     # one checkpoint + resume: restart the LoRA run from its middle checkpoint
     resumed = work / "lora_resumed"

@@ -65,10 +65,12 @@ class Collective:
         """One collective op on the group; a wait past the time limit raises :class:`PhaseTimeout`."""
         try:
             collective_op(tensor, group=self.group, **kwargs)
-        except RuntimeError as exc:  # gloo: "Timed out waiting …", or a peer that gave up closed the connection
+        except RuntimeError as exc:  # gloo: "Timed out waiting …", or a peer that stopped closed the connection
             if self.timeout_s is None:
                 raise
-            raise self._timeout() from exc
+            if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+                raise self._timeout() from exc
+            raise RuntimeError(f"{self._phase}: another rank stopped ({exc}); its own error says why") from exc
 
     def barrier(self) -> None:
         if self.world > 1:

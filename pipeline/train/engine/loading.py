@@ -40,8 +40,9 @@ BASE_LAYER = ".base_layer."  # PEFT's name for a wrapped layer's own weights
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.")
 
 
-def file_names(keys: list[str], own: set[str]) -> dict[str, str]:
-    """Each file key → the parameter name it holds: known prefixes removed where the plain key is not a name."""
+def file_names(keys: list[str], own, path, what: str = "transformer") -> dict[str, str]:
+    """Each key of the weights file ``path`` → the name it holds in the model (``own``: its names): known prefixes
+    removed where the plain key is not a name. A key the model does not have is the user's mistake, said at once."""
     names = {}
     for key in keys:
         name = key
@@ -49,6 +50,12 @@ def file_names(keys: list[str], own: set[str]) -> dict[str, str]:
             if name not in own and name.startswith(prefix):
                 name = name[len(prefix) :]
         names[key] = name
+    unknown = sorted(n for n in names.values() if n not in own)
+    if unknown:
+        raise UserError(
+            f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
+            f"(is it a {what} state dict?)"
+        )
     return names
 
 
@@ -94,13 +101,7 @@ def safetensors_source(model_path: str, transformer_path: str | None) -> WeightS
                 keys = list(handle.keys())
         except (SafetensorError, OSError) as exc:
             raise UserError(f"{single}: not a readable safetensors file ({exc})") from None
-        names = file_names(keys, set(source.files))
-        unknown = sorted(n for n in names.values() if n not in source.files)
-        if unknown:
-            raise UserError(
-                f"--transformer_path {single}: {len(unknown)} key(s) the transformer does not have, e.g. "
-                f"{unknown[:3]} (is it a transformer state dict?)"
-            )
+        names = file_names(keys, source.files, single)
         source.files.update({name: (Path(single), key) for key, name in names.items()})
     return source
 

@@ -36,8 +36,6 @@ def training_dtypes(mixed_precision: str | None, lora: bool) -> tuple[torch.dtyp
 
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# prefixes other tools put before the diffusers parameter names (ComfyUI, accelerate, the original's saves)
-_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.")
 
 
 @contextlib.contextmanager
@@ -74,21 +72,11 @@ def load_into(module: torch.nn.Module, path: str | Path, what: str) -> torch.nn.
     error before anything is copied; missing keys are allowed (a partial file) and reported.
     Tensors are copied one at a time into the module's own (dtype-converting ``copy_``).
     """
+    from pipeline.train.engine.loading import file_names
+
     own = module.state_dict()
     with open_state_dict(path) as (keys, shape, get):
-        names = {}
-        for key in keys:
-            name = key
-            for prefix in _KEY_PREFIXES:
-                if name not in own and name.startswith(prefix):
-                    name = name[len(prefix) :]
-            names[key] = name
-        unknown = sorted(n for n in names.values() if n not in own)
-        if unknown:
-            raise UserError(
-                f"--{what}_path {path}: {len(unknown)} key(s) the {what} does not have, e.g. {unknown[:3]} "
-                f"(is it a {what} state dict?)"
-            )
+        names = file_names(keys, own, path, what)
         shapes = sorted(n for k, n in names.items() if shape(k) != tuple(own[n].shape))
         if shapes:
             raise UserError(f"--{what}_path {path}: shape differs for {shapes[:3]} (another model size?)")
