@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="runs of each revision per setting (the median is kept)")
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts to compare")
     p.add_argument("--copies", default="512,0", help="--train_copy_size values of the data (0: originals only)")
+    p.add_argument("--this_first", action="store_true", help="run this tree first in each round (order effects)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="compare-loader-"))
     try:
@@ -65,7 +66,8 @@ def main() -> None:
             for workers in [int(w) for w in args.workers.split(",")]:
                 runs: dict[str, list[dict]] = {"baseline": [], "this": []}
                 for _ in range(args.rounds):
-                    for name, tree in (("baseline", baseline), ("this", ROOT)):
+                    order = (("baseline", baseline), ("this", ROOT))
+                    for name, tree in order[::-1] if args.this_first else order:
                         runs[name].append(bench(tree, data, workers, args.steps, copies, args.samples))
                 rate = {k: statistics.median(r["ours_samples_per_s"] for r in v) for k, v in runs.items()}
                 private = {
