@@ -66,18 +66,19 @@ class WeightSource:
 
     files: dict[str, tuple[Path, str]]
     computed: dict[str, torch.Tensor] = field(default_factory=dict)
+    handles: dict[Path, object] = field(default_factory=dict)  # each file opened once (its header parsed once)
 
-    def value(self, name: str, handles: dict, rows: tuple[int, int] | None) -> torch.Tensor:
+    def value(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """Parameter ``name``'s values (only ``rows`` of them when given), read now."""
         if name in self.computed:
             full = self.computed[name]
             return full if rows is None else full[rows[0] : rows[1]]
         path, key = self.files[name.replace(BASE_LAYER, ".")]
-        if path not in handles:
+        if path not in self.handles:
             from safetensors import safe_open
 
-            handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        tensor = handles[path].get_slice(key)
+            self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        tensor = self.handles[path].get_slice(key)
         return tensor[:] if rows is None else tensor[rows[0] : rows[1]]
 
 
@@ -150,11 +151,10 @@ def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | Non
 def fill(module: torch.nn.Module, source: WeightSource, prefix: str = "") -> int:
     """Every parameter of ``module`` (allocated, on any device, sharded or not) from ``source``; returns the bytes
     read. Each tensor is read (its rows only when sharded), converted and copied before the next is read."""
-    handles: dict = {}  # one open file each, closed when they go out of scope
     read = 0
     for name, param in module.named_parameters():
         local, rows = shard_rows(param)
-        value = source.value(prefix + name, handles, rows)
+        value = source.value(prefix + name, rows)
         if tuple(value.shape) != tuple(local.shape):
             raise UserError(
                 f"{prefix + name}: the weights hold shape {tuple(value.shape)}, the model {tuple(local.shape)} "
@@ -181,3 +181,4 @@ def materialize_blocks(transformer: torch.nn.Module, source: WeightSource, devic
         child.to_empty(device="cpu")
         fill(child, source, f"{name}.")
         child.to(device)
+    source.handles.clear()  # the files are closed once the model is filled

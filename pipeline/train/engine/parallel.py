@@ -165,6 +165,7 @@ class FSDP(Parallelism):
 
             transformer.to_empty(device="cpu" if self.cpu_offload else device)
             fill(transformer, weights)
+            weights.handles.clear()  # the files are closed once every rank has its rows
         params = dict(transformer.named_parameters())
         groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
         self.model, self.optimizer = transformer, make_optimizer(groups)
