@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_indexed_order_and_read_ahead_take_every_element_once_and_resume_from_th
     epoch = [take(g % parts) for g in range(sum(counts))]
     assert [g for g, _ in epoch] == list(range(sum(counts)))  # partition p takes g ≡ p (mod parts)
     assert sorted(item for _, item in epoch) == sorted((s, i) for s, c in enumerate(counts) for i in range(c))
-    # elements were read ahead: taken from reads done on the read-ahead threads (the in-flight reads bounded by 25 bytes)
+    # elements were read ahead: served by reads on the read-ahead threads (in-flight reads bounded by 25 bytes)
     assert any(name.startswith("readahead") for name in loads)
     state = json.loads(json.dumps(orders[1].state_dict()))
     after = [orders[1].next() for _ in range(5)]
