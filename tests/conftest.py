@@ -175,14 +175,40 @@ def meta_dir(sample_data_dir, tiny_model_dir, tmp_path_factory):
     return built_once(tmp_path_factory, "meta", build)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def edit_meta(sample_data_dir, tiny_model_dir, tmp_path_factory):
-    """A handful of single-source edits to overfit."""
+    """A handful of single-source edits to overfit (read-only to the tests: training writes nothing beside shards)."""
     from helpers import extract
 
-    root = tmp_path_factory.mktemp("overfit")
-    rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
-    jsonl = sample_data_dir / "edit_single" / f"four-{os.getpid()}.jsonl"  # the data folder is shared by workers
-    jsonl.write_text("\n".join(rows) + "\n")
-    extract(jsonl, root / "four", tiny_model_dir)
-    return root
+    def build(root: Path) -> None:
+        rows = (sample_data_dir / "edit_single" / "data.jsonl").read_text().splitlines()[:4]
+        jsonl = sample_data_dir / "edit_single" / "four.jsonl"  # beside data.jsonl: its image paths are relative
+        jsonl.write_text("\n".join(rows) + "\n")
+        extract(jsonl, root / "four", tiny_model_dir)
+
+    return built_once(tmp_path_factory, "overfit", build)
+
+
+FSDP_REFERENCE = ["--parallelism", "fsdp", "--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate",
+                  "5e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference(tiny_model_dir, edit_meta, sample_data_dir, tmp_path_factory) -> Path:
+    """One FSDP2 run on 2 processes (``FSDP_REFERENCE`` over ``edit_meta``, 6 steps, checkpoints at 3 and 6), with
+    validation rendered at both and its data trace in ``trace.jsonl``: what the FSDP resume, the two-node run and
+    CPU offload must each reproduce bit for bit. Built once per session (a 2-process run costs ~30 CPU-seconds)."""
+    import json
+
+    from helpers import train
+
+    def build(out: Path) -> None:
+        validation = out.parent / "fsdp-reference-validation.jsonl"  # rendered by both ranks (the sharded forward)
+        source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
+        validation.write_text(json.dumps({"source_image": str(source), "instruction": "Make it blue."}) + "\n")
+        rendering = ["--validation_jsonl", str(validation), "--validation_steps", "3",
+                     "--validation_inference_steps", "1"]  # fmt: skip
+        train(tiny_model_dir, edit_meta, out, *FSDP_REFERENCE, "--data_trace", str(out.parent / "fsdp-reference.jsonl"),
+              *rendering, nproc=2)  # fmt: skip
+
+    return built_once(tmp_path_factory, "fsdp-reference", build)

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import FSDP_REFERENCE
 from helpers import TRAIN_BASE as BASE
 from helpers import PickleBomb, generate_edit, no_traceback_of_ours, torchrun, train, transformer_weights
 from safetensors.torch import load_file
@@ -14,26 +15,26 @@ from safetensors.torch import load_file
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
-    tiny_model_dir, edit_meta, sample_data_dir, tmp_path, small_vae_inputs
+    tiny_model_dir, edit_meta, fsdp_reference, tmp_path, small_vae_inputs
 ):
-    """FSDP2 (our fully_shard wrapping) on 2 CPU processes with gloo: the path GPUs run."""
+    """FSDP2 (our fully_shard wrapping) on 2 CPU processes with gloo: the path GPUs run. The straight run is the
+    session's ``fsdp_reference`` (validation rendered at steps 3 and 6 by both ranks in lockstep)."""
     import shutil
 
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 
-    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "5e-3"]
+    common = FSDP_REFERENCE[2:]  # the reference's run without its parallelism
 
     def run(out, *extra):
         trace = tmp_path / f"{out.name}.jsonl"
         train(tiny_model_dir, edit_meta, out, *common, "--data_trace", str(trace), *extra, nproc=2)
         return [json.dumps(json.loads(x), sort_keys=True) for x in trace.read_text().splitlines()]
 
-    straight = tmp_path / "fsdp"
-    validation = tmp_path / "validation.jsonl"  # rendered by both ranks in lockstep (the sharded forward)
-    source = sample_data_dir / "edit_single" / "images" / "0000_src.jpg"
-    validation.write_text(json.dumps({"source_image": str(source), "instruction": "Make it blue."}) + "\n")
-    rendering = ["--validation_jsonl", str(validation), "--validation_steps", "3", "--validation_inference_steps", "1"]
-    straight_trace = run(straight, "--parallelism", "fsdp", *rendering)
+    straight = fsdp_reference
+    straight_trace = [
+        json.dumps(json.loads(x), sort_keys=True)
+        for x in (straight.parent / "fsdp-reference.jsonl").read_text().splitlines()
+    ]
     assert all((straight / "validation" / f"step-{s:06d}" / "row-00.png").exists() for s in (3, 6))
     assert (straight / "checkpoint-3" / "fsdp").is_dir() and not (
         straight / "checkpoint-3" / "trainable.safetensors"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import FSDP_REFERENCE
 from helpers import TRAIN_BASE as BASE
 from helpers import run_module, train, transformer_weights
 from safetensors.torch import load_file
@@ -71,31 +72,19 @@ def test_a_lora_trains_on_an_fp8_base_and_exports_like_on_bf16(tiny_model_dir, e
 
 
 @pytest.mark.slow
-def test_fsdp_cpu_offload_trains_what_fsdp_trains_and_resumes(tiny_model_dir, edit_meta, tmp_path):
+def test_fsdp_cpu_offload_trains_what_fsdp_trains_and_resumes(tiny_model_dir, edit_meta, fsdp_reference, tmp_path):
     """--fsdp_cpu_offload (FSDP2's CPUOffloadPolicy) on 2 gloo processes: the wiring GPUs use. On a CPU the shards
     stay where they are, so the weights equal plain FSDP's bit for bit; offload without FSDP is refused."""
     import shutil
 
-    common = [
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--learning_rate",
-        "5e-3",
-        "--parallelism",
-        "fsdp",
-    ]
-    train(tiny_model_dir, edit_meta, tmp_path / "plain", *common, nproc=2)
+    common = FSDP_REFERENCE  # plain FSDP's run is the session's fsdp_reference
     train(tiny_model_dir, edit_meta, tmp_path / "offload", *common, "--fsdp_cpu_offload", nproc=2)
-    a, b = (
-        transformer_weights(tmp_path / "plain" / "transformer"),
-        transformer_weights(tmp_path / "offload" / "transformer"),
-    )
+    a = transformer_weights(fsdp_reference / "transformer")
+    b = transformer_weights(tmp_path / "offload" / "transformer")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(tmp_path / "offload" / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(tmp_path / "offload" / "checkpoint-3", resumed / "checkpoint-3")
     train(
         tiny_model_dir, edit_meta, resumed, *common, "--fsdp_cpu_offload", "--resume_from_checkpoint", "latest", nproc=2
     )

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import combined_jsonl, read_manifest, read_samples, train, transformer_weights, two_nodes
+from conftest import FSDP_REFERENCE
+from helpers import combined_jsonl, read_manifest, read_samples, transformer_weights, two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +54,15 @@ def test_extraction_into_a_folder_each_node_names_differently_is_refused_naming_
     assert not (cwds[0] / "task" / "manifest.json").exists(), "no manifest that silently lacks node 1's shards"
 
 
-FSDP_RUN = ["--parallelism", "fsdp", "--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "5e-3"]
+FSDP_RUN = FSDP_REFERENCE
 
 
-def test_fsdp_over_two_nodes_checkpoints_resumes_and_exports_what_one_node_trains(tiny_model_dir, edit_meta, tmp_path):
-    one_node = tmp_path / "one_node"
-    train(tiny_model_dir, edit_meta, one_node, *FSDP_RUN, nproc=2)
+def test_fsdp_over_two_nodes_checkpoints_resumes_and_exports_what_one_node_trains(
+    tiny_model_dir, edit_meta, fsdp_reference, tmp_path
+):
+    """Against the session's ``fsdp_reference``: the same run on one node of 2 processes (it also renders validation
+    images, which must not change what is trained)."""
+    one_node = fsdp_reference
     args = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir", str(edit_meta),
             "--train_batch_size", "1", "--image_sample_size", "64", "--dataloader_num_workers", "1", "--seed", "3",
             "--report_to", "none", *FSDP_RUN]  # fmt: skip
