@@ -70,6 +70,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def this_pid_space() -> str | None:
+    """Which pids this process can see: the machine's boot and our pid namespace (Linux). Two processes with the same
+    value see the same processes, so one's pid is alive to the other exactly when it runs; None elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/PID/stat field 22): tells a process from a later one that
+    reuses its pid. None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 LEASE_TTL = 60.0  # seconds without renewal after which a rank's lease is free
 LEASE_RENEW = 10.0
 
@@ -85,12 +105,15 @@ class RankLease:
     not yet committed shard as an orphan and reuse its sequence numbers.  The
     lease (``_progress/lease-rank-{r}.json``, or ``path``: run id, host, pid, renewal
     time) is renewed every 10 s.  On the same host a live pid is refused at once.
-    A pid that is not alive here is taken over at once only when its lease was not
-    renewed for two renewal periods: a recent renewal counts as alive whatever the
-    pid says (a container with the same host name hides its processes).  From
-    another host a new run waits for a renewal (the holder is alive: refused) or for
-    60 s without one (gone: taken over), so a restart after a crash on another node
-    waits up to a minute.
+    The lease also names the holder's pid space (boot and pid namespace) and start
+    time.  A holder in our pid space is exactly as alive as its process: a live one
+    is refused at once, a crashed one (its pid gone, or now another process's) is
+    taken over at once.  A holder on the same host name whose pid space is another
+    (a container that hides its processes) is taken over only when its lease was
+    not renewed for two renewal periods: a recent renewal counts as alive whatever
+    the pid says.  From another host a new run waits for a renewal (the holder is
+    alive: refused) or for 60 s without one (gone: taken over), so a restart after
+    a crash on another node waits up to a minute.
     """
 
     def __init__(
@@ -105,14 +128,18 @@ class RankLease:
         self.store, self.renew_every = store, renew_every
         self.path = path or f"{PROGRESS}/lease-rank-{rank:05d}.json"
         self.what = what or f"rank {rank} of {store.root}"
-        self.mine = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        pid = os.getpid()
+        self.mine = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": pid,
+                     "pid_space": this_pid_space(), "started": process_start(pid)}  # fmt: skip
         held = self._read()
         deadline = time.time() + wait
         while held and held.get("run_id") != self.mine["run_id"]:
             holder = self._holder_here(held)
-            if holder is True:
+            if holder == "alive":
                 raise LeaseHeld(self._refusal(held))
-            if holder is False:  # no such process here: gone, unless the lease was renewed since it could have died
+            if holder == "gone":
+                break
+            if holder == "hidden":  # not visible from here: gone, unless the lease was renewed since it could have died
                 renewed = held.get("renewed")
                 renewed = float(renewed) if isinstance(renewed, int | float) else 0.0
                 deadline = min(deadline, renewed + 2 * renew_every)
@@ -148,12 +175,19 @@ class RankLease:
             "output directory would overwrite each other's files. Stop it, or use another --output_dir"
         )
 
-    def _holder_here(self, held: dict[str, Any]) -> bool | None:
-        """Whether the holder's process is alive, when it ran on this host; None for another host."""
+    def _holder_here(self, held: dict[str, Any]) -> str | None:
+        """What this host can tell of the holder: "alive"; "gone" (in our pid space, its process is not running);
+        "hidden" (the same host name, its pid not alive here, but maybe another container's); None: another host."""
         if held.get("host") != socket.gethostname():
             return None
         pid = held.get("pid")
-        return isinstance(pid, int) and pid_alive(pid)
+        ours = held.get("pid_space") is not None and held.get("pid_space") == self.mine["pid_space"]
+        if not isinstance(pid, int) or not pid_alive(pid):
+            return "gone" if ours else "hidden"
+        started = held.get("started")
+        if ours and started is not None and process_start(pid) not in (None, started):
+            return "gone"  # its pid now names a later process
+        return "alive"
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):

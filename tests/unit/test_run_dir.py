@@ -107,6 +107,45 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
     opened(tmp_path).close()  # free again once released
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("case", ["crashed", "pid_reused"])
+def test_a_crashed_holder_in_this_pid_space_is_taken_over_at_once(tmp_path, case):
+    """A restart after a crash on the same machine: the holder renewed a moment ago, but its process is visibly gone
+    (same host, boot and pid namespace: the pid's state here is its state), or its pid now names another process
+    (a start time other than the holder's). Either way there is nothing to wait for; it used to wait 20 s."""
+    from pipeline.shards.commits import this_pid_space
+
+    store = Store(str(tmp_path))
+    pid, started = (dead_pid(), None) if case == "crashed" else (os.getpid(), -1)
+    holder = {"run_id": "crashed", "host": socket.gethostname(), "pid": pid, "pid_space": this_pid_space()}
+    store.write_json(LEASE_FILE, {**holder, "started": started, "renewed": time.time()})
+    began = time.monotonic()
+    lease = RankLease(store, 0, wait=60, renew_every=10.0, path=LEASE_FILE, what="the run folder")
+    lease.release()
+    # taken at once: 0.2 s of the claim's own double check; the old rule waited two renewal periods (20 s) after
+    # the holder's last renewal, so any bound well between the two tells them apart on a loaded machine too
+    assert time.monotonic() - began < 5, "a crashed holder on this machine is waited for"
+
+
+def test_a_live_holder_in_this_pid_space_is_refused_at_once(tmp_path):
+    from pipeline.shards.commits import process_start, this_pid_space
+
+    store = Store(str(tmp_path))
+    store.write_json(LEASE_FILE, {"run_id": "live", "host": socket.gethostname(), "pid": os.getpid(),
+                                  "pid_space": this_pid_space(), "started": process_start(os.getpid()),
+                                  "renewed": time.time()})  # fmt: skip
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+        RankLease(store, 0, wait=60, renew_every=10.0, path=LEASE_FILE, what="the run folder")
+
+
 def test_a_recent_renewal_counts_as_alive_whatever_the_pid_says(tmp_path):
     """A holder in another container with the same host name: its pid is not visible here, its renewals are."""
     store = Store(str(tmp_path))
@@ -116,7 +155,7 @@ def test_a_recent_renewal_counts_as_alive_whatever_the_pid_says(tmp_path):
     def renew():
         while not stop.is_set():
             store.write_json(LEASE_FILE, {"run_id": "other", "host": socket.gethostname(), "pid": invisible,
-                                          "renewed": time.time()})  # fmt: skip
+                                          "pid_space": "another container", "renewed": time.time()})  # fmt: skip
             stop.wait(0.2)
 
     holder = threading.Thread(target=renew, daemon=True)
@@ -129,7 +168,8 @@ def test_a_recent_renewal_counts_as_alive_whatever_the_pid_says(tmp_path):
         stop.set()
         holder.join()
     # the same holder, gone: its last renewal is older than two periods, so the lease is taken at once
-    store.write_json(LEASE_FILE, {"run_id": "other", "host": socket.gethostname(), "pid": invisible, "renewed": 0})
+    store.write_json(LEASE_FILE, {"run_id": "other", "host": socket.gethostname(), "pid": invisible,
+                                  "pid_space": "another container", "renewed": 0})  # fmt: skip
     started = time.monotonic()
     lease = RankLease(store, 0, wait=30, renew_every=0.2, path=LEASE_FILE, what="the run folder")
     lease.release()
