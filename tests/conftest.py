@@ -14,6 +14,10 @@ pytest_plugins = ["hostile_tars", "copy_checks"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one compute thread per process, here and in every CLI a test starts: the suite already runs two pytest processes
+# on two cores, each often beside a CLI of its own, so a second OpenMP thread per process only spins waiting for a
+# core (13 % of the CPU time of the training tests measured here); torchrun sets the same for its ranks
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
