@@ -200,8 +200,9 @@ FSDP_REFERENCE = ["--parallelism", "fsdp", "--max_train_steps", "6", "--checkpoi
 @pytest.fixture(scope="session")
 def fsdp_reference(tiny_model_dir, edit_meta, sample_data_dir, tmp_path_factory) -> Path:
     """One FSDP2 run on 2 processes (``FSDP_REFERENCE`` over ``edit_meta``, 6 steps, checkpoints at 3 and 6), with
-    validation rendered at both and its data trace in ``trace.jsonl``: what the FSDP resume, the two-node run and
-    CPU offload must each reproduce bit for bit. Built once per session (a 2-process run costs ~30 CPU-seconds)."""
+    validation rendered at both and its data trace in ``fsdp-reference.jsonl`` beside the folder: what the FSDP
+    resume, the two-node run and CPU offload must each reproduce bit for bit. Built once per session (a 2-process
+    run costs ~30 CPU-seconds)."""
     import json
 
     from helpers import train
