@@ -23,6 +23,7 @@ rank and every mode start from the same adapter.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import zlib
@@ -65,6 +66,7 @@ class WeightSource:
     here (a LoRA adapter's), by parameter name."""
 
     files: dict[str, tuple[Path, str]]
+    origin: str = ""  # the folder the weights come from, for messages
     computed: dict[str, torch.Tensor] = field(default_factory=dict)
     handles: dict[Path, object] = field(default_factory=dict)  # each file opened once (its header parsed once)
 
@@ -82,20 +84,68 @@ class WeightSource:
         return tensor[:] if rows is None else tensor[rows[0] : rows[1]]
 
 
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file name (no variant)
+WEIGHTS_INDEX = f"{WEIGHTS_NAME}.index.json"  # and its index, when the weights are split
+
+
+def folder_weight_files(folder: Path) -> dict[str, Path] | None:
+    """Which file holds each tensor of a diffusers model folder: exactly what ``from_pretrained`` (no variant)
+    reads — the files its index names when there is one, else ``diffusion_pytorch_model.safetensors``. Other
+    weight files beside them (a stale single-file download, an ``.fp16`` variant) are never read, and said so.
+    None when the folder holds no safetensors at all (the model then loads the usual way)."""
+    from safetensors import SafetensorError, safe_open
+
+    present = sorted(folder.glob("*.safetensors"))
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{index}: not a readable weights index ({exc})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: its weight_map is not a mapping of tensor names to file names")
+        named = {name: folder / file for name, file in weight_map.items()}
+    elif (folder / WEIGHTS_NAME).is_file():
+        named = None
+    elif present:
+        raise UserError(
+            f"{folder} holds {', '.join(p.name for p in present[:3])} but neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX}: "
+            "diffusers would not load it; rename the file or write its index"
+        )
+    else:
+        return None
+    files = sorted(set(named.values())) if named is not None else [folder / WEIGHTS_NAME]
+    ignored = [p.name for p in present if p not in files]
+    if ignored:
+        log.warning("%s: not read, as diffusers does not read them: %s", folder, ", ".join(ignored))
+    held: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                held.update({key: path for key in handle.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    if named is not None:
+        lies = sorted(name for name, path in named.items() if held.get(name) != path)
+        if lies:
+            raise UserError(f"{index} names {len(lies)} tensor(s) its files do not hold where it says, e.g. {lies[:3]}")
+    return held
+
+
 def safetensors_source(model_path: str, transformer_path: str | None) -> WeightSource | None:
-    """The transformer's weights by name: its folder's safetensors files, then a single ``--transformer_path`` file
-    over them; None when they are not all safetensors (then the model loads the usual way)."""
+    """The transformer's weights by name: its folder's safetensors files (:func:`folder_weight_files`), then a
+    single ``--transformer_path`` file over them; None when they are not all safetensors (then the model loads the
+    usual way)."""
     from safetensors import SafetensorError, safe_open
 
     single = transformer_path if transformer_path and Path(transformer_path).is_file() else None
     folder = Path(transformer_path) if transformer_path and not single else Path(model_path) / "transformer"
-    files = sorted(folder.glob("*.safetensors"))
-    if not files or (single and Path(single).suffix != ".safetensors"):
+    if single and Path(single).suffix != ".safetensors":
         return None
-    source = WeightSource({})
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            source.files.update({key: (path, key) for key in handle.keys()})
+    held = folder_weight_files(folder)
+    if held is None:
+        return None
+    source = WeightSource({key: (path, key) for key, path in held.items()}, origin=str(folder))
     if single:
         try:
             with safe_open(single, framework="pt", device="cpu") as handle:
@@ -105,6 +155,24 @@ def safetensors_source(model_path: str, transformer_path: str | None) -> WeightS
         names = file_names(keys, source.files, single)
         source.files.update({name: (Path(single), key) for key, name in names.items()})
     return source
+
+
+def check_names(source: WeightSource, transformer: torch.nn.Module) -> None:
+    """The weights must hold exactly the model's tensors: a tensor it does not have (an fp8 file's ``weight_scale``,
+    another model's layer) would be ignored and one it lacks never filled. Refused in one line naming them, as a
+    ``--transformer_path`` file with such tensors is."""
+    own = set(transformer.state_dict())
+    unknown = sorted(set(source.files) - own)
+    missing = sorted(own - set(source.files))
+    if unknown:
+        hint = " (a scaled fp8 checkpoint? give the bf16 weights; --base_weight_dtype quantises them)" if any(
+            n.endswith(("_scale", ".scale_weight", ".input_scale")) for n in unknown
+        ) else " (another model's weights?)"
+        raise UserError(
+            f"{source.origin}: {len(unknown)} tensor(s) the transformer does not have, e.g. {unknown[:3]}{hint}"
+        )
+    if missing:
+        raise UserError(f"{source.origin}: {len(missing)} tensor(s) of the transformer missing, e.g. {missing[:3]}")
 
 
 def build_empty(config_folder: str, dtype: torch.dtype):

@@ -239,6 +239,7 @@ def build_training_models(
     else:
         folder = model.transformer_path if model.transformer_path and not _is_file(model.transformer_path) else None
         transformer = loading.build_empty(folder or str(Path(model.pretrained) / "transformer"), transformer_dtype)
+        loading.check_names(source, transformer)
     vae = load_vae(model.pretrained, model.vae_path, vae_dtype)
     scheduler = load_scheduler(model.pretrained)
     quantize = None
