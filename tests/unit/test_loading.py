@@ -89,7 +89,8 @@ def test_an_index_that_lies_or_a_folder_without_the_diffusers_file_is_refused_in
     with pytest.raises(UserError, match="index.json names 1 tensor"):
         loaded(model)
     renamed = model_with_transformer(tiny_model_dir, tmp_path / "renamed")
-    (renamed / "transformer" / "diffusion_pytorch_model.safetensors").rename(renamed / "transformer" / "weights.safetensors")
+    folder = renamed / "transformer"
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "weights.safetensors")
     with pytest.raises(UserError, match="neither diffusion_pytorch_model.safetensors nor"):
         loaded(renamed)
 

@@ -165,9 +165,11 @@ def check_names(source: WeightSource, transformer: torch.nn.Module) -> None:
     unknown = sorted(set(source.files) - own)
     missing = sorted(own - set(source.files))
     if unknown:
-        hint = " (a scaled fp8 checkpoint? give the bf16 weights; --base_weight_dtype quantises them)" if any(
-            n.endswith(("_scale", ".scale_weight", ".input_scale")) for n in unknown
-        ) else " (another model's weights?)"
+        hint = (
+            " (a scaled fp8 checkpoint? give the bf16 weights; --base_weight_dtype quantises them)"
+            if any(n.endswith(("_scale", ".scale_weight", ".input_scale")) for n in unknown)
+            else " (another model's weights?)"
+        )
         raise UserError(
             f"{source.origin}: {len(unknown)} tensor(s) the transformer does not have, e.g. {unknown[:3]}{hint}"
         )
