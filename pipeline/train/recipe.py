@@ -170,29 +170,63 @@ MODEL_IDENTITY = "model_identity"  # config.yaml: the model's content, compared 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+CONTENT_SLICES, SLICE_BYTES = 16, 64 << 10  # bytes sampled through each weight file: ~1 MiB of 40 GB
+SAMPLED = "+"  # the sampled-content digest follows the older layout identity after this mark
+
+
+def sampled_digest(file: Path) -> str:
+    """A weight file's content without reading it all: its header (a safetensors header whole: names, dtypes,
+    shapes, offsets) and :data:`CONTENT_SLICES` slices spread evenly over the rest, the last ending at the end.
+    Other weights of the same layout (FireRed-Image-Edit in place of 2509, a newer revision) differ in every slice."""
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        header = int.from_bytes(head, "little") + 8 if file.suffix == ".safetensors" and len(head) == 8 else 1 << 20
+        handle.seek(0)
+        digest.update(handle.read(min(header, size, 256 << 20)))
+        for k in range(CONTENT_SLICES):
+            handle.seek(max(0, (size - SLICE_BYTES) * k // (CONTENT_SLICES - 1)))
+            digest.update(handle.read(SLICE_BYTES))
+    return digest.hexdigest()
+
+
 def content_identity(path: str | None) -> str | None:
-    """What a model path holds, independent of its spelling: for a folder, the digest of its configs (``*.json``)
-    and its weight files' names and sizes; for one file, its size and the digest of its first MiB (a
-    safetensors header); a name that is no local path (a Hub id) stands for itself."""
+    """What a model path holds, independent of its spelling (another path or a symlink to the same weights is the
+    same model): ``LAYOUT+CONTENT``. LAYOUT is what older versions recorded — for a folder, the digest of its
+    configs (``*.json``) and its weight files' names and sizes; for one file, its size and the digest of its first
+    MiB — and CONTENT the :func:`sampled_digest` of every weight file. A name that is no local path (a Hub id)
+    stands for itself."""
     if not path:
         return None
     local = Path(path).expanduser()
-    digest = hashlib.sha256()
+    layout, content = hashlib.sha256(), hashlib.sha256()
     if local.is_dir():
         for file in sorted(local.rglob("*")):
             relative = file.relative_to(local).as_posix()
             if not file.is_file() or any(part.startswith(".") for part in Path(relative).parts):
                 continue
             if file.suffix == ".json":
-                digest.update(f"{relative}\0".encode() + file.read_bytes())
+                layout.update(f"{relative}\0".encode() + file.read_bytes())
             elif file.suffix in _WEIGHT_SUFFIXES:
-                digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
-        return f"folder:{digest.hexdigest()}"
+                layout.update(f"{relative}\0{file.stat().st_size}\0".encode())
+                content.update(f"{relative}\0{sampled_digest(file)}\0".encode())
+        return f"folder:{layout.hexdigest()}{SAMPLED}{content.hexdigest()}"
     if local.is_file():
         with open(local, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-        return f"file:{local.stat().st_size}:{digest.hexdigest()}"
+            layout.update(handle.read(1 << 20))
+        return f"file:{local.stat().st_size}:{layout.hexdigest()}{SAMPLED}{sampled_digest(local)}"
     return f"name:{path}"
+
+
+def _identities_alike(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both runs' model identities as far as both recorded them: a run started by an older version recorded the
+    layout alone, and is compared on it (it resumes as before; its next ``config.yaml`` has the content too)."""
+    a, b = dict(old.get(MODEL_IDENTITY) or {}), dict(new.get(MODEL_IDENTITY) or {})
+    for flag in set(a) & set(b):
+        if isinstance(a[flag], str) and isinstance(b[flag], str) and (SAMPLED in a[flag]) != (SAMPLED in b[flag]):
+            a[flag], b[flag] = a[flag].split(SAMPLED)[0], b[flag].split(SAMPLED)[0]
+    return {**old, MODEL_IDENTITY: a}, {**new, MODEL_IDENTITY: b}
 
 
 def with_model_identity(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +258,8 @@ def _comparable(recipe: dict[str, Any], paths_by_content: bool) -> dict[str, Any
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings that differ between two resolved recipes: key → (old, new)."""
     by_content = MODEL_IDENTITY in old and MODEL_IDENTITY in new
+    if by_content:
+        old, new = _identities_alike(old, new)
     a, b = _comparable(old, by_content), _comparable(new, by_content)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
