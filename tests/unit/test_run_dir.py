@@ -60,6 +60,45 @@ def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(tmp_path):
     assert not (tmp_path / LEASE_FILE).exists(), "released on close"
 
 
+RUN_WROTE = [
+    "checkpoint-4", ".checkpoint-6.incomplete", "abandoned-20260101-000000-checkpoint-9",
+    "damaged-20260101-000000-checkpoint-8", "config.yaml", "config-before-step-2-20260101-000000.yaml", "run.json",
+    "run_summary.json", "first_batch.png", "validation", "logs", "transformer", "pytorch_lora_weights.safetensors",
+    "qwen_image_edit_lora_comfyui.safetensors", "tb", "trace.jsonl",
+]  # fmt: skip
+USERS_OWN = [".git", ".env", "model", "shards", "recipe.yaml", "train.log", "checkpoints-notes.txt", "transformer.md"]
+
+
+def test_overwrite_moves_only_what_a_run_writes_and_says_what_it_left(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from pipeline.train.engine.run_dir import run_names
+
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path, 4, "a")
+    for name in RUN_WROTE[1:] + USERS_OWN:
+        if "." in name.lstrip(".") and name != ".checkpoint-6.incomplete":
+            (tmp_path / name).write_text(name)
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "inside").write_text(name)
+    config = SimpleNamespace(
+        output_dir=".", tracking=SimpleNamespace(logging_dir="tb/run"), data=SimpleNamespace(trace_path="trace.jsonl")
+    )
+    assert run_names(config) == ("tb", "trace.jsonl")
+    with open(tmp_path / "train.log", "a") as log_being_written, caplog.at_level("WARNING"):
+        run = RunDirectory(".", ALONE, run_names(config))
+        run.open(None, overwrite=True)
+        log_being_written.write("still writing\n")
+    run.close()
+    (kept,) = tmp_path.glob("overwritten-*")
+    assert sorted(p.name for p in kept.iterdir()) == sorted(RUN_WROTE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*USERS_OWN, kept.name])
+    assert (tmp_path / "train.log").read_text() == "train.logstill writing\n"
+    left = next(r.message for r in caplog.records if "left in place" in r.message)
+    assert all(name in left for name in USERS_OWN)
+
+
 def test_overwrite_with_resume_latest_is_refused(tmp_path):
     with pytest.raises(UserError, match="give one of them"):
         opened(tmp_path, resume="latest", overwrite=True)

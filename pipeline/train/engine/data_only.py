@@ -14,7 +14,7 @@ from pipeline.common.collective import Collective
 from pipeline.common.flags import distributed_env, join_process_group
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine.run_dir import RunDirectory
+from pipeline.train.engine.run_dir import RunDirectory, run_names
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
 from pipeline.train.stream.trace import TraceWriter, truncate_trace
 
@@ -26,7 +26,7 @@ def run_data_only(config: TrainConfig) -> int:
     env = distributed_env()
     join_process_group("cpu", timeout_s=config.ddp_timeout)
     collective = Collective(env.rank, env.world, config.ddp_timeout)
-    run = RunDirectory(config.output_dir, collective)
+    run = RunDirectory(config.output_dir, collective, run_names(config))
     try:
         checkpoint = config.checkpoint
         run.open(checkpoint.resume_from, checkpoint.overwrite)

@@ -7,7 +7,8 @@ anything is built or loaded:
   per rank): a second launch on a folder a live run writes is refused, naming it;
 - fresh or resumed: a fresh start over a folder that holds checkpoints is refused
   (naming the newest one and the two ways on), unless ``--overwrite_output_dir``,
-  which moves the old run into ``overwritten-{stamp}/`` — never deletes it;
+  which moves what the old run wrote into ``overwritten-{stamp}/`` — never deletes it, and
+  leaves everything else (the user's own files) in place;
 - the run's identity (``run.json``: its id): every checkpoint records it, so
   pruning removes only this run's checkpoints, never another's;
 - ``config.yaml``: the resolved settings, compared on resume before any weight
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,19 +32,48 @@ from pipeline.errors import UserError
 from pipeline.shards.commits import RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine.checkpoint import manager
+from pipeline.train.engine.model import LORA_FILES
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 LEASE_FILE = ".lease.json"
 OVERWRITTEN = "overwritten-"
+# what a run writes at the top of its folder: checkpoints (and the ones set aside), its settings, identity and
+# summary, exports, validation images, the first-batch sheet, logs/ (the default --logging_dir); the run's own
+# --logging_dir and --data_trace are added per run
+RUN_OUTPUTS = re.compile(
+    r"^(checkpoint-\d+|\.checkpoint-\d+\.incomplete|(abandoned|damaged)-.+|config\.yaml|config-before-step-.+\.yaml"
+    r"|run\.json|run_summary\.json|first_batch\.png|validation|logs|transformer|"
+    + "|".join(re.escape(name) for name in LORA_FILES.values())
+    + ")$"
+)
+
+
+def written_by_a_run(name: str, run_files: tuple[str, ...] = ()) -> bool:
+    """Whether a top-level entry of a run folder is one a training run writes (``--overwrite_output_dir`` moves
+    only those)."""
+    return bool(RUN_OUTPUTS.match(name)) or name in run_files
+
+
+def run_names(config) -> tuple[str, ...]:
+    """The top-level names of ``--output_dir`` that this run writes besides :data:`RUN_OUTPUTS`: its tracker folder
+    (``--logging_dir``, relative to the folder) and its ``--data_trace`` when they lie inside it."""
+    base = Path(config.output_dir).resolve()
+    names = []
+    for path in (base / config.tracking.logging_dir, config.data.trace_path):
+        full = Path(path).expanduser().resolve() if path else base
+        if full != base and full.is_relative_to(base):
+            names.append(full.relative_to(base).parts[0])
+    return tuple(names)
 
 
 class RunDirectory:
     """One run's ``--output_dir`` (collective: every rank builds it and calls :meth:`open` and :meth:`close`)."""
 
-    def __init__(self, output_dir: str | os.PathLike, collective: Collective):
+    def __init__(self, output_dir: str | os.PathLike, collective: Collective, run_files: tuple[str, ...] = ()):
         self.root = Path(output_dir)
+        self.run_files = run_files  # more names this run writes at the top of the folder (its logs, its trace)
         self.collective = collective
         self.lease: RankLease | None = None
         self.run_id: str | None = None
@@ -97,14 +128,24 @@ class RunDirectory:
             )
 
     def _move_aside(self) -> Path:
-        """Everything of the old run into ``overwritten-{stamp}/`` (earlier ones and the lease stay)."""
+        """What the old run wrote (:func:`written_by_a_run`) into ``overwritten-{stamp}/``; everything else — the
+        user's own files, models, shards, ``.git``, a log being written — stays where it is, and is said so."""
         target = manager.aside_path(self.root, OVERWRITTEN)
         target.mkdir()
+        left = []
         for child in sorted(self.root.iterdir()):
-            if child.name in (LEASE_FILE, target.name) or child.name.startswith(OVERWRITTEN):
+            if child == target or child.name == LEASE_FILE or child.name.startswith(OVERWRITTEN):
                 continue
-            os.replace(child, target / child.name)
+            if written_by_a_run(child.name, self.run_files):
+                os.replace(child, target / child.name)
+            else:
+                left.append(child.name)
         log.warning("--overwrite_output_dir: the previous run in %s was moved to %s", self.root, target)
+        if left:
+            log.warning(
+                "--overwrite_output_dir: %d entr%s not written by a run left in place: %s%s", len(left),
+                "y" if len(left) == 1 else "ies", ", ".join(left[:8]), " …" if len(left) > 8 else "",
+            )  # fmt: skip
         return target
 
     # ---- the run's identity -------------------------------------------------------------------------------------

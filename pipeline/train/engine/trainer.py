@@ -24,7 +24,7 @@ from pipeline.train.engine import model as models
 from pipeline.train.engine import parallel
 from pipeline.train.engine.export import export_weights
 from pipeline.train.engine.metrics import LossBoard, group_grad_norms, step_logs
-from pipeline.train.engine.run_dir import RunDirectory
+from pipeline.train.engine.run_dir import RunDirectory, run_names
 from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_loss, clip_gradients, encode_online
 from pipeline.train.engine.stopping import Stopped, StopRequest
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
@@ -45,7 +45,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.collective = Collective(self.rank, self.world, config.ddp_timeout)
-        self.run = RunDirectory(config.output_dir, self.collective)
+        self.run = RunDirectory(config.output_dir, self.collective, run_names(config))
         self.parallel = parallel.strategy(config.fsdp, acc, acc.mixed_precision, config.fsdp_cpu_offload)
         self.nonfinite = NonFinitePolicy(config.optim.max_nonfinite_steps)
         self.stop = StopRequest()
