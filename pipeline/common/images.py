@@ -100,6 +100,8 @@ def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loade
         raise ImageLoadError("truncated_image", uri, f"cannot decode: {exc}") from exc
     fmt = img.format or ""
     mode = img.mode
+    if mode == "F":
+        raise ImageLoadError("unsupported_image", uri, "floating-point pixels (mode F): save it with 8 or 16 bits")
     rgb = _as_inference_rgb(img)
     if fmt in KEPT_FORMATS:
         stored, ext = data, KEPT_FORMATS[fmt]
@@ -202,11 +204,28 @@ def firered_condition_image(
     return cropped.resize((out_w, out_h), Image.Resampling.LANCZOS)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit grey (PNG, TIFF)
+
+
+def to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit grey image as 8-bit grey, keeping the high byte of each value — what Pillow itself does to 16-bit
+    RGB PNGs and libpng's ``strip_16`` to any; Pillow's RGB conversion of these modes clips instead (a white
+    picture). Mode ``I`` (32-bit) is read as 16-bit, clipped to 0..65535. Other modes pass unchanged."""
+    if img.mode not in SIXTEEN_BIT_MODES:
+        return img
+    from PIL import ImageOps
+
+    oriented = ImageOps.exif_transpose(img)  # as load_image would (the 8-bit copy carries no EXIF)
+    values = np.asarray(oriented).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
 def _as_inference_rgb(img: Image.Image) -> Image.Image:
-    """What diffusers' ``load_image`` does to a PIL image: EXIF orientation applied, converted to RGB."""
+    """What diffusers' ``load_image`` does to a PIL image: EXIF orientation applied, converted to RGB; 16-bit grey
+    first scaled to 8 bits (:func:`to_8_bits`), the one rule for the encoder, training copies and training crops."""
     from diffusers.utils import load_image
 
-    return load_image(img)
+    return load_image(to_8_bits(img))
 
 
 def open_rgb(data: bytes) -> Image.Image:
@@ -256,9 +275,12 @@ def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | Non
 
         try:
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_image(raw, ImageReadMode.RGB, apply_exif_orientation=True)
+            pixels = decode_image(raw, ImageReadMode.RGB, apply_exif_orientation=True)
+            if pixels.dtype == torch.uint8:  # a 16-bit PNG may come back as uint16, or fail: Pillow's rule then
+                return pixels
         except Exception:  # noqa: BLE001 - an unusual variant (CMYK, 16-bit …): Pillow decides
-            img = open_lazy(data)
+            pass
+        img = open_lazy(data)
     if draft_to is not None:
         img.draft("RGB", draft_to)
     rgb = _as_inference_rgb(img)
