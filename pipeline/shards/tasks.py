@@ -49,6 +49,13 @@ class Task:
     def counts(self) -> dict[int, int]:
         return {n: len(s) for n, s in self.shards.items() if s}
 
+    @property
+    def hidden_size(self) -> int | None:
+        """The width of the task's embeddings, as its manifest records it (None without a manifest)."""
+        manifest = self.manifest or {}
+        value = (manifest.get("model") or {}).get("hidden_size") or (manifest.get("embedding") or {}).get("hidden_size")
+        return value if isinstance(value, int) else None
+
     def shard_urls(self) -> list[str]:
         """Every shard the manifest lists, in manifest order."""
         return [join(self.url, s["url"]) for s in (self.manifest or {}).get("shards", [])]

@@ -257,12 +257,13 @@ def synthetic_task(
     hidden: int = 8,
     image_bytes: bytes | None = None,
     tokens_of=None,
+    embedding_of=None,
 ):
     """A task of ``samples`` single-source samples with tiny images and embeddings, written directly (no model).
 
     ``bucket_of(i)`` gives sample i's bucket tuple (default: all in one bucket); ``image_bytes`` replaces every
-    image (e.g. bytes no decoder accepts); ``tokens_of(i)`` sample i's prompt length (default 4). Returns the task
-    folder.
+    image (e.g. bytes no decoder accepts); ``tokens_of(i)`` sample i's prompt length (default 4);
+    ``embedding_of(i)`` sample i's embedding tensor when not None (default: filled with i). Returns the task folder.
     """
     import io as _io
 
@@ -283,7 +284,8 @@ def synthetic_task(
             _Image.new("RGB", (16, 16), (i % 256, 0, 0)).save(buf, format="PNG")
             png = buf.getvalue() if image_bytes is None else image_bytes
             tokens = tokens_of(i) if tokens_of else 4
-            emb = _torch.full((tokens, hidden), float(i)).bfloat16()
+            own = embedding_of(i) if embedding_of else None
+            emb = (_torch.full((tokens, hidden), float(i)) if own is None else own).bfloat16()
             meta = {
                 "key": key,
                 "line": i,
@@ -292,7 +294,7 @@ def synthetic_task(
                 "sources": [{"member": "source0.png", "size": [16, 16]}],
                 "target": {"member": "target.png", "size": [16, 16]},
                 "bucket": list(bucket_of(i)) if bucket_of else [1.0, 1.0],
-                "variants": {"en": [tokens, hidden], "drop": [tokens, hidden]},
+                "variants": {"en": list(emb.shape), "drop": list(emb.shape)},
             }
             members = sample_members(
                 meta,

@@ -212,6 +212,31 @@ def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp
     assert "PromptTooLong" in caplog.text and "9201 tokens" in caplog.text
 
 
+def test_an_embedding_of_another_width_or_with_nan_costs_its_sample_named_before_assembly(tmp_path, caplog):
+    """A sample grafted from a task made with another encoder reached the transformer (RuntimeError, exit 1, again
+    after every resume); a NaN embedding cost the whole step. Both are now skipped where the embedding is read."""
+    import torch
+    from helpers import synthetic_task
+
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+
+    bad = {5: torch.ones(4, 16), 7: torch.full((4, 8), float("nan")), 9: torch.full((4, 8), float("inf"))}
+    synthetic_task(tmp_path, "t", samples=12, per_shard=6, embedding_of=bad.get)
+    tasks = discover_tasks(str(tmp_path), None)
+    config = StreamConfig(batch_size=2, seed=1, image_sample_size=16, text_drop_ratio=0.0, readahead_bytes=0)
+    stream = iter(MixedBatchDataset(tasks, plan_mix(tasks, {"t": 1}, {"1": 1}), 0, 1, config))
+    with caplog.at_level("WARNING"):
+        batches = [next(stream) for _ in range(12)]
+    keys = [key for batch in batches for key in batch["keys"]]
+    assert not {"s-0000005", "s-0000007", "s-0000009"} & set(keys) and len(keys) == 24
+    assert all(bool(torch.isfinite(b["prompt_embeds"].float()).all()) and b["prompt_embeds"].shape[2] == 8
+               for b in batches)  # fmt: skip
+    assert "task t sample s-0000005 embedding en: width 16, the task's embeddings are 8 wide" in caplog.text
+    assert "task t sample s-0000007 embedding en: holds NaN/Inf values" in caplog.text
+    assert "sample s-0000009 embedding en: holds NaN/Inf" in caplog.text
+
+
 @pytest.mark.parametrize("claim", [300_000_000, 10**12, -5, "8", True, 100])
 def test_a_manifest_count_that_cannot_be_true_is_refused_before_anything_is_sized_from_it(tmp_path, claim):
     """300M (index: 5) used to build a 300M-entry order and 1e12 to try a 7 TiB allocation; -5 was a traceback."""

@@ -55,6 +55,23 @@ def text_positions(sizes: list[tuple[int, int]]) -> int:
     return ROPE_POSITIONS - max((max(w, h) // 16) // 2 for w, h in sizes)
 
 
+class BadEmbedding(ValueError):
+    """A stored embedding the model cannot take (another width, NaN/Inf): the sample is skipped and counted."""
+
+
+def checked_embedding(emb: torch.Tensor, task: Task, key: str, variant: str) -> torch.Tensor:
+    """``emb`` when the model can take it: as wide as the task's embeddings (a sample grafted from a task made with
+    another encoder would stop the run in the transformer, and every resume after it) and finite (a NaN would cost
+    the whole step, unnamed)."""
+    where = f"task {task.name} sample {key} embedding {variant}"
+    hidden = task.hidden_size
+    if hidden is not None and emb.shape[1] != hidden:
+        raise BadEmbedding(f"{where}: width {emb.shape[1]}, the task's embeddings are {hidden} wide")
+    if not bool(torch.isfinite(emb).all()):
+        raise BadEmbedding(f"{where}: holds NaN/Inf values")
+    return emb
+
+
 def fetch_embedding(sample: RawSample, variant: str, reader: RangeReader) -> torch.Tensor:
     """Only this variant's bytes are fetched when the shard is indexed."""
     if variant in sample.embeddings:
@@ -193,9 +210,9 @@ def _prepare(
                 "target_size": sample.meta["target"]["size"],
             }
         elif choice.variant == "null":
-            emb = null_embedding(task, reader, null_cache)
+            emb = checked_embedding(null_embedding(task, reader, null_cache), task, sample.key, "null")
         else:
-            emb = fetch_embedding(sample, choice.variant, reader)
+            emb = checked_embedding(fetch_embedding(sample, choice.variant, reader), task, sample.key, choice.variant)
     except Exception as exc:  # noqa: BLE001 - reported with its index; the stream decides
         raise UnusableSample(index, exc) from exc
     return {"variant": choice.variant, "text": choice.text, "emb": emb, "pictures": pictures}

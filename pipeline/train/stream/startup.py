@@ -49,8 +49,10 @@ def conditioning(task: Task) -> dict[str, Any]:
     """What a task's embeddings were made with (``None`` where its manifest does not say)."""
     manifest = task.manifest or {}
     model = manifest.get("model") or {}
-    hidden = model.get("hidden_size") or (manifest.get("embedding") or {}).get("hidden_size")
-    return {"prompt style": manifest.get("prompt_style"), "encoder": model.get("config_sha256"), "hidden size": hidden}
+    return {
+        "prompt style": manifest.get("prompt_style"), "encoder": model.get("config_sha256"),
+        "hidden size": task.hidden_size,
+    }  # fmt: skip
 
 
 def check_conditioning(tasks: dict[str, Task], allow_mixed: bool) -> None:
