@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -108,6 +109,17 @@ def print_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def json_safe(value):
+    """``value`` with every non-finite float as None: ``run_summary.json`` stays valid JSON (no ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a user's mistake (flag, path, recipe, data, run folder), one line; 1 a bug (with its
     traceback) or a run stopped by non-finite training; 128 + N stopped by signal N after saving a checkpoint."""
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train()
         if trainer.accelerator.is_main_process:  # what the run measured, for scripts (benchmarks/gpu_check.py)
             summary = {k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1:]}
-            (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+            (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
             log.info(
                 "final loss %.4f; outputs %s",
                 result["losses"][-1] if result["losses"] else float("nan"),

@@ -219,3 +219,30 @@ def test_a_loader_worker_ignores_ctrl_c_and_outlives_a_sigterm_by_a_bounded_time
     assert result.returncode == 0, result.stderr
     left, grace = map(int, result.stdout.split())
     assert 0 < left <= grace  # the SIGTERM armed the alarm at the grace period; it has not run out yet
+
+
+def test_a_run_that_diverged_by_its_last_step_exits_1_and_exports_nothing(tiny_model_dir, edit_meta, tmp_path):
+    """--learning_rate 1e6: step 1's update blows the adapter up (finite, ~1e6), steps 2-4 are skipped as
+    non-finite. It used to exit 0, export a LoRA that renders NaN and write ``"final_loss": [NaN]``."""
+    out = tmp_path / "run"
+    extra = ["--use_peft_lora", "--lora_r", "4", "--learning_rate", "1e6", "--max_train_steps", "4",
+             "--checkpointing_steps", "2"]  # fmt: skip
+    result = run_module("pipeline.train", *args(tiny_model_dir, edit_meta, out, *extra))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = next(line for line in result.stderr.splitlines() if " ERROR " in line)
+    assert "last step (4) had a non-finite loss" in line and "neither saved nor exported" in line
+    assert not list(out.glob("*.safetensors")) and not (out / "run_summary.json").exists()
+    assert not (out / "checkpoint-4").exists()
+
+
+def test_the_run_summary_is_valid_json_whatever_it_measured():
+    import json
+    import math
+
+    from pipeline.train.cli import json_safe
+
+    summary = {"final_loss": [math.nan], "peak": math.inf, "steps": [1.5, -math.inf], "ok": 3}
+    assert json.loads(json.dumps(json_safe(summary), allow_nan=False)) == {
+        "final_loss": [None], "peak": None, "steps": [1.5, None], "ok": 3
+    }  # fmt: skip

@@ -125,6 +125,17 @@ class NonFinitePolicy:
                 "data (shards_tools verify), or resume from an earlier checkpoint"
             )
 
+    def check_last(self, step: int, loss: float) -> None:
+        """The run's last step: a non-finite loss there means the weights the run would export produce NaN/Inf
+        (an exploded run whose later updates were skipped still holds finite, useless weights). Stops the run
+        before that step is saved or anything is exported."""
+        if not math.isfinite(loss):
+            raise NonFiniteTraining(
+                f"the run's last step ({step}) had a non-finite loss ({loss}), the last {self.in_a_row} update(s) "
+                f"skipped as non-finite: the weights diverged, so step {step} was neither saved nor exported. Lower "
+                "the learning rate, or resume from an earlier checkpoint"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_steps": self.steps, "nonfinite_in_a_row": self.in_a_row}
 

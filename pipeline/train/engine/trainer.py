@@ -224,6 +224,8 @@ class Trainer:
                 step_seconds.append(elapsed)
                 losses.append(result["loss"])
                 done = step + 1
+                if done == config.max_train_steps:
+                    self.nonfinite.check_last(done, result["loss"])
                 logs = step_logs(result, self.lr_scheduler.get_last_lr()[0], per_step, elapsed, self.nonfinite.steps)
                 acc.log(logs, step=done)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{logs['samples_per_s']:.2f}")
