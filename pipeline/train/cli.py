@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train()
         if trainer.accelerator.is_main_process:  # what the run measured, for scripts (benchmarks/gpu_check.py)
             summary = {k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1:]}
-            (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+            text = json.dumps(json_safe(summary), indent=1, allow_nan=False)
+            (Path(config.output_dir) / "run_summary.json").write_text(text)
             log.info(
                 "final loss %.4f; outputs %s",
                 result["losses"][-1] if result["losses"] else float("nan"),
