@@ -48,9 +48,22 @@ def add_shard_size(
 ) -> None:
     """``--max_samples_per_shard``: a new shard starts after this many samples (required when no default)."""
     if default is None:
-        parser.add_argument("--max_samples_per_shard", type=int, required=True, help="samples per new shard")
+        parser.add_argument("--max_samples_per_shard", type=positive_int, required=True, help="samples per new shard")
     else:
-        parser.add_argument("--max_samples_per_shard", type=int, default=default, help=shard_size_help(default))
+        parser.add_argument(
+            "--max_samples_per_shard", type=positive_int, default=default, help=shard_size_help(default)
+        )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``0`` would mean one sample per shard; refused with the usage line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {value}")
+    return value
 
 
 def shard_size_help(default: int) -> str:
@@ -84,6 +97,9 @@ def ddp_timeout_help(default: int, longest: str) -> str:
 
 TRAIN_DDP_TIMEOUT = 1800  # seconds: the longest rank-0 phase at 20B (docs/training.md) with a wide margin
 EXTRACT_DDP_TIMEOUT = 24 * 3600  # seconds: at the end the ranks wait for the slowest one's share of the input
+# 30 days: beyond any wait a run has; a larger number is a typo (Python's timedelta overflows past ~2.7e12 s and the
+# process group's start fails with a traceback)
+MAX_DDP_TIMEOUT = 30 * 24 * 3600
 
 
 NO_TRAIN_COPIES = 0  # --train_copy_size's default: originals only

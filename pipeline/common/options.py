@@ -49,6 +49,7 @@ class Option:
     append: bool = False  # a repeatable flag (a list)
     metavar: str | None = None
     weights: bool = False  # a NAME=WEIGHT list (checked as such in recipes)
+    unordered: bool = False  # a list of patterns whose order, spacing and repeats mean nothing (compared as a set)
     positional: bool = False  # an argument without dashes
     required: bool = False
     check: Callable[[Any], str | None] | None = None  # the value's rule: None when valid, else what it must be
@@ -78,6 +79,11 @@ def at_least(low: float) -> Callable[[Any], str | None]:
 
 def greater_than(low: float) -> Callable[[Any], str | None]:
     return lambda value: None if value is None or value > low else f"a number > {low:g}"
+
+
+def non_empty(value: Any) -> str | None:
+    """A path that names something: ``--output_dir ''`` would write into the working folder."""
+    return "a path, not empty" if isinstance(value, str) and not value.strip() else None
 
 
 def between(low: float, high: float, high_open: bool = False) -> Callable[[Any], str | None]:
@@ -219,3 +225,7 @@ def flag_names(*classes: type, scope: str | None = None) -> frozenset[str]:
 
 def weight_flags(*classes: type) -> tuple[str, ...]:
     return tuple(spec.name(field) for cls in classes for field, spec in options_of(cls) if spec.weights)
+
+
+def unordered_flags(*classes: type) -> tuple[str, ...]:
+    return tuple(spec.name(field) for cls in classes for field, spec in options_of(cls) if spec.unordered)

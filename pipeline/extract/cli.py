@@ -67,8 +67,12 @@ def require_shared_output(store: Store, collective: Collective) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_argv(argv)
     setup_logging()
+    try:
+        config = config_from_argv(argv)
+    except (UserError, DataError) as exc:  # a refused flag: one line, before any process group or lease
+        log.error("%s", exc)
+        return USER_EXIT
     exit_on_sigterm()
     rank, world = _init_distributed(config.ddp_timeout)
     collective = Collective(rank, world, config.ddp_timeout)

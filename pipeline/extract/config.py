@@ -14,6 +14,7 @@ from pipeline.common.flags import (
     DEFAULT_MAX_FAILURE_RATIO,
     DEFAULT_SHARD_SAMPLES,
     EXTRACT_DDP_TIMEOUT,
+    MAX_DDP_TIMEOUT,
     MAX_FAILURE_RATIO_HELP,
     NO_TRAIN_COPIES,
     STORAGE_OPTIONS_HELP,
@@ -22,7 +23,7 @@ from pipeline.common.flags import (
     shard_size_help,
     train_copy_size_help,
 )
-from pipeline.common.options import Checked, at_least, between, greater_than, option
+from pipeline.common.options import Checked, at_least, between, greater_than, non_empty, option
 from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.common.records import DEFAULT_MAX_ROW_BYTES
 
@@ -34,7 +35,9 @@ class ExtractConfig(Checked):
     jsonl_path: str | None = option(
         None, "input JSONL (local path or fsspec URL), one sample per line", positional=True
     )
-    output_dir: str | None = option(None, "task directory to write: local path, s3://, gs://, ...", required=True)
+    output_dir: str | None = option(
+        None, "task directory to write: local path, s3://, gs://, ...", required=True, check=non_empty
+    )
     model_path: str | None = option(None, "Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)", required=True)
     batch_size: int = option(4, "prompts per encoder forward (a sample has 1-6)", check=at_least(1))
     crop_scale: int = option(
@@ -101,7 +104,7 @@ class ExtractConfig(Checked):
     ddp_timeout: int = option(
         EXTRACT_DDP_TIMEOUT,
         ddp_timeout_help(EXTRACT_DDP_TIMEOUT, "24 hours, as the ranks' shares of the input may end hours apart"),
-        check=at_least(1),
+        check=between(1, MAX_DDP_TIMEOUT),
     )
     skip_embeddings: bool = option(False, "write image-only shards (online encoding)")
     device: str = option("auto", "auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")

@@ -35,7 +35,7 @@ from pipeline.train.config import (
 from pipeline.train.engine.checkpoint import NonFiniteState
 from pipeline.train.engine.data_only import run_data_only
 from pipeline.train.engine.step import NonFiniteTraining
-from pipeline.train.engine.stopping import Stopped
+from pipeline.train.engine.stopping import Stopped, StoppedOutsideSteps, stop_outside_steps
 from pipeline.train.engine.trainer import Trainer
 from pipeline.train.recipe import parse_with_recipe
 
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a user's mistake (flag, path, recipe, data, run folder), one line; 1 a bug (with its
     traceback) or a run stopped by non-finite training; 128 + N stopped by signal N after saving a checkpoint."""
     setup_logging()
+    stop_outside_steps()
     finished = False  # every rank reached the end: they leave the process group together
     trainer = None
     try:
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:
         log.warning("%s", stop)
         finished = True  # every rank saved together and stops here
+        return stop.exit_code
+    except StoppedOutsideSteps as stop:
+        log.warning("%s", stop)
         return stop.exit_code
     except (NonFiniteTraining, NonFiniteState) as exc:
         log.error("%s", exc)

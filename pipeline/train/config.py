@@ -16,13 +16,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.common.flags import (
+    MAX_DDP_TIMEOUT,
     STORAGE_OPTIONS_HELP,
     TRAIN_DDP_TIMEOUT,
     ddp_timeout_help,
     distributed_env,
     prompt_style_help,
 )
-from pipeline.common.options import INVOCATION, MODEL, Checked, at_least, between, from_flags, greater_than, option
+from pipeline.common.options import (
+    INVOCATION,
+    MODEL,
+    Checked,
+    at_least,
+    between,
+    from_flags,
+    greater_than,
+    non_empty,
+    option,
+)
 from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.errors import UserError
 from pipeline.shards.storage import has_scheme, parse_storage_options
@@ -76,6 +87,13 @@ def split_patterns(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
 # (pipeline/common/options.py): its help, default, aliases and resume scope are written here and nowhere else.
 
 MIB = 1 << 20
+# the crop's side: at the widest bucket (4:1) a side of S puts the long side at 2S, whose S/16 RoPE positions the
+# text starts after (diffusers' scale_rope); 4096 leaves 3840 of the 4096 text positions, and is 4× the published
+# training size (a larger number is a typo, and every prompt would be refused as too long)
+MAX_IMAGE_SAMPLE_SIZE = 4096
+# Adam's first step is lr / (1 - beta1) in float32 (max 3.4e38): far above any useful rate, far below an overflow
+# (a traceback inside the optimizer) even after --scale_lr; a diverging rate below it ends as non-finite training
+MAX_LEARNING_RATE = 1e6
 DEFAULT_LORA_TARGETS = (
     "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
     "txt_mlp.net.2,txt_mod.1"
@@ -179,7 +197,9 @@ class StreamConfig(Checked):
         "a computed sample-level order and need none",
         check=at_least(0),
     )
-    image_sample_size: int = option(512, "crop area ≈ this squared (sides /32)", check=at_least(1))
+    image_sample_size: int = option(
+        512, "crop area ≈ this squared (sides /32)", check=between(1, MAX_IMAGE_SAMPLE_SIZE)
+    )
     enable_inverse: bool = option(False, "also train on inverse instructions (swap roles)")
     text_drop_ratio: float = option(0.05, "probability of the empty-text embedding", check=between(0, 1))
     storage_options: dict | None = option(
@@ -237,7 +257,7 @@ class FlowConfig(Checked):
 class OptimConfig(Checked):
     """Optimizer, schedule and gradient clipping; defaults are the original tool's."""
 
-    learning_rate: float = option(1e-4, "peak learning rate", check=at_least(0))
+    learning_rate: float = option(1e-4, "peak learning rate", check=between(0, MAX_LEARNING_RATE))
     scale_lr: bool = option(False, "multiply the LR by accumulation × batch × processes")
     lr_scheduler: str = option("constant", "diffusers get_scheduler name (constant_with_warmup …)")
     lr_warmup_steps: int = option(500, "warm-up steps (of *_with_warmup schedulers)", check=at_least(0))
@@ -286,6 +306,7 @@ class LoraConfig(Checked):
         "comma-separated LoRA target modules",
         flag="lora_target_modules",
         convert=_patterns,
+        unordered=True,
         scope=MODEL,
     )
     init_path: str | None = option(None, "initialise the LoRA from this safetensors file", flag="lora_path")
@@ -325,6 +346,7 @@ class ModelConfig(Checked):
         'full fine-tuning: parameter-name substrings that train ("." = all); several, space or comma separated',
         nargs="+",
         convert=_patterns,
+        unordered=True,
         scope=MODEL,
     )
     low_lr_modules: tuple[str, ...] = option(
@@ -333,6 +355,7 @@ class ModelConfig(Checked):
         flag="trainable_modules_low_learning_rate",
         nargs="+",
         convert=_patterns,
+        unordered=True,
         scope=MODEL,
     )
     lora: LoraConfig | None = None  # None: full fine-tuning
@@ -354,7 +377,7 @@ class ModelConfig(Checked):
 class CheckpointConfig(Checked):
     """Where the run's checkpoints go and which one it resumes from."""
 
-    output_dir: str = option("model-finetuned", "checkpoints, logs, validation images, exports")
+    output_dir: str = option("model-finetuned", "checkpoints, logs, validation images, exports", check=non_empty)
     every: int = option(
         500, "save a checkpoint every this many steps", flag="checkpointing_steps", scope=INVOCATION, check=at_least(1)
     )
@@ -509,7 +532,7 @@ class TrainConfig(Checked):
         TRAIN_DDP_TIMEOUT,
         ddp_timeout_help(TRAIN_DDP_TIMEOUT, "30 minutes, several times the longest wait at 20B (an export)"),
         scope=INVOCATION,
-        check=at_least(1),
+        check=between(1, MAX_DDP_TIMEOUT),
     )
     recipe: dict[str, Any] = field(default_factory=dict)  # every flag, resolved (output_dir/config.yaml)
     allow_recipe_change: bool = False  # resume even when the model settings differ from config.yaml

@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-from pipeline.common.options import INVOCATION, MODEL, flag_names, one_name_per_option, weight_flags
+from pipeline.common.options import (
+    INVOCATION,
+    MODEL,
+    flag_names,
+    one_name_per_option,
+    unordered_flags,
+    weight_flags,
+)
 from pipeline.errors import UserError
 from pipeline.shards.storage import atomic_write
 from pipeline.train.config import OPTION_CLASSES
@@ -31,6 +38,7 @@ RECIPE_FILE = "config.yaml"
 # flags that steer one invocation, not the training: never compared on resume
 RUN_ONLY = frozenset({"config"}) | flag_names(*OPTION_CLASSES, scope=INVOCATION)
 WEIGHT_FLAGS = weight_flags(*OPTION_CLASSES)
+UNORDERED_FLAGS = unordered_flags(*OPTION_CLASSES)  # "to_q, to_k" is "to_k,to_q"
 # a change of these means another model: refused on resume unless --allow_recipe_change
 MODEL_FLAGS = flag_names(*OPTION_CLASSES, scope=MODEL)
 
@@ -235,7 +243,7 @@ def with_model_identity(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _comparable(recipe: dict[str, Any], paths_by_content: bool) -> dict[str, Any]:
-    from pipeline.train.config import parse_weights
+    from pipeline.train.config import parse_weights, split_patterns
 
     out = {k: v for k, v in recipe.items() if k not in RUN_ONLY}
     if paths_by_content:  # both recipes identify the model by content: its path may be spelled any way
@@ -246,6 +254,9 @@ def _comparable(recipe: dict[str, Any], paths_by_content: bool) -> dict[str, Any
         for flag in MODEL_PATHS:
             if isinstance(out.get(flag), str):
                 out[flag] = os.path.normpath(os.path.abspath(os.path.expanduser(out[flag])))
+    for key in UNORDERED_FLAGS:
+        if isinstance(out.get(key), str | list | tuple):
+            out[key] = sorted(set(split_patterns(out[key])))
     for key in WEIGHT_FLAGS:
         if isinstance(out.get(key), str):
             try:

@@ -246,3 +246,38 @@ def test_the_run_summary_is_valid_json_whatever_it_measured():
     assert json.loads(json.dumps(json_safe(summary), allow_nan=False)) == {
         "final_loss": [None], "peak": None, "steps": [1.5, None], "ok": 3
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_model_loads_ends_in_one_line_and_releases_the_folder(
+    tiny_model_dir, edit_meta, tmp_path, signum
+):
+    """It used to end with status -15 (SIGTERM: the lease left behind) or a KeyboardInterrupt traceback (SIGINT).
+    A hook marks the moment the weights are first opened and holds the load there, so the signal lands in it."""
+    hook, loading = tmp_path / "hook", tmp_path / "loading"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import pathlib, time, safetensors\n"
+        "real = safetensors.safe_open\n"
+        "def slow(*a, **k):\n"
+        f"    marker = pathlib.Path({str(loading)!r})\n"
+        "    if not marker.exists():\n"
+        "        marker.touch()\n"
+        "        time.sleep(60)\n"
+        "    return real(*a, **k)\n"
+        "safetensors.safe_open = slow\n"
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.train", *args(tiny_model_dir, edit_meta, out, "--max_train_steps", "2")]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not loading.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} outside the training" in stderr
+    assert not (out / ".lease.json").exists(), "the run folder's lease is released"
+    assert not list(out.glob("checkpoint-*"))

@@ -55,8 +55,48 @@ def test_data_only_needs_no_model():
         (["--data_only", "--text_drop_ratio", "1.5"], UserError, "--text_drop_ratio"),
         (["--data_only", "--train_src_img_num_weights", "1=x"], UserError, "--train_src_img_num_weights"),
         (["--data_only", "--storage_options", "{nope"], UserError, "--storage_options is not valid JSON"),
+        # a typo'd number ends in one line, not a traceback deep in the process group or the optimizer
+        (["--data_only", "--ddp_timeout", "99999999999999"], UserError, r"--ddp_timeout must be a number in \[1, "),
+        (["--data_only", "--learning_rate", "1e38"], UserError, r"--learning_rate must be a number in \[0, 1e\+06\]"),
+        (["--data_only", "--image_sample_size", "100000"], UserError, r"--image_sample_size must be .*4096"),
+        (["--data_only", "--output_dir", ""], UserError, "--output_dir must be a path, not empty"),
+        (["--data_only", "--output_dir", "  "], UserError, "--output_dir must be a path, not empty"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_named(flags, error, message):
     with pytest.raises(error, match=message):
         configure(*flags)
+
+
+def test_lora_targets_compare_as_a_set_on_resume(tmp_path):
+    """``"to_q, to_k"`` after ``"to_q,to_k"`` (spacing, order, a repeat) was refused as a model change."""
+    from pipeline.train.recipe import check_resume_recipe, write_recipe
+
+    def recipe(targets: str) -> dict:
+        return vars(build_parser().parse_args([*BASE, "--use_peft_lora", "--lora_target_modules", targets]))
+
+    write_recipe(tmp_path, recipe("to_q,to_k"), 0, {})
+    for same in ("to_q, to_k", "to_k to_q", "to_k,to_q,to_q"):
+        assert check_resume_recipe(tmp_path, recipe(same), 5, False) == {}, same
+    with pytest.raises(UserError, match="lora_target_modules"):
+        check_resume_recipe(tmp_path, recipe("to_q,to_v"), 5, False)
+
+
+def test_extraction_refuses_a_flag_in_one_line_before_anything_starts(tmp_path, capfd):
+    from pipeline.extract.cli import main
+
+    argv = ["data.jsonl", "--output_dir", str(tmp_path / "o"), "--model_path", "m", "--batch_size", "0"]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "--batch_size must be a number >= 1, got 0" in err and "Traceback" not in err
+    assert main(["data.jsonl", "--output_dir", "", "--model_path", "m"]) == 2
+    assert main(["data.jsonl", "--output_dir", "o", "--model_path", "m", "--ddp_timeout", "99999999999999"]) == 2
+
+
+def test_reshard_refuses_zero_samples_per_shard(tmp_path, capsys):
+    from shards_tools.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["reshard", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--max_samples_per_shard", "0"])
+    assert refused.value.code == 2
+    assert "--max_samples_per_shard: must be a number >= 1, got 0" in capsys.readouterr().err

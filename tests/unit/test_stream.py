@@ -275,3 +275,40 @@ def test_a_manifest_count_its_index_contradicts_stops_the_stream_naming_both(tmp
     with pytest.raises(UnusableData, match=r"says 6 samples in .*00000-000000\.tar.* lists 5.*verify"):
         for _ in range(11):
             next(stream)
+
+
+def test_a_workers_stop_reaches_the_run_as_its_own_line_naming_the_task(tmp_path):
+    """With DataLoader workers the stop used to read "Caught UnusableData in DataLoader worker process 0." with the
+    task named only inside a traceback."""
+    from helpers import synthetic_task
+
+    from pipeline.shards.tasks import discover_tasks
+    from pipeline.train.config import DataConfig
+    from pipeline.train.stream.dataset import MixedBatchDataset
+    from pipeline.train.stream.loader import build_loader, next_batch, stop_workers
+
+    synthetic_task(tmp_path, "garbage", samples=8, per_shard=4, image_bytes=b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    tasks = discover_tasks(str(tmp_path), None)
+    config = StreamConfig(batch_size=1, image_sample_size=32, text_drop_ratio=0.0)
+    dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"garbage": 1}, {"1": 1}), 0, 1, config)
+    batches = iter(build_loader(dataset, DataConfig(meta_dir=str(tmp_path), num_workers=1)))
+    try:
+        with pytest.raises(UnusableData) as stop:
+            next_batch(batches, 0)
+    finally:
+        stop_workers(batches)
+    message = str(stop.value)
+    assert message.startswith("task garbage N=1: ") and "\n" not in message and "Caught" not in message, message
+
+
+def test_a_streams_skips_are_logged_in_full_at_first_then_sparsely(caplog):
+    from pipeline.train.stream.errors import LOUD_EVERY, LOUD_SKIPS, READ, ErrorHandler
+
+    handler = ErrorHandler(limit=10_000)
+    handler.register("k", "t", 1, shards=1, samples=None)
+    with caplog.at_level("WARNING"):
+        for i in range(1000):
+            handler.handle("k", READ, OSError(f"bad {i}"), sample=f"s{i}")
+    lines = [r.message for r in caplog.records]
+    assert len(lines) == LOUD_SKIPS + 1 + (1000 // LOUD_EVERY), len(lines)
+    assert "1000 skipped so far" in lines[-1] and "bad 999" in lines[-1]

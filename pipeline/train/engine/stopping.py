@@ -7,6 +7,12 @@ checkpoint together and exit with ``128 + signal`` (143 for SIGTERM, 130 for
 SIGINT). A second signal while stopping is logged and otherwise ignored, so it
 cannot cut a save short (a save is atomic anyway: SIGKILL leaves the previous
 checkpoint as ``latest``).
+
+Outside the steps (loading the model, building the stream, exporting) there is
+no step to finish: :func:`stop_outside_steps` makes either signal end the run at
+once with :class:`StoppedOutsideSteps` — one line, the same exit codes, the run
+folder's lease released on the way out — rather than Python's ``KeyboardInterrupt``
+traceback or the kernel's silent ``-15`` that left the lease behind.
 """
 
 from __future__ import annotations
@@ -29,6 +35,32 @@ class Stopped(Exception):
             f"stopped by {signal.Signals(signum).name} after step {step}: saved {checkpoint}; continue with "
             "--resume_from_checkpoint latest"
         )
+
+
+class StoppedOutsideSteps(BaseException):
+    """SIGTERM / SIGINT outside the training steps: nothing to save by this stop; the process exits ``128 + N``.
+    A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception`` on the way may swallow it."""
+
+    def __init__(self, signum: int):
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} outside the training steps (loading, setting up or exporting): "
+            "this stop saved nothing; rerun the command to go on (--resume_from_checkpoint latest continues from "
+            "the newest checkpoint, if any)"
+        )
+
+
+def stop_outside_steps() -> None:
+    """From now on SIGTERM and SIGINT raise :class:`StoppedOutsideSteps` (main thread), until the training loop
+    installs its :class:`StopRequest` (which restores this when the loop ends)."""
+
+    def stop(signum, frame):
+        for other in STOP_SIGNALS:  # a second signal must not cut the way out (the lease's release) short
+            signal.signal(other, signal.SIG_IGN)
+        raise StoppedOutsideSteps(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
 
 
 class StopRequest:

@@ -28,13 +28,22 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import images as imaging
+from pipeline.errors import DataError
 from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, stream_shard
 from pipeline.shards.tasks import DataConfigError, Shard, Task
 from pipeline.train.config import StreamConfig
 from pipeline.train.stream import state as state_mod
 from pipeline.train.stream.batching import assemble_batch
 from pipeline.train.stream.decide import decide
-from pipeline.train.stream.errors import ASSEMBLE, ITEM, READ, ErrorHandler, UnusableData, UnusableSample
+from pipeline.train.stream.errors import (
+    ASSEMBLE,
+    DATA_ERROR,
+    ITEM,
+    READ,
+    ErrorHandler,
+    UnusableData,
+    UnusableSample,
+)
 from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task, plan_mix  # noqa: F401 (re-exported)
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.read import IndexedReads
@@ -363,11 +372,19 @@ class MixedBatchDataset(IterableDataset):
         self._prepare()
         while True:
             step = self.step_of(self.made)
-            n = draw_num_sources(self.config.seed, step, self.plan.n_probs)
-            task = draw_task(self.config.seed, self.rank, step, self.plan.task_probs[n])
-            stream = self._stream(task, n)
-            taken = stream.next_batch(self.config.batch_size)
-            batch = self._assemble(stream, taken, step)
+            try:
+                n = draw_num_sources(self.config.seed, step, self.plan.n_probs)
+                task = draw_task(self.config.seed, self.rank, step, self.plan.task_probs[n])
+                stream = self._stream(task, n)
+                taken = stream.next_batch(self.config.batch_size)
+                batch = self._assemble(stream, taken, step)
+            except DataError as exc:
+                if get_worker_info() is None:
+                    raise
+                # a DataLoader worker: the stop reaches the main process as data, with its own one-line message
+                # (raised, it would arrive as "Caught UnusableData in DataLoader worker process 0." and a traceback)
+                yield {DATA_ERROR: str(exc), "step": step}
+                return
             batch["elements"] = [ref for ref, _ in taken]  # the stream positions (trace: exactly-once checks)
             self.made += 1
             yield batch

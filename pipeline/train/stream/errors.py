@@ -30,6 +30,9 @@ from pipeline.shards.reader import READ_RETRIES, RetryPolicy
 log = logging.getLogger(__name__)
 
 READ, ITEM, ASSEMBLE = "read", "item", "assemble"  # the stages that hand failures to the handler
+DATA_ERROR = "data_error"  # a worker's "batch" that carries the run's stop (its one-line message) to the main process
+LOUD_SKIPS = 20  # a stream's first skips are each logged; after them every LOUD_EVERY-th, with the count so far
+LOUD_EVERY = 100
 
 
 class UnusableData(DataError):
@@ -109,13 +112,16 @@ class ErrorHandler(RetryPolicy):
             reason = problem
         counts.skipped += 1
         what = f"sample {sample}" if sample else "a sample"
-        if stage == ASSEMBLE:
-            log.warning(
-                "%s: %s unusable (%s); replaced by another of its bucket (%d skipped so far)",
-                counts.where, what, reason, counts.skipped,
-            )  # fmt: skip
-        else:
-            log.warning("%s: skipped %s (%s; %d skipped so far)", counts.where, what, reason, counts.skipped)
+        if counts.skipped <= LOUD_SKIPS or counts.skipped % LOUD_EVERY == 0:
+            if stage == ASSEMBLE:
+                log.warning(
+                    "%s: %s unusable (%s); replaced by another of its bucket (%d skipped so far)",
+                    counts.where, what, reason, counts.skipped,
+                )  # fmt: skip
+            else:
+                log.warning("%s: skipped %s (%s; %d skipped so far)", counts.where, what, reason, counts.skipped)
+            if counts.skipped == LOUD_SKIPS:
+                log.warning("%s: from here on every %dth skip is logged", counts.where, LOUD_EVERY)
         if stage == READ:
             counts.read_failures += 1
             if counts.read_failures >= counts.read_limit:

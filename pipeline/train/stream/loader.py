@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.common.workers import stream_worker_init
 from pipeline.train.config import DataConfig, StreamConfig
 from pipeline.train.stream.dataset import MixedBatchDataset
+from pipeline.train.stream.errors import DATA_ERROR, UnusableData
 from pipeline.train.stream.startup import load_tasks, mix_tasks
 
 log = logging.getLogger("pipeline.train")
@@ -42,6 +43,8 @@ def next_batch(batches, expected_step: int) -> tuple[dict[str, Any], float]:
     t0 = time.perf_counter()
     batch = next(batches)
     waited = time.perf_counter() - t0
+    if DATA_ERROR in batch:  # a worker's stream stopped: its own line, as without workers
+        raise UnusableData(batch[DATA_ERROR])
     if batch["step"] != expected_step:
         raise RuntimeError(f"loader produced step {batch['step']} where {expected_step} was expected")
     return batch, waited
