@@ -142,7 +142,7 @@ def test_extraction_takes_a_typed_config_derived_from_the_same_declarations():
     [
         (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
         (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
-        (["--learning_rate=-1e-4"], r"--learning_rate must be a number in \[0, 1e\+06\]"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be a number in [0, 1e+06]"),
         (["--adam_beta1", "1"], "--adam_beta1 must be a number in [0, 1)"),
         (["--adam_beta2", "-0.1"], "--adam_beta2"),
         (["--adam_epsilon", "0"], "--adam_epsilon must be a number > 0"),
