@@ -11,7 +11,9 @@ Use the same --work_dir for both (the model's path is recorded in manifests). Re
   null embedding, and each manifest with its model path left out;
 * four training runs of 4 steps from seed 3 (LoRA and full, one process and FSDP on 2 processes): the sha256 of every
   weight, optimizer, scheduler, RNG and data-state file of the checkpoints at steps 2 and 4 (``checkpoint.json``
-  holds the run's random id and is left out), of the exports, and the final loss.
+  holds the run's random id, ``rng_rank*`` the unseeded global RNG states: both left out), of the exports, and the
+  final loss. Safetensors files are digested by their tensors and metadata (PEFT writes its target set in hash
+  order); manifests without their creation time.
 
 ``--compare`` prints every key that differs, and exits 1 when one does.
 """
@@ -26,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {
     "lora": ["--use_peft_lora", "--lora_r", "4", "--lora_alpha", "4", "--learning_rate", "1e-3"],
@@ -34,11 +38,33 @@ TRAININGS = {
                   "--parallelism", "fsdp"],
     "fsdp_full": ["--learning_rate", "1e-4", "--parallelism", "fsdp"],
 }  # fmt: skip
-SKIPPED = {"checkpoint.json"}  # the run's random id
+SKIPPED = ("checkpoint.json", "rng_rank")  # the run's random id; the global RNG states (unseeded, not computed)
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's bytes; for a safetensors file its tensors and metadata, with PEFT's ``target_modules`` (a set,
+    written in hash order) sorted."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        for key in sorted(handle.keys()):
+            tensor = handle.get_tensor(key)
+            digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for key, value in sorted(metadata.items()):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        if isinstance(parsed, dict):
+            parsed = {k: sorted(v) if k.endswith("target_modules") and isinstance(v, list) else v
+                      for k, v in parsed.items()}  # fmt: skip
+        digest.update(json.dumps([key, parsed], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def run(*args: str, nproc: int = 1) -> None:
@@ -66,6 +92,7 @@ def digest_extraction(work: Path) -> dict[str, str]:
             if file.name == "manifest.json":
                 manifest = json.loads(file.read_text())
                 manifest.get("model", {}).pop("path", None)
+                manifest.pop("created", None)  # the time of the run
                 out[relative] = json.dumps(manifest, sort_keys=True)
             else:
                 out[relative] = sha256(file)
@@ -85,7 +112,7 @@ def digest_training(work: Path) -> dict[str, str]:
             relative = file.relative_to(work).as_posix()
             in_run = file.parent == folder and file.suffix == ".safetensors"
             kept = "checkpoint-" in relative or "/transformer/" in relative or in_run
-            if file.is_file() and kept and file.name not in SKIPPED:
+            if file.is_file() and kept and not file.name.startswith(SKIPPED):
                 out[relative] = sha256(file)
         summary = json.loads((folder / "run_summary.json").read_text())
         out[f"runs/{name}/final_loss"] = repr(summary["final_loss"])
