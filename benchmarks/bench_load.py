@@ -65,14 +65,14 @@ class PeakAnon:
 def write_model(folder: Path, blocks: int, heads: int, head_dim: int) -> Path:
     """The tiny model's folder with a wider transformer: random weights in bf16 safetensors."""
     import torch
-    from diffusers import QwenImageTransformer2DModel
 
+    from pipeline import families
     from pipeline.kit.tiny_model import make_tiny_model
 
     make_tiny_model(folder)
     shutil.rmtree(folder / "transformer")
     torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
+    transformer = families.detect(str(folder)).transformer_class()(
         num_layers=blocks,
         attention_head_dim=head_dim,
         num_attention_heads=heads,
@@ -99,8 +99,12 @@ def worker(model: str, lora: bool, whole: bool = False) -> None:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on a GPU the rows go straight to it
     import peft  # noqa: F401
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel  # noqa: F401 - imports are not the load
     from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    from pipeline import families
+
+    family = families.detect(model)
+    family.transformer_class(), family.vae_class()  # imports are not the load
 
     before, rss_before = anon_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()

@@ -17,7 +17,7 @@ one JSON with:
 * beside each measured peak, the plan's figure for the same mode and its ratio (the first GPU run
   calibrates ``--plan``);
 * one checkpoint + resume (the largest weight difference against the straight run);
-* the LoRA and full exports loaded in diffusers' QwenImageEditPlusPipeline.
+* the LoRA and full exports loaded in the model family's diffusers pipeline.
 
 On a CPU the same steps run on the tiny model (so CI keeps this script working); the
 figures only mean something on a GPU.
@@ -121,10 +121,11 @@ def train(
 
 def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: str, repeats: int = 5) -> float:
     """The transformer alone: forward + loss + backward on random tensors shaped like one training step."""
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
     from pipeline.train.config import LoraConfig, ModelConfig
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS, build_training_models
+    from pipeline.train.engine.model import build_training_models
 
-    lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=tuple(DEFAULT_LORA_TARGETS.split(","))) if lora else None
+    lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=DEFAULT_LORA_TARGETS) if lora else None
     config = ModelConfig(pretrained=str(model), lora=lora_cfg)
     transformer = build_training_models(config, mixed, 1e-5, device=device).transformer
     side = size // 16  # 8× VAE, 2×2 packing
@@ -166,27 +167,27 @@ def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: st
 def planned_gib(model: Path, lora: bool, mixed: str, size: int, **changes) -> tuple[float, float]:
     """The plan's peak per GPU for the run's mode (its model, then the published 60 blocks): the figure the
     measured peak calibrates. Planned at 3 sources (the runs draw 0-3) and 512 text tokens."""
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.engine.plan import PUBLISHED, PlanRequest, build_on_meta, memory_plan, read_configs
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import PlanRequest, build_on_meta, memory_plan, read_configs
 
     request = PlanRequest(
-        lora=lora, lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), fsdp=not lora,
+        lora=lora, lora_rank=64, lora_targets=DEFAULT_LORA_TARGETS, fsdp=not lora,
         mixed_precision=mixed, gradient_checkpointing=True, batch_size=1, image_sample_size=size, num_sources=3,
         text_tokens=512, gpu_memory_gib=80.0, **changes,
     )  # fmt: skip
     here = memory_plan(*build_on_meta(*read_configs(str(model))), request)["gib_per_gpu"]["total"]
-    at_60 = memory_plan(*build_on_meta(PUBLISHED["qwen-image-edit-2509"]), request)["gib_per_gpu"]["total"]
+    at_60 = memory_plan(*build_on_meta(*read_configs("qwen-image-edit-2509")), request)["gib_per_gpu"]["total"]
     return here, at_60
 
 
 def plan_against_count() -> dict:
     """The plan's per-block bytes (from counts at a few tokens) against a direct count at 1,152 tokens on one block
     of the published width, bf16 autocast, for full fine-tuning and LoRA r64 without and with dropout."""
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
     from pipeline.train.engine.activations import ActivationMode, block_activations, build_one_block, count_saved
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.engine.plan import PUBLISHED
+    from pipeline.train.engine.plan import read_configs
 
-    config, targets = PUBLISHED["qwen-image-edit-2509"], tuple(DEFAULT_LORA_TARGETS.split(","))
+    config, targets = read_configs("qwen-image-edit-2509")[0], DEFAULT_LORA_TARGETS
     out = {}
     for name, mode in (
         ("full", ActivationMode()),
@@ -207,12 +208,11 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_exports(model: Path, full: Path, lora_file: Path, size: int) -> dict:
-    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from PIL import Image
 
-    pipe = QwenImageEditPlusPipeline.from_pretrained(
-        model, transformer=QwenImageTransformer2DModel.from_pretrained(full / "transformer")
-    )
+    from pipeline import families
+
+    pipe = families.detect(str(model)).inference_pipeline(str(model), str(full / "transformer"))
     pipe.load_lora_weights(str(lora_file))
     if torch.cuda.is_available():
         pipe.to("cuda", torch.bfloat16)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.engine.plan import PUBLISHED, PlanRequest, build_on_meta, card_table
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
+    from pipeline.train.engine.plan import PlanRequest, build_on_meta, card_table, read_configs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora_rank", type=int, default=64)
@@ -28,12 +28,12 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=8)
     args = p.parse_args()
     started = time.perf_counter()
-    transformer, vae = build_on_meta(PUBLISHED["qwen-image-edit-2509"])
+    transformer, vae = build_on_meta(*read_configs("qwen-image-edit-2509"))
     configs = [(size, sources) for size in (512, 1024) for sources in (1, 3)]
     tables = {}
     for size, sources in configs:
         request = PlanRequest(
-            lora=True, lora_rank=args.lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")),
+            lora=True, lora_rank=args.lora_rank, lora_targets=DEFAULT_LORA_TARGETS,
             mixed_precision="bf16", batch_size=1, image_sample_size=size, num_sources=sources,
             text_tokens=args.text_tokens, vae_mini_batch=1,
         )  # fmt: skip

@@ -128,25 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     train.main([*common, "--max_train_steps", str(args.steps), "--resume_from_checkpoint", "latest"])
 
     import torch
-    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from diffusers.utils import load_image
 
+    from pipeline import families
     from pipeline.common.records import read_records
-    from pipeline.train.engine.validation import source_area
 
-    pipe = QwenImageEditPlusPipeline.from_pretrained(
-        model, transformer=QwenImageTransformer2DModel.from_pretrained(run / "transformer")
-    )
+    family = families.detect(str(model))
+    pipe = family.inference_pipeline(str(model), str(run / "transformer"))
     record = next(r for r in read_records(str(data["edit_single"])) if not isinstance(r, Exception))
-    with source_area(256 * 256):  # keep CPU inference quick with the tiny VAE
-        image = pipe(
-            image=[load_image(record.sources[0])],
-            prompt=record.instruction,
-            num_inference_steps=4,
-            height=256,
-            width=256,
-            generator=torch.Generator().manual_seed(0),
-        ).images[0]
+    image = family.render_edit(  # 256²: quick CPU inference with the tiny VAE
+        pipe, [load_image(record.sources[0])], record.instruction, 256, 4, torch.Generator().manual_seed(0)
+    )
     result = run / "demo_inference.png"
     image.save(result)
     log.info("5/5 inference with the trained transformer: %s", result)

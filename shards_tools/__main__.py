@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model",
         help="write a tiny random-weight model in the Qwen-Image-Edit-2509 (or 2511) diffusers layout",
         description="Write, offline and deterministically, a tiny random-weight model that "
-        "diffusers' QwenImageEditPlusPipeline.from_pretrained loads (tests, demo, CI).",
+        "diffusers' pipeline of the Qwen-Image-Edit family loads with from_pretrained (tests, demo, CI).",
     )
     tiny.add_argument("out_dir", help="directory to write (created if missing)")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import families
 from pipeline.common import images as imaging
-from pipeline.common.prompts import REAL_DROP_INDEX
 from pipeline.common.records import RecordError, iter_lines, parse_line, resolve_ref
 from pipeline.errors import UserError
 from pipeline.extract.prepare import sample_from_images
+from pipeline.families.qwen_edit.prompts import REAL_DROP_INDEX
 from pipeline.shards.format import (
     embedding_to_npy,
     new_manifest,
@@ -44,6 +45,7 @@ from shards_tools.writer import TaskWriter
 
 log = logging.getLogger("shards_tools")
 
+LEGACY_FAMILY = "qwen_edit"  # the original tool knew Qwen-Image-Edit-2509 only
 # the original tool's line fields → our variant names
 LEGACY_FIELDS = {
     "embeddings_tensor_en": "en",
@@ -247,12 +249,12 @@ class NullEmbedding:
 
 
 def compute_null_embedding(model_path: str) -> torch.Tensor:
-    """The empty prompt under the T2I template, by our encoder (what extraction stores as the null embedding)."""
-    from pipeline.common.encoder import PromptBuilder, PromptEncoder
-
-    builder = PromptBuilder(model_path, "firered")
-    encoder = PromptEncoder(model_path)
-    return encoder.encode([builder.t2i("")], builder.drop_index)[0].to("cpu", torch.bfloat16)
+    """The empty prompt under the T2I template, by our encoder (what extraction stores as the null embedding).
+    The original tool's output is Qwen-Image-Edit's (2509)."""
+    family = families.get(LEGACY_FAMILY)
+    builder = family.prompt_builder(model_path, "firered")
+    encoder = family.prompt_encoder(model_path)
+    return encoder.encode([builder.t2i(family.null_text)], builder.drop_index)[0].to("cpu", torch.bfloat16)
 
 
 def _convert_line(
@@ -379,9 +381,7 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
 def _config_digest(model_path: str | None) -> str | None:
     if not model_path:
         return None
-    from pipeline.common.encoder import config_digest
-
-    return config_digest(model_path)
+    return families.get(LEGACY_FAMILY).encoder_digest(model_path)
 
 
 def convert_legacy(

@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.errors import UserError
 
 STORAGE_OPTIONS_HELP = (
@@ -18,26 +17,10 @@ STORAGE_OPTIONS_HELP = (
     "environment variables are honoured without it"
 )
 
-PROMPT_STYLE_HELP = {
-    "diffusers": "exactly what QwenImageEditPlusPipeline.encode_prompt computes (default)",
-    "firered": "the original tool's chat-template variant with bucket-cropped condition images",
-}
-
 
 def add_storage_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--storage_options``: how every CLI reaches object storage."""
     parser.add_argument("--storage_options", default=None, help=STORAGE_OPTIONS_HELP)
-
-
-def prompt_style_help(when: str = "") -> str:
-    """``--prompt_style``'s help: the one list of styles, after ``when`` it applies."""
-    styles = "; ".join(f"{name}: {PROMPT_STYLE_HELP[name]}" for name in PROMPT_STYLES)
-    return f"{when}{styles}".strip()
-
-
-def add_prompt_style(parser: argparse.ArgumentParser | argparse._ArgumentGroup, when: str = "") -> None:
-    """``--prompt_style`` with the one list of styles."""
-    parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0], help=prompt_style_help(when))
 
 
 DEFAULT_SHARD_SAMPLES = 1000

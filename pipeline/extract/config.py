@@ -19,13 +19,12 @@ from pipeline.common.flags import (
     NO_TRAIN_COPIES,
     STORAGE_OPTIONS_HELP,
     ddp_timeout_help,
-    prompt_style_help,
     shard_size_help,
     train_copy_size_help,
 )
 from pipeline.common.options import Checked, at_least, between, greater_than, non_empty, option
-from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.common.records import DEFAULT_MAX_ROW_BYTES
+from pipeline.families import PROMPT_STYLES, prompt_style_help
 
 
 @dataclass(frozen=True)

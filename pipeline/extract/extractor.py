@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.common.encoder import PromptBuilder, PromptEncoder, PromptInputs, config_digest
+from pipeline import families
 from pipeline.common.records import Columns
 from pipeline.common.workers import die_with_parent
 from pipeline.errors import UserError
@@ -63,10 +62,10 @@ class PromptBatcher:
 
     def __init__(self, batch_size: int, exact: bool, pool_limit: int):
         self.batch_size, self.exact, self.pool_limit = batch_size, exact, pool_limit
-        self.groups: dict[tuple, list[tuple[int, str, PromptInputs]]] = defaultdict(list)
+        self.groups: dict[tuple, list[tuple[int, str, Any]]] = defaultdict(list)
         self.size = 0
 
-    def add(self, sample_id: int, variant: str, inputs: PromptInputs) -> list[list]:
+    def add(self, sample_id: int, variant: str, inputs: Any) -> list[list]:
         key = (inputs.kind, inputs.length if self.exact else inputs.length // 64)
         group = self.groups[key]
         group.append((sample_id, variant, inputs))
@@ -123,10 +122,16 @@ class Extractor:
         self.store = Store(config.output_dir, self.storage_options)
         self.task = config.output_dir.rstrip("/").rsplit("/", 1)[-1]
         self.inverse = not (config.disable_inverse or config.t2i_mode)
-        self.builder = (
-            None if config.skip_embeddings else PromptBuilder(config.model_path, config.prompt_style, config.crop_scale)
-        )
-        self.encoder = None if config.skip_embeddings else PromptEncoder(config.model_path, config.device, config.dtype)
+        self.family = families.detect(config.model_path)
+        if config.prompt_style not in self.family.prompt_styles:
+            raise UserError(
+                f"--prompt_style {config.prompt_style}: the {self.family.name} family has "
+                f"{', '.join(self.family.prompt_styles)}"
+            )
+        self.builder, self.encoder = None, None
+        if not config.skip_embeddings:
+            self.builder = self.family.prompt_builder(config.model_path, config.prompt_style, config.crop_scale)
+            self.encoder = self.family.prompt_encoder(config.model_path, config.device, config.dtype)
         self.forward_seconds = 0.0
         self.forwards = 0  # encoder forwards and the prompts they carried: how full the batches are
         self.prompts_encoded = 0
@@ -285,10 +290,12 @@ class Extractor:
         has_t2i = any(c.shard and c.shard["num_sources"] == 0 for c in records)
         null_url = None
         if has_t2i and self.encoder is not None:
-            null = self.encoder.encode([self.builder.t2i("")], self.builder.drop_index)[0]
+            null = self.encoder.encode([self.builder.t2i(self.family.null_text)], self.builder.drop_index)[0]
             self.store.write_bytes(NULL_EMBEDDING, embedding_to_npy(null))
             null_url = NULL_EMBEDDING
-        base = new_manifest(self.task, self._model_identity(), self.config.prompt_style, self._drop_index())
+        base = new_manifest(
+            self.task, self._model_identity(), self.config.prompt_style, self._drop_index(), self.family.name
+        )
         extra = {
             "null_embedding": null_url,
             "embeddings": not self.config.skip_embeddings,
@@ -321,7 +328,8 @@ class Extractor:
         return {
             "input": config.jsonl_path,
             **input_fingerprint(config.jsonl_path, self.storage_options),
-            "model_config_sha256": None if config.skip_embeddings else config_digest(config.model_path),
+            "family": self.family.name,
+            "model_config_sha256": None if config.skip_embeddings else self.family.encoder_digest(config.model_path),
             "prompt_style": config.prompt_style,
             "t2i_mode": config.t2i_mode,
             "inverse": self.inverse,
@@ -335,11 +343,10 @@ class Extractor:
     def _model_identity(self) -> dict[str, Any]:
         hidden = self.encoder.hidden_size if self.encoder else None
         if hidden is None:
-            cfg = json.loads(open(os.path.join(self.config.model_path, "text_encoder", "config.json")).read())
-            hidden = cfg.get("text_config", cfg).get("hidden_size")
+            hidden = self.family.encoder_hidden_size(self.config.model_path)
         return {
             "path": self.config.model_path,
-            "config_sha256": config_digest(self.config.model_path),
+            "config_sha256": self.family.encoder_digest(self.config.model_path),
             "hidden_size": hidden,
             "compute_dtype": str(self.encoder.dtype).replace("torch.", "") if self.encoder else None,
         }

@@ -15,9 +15,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import images as imaging
-from pipeline.common.encoder import PromptBuilder
-from pipeline.common.prompts import plan_variants
 from pipeline.common.records import DEFAULT_MAX_ROW_BYTES, Columns, Record, RecordError, iter_lines, parse_line
+from pipeline.common.variants import plan_variants
 from pipeline.shards import copies
 from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample
@@ -46,12 +45,12 @@ def _record_failure(err: RecordError, text: str) -> Failure:
 def prepare_record(
     record: Record,
     text: str,
-    builder: PromptBuilder | None,
+    builder,
     opts: PrepareOptions,
     source_field: str = "source_image",
     target_field: str = "target_image",
 ) -> PreparedSample | Failure:
-    """Load the images of ``record`` and build its prompts."""
+    """Load the images of ``record`` and build its prompts with the model family's ``builder``."""
     sources = () if opts.t2i_mode else record.sources
     loaded: dict[str, imaging.LoadedImage] = {}
     roles = [
@@ -113,7 +112,7 @@ def _image_meta(img: imaging.LoadedImage, role: str) -> dict[str, Any]:
 
 
 def prepare_line(
-    text: str, file: str, line: int, builder: PromptBuilder | None, opts: PrepareOptions, columns: Columns
+    text: str, file: str, line: int, builder, opts: PrepareOptions, columns: Columns
 ) -> PreparedSample | Failure:
     try:
         record = parse_line(text, file, line, columns)
@@ -138,7 +137,7 @@ class LineDataset(IterableDataset):
         rank: int,
         world_size: int,
         done: np.ndarray,
-        builder: PromptBuilder | None,
+        builder,
         opts: PrepareOptions,
         columns: Columns,
     ):

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.shards.format import MANIFEST, SOURCE_COUNTS, add_totals, source_dir
+from pipeline.shards.format import DEFAULT_FAMILY, MANIFEST, SOURCE_COUNTS, add_totals, source_dir
 from pipeline.shards.storage import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ FAILURES = "_failures"
 
 
 IDENTITY = f"{PROGRESS}/identity.json"
+IDENTITY_DEFAULTS = {"family": DEFAULT_FAMILY}  # what a key an older identity lacks stood for
 
 
 def check_identity(store: Store, identity: dict[str, Any], fresh_hint: str) -> None:
@@ -52,7 +53,8 @@ def check_identity(store: Store, identity: dict[str, Any], fresh_hint: str) -> N
     if not store.exists(IDENTITY):
         store.write_json(IDENTITY, identity)
         return
-    previous = store.read_json(IDENTITY)
+    older = {k: v for k, v in IDENTITY_DEFAULTS.items() if k in identity}  # keys an older version did not record
+    previous = {**older, **store.read_json(IDENTITY)}
     changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
     if changed:
         diff = "; ".join(f"{k}: {previous.get(k)!r} then, {identity.get(k)!r} now" for k in changed)

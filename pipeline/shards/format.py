@@ -21,6 +21,10 @@ import torch
 
 FORMAT_NAME = "qwen-edit-shards"
 FORMAT_VERSION = 1
+KNOWN_FORMAT_VERSIONS = (1,)  # what this version's readers understand; a manifest of another is refused
+# the model family of a manifest that names none: every task written before families were recorded is v1 and
+# Qwen-Image-Edit's (the same default completes an older extraction identity)
+DEFAULT_FAMILY = "qwen_edit"
 MANIFEST = "manifest.json"
 NULL_EMBEDDING = "null_embedding.npy"
 EMBEDDING_NPY_DTYPE = "<u2"  # bfloat16 bit pattern, little-endian
@@ -216,10 +220,13 @@ def is_forbidden_member(name: str) -> bool:
     return ("." + name).lower().endswith(FORBIDDEN_SUFFIXES)
 
 
-def new_manifest(task: str, model: dict[str, Any], prompt_style: str, drop_index: dict[str, int]) -> dict[str, Any]:
+def new_manifest(
+    task: str, model: dict[str, Any], prompt_style: str, drop_index: dict[str, int], family: str = DEFAULT_FAMILY
+) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "family": family,
         "task": task,
         "model": model,
         "prompt_style": prompt_style,

@@ -16,7 +16,15 @@ import braceexpand
 import fsspec
 
 from pipeline.errors import DataError
-from pipeline.shards.format import MANIFEST, NULL_EMBEDDING, SOURCE_COUNTS, index_name
+from pipeline.shards.format import (
+    DEFAULT_FAMILY,
+    FORMAT_VERSION,
+    KNOWN_FORMAT_VERSIONS,
+    MANIFEST,
+    NULL_EMBEDDING,
+    SOURCE_COUNTS,
+    index_name,
+)
 from pipeline.shards.storage import Store, join, options_for, protocol_of, uri_exists
 
 # protocols on which a shard can be read by byte ranges (through its .index.json)
@@ -50,6 +58,11 @@ class Task:
         return {n: len(s) for n, s in self.shards.items() if s}
 
     @property
+    def family(self) -> str:
+        """The model family the task's embeddings are for (a manifest without one: Qwen-Image-Edit's, as v1)."""
+        return (self.manifest or {}).get("family") or DEFAULT_FAMILY
+
+    @property
     def hidden_size(self) -> int | None:
         """The width of the task's embeddings, as its manifest records it (None without a manifest)."""
         manifest = self.manifest or {}
@@ -80,6 +93,14 @@ def read_manifest(task_url: str, storage_options: dict | None) -> dict[str, Any]
         raise DataConfigError(f"{where}: not valid JSON, truncated or damaged? ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataConfigError(f"{where}: has no 'shards' list; not a manifest written by this project")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or version not in KNOWN_FORMAT_VERSIONS:
+        raise DataConfigError(
+            f"{where}: shard format version {version!r}, which this version does not read (it reads "
+            f"{', '.join(map(str, KNOWN_FORMAT_VERSIONS))}); upgrade the tool"
+        )
+    if not isinstance(manifest.get("family", DEFAULT_FAMILY), str):
+        raise DataConfigError(f"{where}: its 'family' is {manifest['family']!r}, not a model family's name")
     for i, entry in enumerate(manifest["shards"]):
         missing = [k for k in ("url", "num_sources", "samples") if not isinstance(entry, dict) or k not in entry]
         if missing:

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline import families
 from pipeline.common.flags import distributed_env, leave_process_group
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
@@ -30,6 +31,7 @@ from pipeline.train.config import (
     PlanOptions,
     StreamConfig,
     config_from_args,
+    resolve_model_defaults,
     use_fsdp,
 )
 from pipeline.train.engine.checkpoint import NonFiniteState
@@ -72,14 +74,16 @@ def print_plan(args: argparse.Namespace) -> int:
         read_configs,
     )
 
+    if not args.pretrained_model_name_or_path:
+        raise UserError(
+            f"--plan needs --pretrained_model_name_or_path (a folder, or one of {', '.join(families.plan_names())})"
+        )
+    family = families.detect(args.pretrained_model_name_or_path)
+    resolve_model_defaults(args)
     plan = from_flags(PlanOptions, args)
     model = from_flags(ModelConfig, args, lora=from_flags(LoraConfig, args) if args.use_peft_lora else None)
     stream, optim, flow = from_flags(StreamConfig, args), from_flags(OptimConfig, args), from_flags(FlowConfig, args)
-    if not model.pretrained:
-        raise UserError(
-            "--plan needs --pretrained_model_name_or_path (a folder, or qwen-image-edit-2509 / qwen-image-edit-2511)"
-        )
-    lora = model.lora or LoraConfig()
+    lora = model.lora or LoraConfig(target_modules=family.default_lora_targets)
     request = PlanRequest(
         lora=model.lora is not None,
         lora_rank=lora.rank,
@@ -100,8 +104,9 @@ def print_plan(args: argparse.Namespace) -> int:
         base_weight_dtype=lora.base_weight_dtype,
         cpu_offload=args.fsdp_cpu_offload,
         validation=bool(args.validation_jsonl),
+        family=family.name,
     )
-    transformer, vae = build_on_meta(*read_configs(model.pretrained))
+    transformer, vae = build_on_meta(*read_configs(model.pretrained), family.name)
     print(format_plan(memory_plan(transformer, vae, request)))
     gpus = max(request.processes, 8)
     print("\nwhich card: this run's batch, size, sources and text in every mode (planned, not measured on a GPU)")

@@ -21,7 +21,6 @@ from pipeline.common.flags import (
     TRAIN_DDP_TIMEOUT,
     ddp_timeout_help,
     distributed_env,
-    prompt_style_help,
 )
 from pipeline.common.options import (
     INVOCATION,
@@ -34,8 +33,8 @@ from pipeline.common.options import (
     non_empty,
     option,
 )
-from pipeline.common.prompts import PROMPT_STYLES
 from pipeline.errors import UserError
+from pipeline.families import FAMILIES, PROMPT_STYLES, prompt_style_help
 from pipeline.shards.storage import has_scheme, parse_storage_options
 from pipeline.shards.tasks import DataConfigError
 
@@ -94,10 +93,6 @@ MAX_IMAGE_SAMPLE_SIZE = 4096
 # Adam's first step is lr / (1 - beta1) in float32 (max 3.4e38): far above any useful rate, far below an overflow
 # (a traceback inside the optimizer) even after --scale_lr; a diverging rate below it ends as non-finite training
 MAX_LEARNING_RATE = 1e6
-DEFAULT_LORA_TARGETS = (
-    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
-    "txt_mlp.net.2,txt_mod.1"
-)
 FP8_FORMATS = ("float8_e4m3fn",)  # --base_weight_dtype choices besides auto (torch dtypes of these names)
 
 
@@ -302,8 +297,11 @@ class LoraConfig(Checked):
     )
     dropout: float = option(0.0, "LoRA dropout", flag="lora_dropout", check=between(0, 1, high_open=True))
     target_modules: tuple[str, ...] = option(
-        DEFAULT_LORA_TARGETS,
-        "comma-separated LoRA target modules",
+        None,
+        "comma-separated LoRA target modules, each a module name or its ending after a dot, as PEFT matches "
+        "them; one that names no module of the transformer is refused (default: the model family's — "
+        + "; ".join(f"{f.name}: {','.join(f.default_lora_targets)}" for f in FAMILIES.values())
+        + ")",
         flag="lora_target_modules",
         convert=_patterns,
         unordered=True,
@@ -614,6 +612,19 @@ def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
 
 
+def resolve_model_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the model's family, filled into the flags (so ``config.yaml`` records the values the
+    run used): the LoRA targets. Nothing without a model."""
+    from pipeline import families
+
+    if args.pretrained_model_name_or_path and not args.data_only and args.lora_target_modules is None:
+        try:
+            family = families.detect(args.pretrained_model_name_or_path)
+        except UserError:  # not a model folder here (a Hub id, a typo): the model's loading says so, or fills them
+            return
+        args.lora_target_modules = ",".join(family.default_lora_targets)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The one place where flags become configs; each config checks its own fields and those across them."""
     for flag in ("output_dir", "max_train_steps"):
@@ -628,6 +639,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"--output_dir {args.output_dir}: checkpoints and exports are written with local file operations "
             "(atomic renames); give a local or mounted folder (for object storage, mount it or copy afterwards)"
         )
+    resolve_model_defaults(args)
     validation = None
     if args.validation_jsonl:
         validation = from_flags(ValidationConfig, args, seed=args.seed)

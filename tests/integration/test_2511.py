@@ -37,6 +37,7 @@ def test_training_hands_the_transformer_the_target_source_split_inference_does(t
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image
 
+    from pipeline.families.qwen_edit import forward
     from pipeline.train.config import FlowConfig
     from pipeline.train.engine import flow
     from pipeline.train.engine.model import load_scheduler, load_transformer, load_vae
@@ -59,7 +60,7 @@ def test_training_hands_the_transformer_the_target_source_split_inference_does(t
     cfg = FlowConfig()
     batch_loss(batch, transformer, vae, scheduler, cfg, rank=0, world=1, loader_step=0)
     (call,) = spy.calls
-    packed = [flow.pack_latents(flow.encode_latents(vae, s, cfg.vae_mini_batch)) for s in batch["sources"]]
+    packed = [forward.pack_latents(flow.encode_latents(vae, s, cfg.vae_mini_batch)) for s in batch["sources"]]
     target_tokens = call["hidden"].shape[1] - sum(p.shape[1] for p in packed)
     index = call["index"]
     assert index.shape == call["hidden"].shape[:2]

@@ -19,11 +19,11 @@ def test_a_real_width_block_in_fp8_stays_close_to_bf16_and_saves_half_the_bytes(
     Bound: 14 quantised Linears, the longest path through the block meets about 6 of them (modulation, q/k/v,
     out, MLP in and out); independent errors add in quadrature: √6 × 3.6 % = 8.8 %, and the attention's softmax
     can sharpen logit errors a little — so 15 %."""
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
+    from pipeline.families.qwen_edit import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
     from pipeline.train.engine.activations import ActivationMode, build_one_block
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
 
-    model = build_one_block(CONFIG, ActivationMode(lora_rank=64, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(","))))
+    model = build_one_block(CONFIG, ActivationMode(lora_rank=64, lora_targets=DEFAULT_LORA_TARGETS))
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         hidden_states=torch.randn(1, 256, 64, generator=g),

@@ -25,13 +25,11 @@ import pytest
 def test_the_plan_holds_a_real_width_block_to_what_it_saves(lora_rank, dropout):
     """The plan's per-block bytes, from counts at a few tokens, against a count at 320 and 1,152 tokens on a
     real-width Qwen-Image block (3072 wide, 24 × 128 heads), bf16 autocast as accelerate runs it: within 5 %."""
+    from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
+    from pipeline.families.qwen_edit import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
     from pipeline.train.engine.activations import ActivationMode, block_activations, build_one_block, count_saved
-    from pipeline.train.engine.model import DEFAULT_LORA_TARGETS
-    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER as CONFIG
 
-    mode = ActivationMode(
-        lora_rank=lora_rank, lora_targets=tuple(DEFAULT_LORA_TARGETS.split(",")), lora_dropout=dropout
-    )
+    mode = ActivationMode(lora_rank=lora_rank, lora_targets=DEFAULT_LORA_TARGETS, lora_dropout=dropout)
     planned = block_activations(CONFIG, mode)
     model = build_one_block(CONFIG, mode)
     for image_tokens, text_tokens in ((256, 64), (1024, 128)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pipeline.kit import tiny_model
+from pipeline.kit import tiny_model  # the kit's entry point (make_tiny_model)
 
 
 def test_cli_is_deterministic(tmp_path, tiny_model_dir):

@@ -295,7 +295,7 @@ def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_d
     tasks = discover_tasks(str(tmp_path / "online"), None)
     assert not any(k.startswith("emb_") for k in tasks["task"].manifest["variants"])
     dataset = MixedBatchDataset(tasks, plan_mix(tasks, {"task": 1}, {"2": 1, "3": 1}), 0, 1, config)
-    from pipeline.common.encoder import PromptBuilder, PromptEncoder
+    from pipeline.families.qwen_edit.encoder import PromptBuilder, PromptEncoder
 
     builder, encoder = PromptBuilder(str(tiny_model_dir)), PromptEncoder(str(tiny_model_dir))
     offline = read_offline(tmp_path / "offline" / "task")

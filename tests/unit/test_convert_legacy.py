@@ -104,7 +104,7 @@ def test_npy_embedding_paths_are_read_as_npy(sample_data_dir, tmp_path):
 
 
 def test_null_embedding_from_the_model(sample_data_dir, tiny_model_dir, tmp_path):
-    from pipeline.kit.tiny_model import TINY_TEXT_HIDDEN
+    from pipeline.families.qwen_edit.tiny import TINY_TEXT_HIDDEN
 
     assert TINY_TEXT_HIDDEN == HIDDEN
     work = tmp_path / "work"

@@ -143,7 +143,8 @@ def comfyui_merge(base_state, lora):
 def test_exported_lora_loads_at_the_trained_strength_in_diffusers_and_comfyui(tiny_model_dir, tmp_path):
     from diffusers import QwenImageEditPlusPipeline
 
-    from pipeline.train.engine.model import LORA_FILES, add_lora, export_lora, load_transformer
+    from pipeline.families.qwen_edit import FAMILY
+    from pipeline.train.engine.model import add_lora, export_lora, load_transformer
 
     rank, alpha = 4, 12.0  # alpha != rank: a loader that ignores alpha applies the update at 1/3
     trained = load_transformer(str(tiny_model_dir))
@@ -158,7 +159,7 @@ def test_exported_lora_loads_at_the_trained_strength_in_diffusers_and_comfyui(ti
     with torch.no_grad():
         expected = trained(**inputs)[0]
     written = export_lora(trained, tmp_path, None, "both")
-    assert set(written) == {"diffusers", "comfyui"} and (tmp_path / LORA_FILES["comfyui"]).exists()
+    assert set(written) == {"diffusers", "comfyui"} and (tmp_path / FAMILY.lora_files["comfyui"]).exists()
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir)
     with torch.no_grad():

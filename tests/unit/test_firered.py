@@ -7,7 +7,7 @@ import pytest
 from helpers import PIXART_512, firered_reference_conditions
 from PIL import Image
 
-from pipeline.common import images as imaging
+from pipeline.families.qwen_edit import geometry
 
 # target (w, h) -> condition (w, h), from the issue; "today" is what the 0.1-step buckets gave before
 EXAMPLES = {(1000, 600): (480, 288), (768, 1024): (352, 448), (1080, 1920): (288, 512), (800, 600): (448, 320)}
@@ -20,13 +20,13 @@ def _picture(size, seed=0):
 
 
 def test_the_table_is_pixarts_512_table():
-    assert len(imaging.FIRERED_BUCKETS_512) == 40
-    assert [(k, *v) for k, v in imaging.FIRERED_BUCKETS_512.items()] == [(float(k), h, w) for k, h, w in PIXART_512]
+    assert len(geometry.FIRERED_BUCKETS_512) == 40
+    assert [(k, *v) for k, v in geometry.FIRERED_BUCKETS_512.items()] == [(float(k), h, w) for k, h, w in PIXART_512]
 
 
 @pytest.mark.parametrize("target", sorted(EXAMPLES))
 def test_condition_sizes_match_the_original_tool(target):
-    out = imaging.firered_condition_image(_picture(target), target)
+    out = geometry.firered_condition_image(_picture(target), target)
     assert out.size == EXAMPLES[target] != BEFORE[target]
     assert firered_reference_conditions([_picture(target)], target)[0].size == EXAMPLES[target]
 
@@ -39,13 +39,13 @@ def test_condition_sizes_match_the_original_tool(target):
 def test_condition_pixels_equal_an_independent_computation(source, target, sample_size):
     """Sources of another aspect are fitted to the *target's* crop (stretched), as the original does."""
     picture = _picture(source, seed=sum(source))
-    ours = imaging.firered_condition_image(picture, target, sample_size)
+    ours = geometry.firered_condition_image(picture, target, sample_size)
     reference = firered_reference_conditions([picture], target, sample_size)[0]
     assert ours.size == reference.size
     assert np.array_equal(np.asarray(ours), np.asarray(reference))
 
 
 def test_image_sample_size_scales_the_crop():
-    assert imaging.firered_crop((1000, 600), 512) == (384, 640)
-    assert imaging.firered_crop((1000, 600), 1024) == (768, 1280)
-    assert imaging.firered_crop((1000, 600), 400) == (288, 496)  # 300 -> 288, 500 -> 496: floored to /16
+    assert geometry.firered_crop((1000, 600), 512) == (384, 640)
+    assert geometry.firered_crop((1000, 600), 1024) == (768, 1280)
+    assert geometry.firered_crop((1000, 600), 400) == (288, 496)  # 300 -> 288, 500 -> 496: floored to /16

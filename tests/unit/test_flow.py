@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.families.qwen_edit import forward
 from pipeline.train.engine import flow
 from pipeline.train.stream.seeding import step_generator
 
@@ -38,7 +39,7 @@ def test_latent_normalisation_and_packing():
     raw = pixels[:, :2, ::8, ::8] * 3
     expected = (raw - torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)) / torch.tensor([2.0, 4.0]).view(1, 2, 1, 1)
     assert torch.allclose(lat, expected)  # the same fp32 operations in the same order: equal up to default rtol
-    packed = flow.pack_latents(lat)
+    packed = forward.pack_latents(lat)
     b, c, h, w = lat.shape
     assert packed.shape == (b, (h // 2) * (w // 2), 4 * c)
     # token (i, j) holds channels in order c, then 2x2 position (dy, dx)
@@ -107,7 +108,7 @@ def test_noisy_input_target_img_shapes_slice_mask_and_weighting():
     assert ((xt - expected).abs() <= 4 * torch.finfo(torch.float32).eps * (x0.abs() + noise.abs())).all()
     assert torch.equal(target, noise - x0)
     tgt_lat, srcs = torch.zeros(2, 16, 8, 12), [torch.zeros(2, 16, 4, 6), torch.zeros(2, 16, 12, 8)]
-    assert flow.img_shapes(tgt_lat, srcs) == [[(1, 4, 6), (1, 2, 3), (1, 6, 4)]] * 2
+    assert forward.img_shapes(tgt_lat, srcs) == [[(1, 4, 6), (1, 2, 3), (1, 6, 4)]] * 2
     pred, tgt = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
     pred[0, 0, 0] = 60.0  # |diff| 59 > 50: left out
     pred[1, 2, 3] = 40.0  # |diff| 39: kept

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "pipeline.errors": -1,  # UserError / DataError: raised in every layer, mapped to exit 2 by the CLIs
     "pipeline.shards": 0,  # shard format, storage, commit records, shard reading
-    "pipeline.common": 1,  # images, prompts, encoder, shared flags, logging: used by both halves
+    "pipeline.common": 1,  # images, variants, devices, shared flags, logging: used by both halves
+    # the model families: everything model-specific behind one interface; both halves import it, it neither
+    "pipeline.families": 1.5,
     "pipeline.extract": 2,
     # the training half, bottom up: its typed options, the recipe files, the data stream, the engine, the CLI
     "pipeline.train.config": 2,

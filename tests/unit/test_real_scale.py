@@ -83,7 +83,7 @@ class DeviceCheckingVLM(torch.nn.Module):
 
 
 def encoder_on_meta(model_dir):
-    from pipeline.common.encoder import PromptEncoder
+    from pipeline.families.qwen_edit.encoder import PromptEncoder
 
     encoder = PromptEncoder.__new__(PromptEncoder)
     encoder.device, encoder.dtype, encoder.hidden_size, encoder.pad_token_id = (
@@ -99,7 +99,7 @@ def encoder_on_meta(model_dir):
 def test_extraction_encoder_call_moves_every_input_to_the_encoder_device(tiny_model_dir):
     from PIL import Image
 
-    from pipeline.common.encoder import PromptBuilder
+    from pipeline.families.qwen_edit.encoder import PromptBuilder
 
     builder = PromptBuilder(str(tiny_model_dir))
     encoder = encoder_on_meta(tiny_model_dir)
@@ -114,7 +114,7 @@ def test_extraction_encoder_call_moves_every_input_to_the_encoder_device(tiny_mo
 def test_sync_encoder_step_runs_with_the_models_on_another_device(tiny_model_dir):
     from PIL import Image
 
-    from pipeline.common.encoder import PromptBuilder
+    from pipeline.families.qwen_edit.encoder import PromptBuilder
     from pipeline.train.engine.model import load_scheduler
     from pipeline.train.engine.step import batch_loss, encode_online
 
@@ -206,7 +206,8 @@ def test_loop_state_round_trips_through_json():
 
 
 def test_the_published_config_has_the_published_size():
-    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, build_on_meta
+    from pipeline.families.qwen_edit import QWEN_IMAGE_EDIT_2509_TRANSFORMER
+    from pipeline.train.engine.plan import build_on_meta
 
     transformer, vae = build_on_meta(QWEN_IMAGE_EDIT_2509_TRANSFORMER)
     params = sum(p.numel() for p in transformer.parameters())
@@ -217,9 +218,9 @@ def test_the_published_config_has_the_published_size():
 
 
 def test_plan_bytes_follow_the_mode():
+    from pipeline.families.qwen_edit import QWEN_IMAGE_EDIT_2509_TRANSFORMER
     from pipeline.train.engine.activations import BlockActivations
     from pipeline.train.engine.plan import (
-        QWEN_IMAGE_EDIT_2509_TRANSFORMER,
         GiB,
         PlanRequest,
         build_on_meta,
@@ -267,7 +268,8 @@ def test_plan_bytes_follow_the_mode():
 
 
 def test_live_bytes_follow_what_is_alive_and_the_vae_encode_scales_with_its_mini_batch():
-    from pipeline.train.engine.plan import QWEN_IMAGE_EDIT_2509_TRANSFORMER, LiveBytes, build_on_meta, vae_encode_peak
+    from pipeline.families.qwen_edit import QWEN_IMAGE_EDIT_2509_TRANSFORMER
+    from pipeline.train.engine.plan import LiveBytes, build_on_meta, vae_encode_peak
 
     counter = LiveBytes()
     with counter:
@@ -302,7 +304,7 @@ def test_the_plan_knows_2511_and_counts_what_zero_cond_t_changes(tiny_2511_dir, 
     """2511's zero_cond_t turns each image-stream modulation's shift, scale and gate into full [tokens, hidden]
     tensors (one row per sample before): the measured activations per image token must grow by at least the two
     modulations of the image stream each saving one such tensor, in at least 2-byte elements."""
-    from pipeline.kit.tiny_model import SIZES, transformer_config
+    from pipeline.families.qwen_edit.tiny import SIZES, transformer_config
     from pipeline.train.cli import main
     from pipeline.train.engine.activations import ActivationMode, block_activations
     from pipeline.train.engine.plan import read_configs

@@ -197,8 +197,8 @@ def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp
     text positions); the stream now skips and counts it like a corrupt sample."""
     from helpers import synthetic_task
 
+    from pipeline.families.qwen_edit.forward import ROPE_POSITIONS, text_positions
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.batching import ROPE_POSITIONS, text_positions
     from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
 
     assert text_positions([(1024, 1024)]) == ROPE_POSITIONS - 32  # diffusers: text starts after max(h, w) // 2

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.common import prompts
-from pipeline.kit import tiny_model
+from pipeline.families.qwen_edit import prompts
+from pipeline.families.qwen_edit import tiny as tiny_model
 
 
 @pytest.fixture(scope="module")

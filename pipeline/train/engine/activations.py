@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import families
+from pipeline.shards.format import DEFAULT_FAMILY
 from pipeline.train.engine.model import weight_dtype
 
 # the token counts the slopes are measured at: small (a real-width block forward takes ~1 s here), and
@@ -43,6 +45,7 @@ class ActivationMode:
     mixed_precision: str | None = "bf16"
     fsdp: bool = False  # FSDP2's MixedPrecisionPolicy casts parameters; DDP runs under autocast
     base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
+    family: str = DEFAULT_FAMILY  # whose transformer class and forward inputs the probe uses
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,13 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def build_one_block(transformer_config: dict, mode: ActivationMode) -> torch.nn.Module:
     """The configured transformer with one block, on the CPU, with the mode's dtypes and trainable parameters."""
-    from diffusers import QwenImageTransformer2DModel
-
     from pipeline.train.engine.model import add_lora, select_trainable
 
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     config["num_layers"] = 1
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = QwenImageTransformer2DModel.from_config(config)
+        model = families.get(mode.family).transformer_class().from_config(config)
     compute = weight_dtype(mode.mixed_precision)
     if mode.lora_rank is not None:
         cast(model, compute)  # the frozen base in the compute dtype
@@ -125,24 +126,13 @@ def count_saved(model: torch.nn.Module, mode: ActivationMode, image_tokens: int,
         return tensor
 
     hooks = [block.register_forward_pre_hook(enter, with_kwargs=True), block.register_forward_hook(leave)]
-    side = max(1, int(round(image_tokens**0.5)))
-    while image_tokens % side:
-        side -= 1
-    config = model.config
     compute = weight_dtype(mode.mixed_precision)
     autocast = not mode.fsdp and compute != torch.float32
     dtype = compute if mode.fsdp else torch.float32
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=compute, enabled=autocast):
-                model(
-                    hidden_states=torch.randn(1, image_tokens, config.in_channels, dtype=dtype),
-                    encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, dtype=dtype),
-                    encoder_hidden_states_mask=torch.ones(1, text_tokens, dtype=torch.long),
-                    timestep=torch.tensor([0.5], dtype=dtype),
-                    img_shapes=[[(1, side, image_tokens // side)]],
-                    return_dict=False,
-                )
+                model(**families.get(mode.family).block_inputs(model.config, image_tokens, text_tokens, dtype))
     finally:
         for hook in hooks:
             hook.remove()

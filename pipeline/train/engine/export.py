@@ -17,6 +17,7 @@ def export_weights(
     out_dir: str | Path,
     fsdp_trainable: list[str] | None,
     is_main: bool,
+    family=None,
 ) -> dict[str, str]:
     """Collective under FSDP (``fsdp_trainable``: the trained parameters' names, gathered from the shards); the
     files are written by the main process, which gets ``{kind: path}``; the other ranks get ``{}``."""
@@ -26,6 +27,6 @@ def export_weights(
     if not is_main:
         return {}
     if lora is not None:
-        written = models.export_lora(transformer, out_dir, state, lora.export_format)
+        written = models.export_lora(transformer, out_dir, state, lora.export_format, family)
         return {f"lora_{kind}": path for kind, path in written.items()}
     return {"transformer": str(models.export_transformer(transformer, out_dir, state))}

@@ -42,13 +42,6 @@ def encode_latents(vae, pixels: torch.Tensor, mini_batch: int = 1) -> torch.Tens
     return latents[:, :, 0]
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] → [B, (H/2)(W/2), 4C]: 2×2 patches, as the Qwen-Image transformer takes them."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
 def shift_mu(image_seq_len: int, scheduler_config) -> float:
     """The scheduler's dynamic shift for an image of ``image_seq_len`` packed tokens."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
@@ -99,12 +92,6 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> 
     """(x_t = (1-σ)·x0 + σ·noise, target = noise - x0) with σ per sample."""
     s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0)
     return (1.0 - s) * x0 + s * noise, noise - x0
-
-
-def img_shapes(target_latents: torch.Tensor, source_latents: list[torch.Tensor]) -> list[list[tuple[int, int, int]]]:
-    """Per sample: the target's then each source's (frames, h/2, w/2) packed grid."""
-    shapes = [(1, lat.shape[-2] // 2, lat.shape[-1] // 2) for lat in (target_latents, *source_latents)]
-    return [shapes] * target_latents.shape[0]
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str) -> torch.Tensor:

@@ -177,14 +177,14 @@ def check_names(source: WeightSource, transformer: torch.nn.Module) -> None:
         raise UserError(f"{source.origin}: {len(missing)} tensor(s) of the transformer missing, e.g. {missing[:3]}")
 
 
-def build_empty(config_folder: str, dtype: torch.dtype):
-    """The transformer with its parameters on ``meta`` in ``dtype``: shapes only, no memory."""
+def build_empty(cls, config_folder: str, dtype: torch.dtype):
+    """The transformer (of the family's class ``cls``) with its parameters on ``meta`` in ``dtype``: shapes only,
+    no memory."""
     from accelerate import init_empty_weights
-    from diffusers import QwenImageTransformer2DModel
 
-    config = QwenImageTransformer2DModel.load_config(config_folder)
+    config = cls.load_config(config_folder)
     with init_empty_weights():  # parameters on meta; tensors built in __init__ (the RoPE table) stay real
-        transformer = QwenImageTransformer2DModel.from_config(config)
+        transformer = cls.from_config(config)
     return torch.nn.Module.to(transformer, dtype)  # PyTorch's cast (diffusers' warns on every cast)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline import families
 from pipeline.common.flags import require_model_folder
 from pipeline.errors import UserError
-from pipeline.train.config import DEFAULT_LORA_TARGETS, ModelConfig  # noqa: F401 (re-exported)
+from pipeline.train.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +94,31 @@ def _is_file(path: str | None) -> bool:
     return bool(path) and Path(path).suffix in STATE_DICT_SUFFIXES and Path(path).is_file()
 
 
-def load_transformer(model_path: str, transformer_path: str | None = None, dtype: torch.dtype = torch.float32):
-    from diffusers import QwenImageTransformer2DModel
-
+def load_transformer(
+    model_path: str, transformer_path: str | None = None, dtype: torch.dtype = torch.float32, family=None
+):
+    """The transformer of the model's family (detected from ``model_path`` when not given) the usual way — whole,
+    on the CPU — for weights that are not all safetensors."""
+    cls = (family or families.detect(model_path)).transformer_class()
     if transformer_path and not _is_file(transformer_path):
-        return QwenImageTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
-    transformer = QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+        return cls.from_pretrained(transformer_path, torch_dtype=dtype)
+    transformer = cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
     return load_into(transformer, transformer_path, "transformer") if transformer_path else transformer
 
 
-def load_vae(model_path: str, vae_path: str | None = None, dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKLQwenImage
-
+def load_vae(model_path: str, vae_path: str | None = None, dtype: torch.dtype = torch.float32, family=None):
+    cls = (family or families.detect(model_path)).vae_class()
     if vae_path and not _is_file(vae_path):
-        vae = AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=dtype)
+        vae = cls.from_pretrained(vae_path, torch_dtype=dtype)
     else:
-        vae = AutoencoderKLQwenImage.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
+        vae = cls.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
         if vae_path:
             load_into(vae, vae_path, "vae")
     return vae.eval().requires_grad_(False)
 
 
-def load_scheduler(model_path: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler")
+def load_scheduler(model_path: str, family=None):
+    return (family or families.detect(model_path)).scheduler_class().from_pretrained(model_path, subfolder="scheduler")
 
 
 def select_trainable(
@@ -143,7 +144,7 @@ def select_trainable(
 
 
 def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list[str], lora_path: str | None,
-             seed: int = 0) -> tuple[list[torch.nn.Parameter], dict[str, torch.Tensor]]:  # fmt: skip
+             seed: int = 0, family=None) -> tuple[list[torch.nn.Parameter], dict[str, torch.Tensor]]:  # fmt: skip
     """Freeze the transformer and add a PEFT LoRA adapter; returns (its parameters, in fp32, and their initial
     values by name). The values come from ``seed`` and each parameter's name alone (:func:`loading.lora_init`),
     then from ``--lora_path`` where given, so every rank and mode starts from the same adapter. On a real model
@@ -152,6 +153,7 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
 
     from pipeline.train.engine.loading import lora_init
 
+    require_targets(transformer, targets)
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
@@ -163,7 +165,7 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
         param.data = param.data.float()
     values = lora_init(transformer, seed)
     if lora_path:
-        values.update(lora_file_values(lora_path, set(values)))
+        values.update(lora_file_values(lora_path, set(values), family or families.get(None)))
     with torch.no_grad():
         for name, param in transformer.named_parameters():
             if name in values and not param.is_meta:
@@ -171,13 +173,26 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
     return trainable, values
 
 
-def lora_file_values(lora_path: str, names: set[str]) -> dict[str, torch.Tensor]:
-    """A LoRA file's tensors under the adapter's parameter names (diffusers or PEFT layout)."""
-    from diffusers import QwenImagePipeline
+def require_targets(transformer: torch.nn.Module, targets: list[str]) -> None:
+    """Every LoRA target must name a module of the model, as PEFT matches them (the name, or its ending after a
+    dot): PEFT ignores one that matches nothing, so a typo would train nothing there."""
+    names = [n for n, _ in transformer.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        examples = sorted({n.split(".", 2)[-1] for n in linears if n.startswith("transformer_blocks.0.")})[:8]
+        raise UserError(
+            f"--lora_target_modules {','.join(unmatched)}: no module of the transformer is named so (a block's "
+            f"Linears: {', '.join(examples)})"
+        )
 
+
+def lora_file_values(lora_path: str, names: set[str], family) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors under the adapter's parameter names (diffusers or PEFT layout), read as the family's
+    pipeline reads LoRA files."""
     if not Path(lora_path).is_file():
         raise UserError(f"--lora_path {lora_path}: no such file (a LoRA .safetensors file)")
-    state = QwenImagePipeline.lora_state_dict(lora_path)
+    state = family.lora_io().lora_state_dict(lora_path)
     state = state[0] if isinstance(state, tuple) else state
     out, unexpected = {}, []
     for key, value in state.items():
@@ -217,6 +232,7 @@ def build_training_models(
     seed: int = 0,
     device: torch.device | str = "cpu",
     sharded: bool = False,
+    family=None,
 ) -> TrainingModels:
     """The transformer in train mode (LoRA or the trainable set chosen), the frozen VAE, the scheduler and the
     optimizer parameter groups for a mode; dtypes follow :func:`training_dtypes`.
@@ -232,21 +248,26 @@ def build_training_models(
     for flag, path in (("--transformer_path", model.transformer_path), ("--vae_path", model.vae_path)):
         if path and not _is_file(path):
             require_model_folder(path, flag)
+    family = family or families.detect(model.pretrained)
+    if model.transformer_path and not _is_file(model.transformer_path):
+        families.check_transformer_folder(family, model.transformer_path)
     transformer_dtype, vae_dtype = training_dtypes(mixed_precision, model.lora is not None)
     source = loading.safetensors_source(model.pretrained, model.transformer_path)
     if source is None:
-        transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype)
+        transformer = load_transformer(model.pretrained, model.transformer_path, transformer_dtype, family)
     else:
         folder = model.transformer_path if model.transformer_path and not _is_file(model.transformer_path) else None
-        transformer = loading.build_empty(folder or str(Path(model.pretrained) / "transformer"), transformer_dtype)
+        config_folder = folder or str(Path(model.pretrained) / "transformer")
+        transformer = loading.build_empty(family.transformer_class(), config_folder, transformer_dtype)
         loading.check_names(source, transformer)
-    vae = load_vae(model.pretrained, model.vae_path, vae_dtype)
-    scheduler = load_scheduler(model.pretrained)
+    vae = load_vae(model.pretrained, model.vae_path, vae_dtype, family)
+    scheduler = load_scheduler(model.pretrained, family)
     quantize = None
     if model.lora is not None:
         lora = model.lora
+        targets = list(lora.target_modules or family.default_lora_targets)
         params, values = add_lora(
-            transformer, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), lora.init_path, seed
+            transformer, lora.rank, lora.alpha, lora.dropout, targets, lora.init_path, seed, family
         )
         if source is not None:
             source.computed.update(values)
@@ -338,27 +359,12 @@ def export_transformer(transformer, out_dir: str | Path, state: dict[str, torch.
     return out
 
 
-LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "qwen_image_edit_lora_comfyui.safetensors"}
-
-
 def lora_layers(transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT names (``….lora_A.weight``), on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(transformer, state_dict=state)
     return {k: v.detach().cpu().contiguous() for k, v in layers.items()}
-
-
-def comfyui_lora(layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """PEFT layers → ComfyUI's Qwen-Image LoRA layout: ``diffusion_model.<module>.lora_A/.lora_B.weight`` plus a
-    scalar ``diffusion_model.<module>.alpha`` per module (ComfyUI scales by alpha / rank)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in layers.items():
-        name = "diffusion_model." + key.removeprefix("transformer.")
-        out[name] = value
-        module = name.split(".lora_")[0]
-        out.setdefault(f"{module}.alpha", torch.tensor(float(alpha)))
-    return out
 
 
 def fold_scaling(transformer, layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -380,18 +386,23 @@ def fold_scaling(transformer, layers: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def export_lora(
-    transformer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None, export_format: str = "diffusers"
+    transformer,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    export_format: str = "diffusers",
+    family=None,
 ) -> dict[str, str]:
     """LoRA → the files ``export_format`` asks for; returns {format: path}. Each loads at the trained strength in
     both diffusers and ComfyUI.
 
     diffusers: ``pytorch_lora_weights.safetensors``, the alpha / rank scaling folded into
     ``lora_B`` (:func:`fold_scaling`) and the adapter config in its metadata with alpha =
-    rank. comfyui: see :func:`comfyui_lora` (``.alpha`` tensors, which diffusers reads too).
-    ``state``: the adapter weights gathered from FSDP shards.
+    rank. comfyui: the family's ComfyUI layout (``.alpha`` tensors, which diffusers reads too).
+    ``state``: the adapter weights gathered from FSDP shards. File names: the family's ``lora_files``.
     """
-    from diffusers import QwenImagePipeline
     from safetensors.torch import save_file
+
+    family = family or families.get(None)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,13 +412,13 @@ def export_lora(
     if export_format in ("diffusers", "both"):
         alphas = dict(config.rank_pattern or {})  # alpha = rank everywhere: scaling 1, as folded
         metadata = {**config.to_dict(), "lora_alpha": config.r, "alpha_pattern": alphas, "use_rslora": False}
-        QwenImagePipeline.save_lora_weights(
+        family.lora_io().save_lora_weights(
             out, transformer_lora_layers=fold_scaling(transformer, layers), transformer_lora_adapter_metadata=metadata
         )
-        written["diffusers"] = str(out / LORA_FILES["diffusers"])
+        written["diffusers"] = str(out / family.lora_files["diffusers"])
     if export_format in ("comfyui", "both"):
         meta = {"format": "pt", "lora_rank": str(config.r), "lora_alpha": str(config.lora_alpha)}
-        path = out / LORA_FILES["comfyui"]
-        save_file(comfyui_lora(layers, config.lora_alpha), str(path), metadata=meta)
+        path = out / family.lora_files["comfyui"]
+        save_file(family.comfyui_lora(layers, config.lora_alpha), str(path), metadata=meta)
         written["comfyui"] = str(path)
     return written

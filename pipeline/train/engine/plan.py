@@ -1,8 +1,8 @@
 """``--plan``: what a training mode needs per GPU, from the model's config: counted, not assumed.
 
 Nothing is downloaded and no weights are read.  The transformer and the VAE are built
-on ``meta`` from their ``config.json`` (or from the published Qwen-Image-Edit-2509
-config below), which gives exact parameter counts; bytes per parameter follow the
+on ``meta`` from their ``config.json`` (or from a published config the model
+family declares, e.g. ``qwen-image-edit-2509``), which gives exact parameter counts; bytes per parameter follow the
 dtypes of :func:`pipeline.train.engine.model.training_dtypes`.
 
 What is alive at the peak, by kind:
@@ -40,30 +40,12 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pipeline import families
+from pipeline.shards.format import DEFAULT_FAMILY
 from pipeline.train.engine.activations import ActivationMode, BlockActivations, block_activations, cast
 
 GiB = 1024**3
 
-# transformer/config.json of Qwen/Qwen-Image-Edit-2509 (as published; written here, not downloaded)
-QWEN_IMAGE_EDIT_2509_TRANSFORMER = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": [16, 56, 56],
-}
-# Qwen/Qwen-Image-Edit-2511: the same layout with zero_cond_t, which doubles the timestep embedding's batch and
-# modulates each image token by its own index (target or source): per block, the shift, scale and gate become
-# full [batch, image tokens, hidden] tensors instead of one row per sample (counted by the activation measurement)
-QWEN_IMAGE_EDIT_2511_TRANSFORMER = {**QWEN_IMAGE_EDIT_2509_TRANSFORMER, "zero_cond_t": True}
-PUBLISHED = {
-    "qwen-image-edit-2509": QWEN_IMAGE_EDIT_2509_TRANSFORMER,
-    "qwen-image-edit-2511": QWEN_IMAGE_EDIT_2511_TRANSFORMER,
-}
 MARGIN = 0.9  # share of the card the plan may use
 
 
@@ -88,6 +70,7 @@ class PlanRequest:
     base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
     cpu_offload: bool = False  # FSDP: shards, gradients and optimizer states in host memory
     validation: bool = False  # validation images are rendered next to the training state
+    family: str = DEFAULT_FAMILY
 
     def activation_mode(self) -> ActivationMode:
         return ActivationMode(
@@ -98,6 +81,7 @@ class PlanRequest:
             mixed_precision=self.mixed_precision,
             fsdp=self.fsdp,
             base_weight_dtype=self.base_weight_dtype if self.lora else "auto",
+            family=self.family,
         )
 
 
@@ -148,14 +132,14 @@ def _peak_on_meta(run) -> int:
     return counter.peak
 
 
-def build_on_meta(transformer_config: dict, vae_config: dict | None = None):
-    """The transformer (and VAE) from their configs, on ``meta``: shapes and counts, no memory."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-
+def build_on_meta(transformer_config: dict, vae_config: dict | None = None, family: str | None = None):
+    """The transformer (and VAE: its config, else the family's default one) from their configs, on ``meta``:
+    shapes and counts, no memory. ``family``: whose classes (None: the one of v1 shards)."""
+    chosen = families.get(family)
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        transformer = QwenImageTransformer2DModel.from_config(config)
-        vae = AutoencoderKLQwenImage.from_config(vae_config) if vae_config else AutoencoderKLQwenImage()
+        transformer = chosen.transformer_class().from_config(config)
+        vae = chosen.vae_class().from_config(vae_config) if vae_config else chosen.vae_class()()
     return transformer, vae
 
 
@@ -298,8 +282,9 @@ def format_plan(plan: dict) -> str:
 
 def read_configs(model: str) -> tuple[dict, dict | None]:
     """(transformer config, VAE config) of a diffusers folder, or of a published model by name."""
-    if model in PUBLISHED:
-        return PUBLISHED[model], None
+    for family in families.FAMILIES.values():
+        if model in family.plan_models:
+            return family.plan_models[model]["transformer"], family.plan_models[model]["vae"]
     root = Path(model)
     transformer = json.loads((root / "transformer" / "config.json").read_text())
     vae_file = root / "vae" / "config.json"

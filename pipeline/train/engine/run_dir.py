@@ -29,10 +29,10 @@ from typing import Any
 
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
+from pipeline.families import FAMILIES
 from pipeline.shards.commits import RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine.checkpoint import manager
-from pipeline.train.engine.model import LORA_FILES
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ OVERWRITTEN = "overwritten-"
 RUN_OUTPUTS = re.compile(
     r"^(checkpoint-\d+|\.checkpoint-\d+\.incomplete|(abandoned|damaged)-.+|config\.yaml|config-before-step-.+\.yaml"
     r"|run\.json|run_summary\.json|first_batch\.png|validation|logs|transformer|"
-    + "|".join(re.escape(name) for name in LORA_FILES.values())
+    + "|".join(re.escape(name) for family in FAMILIES.values() for name in family.lora_files.values())
     + ")$"
 )
 

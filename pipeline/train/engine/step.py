@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pipeline import families
 from pipeline.common import images as imaging
 from pipeline.train.config import FlowConfig, OptimConfig
 from pipeline.train.engine import flow
@@ -38,14 +39,17 @@ def batch_loss(
     world: int,
     loader_step: int,
     device: torch.device | None = None,
+    family=None,
 ):
     """Flow-matching loss of one batch; the noise depends on (seed, rank, step) only. ``device``: where the
-    transformer computes (default: where its parameters are; not so under FSDP's CPU offload)."""
+    transformer computes (default: where its parameters are; not so under FSDP's CPU offload). The model
+    family (default: the one of v1 shards) packs the latents and runs the forward."""
+    family = family or families.get(None)
     device = device or next(p.device for p in transformer.parameters())
     x0 = flow.encode_latents(vae, batch["target"], cfg.vae_mini_batch)
     sources = [flow.encode_latents(vae, s, cfg.vae_mini_batch) for s in batch["sources"]]
     generator = step_generator(cfg.seed, rank, loader_step)
-    packed_x0 = flow.pack_latents(x0)
+    packed_x0 = family.pack_latents(x0)
     timesteps, sigmas = flow.training_schedule(scheduler, cfg.sampling_steps, packed_x0.shape[1])
     idx = flow.sample_indices(
         x0.shape[0],
@@ -63,18 +67,8 @@ def batch_loss(
     noise = torch.randn(packed_x0.shape, generator=generator, dtype=torch.float32).to(packed_x0.device, packed_x0.dtype)
     sigma = sigmas[idx].to(packed_x0.device)
     noisy, target = flow.noisy_input(packed_x0, noise, sigma)
-    hidden = torch.cat([noisy, *[flow.pack_latents(s) for s in sources]], dim=1)
     dtype = next(p.dtype for p in transformer.parameters())
-    mask = batch["prompt_mask"].to(device)
-    pred = transformer(
-        hidden_states=hidden.to(device, dtype),
-        timestep=(timesteps[idx] / 1000).to(device, dtype),
-        encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
-        encoder_hidden_states_mask=mask,
-        img_shapes=flow.img_shapes(x0, sources),
-        return_dict=False,
-    )[0]
-    pred = pred[:, : packed_x0.shape[1]]
+    pred = family.predict(transformer, noisy, x0, sources, batch, timesteps[idx] / 1000, device, dtype)
     return flow.flow_loss(pred, target.to(device), sigma.to(device), cfg.weighting_scheme)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline import families
 from pipeline.common.collective import Collective
 from pipeline.train import recipe as recipes
 from pipeline.train.config import TrainConfig
@@ -28,6 +29,7 @@ from pipeline.train.engine.run_dir import RunDirectory, run_names
 from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_loss, clip_gradients, encode_online
 from pipeline.train.engine.stopping import Stopped, StopRequest
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
+from pipeline.train.stream.startup import check_family, load_tasks
 from pipeline.train.stream.trace import TraceWriter, truncate_trace
 
 log = logging.getLogger("pipeline.train")
@@ -70,20 +72,26 @@ class Trainer:
             self.check_settings(self.resume_from, marker or {}, compare_recipe=not exporting)
         if not exporting:
             self.run.adopt(marker)
+        self.family = families.detect(model.pretrained)
+        # the tasks, read and checked against the model's family before any weight loads
+        tasks = None if exporting else load_tasks(config.data, config.stream.storage_options)
+        if tasks is not None:
+            check_family(tasks, config.data, self.family.name)
         self.validator = None
         if config.validation is not None and not exporting:
             from pipeline.train.engine.validation import Validator
 
             self.validator = Validator(
                 config.validation, model.pretrained, config.stream.image_sample_size, config.output_dir,
-                config.stream.storage_options,
+                config.stream.storage_options, self.family,
             )  # fmt: skip
             # this rank's rows; the text encoder is loaded and freed before the transformer arrives
             rows = self.validator.rows_of(self.rank, self.world, self.parallel.renders_every_row())
             self.validator.prepare(acc.device, rows)
         built = models.build_training_models(
-            model, acc.mixed_precision, optim.learning_rate, config.flow.seed, acc.device, sharded=config.fsdp
-        )
+            model, acc.mixed_precision, optim.learning_rate, config.flow.seed, acc.device, sharded=config.fsdp,
+            family=self.family,
+        )  # fmt: skip
         self.vae, self.scheduler, groups = built.vae.to(acc.device), built.scheduler, built.groups
         if optim.scale_lr:
             for g in groups:
@@ -95,14 +103,14 @@ class Trainer:
             optim.lr_scheduler, self.optimizer, num_warmup_steps=optim.lr_warmup_steps,
             num_training_steps=config.max_train_steps,
         )  # fmt: skip
-        self.dataset = build_dataset(config.data, config.stream, self.rank, self.world)
+        self.dataset = build_dataset(config.data, config.stream, self.rank, self.world, tasks)
         self.loader = build_loader(self.dataset, config.data)
         self.encoder = None
         if model.condition_encoder_mode == "sync":
-            from pipeline.common.encoder import PromptBuilder, PromptEncoder
-
-            self.builder = PromptBuilder(model.pretrained, model.prompt_style, config.stream.image_sample_size)
-            self.encoder = PromptEncoder(model.pretrained, str(acc.device), "auto")
+            self.builder = self.family.prompt_builder(
+                model.pretrained, model.prompt_style, config.stream.image_sample_size
+            )
+            self.encoder = self.family.prompt_encoder(model.pretrained, str(acc.device), "auto")
         self.losses = LossBoard(list(self.dataset.tasks), config.tracking.loss_window)
         self.checkpoints = self._checkpoints()
         if config.tracking.report_to != "none":
@@ -172,7 +180,7 @@ class Trainer:
             with strategy.accumulating(last):
                 loss = batch_loss(
                     batch, self.transformer, self.vae, self.scheduler, config.flow, self.rank, self.world, loader_step,
-                    acc.device,
+                    acc.device, self.family,
                 )  # fmt: skip
                 strategy.backward(loss, ga)
                 synced = strategy.syncs(last)
@@ -276,7 +284,7 @@ class Trainer:
         with self.collective.phase(f"exporting the weights to {out_dir} (rank 0 writes them)"):
             outputs = export_weights(
                 self.parallel.unwrapped(), self.config.model.lora, out_dir, self.parallel.export_names(),
-                self.accelerator.is_main_process,
+                self.accelerator.is_main_process, self.family,
             )  # fmt: skip
             self.collective.barrier()
         return outputs

@@ -4,9 +4,10 @@ Rows are read like extraction input (0-3 ``source_image``, ``instruction``).  Th
 prompt embeddings are computed once, before training, with the same prompt code
 as extraction (``--prompt_style diffusers``: what ``encode_prompt`` computes), and
 the text encoder is freed; rendering then needs only the transformer being
-trained and the VAE already loaded.  Rows with sources use
-``QwenImageEditPlusPipeline``, rows without ``QwenImagePipeline``; each row has its
-own fixed seed, so a rerun of the same step gives the same pixels.
+trained and the VAE already loaded, through the model family's renderer (for
+Qwen-Image-Edit: the Edit-Plus pipeline for rows with sources, the text-to-image
+pipeline for rows without); each row has its own fixed seed, so a rerun of the
+same step gives the same pixels.
 
 Images are rendered at the training resolution (``--image_sample_size``² area, the
 sources given to the VAE at that area as well, as in training), which keeps the
@@ -21,7 +22,6 @@ Rank 0 assembles the contact sheet once all rows are written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,13 +31,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipeline import families
 from pipeline.common import images as imaging
 from pipeline.common.preview import contact_sheet
 from pipeline.train.config import ValidationConfig
 
 log = logging.getLogger(__name__)
-
-NEGATIVE_PROMPT = " "  # diffusers' examples: a blank negative prompt for true CFG
 
 
 @dataclass
@@ -75,19 +74,6 @@ def load_picture(url: str, storage_options: dict | None = None) -> Image.Image:
         raise ValueError(f"--validation_jsonl: cannot use the source image {url}: {exc}") from None
 
 
-@contextlib.contextmanager
-def source_area(area: int):
-    """Sources go to the VAE at the training area instead of the edit pipeline's fixed 1024² (restored after)."""
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
-
-    before = edit_plus.VAE_IMAGE_SIZE
-    edit_plus.VAE_IMAGE_SIZE = area
-    try:
-        yield
-    finally:
-        edit_plus.VAE_IMAGE_SIZE = before
-
-
 class Validator:
     """Prompt embeddings prepared once; :meth:`render` draws every row with the given transformer."""
 
@@ -98,9 +84,11 @@ class Validator:
         image_sample_size: int,
         output_dir: str,
         storage_options: dict | None = None,
+        family=None,
     ):
         self.config = config
         self.model_path = model_path
+        self.family = family or families.detect(model_path)
         self.area = image_sample_size**2
         self.output_dir = Path(output_dir) / "validation"
         self.rows = read_rows(config.jsonl, storage_options)
@@ -113,20 +101,19 @@ class Validator:
 
     def prepare(self, device: torch.device, indices: list[int]) -> None:
         """Encode these rows' prompts (and the blank negative) with the text encoder, then free it."""
-        from pipeline.common.encoder import PromptBuilder, PromptEncoder
-
         if not indices:
             return
         started = time.perf_counter()
-        builder = PromptBuilder(self.model_path, "diffusers")
-        encoder = PromptEncoder(self.model_path, str(device), "auto")
+        builder = self.family.prompt_builder(self.model_path, "diffusers")
+        encoder = self.family.prompt_encoder(self.model_path, str(device), "auto")
+        negative_text = self.family.validation_negative_prompt
         for index in indices:
             row, pictures = self.rows[index], self.pictures[index]
             if pictures:
                 conditions = builder.condition_images(pictures)
-                inputs = [builder.edit(conditions, row.instruction), builder.edit(conditions, NEGATIVE_PROMPT)]
+                inputs = [builder.edit(conditions, row.instruction), builder.edit(conditions, negative_text)]
             else:
-                inputs = [builder.t2i(row.instruction), builder.t2i(NEGATIVE_PROMPT)]
+                inputs = [builder.t2i(row.instruction), builder.t2i(negative_text)]
             positive, negative = (encoder.encode([i], builder.drop_index)[0].float().cpu() for i in inputs)
             self.embeds[index] = {"positive": positive, "negative": negative}
         del encoder
@@ -134,52 +121,24 @@ class Validator:
             torch.cuda.empty_cache()
         log.info("validation: %d row(s) encoded in %.1fs", len(indices), time.perf_counter() - started)
 
-    def _pipelines(self, transformer, vae):
-        from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
-
-        from pipeline.train.engine.model import load_scheduler
-
-        parts: dict[str, Any] = {"vae": vae, "text_encoder": None, "tokenizer": None, "transformer": transformer}
-        edit = QwenImageEditPlusPipeline(scheduler=load_scheduler(self.model_path), processor=None, **parts)
-        t2i = QwenImagePipeline(scheduler=load_scheduler(self.model_path), **parts)
-        for pipe in (edit, t2i):
-            pipe.set_progress_bar_config(disable=True)
-        return edit, t2i
-
     def render(self, transformer, vae, device: torch.device, autocast) -> dict[int, Image.Image]:
         """An image for each row :meth:`prepare` encoded (collective under FSDP: every rank renders all)."""
         if not self.embeds:
             return {}
-        edit, t2i = self._pipelines(transformer, vae)
-        guidance = self.config.guidance_scale
+        renderer = self.family.validation_renderer(self.model_path, transformer, vae, self.area)
         images = {}
         was_training = transformer.training
         transformer.eval()
         try:
-            with source_area(self.area), autocast:
+            with autocast:
                 for index, embeds in sorted(self.embeds.items()):
                     pictures = self.pictures[index]
                     aspect = pictures[-1].width / pictures[-1].height if pictures else 1.0
                     width, height = imaging.crop_size(aspect, self.area)
-                    kwargs = {
-                        "prompt_embeds": embeds["positive"][None].to(device),
-                        "prompt_embeds_mask": torch.ones((1, embeds["positive"].shape[0]), dtype=torch.long).to(device),
-                        "true_cfg_scale": guidance,
-                        "height": height,
-                        "width": width,
-                        "num_inference_steps": self.config.inference_steps,
-                        "generator": torch.Generator("cpu").manual_seed(self.config.seed + index),
-                    }
-                    if guidance > 1:
-                        negative = embeds["negative"]
-                        kwargs["negative_prompt_embeds"] = negative[None].to(device)
-                        kwargs["negative_prompt_embeds_mask"] = torch.ones((1, negative.shape[0]), dtype=torch.long).to(
-                            device
-                        )
-                    pipe = edit if pictures else t2i
-                    if pictures:
-                        kwargs["image"] = pictures
-                    images[index] = pipe(**kwargs).images[0]
+                    images[index] = renderer.render(
+                        embeds, pictures, width, height, self.config.inference_steps, self.config.guidance_scale,
+                        torch.Generator("cpu").manual_seed(self.config.seed + index), device,
+                    )  # fmt: skip
         finally:
             transformer.train(was_training)
         return images

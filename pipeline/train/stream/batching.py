@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import families
 from pipeline.common import images as imaging
 from pipeline.shards import copies
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
@@ -41,18 +42,8 @@ def pad_embeddings(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
     return out, mask
 
 
-ROPE_POSITIONS = 4096  # positions of the QwenImage transformer's RoPE table (diffusers' QwenEmbedRope)
-
-
 class PromptTooLong(ValueError):
     """A sample's prompt embedding is longer than the transformer can position: skipped like a corrupt sample."""
-
-
-def text_positions(sizes: list[tuple[int, int]]) -> int:
-    """How many prompt tokens the transformer can position next to images of these pixel sizes: its RoPE table
-    less the largest image's half side in latent patches (16 px each), as diffusers' QwenEmbedRope (scale_rope)
-    starts the text after them."""
-    return ROPE_POSITIONS - max((max(w, h) // 16) // 2 for w, h in sizes)
 
 
 class BadEmbedding(ValueError):
@@ -146,7 +137,7 @@ def assemble_batch(
         for k in range(num_sources)
     ]
     if not online:  # a prompt the transformer cannot position at these sizes would stop the run
-        limit = text_positions([target_size, *source_sizes])
+        limit = families.get(task.family).text_positions([target_size, *source_sizes])
         for i, p in enumerate(prepared):
             if p["emb"].shape[0] > limit:
                 raise UnusableSample(

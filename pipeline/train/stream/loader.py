@@ -20,8 +20,11 @@ from pipeline.train.stream.startup import load_tasks, mix_tasks
 log = logging.getLogger("pipeline.train")
 
 
-def build_dataset(data: DataConfig, stream: StreamConfig, rank: int, world: int) -> MixedBatchDataset:
-    tasks = load_tasks(data, stream.storage_options)
+def build_dataset(
+    data: DataConfig, stream: StreamConfig, rank: int, world: int, tasks: dict | None = None
+) -> MixedBatchDataset:
+    """The run's dataset over ``tasks`` (read here when not given: the trainer reads them before the model)."""
+    tasks = tasks if tasks is not None else load_tasks(data, stream.storage_options)
     return MixedBatchDataset(tasks, mix_tasks(tasks, data, stream, rank), rank, world, stream)
 
 

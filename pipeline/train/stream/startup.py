@@ -31,6 +31,19 @@ def load_tasks(data: DataConfig, storage_options: dict | None) -> dict[str, Task
     return tasks
 
 
+def check_family(tasks: dict[str, Task], data: DataConfig, family: str) -> None:
+    """Every task the run may draw must hold embeddings for the model's family: checked before any weight loads
+    (the hidden sizes may coincide — tiny kits share them — while the layouts do not)."""
+    named = set(data.task_weights) if data.task_weights is not None else set(tasks)
+    other = {name: task.family for name, task in sorted(tasks.items()) if name in named and task.family != family}
+    if other:
+        found = "; ".join(f"{name}: {fam}" for name, fam in other.items())
+        raise DataConfigError(
+            f"task(s) made for another model family than the model's ({family}): {found}; extract them with this "
+            "model, or train them with a model of their family"
+        )
+
+
 def mix_tasks(tasks: dict[str, Task], data: DataConfig, stream: StreamConfig, rank: int = 0) -> MixPlan:
     """The mix plan over ``tasks`` after the start-up checks of the tasks it draws; rank 0 logs the table."""
     task_weights = data.task_weights if data.task_weights is not None else {name: 1.0 for name in tasks}
@@ -50,7 +63,7 @@ def conditioning(task: Task) -> dict[str, Any]:
     manifest = task.manifest or {}
     model = manifest.get("model") or {}
     return {
-        "prompt style": manifest.get("prompt_style"), "encoder": model.get("config_sha256"),
+        "family": task.family, "prompt style": manifest.get("prompt_style"), "encoder": model.get("config_sha256"),
         "hidden size": task.hidden_size,
     }  # fmt: skip
 
@@ -58,7 +71,7 @@ def conditioning(task: Task) -> dict[str, Any]:
 def check_conditioning(tasks: dict[str, Task], allow_mixed: bool) -> None:
     """Refuse tasks whose embeddings were made differently: mixing them silently conditions the model two ways."""
     described = {name: conditioning(task) for name, task in tasks.items()}
-    for key in ("hidden size", "prompt style", "encoder"):
+    for key in ("family", "hidden size", "prompt style", "encoder"):
         values: dict[Any, list[str]] = {}
         for name, cond in described.items():
             if cond[key] is not None:
@@ -68,6 +81,8 @@ def check_conditioning(tasks: dict[str, Task], allow_mixed: bool) -> None:
         detail = "; ".join(f"{str(v)[:16]}: {', '.join(names)}" for v, names in values.items())
         if key == "hidden size":
             raise DataConfigError(f"tasks have embeddings of different hidden sizes ({detail}); one model takes one")
+        if key == "family":
+            raise DataConfigError(f"tasks were made for different model families ({detail}); one model takes one")
         if not allow_mixed:
             raise DataConfigError(
                 f"tasks differ in {key} ({detail}): their embeddings condition the model differently. "

@@ -1,4 +1,4 @@
-"""The VLM forward: prompt token ids in DataLoader workers, batched hidden states on the device.
+"""Qwen-Image-Edit's prompt encoding: token ids in DataLoader workers, batched Qwen2.5-VL hidden states on the device.
 
 :class:`PromptBuilder` is small and picklable, so DataLoader workers turn images
 and text into exactly the processor/tokenizer inputs diffusers builds at
@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.common import images as imaging
-from pipeline.common import prompts
-from pipeline.common.flags import distributed_env
+from pipeline.common.devices import resolve_device, resolve_dtype
+from pipeline.families.qwen_edit import geometry, prompts
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,8 @@ class PromptBuilder:
         if self.style == "firered":
             if target_size is None:
                 raise ValueError("firered prompts need the target image's size")
-            return [imaging.firered_condition_image(p, tuple(target_size), self.image_sample_size) for p in pictures]
-        return [imaging.condition_image(p) for p in pictures]
+            return [geometry.firered_condition_image(p, tuple(target_size), self.image_sample_size) for p in pictures]
+        return [geometry.condition_image(p) for p in pictures]
 
     def edit(self, condition_images: list[Image.Image], instruction: str) -> PromptInputs:
         """Edit prompt over already-resized condition images."""
@@ -94,20 +93,6 @@ class PromptBuilder:
 def config_digest(model_path: str | Path) -> str:
     """sha256 of the text encoder's config.json: identifies the model in manifests."""
     return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed_env().local_rank)
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
 class PromptEncoder:

@@ -8,8 +8,6 @@ template's system prefix) is computed from the tokenizer, never hard-coded.
 
 from __future__ import annotations
 
-from pipeline.shards.format import VARIANT_TEXT
-
 # diffusers QwenImageEditPlusPipeline.prompt_template_encode
 EDIT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -78,22 +76,3 @@ def firered_messages(instruction: str, num_images: int) -> list[dict]:
     """The original tool's chat messages: images first, no ``Picture i:`` labels."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": instruction}]
     return [{"role": "system", "content": EDIT_SYSTEM}, {"role": "user", "content": content}]
-
-
-def plan_variants(texts: dict[str, str], num_sources: int, inverse: bool) -> list[tuple[str, str, str]]:
-    """(variant, conditioning images "sources"|"target"|"none", text) for one sample.
-
-    Empty instructions get no embedding; ``drop`` exists for edits only (T2I
-    samples share the task's null embedding); inverse variants need exactly one
-    source and are conditioned on the target.
-    """
-    images = "sources" if num_sources else "none"
-    plan = [(v, images, texts[VARIANT_TEXT[v]]) for v in ("en", "cn") if texts[VARIANT_TEXT[v]]]
-    if num_sources:
-        plan.append(("drop", "sources", ""))
-    if inverse and num_sources == 1:
-        inv = [(v, "target", texts[VARIANT_TEXT[v]]) for v in ("en_inv", "cn_inv") if texts[VARIANT_TEXT[v]]]
-        if inv:
-            plan.extend(inv)
-            plan.append(("drop_inv", "target", ""))
-    return plan

@@ -1,0 +1,128 @@
+"""What a model family provides: the one interface through which the rest of the project touches the model.
+
+torchtitan's ``TrainSpec`` is the pattern: extraction, the stream, the engine, the
+memory plan, the kit and the tools ask the family for everything that depends on
+which model is trained, and nothing outside ``pipeline/families/`` names a model
+class (``tests/unit/test_families.py`` reads every module to hold that). A family
+is one object; its classes and heavy imports load only when a method is called.
+
+What a new family must provide is every attribute and method below (the base
+class raises for those it does not). What the tests require of an implementation:
+its embeddings equal its diffusers pipeline's own encode path, its training
+forward equals the pipeline's denoising call for fixed latents, its exports load
+in diffusers (and ComfyUI, for LoRA), each on a tiny random model of the family
+that its ``make_tiny_model`` writes offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class ModelFamily:
+    """One model family. Attributes identify it; methods are grouped by the half of the project that calls them."""
+
+    name: str = ""  # recorded in manifests and extraction identities
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values this family owns
+    transformer_classes: tuple[str, ...] = ()  # transformer/config.json _class_name values
+    plan_models: dict[str, dict[str, Any]] = {}  # --plan name -> {"transformer": config, "vae": config or None}
+    prompt_styles: tuple[str, ...] = ("diffusers",)  # the first is the default
+    prompt_style_help: dict[str, str] = {}  # style -> what it computes (--help)
+    default_lora_targets: tuple[str, ...] = ()  # the transformer's Linears a LoRA wraps by default
+    lora_files: dict[str, str] = {}  # LoRA export format -> the file name written
+    null_text: str = ""  # the text of the null (empty-prompt) embedding
+    validation_negative_prompt: str = " "  # the negative prompt of validation images rendered with CFG
+    description: str = ""  # the checkpoints it covers, for messages and --help
+
+    def _missing(self, what: str):
+        raise NotImplementedError(f"model family {self.name!r} does not provide {what}")
+
+    # ---- extraction -------------------------------------------------------------------------------------------
+    def prompt_builder(self, model_path: str, style: str, crop_scale: int):
+        """Picklable: condition images and prompt texts → encoder inputs (``condition_images``, ``edit``, ``t2i``,
+        ``drop_index``), in DataLoader workers."""
+        return self._missing("a prompt builder")
+
+    def prompt_encoder(self, model_path: str, device: str = "auto", dtype: str = "auto"):
+        """The text encoder on one device (``encode(inputs, drop_index)`` → one ``[L, D]`` tensor per prompt,
+        ``hidden_size``, ``dtype``)."""
+        return self._missing("a prompt encoder")
+
+    def encoder_digest(self, model_path: str) -> str:
+        """sha256 of the text encoder's config: which encoder made a task's embeddings."""
+        return self._missing("an encoder digest")
+
+    def encoder_hidden_size(self, model_path: str) -> int:
+        """The embedding width, from the text encoder's config (no weights read)."""
+        return self._missing("the encoder's hidden size")
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    def transformer_class(self):
+        return self._missing("a transformer class")
+
+    def vae_class(self):
+        return self._missing("a VAE class")
+
+    def scheduler_class(self):
+        return self._missing("a scheduler class")
+
+    def lora_io(self):
+        """The diffusers class whose ``lora_state_dict`` / ``save_lora_weights`` read and write this family's LoRA
+        files."""
+        return self._missing("LoRA file I/O")
+
+    # ---- the training forward ---------------------------------------------------------------------------------
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` latents → the token sequence the transformer takes for them."""
+        return self._missing("latent packing")
+
+    def predict(
+        self,
+        transformer,
+        noisy_target: torch.Tensor,
+        target_latents: torch.Tensor,
+        source_latents: list[torch.Tensor],
+        batch: dict[str, Any],
+        timestep: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The transformer's prediction for the packed noisy target's tokens only, as the pipeline's denoising loop
+        calls it (token order, extra inputs, which slice of the output)."""
+        return self._missing("the training forward")
+
+    def text_positions(self, sizes: list[tuple[int, int]]) -> int:
+        """How many prompt tokens the transformer can position next to images of these pixel sizes."""
+        return self._missing("the text-length limit")
+
+    # ---- exports ----------------------------------------------------------------------------------------------
+    def comfyui_lora(self, layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """PEFT-named LoRA tensors → the keys ComfyUI's loader for this family maps."""
+        return self._missing("a ComfyUI LoRA layout")
+
+    def inference_pipeline(self, model_path: str, transformer_folder: str | None = None):
+        """The diffusers pipeline of ``model_path`` (with an exported ``transformer/`` swapped in when given)."""
+        return self._missing("an inference pipeline")
+
+    def render_edit(self, pipe, pictures: list, prompt: str, size: int, steps: int, generator) -> Any:
+        """One edit of ``pictures`` by ``prompt`` through :meth:`inference_pipeline`'s pipeline at ``size``² (the
+        sources given to the VAE at that area too: quick on a CPU)."""
+        return self._missing("an edit through its pipeline")
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validation_renderer(self, model_path: str, transformer, vae, area: int):
+        """Renders validation rows from stored prompt embeddings (no text encoder): ``render(embeds, pictures,
+        width, height, steps, guidance, generator, device)`` → a PIL image."""
+        return self._missing("a validation renderer")
+
+    # ---- the memory plan --------------------------------------------------------------------------------------
+    def block_inputs(self, config, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+        """The keyword arguments of one forward of a one-block transformer (``--plan``'s activation probe)."""
+        return self._missing("the plan's block probe")
+
+    # ---- the offline kit --------------------------------------------------------------------------------------
+    def make_tiny_model(self, out_dir, seed: int = 0, size: str = "tiny", variant: str | None = None):
+        """A tiny random model of this family in its diffusers layout, written offline."""
+        return self._missing("a tiny model")

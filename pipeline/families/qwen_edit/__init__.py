@@ -1,0 +1,176 @@
+"""The Qwen-Image-Edit family: Qwen-Image-Edit-2509 and -2511, FireRed-Image-Edit 1.0/1.1 (a 20B MMDiT, a
+Qwen2.5-VL text encoder, an RGB VAE at 8×). Shard format v1.
+
+Its pieces: ``prompts.py`` (templates, drop indices), ``encoder.py`` (prompt builder and Qwen2.5-VL encoder),
+``geometry.py`` (condition images), ``forward.py`` (packing, token order, the prediction, the text limit),
+``validation.py`` (the renderer), ``tiny.py`` (the offline tiny model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.families.base import ModelFamily
+
+# transformer/config.json of Qwen/Qwen-Image-Edit-2509 (as published; written here, not downloaded)
+QWEN_IMAGE_EDIT_2509_TRANSFORMER = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+# Qwen/Qwen-Image-Edit-2511: the same layout with zero_cond_t, which doubles the timestep embedding's batch and
+# modulates each image token by its own index (target or source): per block, the shift, scale and gate become
+# full [batch, image tokens, hidden] tensors instead of one row per sample (counted by the activation measurement)
+QWEN_IMAGE_EDIT_2511_TRANSFORMER = {**QWEN_IMAGE_EDIT_2509_TRANSFORMER, "zero_cond_t": True}
+
+# every Linear of a block, both streams (the original tool's targets, in its order)
+DEFAULT_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+    "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
+)  # fmt: skip
+
+
+class QwenEdit(ModelFamily):
+    name = "qwen_edit"
+    pipeline_classes = ("QwenImageEditPlusPipeline",)
+    transformer_classes = ("QwenImageTransformer2DModel",)
+    plan_models = {
+        "qwen-image-edit-2509": {"transformer": QWEN_IMAGE_EDIT_2509_TRANSFORMER, "vae": None},
+        "qwen-image-edit-2511": {"transformer": QWEN_IMAGE_EDIT_2511_TRANSFORMER, "vae": None},
+    }
+    prompt_styles = ("diffusers", "firered")
+    prompt_style_help = {
+        "diffusers": "exactly what QwenImageEditPlusPipeline.encode_prompt computes (default)",
+        "firered": "the original tool's chat-template variant with bucket-cropped condition images",
+    }
+    default_lora_targets = DEFAULT_LORA_TARGETS
+    lora_files = {
+        "diffusers": "pytorch_lora_weights.safetensors",
+        "comfyui": "qwen_image_edit_lora_comfyui.safetensors",
+    }
+    null_text = ""
+    validation_negative_prompt = " "  # diffusers' examples: a blank negative prompt for true CFG
+    description = "Qwen-Image-Edit-2509/2511, FireRed-Image-Edit 1.x"
+
+    # ---- extraction -------------------------------------------------------------------------------------------
+    def prompt_builder(self, model_path: str, style: str = "diffusers", crop_scale: int = 512):
+        from pipeline.families.qwen_edit.encoder import PromptBuilder
+
+        return PromptBuilder(model_path, style, crop_scale)
+
+    def prompt_encoder(self, model_path: str, device: str = "auto", dtype: str = "auto"):
+        from pipeline.families.qwen_edit.encoder import PromptEncoder
+
+        return PromptEncoder(model_path, device, dtype)
+
+    def encoder_digest(self, model_path: str) -> str:
+        return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
+
+    def encoder_hidden_size(self, model_path: str) -> int:
+        config = json.loads((Path(model_path) / "text_encoder" / "config.json").read_text())
+        return config.get("text_config", config).get("hidden_size")
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    def transformer_class(self):
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel
+
+    def vae_class(self):
+        from diffusers import AutoencoderKLQwenImage
+
+        return AutoencoderKLQwenImage
+
+    def scheduler_class(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler
+
+    def lora_io(self):
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline
+
+    # ---- the training forward ---------------------------------------------------------------------------------
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        from pipeline.families.qwen_edit.forward import pack_latents
+
+        return pack_latents(latents)
+
+    def predict(self, transformer, noisy_target, target_latents, source_latents, batch, timestep, device, dtype):
+        from pipeline.families.qwen_edit.forward import predict
+
+        return predict(transformer, noisy_target, target_latents, source_latents, batch, timestep, device, dtype)
+
+    def text_positions(self, sizes: list[tuple[int, int]]) -> int:
+        from pipeline.families.qwen_edit.forward import text_positions
+
+        return text_positions(sizes)
+
+    # ---- exports ----------------------------------------------------------------------------------------------
+    def comfyui_lora(self, layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """ComfyUI's Qwen-Image LoRA layout: ``diffusion_model.<module>.lora_A/.lora_B.weight`` plus a scalar
+        ``diffusion_model.<module>.alpha`` per module (ComfyUI scales by alpha / rank)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in layers.items():
+            name = "diffusion_model." + key.removeprefix("transformer.")
+            out[name] = value
+            module = name.split(".lora_")[0]
+            out.setdefault(f"{module}.alpha", torch.tensor(float(alpha)))
+        return out
+
+    def inference_pipeline(self, model_path: str, transformer_folder: str | None = None):
+        from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+        extra: dict[str, Any] = {}
+        if transformer_folder is not None:
+            extra["transformer"] = QwenImageTransformer2DModel.from_pretrained(transformer_folder)
+        return QwenImageEditPlusPipeline.from_pretrained(model_path, **extra)
+
+    def render_edit(self, pipe, pictures: list, prompt: str, size: int, steps: int, generator):
+        from pipeline.families.qwen_edit.validation import source_area
+
+        with source_area(size * size):
+            return pipe(
+                image=pictures, prompt=prompt, num_inference_steps=steps, height=size, width=size, generator=generator
+            ).images[0]
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validation_renderer(self, model_path: str, transformer, vae, area: int):
+        from pipeline.families.qwen_edit.validation import Renderer
+
+        return Renderer(model_path, transformer, vae, area)
+
+    # ---- the memory plan --------------------------------------------------------------------------------------
+    def block_inputs(self, config, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+        side = max(1, int(round(image_tokens**0.5)))
+        while image_tokens % side:
+            side -= 1
+        return {
+            "hidden_states": torch.randn(1, image_tokens, config.in_channels, dtype=dtype),
+            "encoder_hidden_states": torch.randn(1, text_tokens, config.joint_attention_dim, dtype=dtype),
+            "encoder_hidden_states_mask": torch.ones(1, text_tokens, dtype=torch.long),
+            "timestep": torch.tensor([0.5], dtype=dtype),
+            "img_shapes": [[(1, side, image_tokens // side)]],
+            "return_dict": False,
+        }
+
+    # ---- the offline kit --------------------------------------------------------------------------------------
+    def make_tiny_model(self, out_dir, seed: int = 0, size: str = "tiny", variant: str | None = None):
+        from pipeline.families.qwen_edit.tiny import make_tiny_model
+
+        return make_tiny_model(out_dir, seed, size, variant or "2509")
+
+
+FAMILY = QwenEdit()
