@@ -45,7 +45,8 @@ GiB = 1024**3
 
 
 def build_model(out: Path, real: bool, blocks: int, device: str) -> Path:
-    from pipeline.kit.tiny_model import SIZES, make_tiny_model
+    from pipeline.families.qwen_edit.tiny import SIZES
+    from pipeline.kit.tiny_model import make_tiny_model
 
     if (out / "model_index.json").exists():
         return out

@@ -123,6 +123,6 @@ class ModelFamily:
         return self._missing("the plan's block probe")
 
     # ---- the offline kit --------------------------------------------------------------------------------------
-    def make_tiny_model(self, out_dir, seed: int = 0, size: str = "tiny", variant: str | None = None):
+    def make_tiny_model(self, out_dir, seed: int = 0, size: Any = "tiny", variant: str | None = None):
         """A tiny random model of this family in its diffusers layout, written offline."""
         return self._missing("a tiny model")

@@ -167,7 +167,7 @@ class QwenEdit(ModelFamily):
         }
 
     # ---- the offline kit --------------------------------------------------------------------------------------
-    def make_tiny_model(self, out_dir, seed: int = 0, size: str = "tiny", variant: str | None = None):
+    def make_tiny_model(self, out_dir, seed: int = 0, size: Any = "tiny", variant: str | None = None):
         from pipeline.families.qwen_edit.tiny import make_tiny_model
 
         return make_tiny_model(out_dir, seed, size, variant or "2509")
