@@ -56,6 +56,14 @@ def tiny_2511_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_21_dir(tmp_path_factory):
+    """The tiny Qwen-Image 2.1 (Qwen3-VL encoder, single-stream DiT, RGBA VAE), seeded."""
+    from pipeline.families.qwen_image21.tiny import make_tiny_model
+
+    return built_once(tmp_path_factory, "tiny-21", lambda folder: make_tiny_model(folder, seed=0))
+
+
+@pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
     from pipeline.kit.sample_data import make_sample_data
 

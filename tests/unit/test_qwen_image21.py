@@ -1,0 +1,108 @@
+"""Qwen-Image 2.1 (``pipeline/families/qwen_image21/``), checked against diffusers' ``QwenImage21Pipeline`` on the
+tiny random model: the prompt embeddings equal the pipeline's own encode path bit for bit (CPU, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.families.qwen_image21.encoder import (
+    ConditionTooSmall,
+    PromptBuilder,
+    PromptEncoder,
+    condition_size,
+    slot_layout,
+)
+
+RESOLUTION = 384  # small conditions keep the tiny model's forwards quick
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_21_dir):
+    from diffusers import QwenImage21Pipeline
+
+    pipe = QwenImage21Pipeline.from_pretrained(tiny_21_dir)
+    return pipe, PromptBuilder(tiny_21_dir, RESOLUTION), PromptEncoder(tiny_21_dir, "cpu", "float32")
+
+
+def pictures() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    transparent = rng.integers(0, 255, (300, 400, 4), dtype=np.uint8)
+    transparent[..., 3] = rng.integers(0, 2, (300, 400)) * 255  # holes the VLM must see as white
+    return {
+        "rgba": Image.fromarray(transparent, "RGBA"),
+        "tall": Image.fromarray(rng.integers(0, 255, (500, 350, 3), dtype=np.uint8)),
+        "wide": Image.fromarray(rng.integers(0, 255, (200, 420, 3), dtype=np.uint8)),
+    }
+
+
+def pipeline_conditions(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """What ``QwenImage21Pipeline.__call__`` hands its encoder: each condition as RGBA, resized once."""
+    out = []
+    for img in images:
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        width, height = condition_size(*rgba.size, RESOLUTION)
+        out.append(pipe.image_processor.resize(rgba, width=width, height=height))
+    return out
+
+
+@pytest.mark.parametrize(
+    "names, text",
+    [((), "A cat on a windowsill."), ((), ""), (("rgba",), "Make it blue."), (("tall", "rgba"), ""),
+     (("tall", "rgba", "wide"), "Merge them into one scene.")],
+)  # fmt: skip
+def test_embeddings_equal_the_pipelines_bit_for_bit(parts, names, text):
+    pipe, builder, encoder = parts
+    images = [pictures()[n] for n in names]
+    assert builder.drop_index == {"edit": pipe._drop_idx, "t2i": pipe._drop_idx}, "from the chat template"
+    if images:
+        conditions = builder.condition_images(images)
+        expected = pipeline_conditions(pipe, images)
+        assert [np.asarray(c).tolist() for c in conditions] == [np.asarray(c).tolist() for c in expected]
+        assert all(c.mode == "RGBA" for c in conditions), "alpha kept for the VAE"
+        reference, _, pad_mask = pipe._get_qwen_prompt_embeds([text], conditions, device="cpu")
+        inputs = builder.edit(conditions, text)
+    else:
+        reference, _, pad_mask = pipe._get_qwen_prompt_embeds([text], None, device="cpu")
+        inputs = builder.t2i(text)
+    ours = encoder.encode([inputs], builder.drop_index)[0]
+    assert torch.equal(ours, reference[0])
+    slots = slot_layout(inputs.input_ids, builder.drop_index[inputs.kind], builder.image_pad_id)
+    mask = torch.zeros(ours.shape[0], dtype=torch.bool)
+    for position, count in slots:
+        mask[position : position + count] = True
+    assert torch.equal(mask, pad_mask[0]) and len(slots) == len(images)
+    for (_, count), condition in zip(slots, conditions if images else [], strict=True):
+        assert count == (condition.width // 32) * (condition.height // 32), "one slot per 32×32 pixels"
+
+
+def test_a_batch_of_equal_length_prompts_equals_one_at_a_time(parts):
+    pipe, builder, encoder = parts
+    conditions = builder.condition_images([pictures()["tall"]])
+    first, second = builder.edit(conditions, "Make it red."), builder.edit(conditions, "Make it blue.")
+    assert first.length == second.length
+    together = encoder.encode([first, second], builder.drop_index)
+    assert all(
+        torch.equal(a, encoder.encode([p], builder.drop_index)[0])
+        for a, p in zip(together, [first, second], strict=True)
+    )
+
+
+def test_the_embedding_is_the_pre_norm_state_and_the_hook_is_removed(parts):
+    _, builder, encoder = parts
+    inputs = builder.t2i("A cat.")
+    pre = encoder.encode([inputs], builder.drop_index)[0]
+    text_model = encoder.model.model.language_model
+    assert not text_model.norm._forward_hooks, "the hook is removed after the call"
+    post = encoder.model.model(input_ids=inputs.input_ids[None]).last_hidden_state[0, builder.drop_index["t2i"] :]
+    assert not torch.allclose(pre, post), "the post-norm state (2509's) is not what 2.1 stores"
+
+
+def test_a_condition_the_processor_would_resize_again_is_refused(parts):
+    _, builder, _ = parts
+    small = PromptBuilder.__new__(PromptBuilder)
+    small.__dict__.update(builder.__dict__, condition_resolution=256)
+    with pytest.raises(ConditionTooSmall, match="outside the processor's 65536"):
+        small.condition_images([Image.new("RGB", (400, 300))])  # 288×224 = 64,512 pixels at 256²
