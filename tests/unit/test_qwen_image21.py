@@ -106,3 +106,36 @@ def test_a_condition_the_processor_would_resize_again_is_refused(parts):
     small.__dict__.update(builder.__dict__, condition_resolution=256)
     with pytest.raises(ConditionTooSmall, match="outside the processor's 65536"):
         small.condition_images([Image.new("RGB", (400, 300))])  # 288×224 = 64,512 pixels at 256²
+
+
+def test_stored_rows_and_slots_give_back_the_prompt_and_the_forward_equals_the_pipelines_call(parts):
+    """A v2 sample stores the text rows and the slot layout; rebuilt, the transformer's prediction for the target
+    equals the pipeline's own call (conditions first, target last, target slots appended, the last rows) bitwise."""
+    from pipeline.families.qwen_image21 import forward
+
+    pipe, builder, _ = parts
+    conditions = builder.condition_images([pictures()["rgba"], pictures()["tall"]])
+    text = "Make it blue."
+    embeds, _, pad_mask = pipe._get_qwen_prompt_embeds([text], conditions, device="cpu")
+    runs = slot_layout(builder.edit(conditions, text).input_ids, builder.drop_index["edit"], builder.image_pad_id)
+    slots = [[position, c.height // 32, c.width // 32] for (position, _), c in zip(runs, conditions, strict=True)]
+    full, mask = forward.full_prompt(forward.text_rows(embeds[0], pad_mask[0]), slots)
+    assert torch.equal(mask, pad_mask[0]) and torch.equal(full[~mask], embeds[0][~pad_mask[0]])
+
+    generator = torch.Generator().manual_seed(0)
+    vae_inputs = [pipe.image_processor.preprocess(c, width=c.width, height=c.height).unsqueeze(2) for c in conditions]
+    height, width = 320, 448
+    noisy, packed_conditions = pipe.prepare_latents(vae_inputs, 1, 64, height, width, torch.float32, "cpu", generator)
+    timestep = torch.tensor([0.7])
+    shapes = [[*[(1, c.height // 16, c.width // 16) for c in conditions], (1, height // 16, width // 16)]]
+    img_mask = torch.cat([pad_mask, pad_mask.new_ones(1, noisy.shape[1] // 4)], 1)
+    expected = pipe.transformer(
+        hidden_states=torch.cat([packed_conditions, noisy], 1), timestep=timestep, encoder_hidden_states=embeds,
+        encoder_hidden_states_mask=None, img_shapes=shapes, img_mask=img_mask, return_dict=False,
+    )[0][:, -noisy.shape[1] :]  # fmt: skip
+    sources = [pipe._encode_vae_image(v, generator)[:, :, 0] for v in vae_inputs]
+    target = torch.zeros(1, 64, height // 16, width // 16)
+    batch = {"prompt_embeds": full[None], "image_pad_mask": mask[None]}
+    got = forward.predict(pipe.transformer, noisy, target, sources, batch, timestep, torch.device("cpu"), torch.float32)
+    assert torch.equal(got, expected)
+    assert torch.equal(forward.pack_latents(sources[0]), packed_conditions[:, : sources[0][0, 0].numel()])
