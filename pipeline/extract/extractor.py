@@ -268,9 +268,12 @@ class Extractor:
                         s = entry.sample
                         self._fail(sink, Failure(s.meta["input"], s.line, "encode_error", str(one_exc)), bar)
         self.forward_seconds += time.perf_counter() - t0
-        for (sid, variant, _), out in zip(live, outputs, strict=True):
+        for (sid, variant, inputs), out in zip(live, outputs, strict=True):
             if out is not None:  # off the accelerator: finished samples wait in the writer's queue
-                entries[sid].embeddings[variant] = out.to("cpu")
+                rows, entry = self.family.stored_embedding(out, inputs)
+                entries[sid].embeddings[variant] = rows.to("cpu")
+                if entry is not None:
+                    entries[sid].sample.variant_entries[variant] = entry
         self._settle(batch, entries, sink, bar)
 
     def _settle(self, batch: list, entries: dict[int, _Entry], sink: ShardSink, bar: tqdm) -> None:
@@ -290,7 +293,8 @@ class Extractor:
         has_t2i = any(c.shard and c.shard["num_sources"] == 0 for c in records)
         null_url = None
         if has_t2i and self.encoder is not None:
-            null = self.encoder.encode([self.builder.t2i(self.family.null_text)], self.builder.drop_index)[0]
+            inputs = self.builder.t2i(self.family.null_text)
+            null, _ = self.family.stored_embedding(self.encoder.encode([inputs], self.builder.drop_index)[0], inputs)
             self.store.write_bytes(NULL_EMBEDDING, embedding_to_npy(null))
             null_url = NULL_EMBEDDING
         base = new_manifest(

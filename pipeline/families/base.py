@@ -54,6 +54,12 @@ class ModelFamily:
         """sha256 of the text encoder's config: which encoder made a task's embeddings."""
         return self._missing("an encoder digest")
 
+    def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
+        """What a sample stores for one encoded prompt (``output`` of :meth:`prompt_encoder`, ``inputs`` of the
+        builder): the rows written as ``emb_{variant}.npy`` and the variant's entry in the sample's json (None: the
+        rows' shape, as shard format v1 records it)."""
+        return self._missing("what a sample stores")
+
     def encoder_hidden_size(self, model_path: str) -> int:
         """The embedding width, from the text encoder's config (no weights read)."""
         return self._missing("the encoder's hidden size")
@@ -92,6 +98,16 @@ class ModelFamily:
         """The transformer's prediction for the packed noisy target's tokens only, as the pipeline's denoising loop
         calls it (token order, extra inputs, which slice of the output)."""
         return self._missing("the training forward")
+
+    def prompt_from_sample(self, rows: torch.Tensor, entry: Any) -> dict[str, torch.Tensor]:
+        """How training reads a stored embedding back: the stored rows and the variant's json entry → the per-sample
+        tensors of the forward's prompt (``prompt_embeds`` ``[L, D]`` and any other ``[L]`` tensor it needs)."""
+        return self._missing("how a stored embedding is read back")
+
+    def source_sizes(self, aspects: list[list[float]], area: int) -> list[tuple[int, int]]:
+        """The condition geometry of a batch: the (width, height) each source position is cropped to, from every
+        sample's source aspects (``aspects[k]``: position k's) and the training area."""
+        return self._missing("the condition geometry")
 
     def text_positions(self, sizes: list[tuple[int, int]]) -> int:
         """How many prompt tokens the transformer can position next to images of these pixel sizes."""

@@ -76,6 +76,8 @@ class PreparedSample:
     images: dict[str, tuple[str, bytes]]  # role -> (ext, original bytes)
     # (variant, encoder inputs) still to encode; extraction fills it, the writer ignores it
     prompts: list[tuple[str, Any]] = field(default_factory=list)
+    # variant -> its entry in the json's "variants" when the model family records more than the rows' shape
+    variant_entries: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,7 +197,7 @@ class ShardSink:
         shapes = {
             v: list(npy_to_embedding(t).shape) if isinstance(t, bytes) else list(t.shape) for v, t in embeddings.items()
         }
-        sample.meta["variants"] = shapes
+        sample.meta["variants"] = {v: sample.variant_entries.get(v, shape) for v, shape in shapes.items()}
         members = sample_members(sample.meta, sample.images, npys)
         shard = self.open.get(sample.num_sources)
         if shard is None:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.families.base import ModelFamily
@@ -77,6 +78,9 @@ class QwenEdit(ModelFamily):
     def encoder_digest(self, model_path: str) -> str:
         return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
 
+    def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
+        return output, None  # v1: every row, its shape recorded
+
     def encoder_hidden_size(self, model_path: str) -> int:
         config = json.loads((Path(model_path) / "text_encoder" / "config.json").read_text())
         return config.get("text_config", config).get("hidden_size")
@@ -112,6 +116,15 @@ class QwenEdit(ModelFamily):
         from pipeline.families.qwen_edit.forward import predict
 
         return predict(transformer, noisy_target, target_latents, source_latents, batch, timestep, device, dtype)
+
+    def prompt_from_sample(self, rows: torch.Tensor, entry: Any) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": rows}
+
+    def source_sizes(self, aspects: list[list[float]], area: int) -> list[tuple[int, int]]:
+        """Sources are cropped like the target: each position at the batch's mean aspect, the training area."""
+        from pipeline.common.images import crop_size
+
+        return [crop_size(float(np.mean(position)), area) for position in aspects]
 
     def text_positions(self, sizes: list[tuple[int, int]]) -> int:
         from pipeline.families.qwen_edit.forward import text_positions

@@ -129,15 +129,17 @@ def assemble_batch(
     the first sample whose image or embedding cannot be read or whose prompt does not fit.
     """
     online = config.online_prompts
-    prepared = [_prepare(i, sample, task, num_sources, online, reader, null_cache) for i, sample in enumerate(samples)]
+    family = families.get(task.family)
+    prepared = [
+        _prepare(i, sample, task, num_sources, online, reader, null_cache, family) for i, sample in enumerate(samples)
+    ]
     area = config.image_sample_size**2
     target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
-    source_sizes = [
-        imaging.crop_size(float(np.mean([p["pictures"][k + 1].aspect for p in prepared])), area)
-        for k in range(num_sources)
-    ]
+    source_sizes = family.source_sizes(
+        [[p["pictures"][k + 1].aspect for p in prepared] for k in range(num_sources)], area
+    )
     if not online:  # a prompt the transformer cannot position at these sizes would stop the run
-        limit = families.get(task.family).text_positions([target_size, *source_sizes])
+        limit = family.text_positions([target_size, *source_sizes])
         for i, p in enumerate(prepared):
             if p["emb"].shape[0] > limit:
                 raise UnusableSample(
@@ -167,13 +169,21 @@ def assemble_batch(
         "target": torch.stack(target_tensors),
         "sources": [torch.stack(col) for col in source_tensors],
     }
-    conditions = [p["emb"] for p in prepared] if online else None
-    embeddings = None if online else [p["emb"] for p in prepared]
     if online:
-        batch["conditions"] = conditions
-    else:
-        batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings(embeddings)
+        batch["conditions"] = [p["emb"] for p in prepared]
+        return batch
+    batch["prompt_embeds"], batch["prompt_mask"] = pad_embeddings([p["emb"] for p in prepared])
+    for key in sorted(set(prepared[0]["prompt"]) - {"prompt_embeds"}):  # the family's per-row prompt tensors
+        batch[key] = pad_rows([p["prompt"][key] for p in prepared], batch["prompt_mask"].shape[1])
     return batch
+
+
+def pad_rows(values: list[torch.Tensor], length: int) -> torch.Tensor:
+    """``[L_i]`` tensors zero-padded to ``[B, length]`` (beside :func:`pad_embeddings`' rows)."""
+    out = values[0].new_zeros((len(values), length))
+    for i, value in enumerate(values):
+        out[i, : value.shape[0]] = value
+    return out
 
 
 def _prepare(
@@ -184,8 +194,10 @@ def _prepare(
     online: bool,
     reader: RangeReader,
     null_cache: dict[str, bytes],
+    family,
 ) -> dict[str, Any]:
-    """Variant, text, embedding (or what encodes it online) and lazily opened images of one sample."""
+    """Variant, text, embedding (or what encodes it online) and lazily opened images of one sample; the stored
+    embedding read back as the model family reads it (``prompt``: its per-sample prompt tensors)."""
     choice = sample.choice
     try:
         roles = ["target", *(f"source{k}" for k in range(num_sources))]
@@ -200,10 +212,14 @@ def _prepare(
                 "images": role_images if num_sources else [],
                 "target_size": sample.meta["target"]["size"],
             }
-        elif choice.variant == "null":
-            emb = checked_embedding(null_embedding(task, reader, null_cache), task, sample.key, "null")
-        else:
-            emb = checked_embedding(fetch_embedding(sample, choice.variant, reader), task, sample.key, choice.variant)
+        prompt: dict[str, torch.Tensor] = {}
+        if not online:
+            null, variant = choice.variant == "null", choice.variant
+            stored = null_embedding(task, reader, null_cache) if null else fetch_embedding(sample, variant, reader)
+            rows = checked_embedding(stored, task, sample.key, choice.variant)
+            entry = None if null else (sample.meta.get("variants") or {}).get(choice.variant)
+            prompt = family.prompt_from_sample(rows, entry)
+            emb = prompt["prompt_embeds"]
     except Exception as exc:  # noqa: BLE001 - reported with its index; the stream decides
         raise UnusableSample(index, exc) from exc
-    return {"variant": choice.variant, "text": choice.text, "emb": emb, "pictures": pictures}
+    return {"variant": choice.variant, "text": choice.text, "emb": emb, "prompt": prompt, "pictures": pictures}
