@@ -19,3 +19,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def load_text_encoder(cls, model_path, device: str = "auto", dtype: str = "auto"):
+    """A VLM text encoder (``cls``: its transformers class) from ``model_path/text_encoder``, frozen, on ``device`` in
+    ``dtype`` (both resolved); returns (model, device, dtype, hidden size, pad token id)."""
+    where = resolve_device(device)
+    compute = resolve_dtype(dtype, where)
+    model = cls.from_pretrained(str(model_path), subfolder="text_encoder", dtype=compute).to(where)
+    model.eval().requires_grad_(False)
+    text = model.config.text_config
+    return model, where, compute, int(text.hidden_size), int(text.pad_token_id or 0)

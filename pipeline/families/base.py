@@ -21,6 +21,25 @@ from typing import Any
 import torch
 
 
+def prompt_kind(batch: list) -> str:
+    """The one kind (``edit`` or ``t2i``) of a batch of encoder inputs: one forward takes one kind."""
+    kinds = {p.kind for p in batch}
+    if len(kinds) != 1:
+        raise ValueError(f"one forward takes one prompt kind, got {kinds}")
+    return kinds.pop()
+
+
+def stacked(values: list[torch.Tensor | None], lengths: list[int], fill: int, left: bool = False) -> torch.Tensor:
+    """Per-prompt ``[L_i]`` tensors as one ``[B, max L]`` long tensor padded with ``fill`` on the right (or
+    ``left``); a None leaves its row ``fill``."""
+    longest = max(lengths)
+    out = torch.full((len(values), longest), fill, dtype=torch.long)
+    for row, (value, length) in enumerate(zip(values, lengths, strict=True)):
+        if value is not None:
+            out[row, slice(longest - length, longest) if left else slice(0, length)] = value
+    return out
+
+
 class ModelFamily:
     """One model family. Attributes identify it; methods are grouped by the half of the project that calls them."""
 

@@ -8,7 +8,6 @@ Its pieces: ``prompts.py`` (templates, drop indices), ``encoder.py`` (prompt bui
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,9 @@ class QwenEdit(ModelFamily):
         return PromptEncoder(model_path, device, dtype)
 
     def encoder_digest(self, model_path: str) -> str:
-        return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
+        from pipeline.families.qwen_edit.encoder import config_digest
+
+        return config_digest(model_path)
 
     def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
         return output, None  # v1: every row, its shape recorded

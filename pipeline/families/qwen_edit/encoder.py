@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.common.devices import resolve_device, resolve_dtype
+from pipeline.common.devices import load_text_encoder
+from pipeline.families.base import prompt_kind, stacked
 from pipeline.families.qwen_edit import geometry, prompts
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,9 @@ class PromptEncoder:
     def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto"):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(model_path), subfolder="text_encoder", dtype=self.dtype
-        ).to(self.device)
-        self.model.eval().requires_grad_(False)
-        self.hidden_size = int(self.model.config.text_config.hidden_size)
-        self.pad_token_id = int(self.model.config.text_config.pad_token_id or 0)
+        self.model, self.device, self.dtype, self.hidden_size, self.pad_token_id = load_text_encoder(
+            Qwen2_5_VLForConditionalGeneration, model_path, device, dtype
+        )
 
     @torch.no_grad()
     def encode(self, batch: list[PromptInputs], drop_index: dict[str, int]) -> list[torch.Tensor]:
@@ -118,16 +114,9 @@ class PromptEncoder:
         bit-identical to a one-prompt forward (``encode_prompt`` at inference);
         mixed lengths are right-padded with an attention mask.
         """
-        kinds = {p.kind for p in batch}
-        if len(kinds) != 1:
-            raise ValueError(f"one forward takes one prompt kind, got {kinds}")
-        kind = kinds.pop()
-        longest = max(p.length for p in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, : p.length] = p.input_ids
-            mask[row, : p.length] = 1
+        kind, lengths = prompt_kind(batch), [p.length for p in batch]
+        ids = stacked([p.input_ids for p in batch], lengths, self.pad_token_id)
+        mask = stacked([torch.ones(n, dtype=torch.long) for n in lengths], lengths, 0)
         kwargs = {}
         if kind == "edit":
             kwargs["pixel_values"] = torch.cat([p.pixel_values for p in batch]).to(self.device)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.common.devices import resolve_device, resolve_dtype
+from pipeline.common.devices import load_text_encoder
+from pipeline.families.base import prompt_kind, stacked
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 T2I_TEMPLATE = (
@@ -130,32 +131,18 @@ class PromptEncoder:
     def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto"):
         from transformers import Qwen3VLForConditionalGeneration
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
-            str(model_path), subfolder="text_encoder", dtype=self.dtype
-        ).to(self.device)
-        self.model.eval().requires_grad_(False)
-        config = self.model.config.text_config
-        self.hidden_size = int(config.hidden_size)
-        self.pad_token_id = int(config.pad_token_id or 0)
+        self.model, self.device, self.dtype, self.hidden_size, self.pad_token_id = load_text_encoder(
+            Qwen3VLForConditionalGeneration, model_path, device, dtype
+        )
 
     @torch.no_grad()
     def encode(self, batch: list[PromptInputs], drop_index: dict[str, int]) -> list[torch.Tensor]:
         """Per prompt: the pre-norm last-layer states of its tokens after the system prefix, ``[L, D]``."""
-        kinds = {p.kind for p in batch}
-        if len(kinds) != 1:
-            raise ValueError(f"one forward takes one prompt kind, got {kinds}")
-        kind = kinds.pop()
-        longest = max(p.length for p in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        types = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, p in enumerate(batch):  # left padding, as the pipeline pads
-            ids[row, longest - p.length :] = p.input_ids
-            mask[row, longest - p.length :] = 1
-            if p.mm_token_type_ids is not None:
-                types[row, longest - p.length :] = p.mm_token_type_ids
+        kind, lengths = prompt_kind(batch), [p.length for p in batch]
+        longest = max(lengths)
+        ids = stacked([p.input_ids for p in batch], lengths, self.pad_token_id, left=True)  # as the pipeline pads
+        mask = stacked([torch.ones(n, dtype=torch.long) for n in lengths], lengths, 0, left=True)
+        types = stacked([p.mm_token_type_ids for p in batch], lengths, 0, left=True)
         kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
         if kind == "edit":
             kwargs["pixel_values"] = torch.cat([p.pixel_values for p in batch]).to(self.device)
