@@ -6,6 +6,7 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
+from pipeline.shards.format import variant_shape
 from pipeline.shards.reader import RangeReader, iter_samples, sample_meta
 from pipeline.shards.storage import Store, join
 from pipeline.shards.tasks import open_tasks, shard_list
@@ -45,7 +46,7 @@ def format_inspect(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         sizes = " ".join("x".join(map(str, s)) if s else "?" for s in r["sizes"])
-        variants = " ".join(f"{v}{tuple(shape)}" for v, shape in r["variants"].items()) or "-"
+        variants = " ".join(f"{v}{tuple(variant_shape(e) or ())}" for v, e in r["variants"].items()) or "-"
         text = r["instruction"].replace("\n", " ")
         lines.append(
             f"{r['key']}  N={r['num_sources']}  [{sizes}]  bucket={r['bucket']}  {variants}  "

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, npy_to_image, source_dir
+from pipeline.shards.format import SOURCE_COUNTS, is_forbidden_member, npy_to_image, source_dir, variant_shape
 from pipeline.shards.reader import iter_checked, open_stream
 from pipeline.shards.storage import Store
 from pipeline.shards.tasks import open_tasks
@@ -60,7 +60,8 @@ def _check_sample(key: str, members: dict[str, bytes], manifest: dict, n: int) -
             problems.append(f"{member} does not decode: {exc}")
     hidden = manifest.get("embedding", {}).get("hidden_size")
     npy_dtype = np.dtype(manifest.get("embedding", {}).get("npy_dtype", "<u2"))
-    for variant, shape in meta.get("variants", {}).items():
+    for variant, entry in meta.get("variants", {}).items():
+        shape = variant_shape(entry)
         name = f"emb_{variant}.npy"
         if name not in members:
             problems.append(f"{name} missing")
@@ -72,7 +73,7 @@ def _check_sample(key: str, members: dict[str, bytes], manifest: dict, n: int) -
             continue
         if array.dtype != npy_dtype or array.ndim != 2 or (hidden and array.shape[1] != hidden):
             problems.append(f"{name} is {array.dtype} {array.shape}, expected {npy_dtype} [seq, {hidden}]")
-        elif list(array.shape) != list(shape):
+        elif list(array.shape) != shape:
             problems.append(f"{name} shape {list(array.shape)} differs from the json's {shape}")
     copies = []
     for entry in [meta.get("target", {}), *meta.get("sources", [])]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.shards.copies import cover, crop_offset, crop_size  # noqa: F401 (crop_size: the bucket crop, used here and by callers)
 from pipeline.shards.storage import TooLarge, read_uri
@@ -46,6 +46,14 @@ class LoadedImage:
     ext: str
     rgb: Image.Image
     original_mode: str
+    oriented: Image.Image | None = None  # the decoded picture, EXIF orientation applied, 8 bits, its own mode
+
+    def picture(self, mode: str) -> Image.Image:
+        """The picture in ``mode``: ``RGB`` (what diffusers' ``load_image`` gives) or ``RGBA`` (alpha kept; an
+        image without one is opaque), for the families whose VAE reads four channels."""
+        if mode == "RGB" or self.oriented is None:
+            return self.rgb
+        return self.oriented if self.oriented.mode == mode else self.oriented.convert(mode)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -102,13 +110,14 @@ def decode(uri: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loade
     if mode == "F":
         raise ImageLoadError("unsupported_image", uri, "floating-point pixels (mode F): save it with 8 or 16 bits")
     rgb = _as_inference_rgb(img)
+    oriented = to_8_bits(img) if mode in SIXTEEN_BIT_MODES else ImageOps.exif_transpose(img)
     if fmt in KEPT_FORMATS:
         stored, ext = data, KEPT_FORMATS[fmt]
     else:
         buf = io.BytesIO()
         (img if mode in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I") else img.convert("RGBA")).save(buf, format="PNG")
         stored, ext = buf.getvalue(), "png"
-    return LoadedImage(uri=uri, data=stored, ext=ext, rgb=rgb, original_mode=mode)
+    return LoadedImage(uri=uri, data=stored, ext=ext, rgb=rgb, original_mode=mode, oriented=oriented)
 
 
 def load(
@@ -136,8 +145,6 @@ def to_8_bits(img: Image.Image) -> Image.Image:
     picture). Mode ``I`` (32-bit) is read as 16-bit, clipped to 0..65535. Other modes pass unchanged."""
     if img.mode not in SIXTEEN_BIT_MODES:
         return img
-    from PIL import ImageOps
-
     oriented = ImageOps.exif_transpose(img)  # as load_image would (the 8-bit copy carries no EXIF)
     values = np.asarray(oriented).astype(np.int64)
     return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
@@ -186,13 +193,24 @@ def preload_decoders() -> None:
     import torchvision.io  # noqa: F401
 
 
-def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | None) -> torch.Tensor:
-    """RGB uint8 [3, H, W] as ``open_rgb`` sees the image (EXIF orientation applied, alpha dropped).
+def open_rgba(data: bytes) -> Image.Image:
+    """Stored image bytes as RGBA (EXIF orientation applied, 16-bit grey scaled to 8 bits; opaque without alpha):
+    what a family with an RGBA VAE sees."""
+    img = Image.open(io.BytesIO(data))
+    oriented = to_8_bits(img) if img.mode in SIXTEEN_BIT_MODES else ImageOps.exif_transpose(img)
+    return oriented if oriented.mode == "RGBA" else oriented.convert("RGBA")
+
+
+def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | None, channels: int = 3) -> torch.Tensor:
+    """RGB uint8 [3, H, W] as ``open_rgb`` sees the image (EXIF orientation applied, alpha dropped); with
+    ``channels`` 4, RGBA as :func:`open_rgba` sees it.
 
     JPEG and PNG (and WebP, GIF) decode through torchvision (libjpeg-turbo / libpng, no PIL
     copies); a JPEG that shrinks by 2× or more decodes at a reduced DCT scale through
     Pillow's ``draft`` instead; anything else (or a file torchvision refuses) through Pillow.
     """
+    if channels == 4:
+        return torch.from_numpy(np.array(open_rgba(data))).permute(2, 0, 1)
     if draft_to is None and img.format in ("JPEG", "PNG", "WEBP", "GIF"):
         from torchvision.io import ImageReadMode, decode_image
 
@@ -211,7 +229,7 @@ def _decode_uint8(img: Image.Image, data: bytes, draft_to: tuple[int, int] | Non
 
 
 def decode_and_crop(
-    img: Image.Image, data: bytes, size: tuple[int, int], fraction: tuple[float, float]
+    img: Image.Image, data: bytes, size: tuple[int, int], fraction: tuple[float, float], channels: int = 3
 ) -> torch.Tensor:
     """The crop of :func:`resize_and_crop` as a uint8 [3, h, w] tensor, with less decoding and SIMD resampling.
 
@@ -224,8 +242,8 @@ def decode_and_crop(
     swap = _orientation(img) in _SWAPPING_ORIENTATIONS
     w, h = (img.size[1], img.size[0]) if swap else img.size
     scale = max(cw / w, ch / h)
-    draft = img.format == "JPEG" and scale <= 0.5
-    pixels = _decode_uint8(img, data, cover((w, h), size, swap) if draft else None)
+    draft = img.format == "JPEG" and scale <= 0.5 and channels == 3
+    pixels = _decode_uint8(img, data, cover((w, h), size, swap) if draft else None, channels)
     h, w = pixels.shape[1:]  # the decoded (oriented, maybe reduced) size decides the resize
     rw, rh = cover((w, h), size, False)
     resized = torch.nn.functional.interpolate(pixels[None], size=(rh, rw), mode="bicubic", antialias=True)[0]

@@ -37,13 +37,24 @@ class ExtractConfig(Checked):
     output_dir: str | None = option(
         None, "task directory to write: local path, s3://, gs://, ...", required=True, check=non_empty
     )
-    model_path: str | None = option(None, "Qwen-Image-Edit(-2509) diffusers folder (text_encoder/, ...)", required=True)
+    model_path: str | None = option(
+        None,
+        "the model's diffusers folder (model_index.json, text_encoder/, …): Qwen-Image-Edit-2509/2511, FireRed-Image-"
+        "Edit 1.x, or Qwen-Image 2.1; its family decides how prompts are encoded and what a sample stores",
+        required=True,
+    )
     batch_size: int = option(4, "prompts per encoder forward (a sample has 1-6)", check=at_least(1))
     crop_scale: int = option(
         512,
         "scale of the --prompt_style firered crop table; images are stored at original resolution and cropped at "
         "training time. --image_sample_size is the original tool's name for it (same default)",
         aliases=("image_sample_size",),
+    )
+    condition_resolution: int = option(
+        1024,
+        "Qwen-Image 2.1: each condition image is resized once to this² area at its aspect (sides ×32), the pixels "
+        "both the text encoder and, in training, the VAE see (diffusers' output_resolution); other families ignore it",
+        check=between(256, 4096),
     )
     train_copy_size: int = option(NO_TRAIN_COPIES, train_copy_size_help())
     num_workers: int = option(

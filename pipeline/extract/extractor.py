@@ -130,7 +130,14 @@ class Extractor:
             )
         self.builder, self.encoder = None, None
         if not config.skip_embeddings:
-            self.builder = self.family.prompt_builder(config.model_path, config.prompt_style, config.crop_scale)
+            self.builder = self.family.prompt_builder(
+                config.model_path, config.prompt_style, config.crop_scale, config.condition_resolution
+            )
+            if self.builder.fixed_conditions and config.train_copy_size:
+                raise UserError(
+                    f"--train_copy_size: training copies are RGB crops, and the {self.family.name} family's images are "
+                    "RGBA with conditions fixed at extraction; extract without it"
+                )
             self.encoder = self.family.prompt_encoder(config.model_path, config.device, config.dtype)
         self.forward_seconds = 0.0
         self.forwards = 0  # encoder forwards and the prompts they carried: how full the batches are
@@ -298,8 +305,9 @@ class Extractor:
             self.store.write_bytes(NULL_EMBEDDING, embedding_to_npy(null))
             null_url = NULL_EMBEDDING
         base = new_manifest(
-            self.task, self._model_identity(), self.config.prompt_style, self._drop_index(), self.family.name
-        )
+            self.task, self._model_identity(), self.config.prompt_style, self._drop_index(), self.family.name,
+            self.family.shard_format_version,
+        )  # fmt: skip
         extra = {
             "null_embedding": null_url,
             "embeddings": not self.config.skip_embeddings,
@@ -309,6 +317,7 @@ class Extractor:
             "train_copy_size": self.config.train_copy_size,
             "input": self.config.jsonl_path,
             "world_size": self.world,
+            **self._fixed_conditions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.taskdir.finish(base, extra)
@@ -342,7 +351,14 @@ class Extractor:
             # only when set: a run started before the flag existed resumes as before
             **({"train_copy_size": config.train_copy_size} if config.train_copy_size else {}),
             "columns": [config.source_column, config.target_column],
+            **self._fixed_conditions(),
         }
+
+    def _fixed_conditions(self) -> dict[str, Any]:
+        """A family whose conditions are sized at extraction records the resolution (identity and manifest)."""
+        if self.builder is None or not self.builder.fixed_conditions:
+            return {}
+        return {"condition_resolution": self.config.condition_resolution}
 
     def _model_identity(self) -> dict[str, Any]:
         hidden = self.encoder.hidden_size if self.encoder else None

@@ -17,6 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.common import images as imaging
 from pipeline.common.records import DEFAULT_MAX_ROW_BYTES, Columns, Record, RecordError, iter_lines, parse_line
 from pipeline.common.variants import plan_variants
+from pipeline.families.base import ConditionRefused
 from pipeline.shards import copies
 from pipeline.shards.format import sample_key
 from pipeline.shards.writer import Failure, PreparedSample
@@ -74,10 +75,14 @@ def prepare_record(
             sample.prompts.append((variant, builder.t2i(prompt_text)))
             continue
         if role not in conditions:
-            pictures = (
-                [loaded[f"source{i}"].rgb for i in range(len(sources))] if role == "sources" else [loaded["target"].rgb]
-            )
-            conditions[role] = builder.condition_images(pictures, target_size=loaded["target"].size)
+            roles = [f"source{i}" for i in range(len(sources))] if role == "sources" else ["target"]
+            pictures = [loaded[r].picture(builder.picture_mode) for r in roles]
+            try:
+                conditions[role] = builder.condition_images(pictures, target_size=loaded["target"].size)
+            except ConditionRefused as exc:
+                return Failure(record.file, record.line, "condition_refused", str(exc), source_field, text)
+            if builder.fixed_conditions:  # the size the encoder saw, which training shows the VAE again
+                sample.meta.setdefault("conditions", {})[role] = [list(c.size) for c in conditions[role]]
         sample.prompts.append((variant, builder.edit(conditions[role], prompt_text)))
     return sample
 

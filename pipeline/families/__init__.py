@@ -17,9 +17,10 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.families.base import ModelFamily
 from pipeline.families.qwen_edit import FAMILY as QWEN_EDIT
+from pipeline.families.qwen_image21 import FAMILY as QWEN_IMAGE21
 from pipeline.shards.format import DEFAULT_FAMILY
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (QWEN_EDIT,)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (QWEN_EDIT, QWEN_IMAGE21)}
 assert DEFAULT_FAMILY in FAMILIES
 
 

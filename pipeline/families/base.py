@@ -21,6 +21,10 @@ from typing import Any
 import torch
 
 
+class ConditionRefused(ValueError):
+    """A condition image the family cannot encode as its pipeline would (say why): that line fails, permanently."""
+
+
 def prompt_kind(batch: list) -> str:
     """The one kind (``edit`` or ``t2i``) of a batch of encoder inputs: one forward takes one kind."""
     kinds = {p.kind for p in batch}
@@ -44,12 +48,17 @@ class ModelFamily:
     """One model family. Attributes identify it; methods are grouped by the half of the project that calls them."""
 
     name: str = ""  # recorded in manifests and extraction identities
+    shard_format_version: int = 1  # the format its tasks are written in
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values this family owns
     transformer_classes: tuple[str, ...] = ()  # transformer/config.json _class_name values
     plan_models: dict[str, dict[str, Any]] = {}  # --plan name -> {"transformer": config, "vae": config or None}
     prompt_styles: tuple[str, ...] = ("diffusers",)  # the first is the default
     prompt_style_help: dict[str, str] = {}  # style -> what it computes (--help)
     default_lora_targets: tuple[str, ...] = ()  # the transformer's Linears a LoRA wraps by default
+    max_batch_size: int | None = None  # rows per batch its transformer can take (None: any)
+    # conditions sized once at extraction and shown to the VAE at that size (never cropped): condition_pixels
+    fixed_conditions: bool = False
+    pixel_channels: int = 3  # 3: RGB; 4: RGBA images in and out
     lora_files: dict[str, str] = {}  # LoRA export format -> the file name written
     null_text: str = ""  # the text of the null (empty-prompt) embedding
     validation_negative_prompt: str = " "  # the negative prompt of validation images rendered with CFG
@@ -59,9 +68,11 @@ class ModelFamily:
         raise NotImplementedError(f"model family {self.name!r} does not provide {what}")
 
     # ---- extraction -------------------------------------------------------------------------------------------
-    def prompt_builder(self, model_path: str, style: str, crop_scale: int):
+    def prompt_builder(self, model_path: str, style: str = "diffusers", crop_scale: int = 512,
+                       condition_resolution: int = 1024):  # fmt: skip
         """Picklable: condition images and prompt texts → encoder inputs (``condition_images``, ``edit``, ``t2i``,
-        ``drop_index``), in DataLoader workers."""
+        ``drop_index``), in DataLoader workers. Its ``fixed_conditions``: whether the sample records each condition's
+        size (the pixels training must show the VAE again)."""
         return self._missing("a prompt builder")
 
     def prompt_encoder(self, model_path: str, device: str = "auto", dtype: str = "auto"):
@@ -128,6 +139,11 @@ class ModelFamily:
         sample's source aspects (``aspects[k]``: position k's) and the training area."""
         return self._missing("the condition geometry")
 
+    def condition_pixels(self, data: bytes, size: tuple[int, int]) -> torch.Tensor:
+        """A fixed condition's pixels for the VAE: stored bytes resized (never cropped) to ``size`` (width,
+        height) as its pipeline resizes them, ``[pixel_channels, h, w]`` uint8."""
+        return self._missing("fixed condition pixels")
+
     def text_positions(self, sizes: list[tuple[int, int]]) -> int:
         """How many prompt tokens the transformer can position next to images of these pixel sizes."""
         return self._missing("the text-length limit")
@@ -147,9 +163,14 @@ class ModelFamily:
         return self._missing("an edit through its pipeline")
 
     # ---- validation -------------------------------------------------------------------------------------------
+    def validation_resolution(self, area: int) -> int:
+        """The condition resolution validation rows are encoded and rendered at, for a training area."""
+        return int(round(area**0.5))
+
     def validation_renderer(self, model_path: str, transformer, vae, area: int):
         """Renders validation rows from stored prompt embeddings (no text encoder): ``render(embeds, pictures,
-        width, height, steps, guidance, generator, device)`` → a PIL image."""
+        width, height, steps, guidance, generator, device)`` → a PIL image; ``embeds``: ``positive`` and
+        ``negative``, each what :meth:`prompt_from_sample` gives."""
         return self._missing("a validation renderer")
 
     # ---- the memory plan --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 FORMAT_NAME = "qwen-edit-shards"
 FORMAT_VERSION = 1
-KNOWN_FORMAT_VERSIONS = (1,)  # what this version's readers understand; a manifest of another is refused
+KNOWN_FORMAT_VERSIONS = (1, 2)  # what this version's readers understand; a manifest of another is refused
 # the model family of a manifest that names none: every task written before families were recorded is v1 and
 # Qwen-Image-Edit's (the same default completes an older extraction identity)
 DEFAULT_FAMILY = "qwen_edit"
@@ -220,12 +220,24 @@ def is_forbidden_member(name: str) -> bool:
     return ("." + name).lower().endswith(FORBIDDEN_SUFFIXES)
 
 
+def variant_shape(entry: Any) -> list[int] | None:
+    """The stored rows' shape of a sample json's ``variants`` entry: ``[seq, hidden]`` (v1), or the ``shape`` of
+    ``{"shape": [...], "slots": [...]}`` (v2)."""
+    shape = entry.get("shape") if isinstance(entry, dict) else entry
+    return list(shape) if isinstance(shape, list | tuple) else None
+
+
 def new_manifest(
-    task: str, model: dict[str, Any], prompt_style: str, drop_index: dict[str, int], family: str = DEFAULT_FAMILY
+    task: str,
+    model: dict[str, Any],
+    prompt_style: str,
+    drop_index: dict[str, int],
+    family: str = DEFAULT_FAMILY,
+    format_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "family": family,
         "task": task,
         "model": model,

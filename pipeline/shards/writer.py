@@ -197,7 +197,11 @@ class ShardSink:
         shapes = {
             v: list(npy_to_embedding(t).shape) if isinstance(t, bytes) else list(t.shape) for v, t in embeddings.items()
         }
-        sample.meta["variants"] = {v: sample.variant_entries.get(v, shape) for v, shape in shapes.items()}
+        recorded = sample.meta.get("variants") or {}  # a copied sample (reshard) keeps a v2 entry's slot layout
+        sample.meta["variants"] = {
+            v: sample.variant_entries.get(v) or (recorded[v] if isinstance(recorded.get(v), dict) else shape)
+            for v, shape in shapes.items()
+        }
         members = sample_members(sample.meta, sample.images, npys)
         shard = self.open.get(sample.num_sources)
         if shard is None:

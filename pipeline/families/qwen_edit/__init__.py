@@ -64,7 +64,8 @@ class QwenEdit(ModelFamily):
     description = "Qwen-Image-Edit-2509/2511, FireRed-Image-Edit 1.x"
 
     # ---- extraction -------------------------------------------------------------------------------------------
-    def prompt_builder(self, model_path: str, style: str = "diffusers", crop_scale: int = 512):
+    def prompt_builder(self, model_path: str, style: str = "diffusers", crop_scale: int = 512,
+                       condition_resolution: int = 1024):  # fmt: skip
         from pipeline.families.qwen_edit.encoder import PromptBuilder
 
         return PromptBuilder(model_path, style, crop_scale)
@@ -126,6 +127,9 @@ class QwenEdit(ModelFamily):
         from pipeline.common.images import crop_size
 
         return [crop_size(float(np.mean(position)), area) for position in aspects]
+
+    def condition_pixels(self, data: bytes, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError("Qwen-Image-Edit crops its sources like the target (fixed_conditions is False)")
 
     def text_positions(self, sizes: list[tuple[int, int]]) -> int:
         from pipeline.families.qwen_edit.forward import text_positions

@@ -54,6 +54,8 @@ class PromptBuilder:
         self.processor = Qwen2VLProcessor.from_pretrained(str(model_path), subfolder="processor")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), subfolder="tokenizer")
         self.drop_index = prompts.drop_indices(self.tokenizer)
+        self.fixed_conditions = False  # sources are cropped like the target in training
+        self.picture_mode = "RGB"  # what diffusers' load_image gives
 
     def condition_images(
         self, pictures: list[Image.Image], target_size: tuple[int, int] | None = None

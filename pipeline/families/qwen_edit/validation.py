@@ -51,9 +51,10 @@ class Renderer:
         device: torch.device,
     ) -> Image.Image:
         """One row: its stored positive (and, with guidance, negative) embedding, its source pictures."""
+        positive = embeds["positive"]["prompt_embeds"]
         kwargs = {
-            "prompt_embeds": embeds["positive"][None].to(device),
-            "prompt_embeds_mask": torch.ones((1, embeds["positive"].shape[0]), dtype=torch.long).to(device),
+            "prompt_embeds": positive[None].to(device),
+            "prompt_embeds_mask": torch.ones((1, positive.shape[0]), dtype=torch.long).to(device),
             "true_cfg_scale": guidance,
             "height": height,
             "width": width,
@@ -61,7 +62,7 @@ class Renderer:
             "generator": generator,
         }
         if guidance > 1:
-            negative = embeds["negative"]
+            negative = embeds["negative"]["prompt_embeds"]
             kwargs["negative_prompt_embeds"] = negative[None].to(device)
             kwargs["negative_prompt_embeds_mask"] = torch.ones((1, negative.shape[0]), dtype=torch.long).to(device)
         pipe = self.edit if pictures else self.t2i

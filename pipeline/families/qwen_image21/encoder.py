@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline.common.devices import load_text_encoder
-from pipeline.families.base import prompt_kind, stacked
+from pipeline.families.base import ConditionRefused, prompt_kind, stacked
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 T2I_TEMPLATE = (
@@ -33,7 +33,7 @@ IMAGE_PAD = "<|image_pad|>"
 DEFAULT_CONDITION_RESOLUTION = 1024  # diffusers' output_resolution
 
 
-class ConditionTooSmall(ValueError):
+class ConditionTooSmall(ConditionRefused):
     """A condition whose resized size the processor would change again (under its minimum or over its maximum
     pixels): the slot count would no longer match the latents, and the transformer would fail."""
 
@@ -78,6 +78,8 @@ class PromptBuilder:
 
         self.processor = Qwen3VLProcessor.from_pretrained(str(model_path), subfolder="processor")
         self.condition_resolution = condition_resolution
+        self.fixed_conditions = True  # training shows the VAE each condition at the size recorded here
+        self.picture_mode = "RGBA"  # alpha kept for the VAE, composited on white for the VLM
         system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
         drop = len(self.processor.apply_chat_template(system, tokenize=True, return_dict=False)[0])
         self.drop_index = {"edit": drop, "t2i": drop}
@@ -157,6 +159,20 @@ class PromptEncoder:
             handle.remove()
         drop = drop_index[kind]
         return [hidden[row, longest - p.length + drop :] for row, p in enumerate(batch)]
+
+
+def slots_of(inputs: PromptInputs, rows: int) -> list[list[int]]:
+    """``[[position, h32, w32], …]`` of an encoded prompt of ``rows`` post-drop rows: each condition's slot block
+    (its ``<|image_pad|>`` rows, marked by ``mm_token_type_ids``), ``h32 × w32`` long, in the image grid's order."""
+    if inputs.image_grid_thw is None:
+        return []
+    drop = inputs.length - rows
+    pads = (inputs.mm_token_type_ids[drop:] == 1).to(torch.long).tolist()
+    starts = [i for i, flag in enumerate(pads) if flag and (i == 0 or not pads[i - 1])]
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs.image_grid_thw.tolist()]  # 16-px patches merged 2×2
+    if len(starts) != len(grids):
+        raise ValueError(f"{len(starts)} slot blocks for {len(grids)} condition images")
+    return [[start, h, w] for start, (h, w) in zip(starts, grids, strict=True)]
 
 
 def slot_layout(input_ids: torch.Tensor, drop: int, image_pad_id: int) -> list[list[int]]:

@@ -218,6 +218,18 @@ def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | Non
 
 
 @torch.no_grad()
+def allocate(module: torch.nn.Module, device) -> None:
+    """``module.to_empty(device)`` that keeps the buffers built in ``__init__`` (``init_empty_weights`` leaves them
+    real: a RoPE table, Qwen-Image 2.1's timestep frequencies): ``to_empty`` would leave them uninitialised memory,
+    and no weight file holds the non-persistent ones."""
+    kept = {name: buffer.detach().clone() for name, buffer in module.named_buffers() if not buffer.is_meta}
+    module.to_empty(device=device)
+    for name, buffer in module.named_buffers():
+        if name in kept:
+            buffer.copy_(kept[name])
+
+
+@torch.no_grad()
 def fill(module: torch.nn.Module, source: WeightSource, prefix: str = "") -> int:
     """Every parameter of ``module`` (allocated, on any device, sharded or not) from ``source``; returns the bytes
     read. Each tensor is read (its rows only when sharded), converted and copied before the next is read."""
@@ -240,7 +252,7 @@ def materialize_blocks(transformer: torch.nn.Module, source: WeightSource, devic
     (``quantize(block)``), and moved to ``device`` before the next: host memory holds one block at a time."""
     blocks = transformer.transformer_blocks
     for index, block in enumerate(blocks):
-        block.to_empty(device="cpu")
+        allocate(block, "cpu")
         fill(block, source, f"transformer_blocks.{index}.")
         if quantize is not None:
             quantize(block)
@@ -248,7 +260,7 @@ def materialize_blocks(transformer: torch.nn.Module, source: WeightSource, devic
     for name, child in transformer.named_children():
         if child is blocks:
             continue
-        child.to_empty(device="cpu")
+        allocate(child, "cpu")
         fill(child, source, f"{name}.")
         child.to(device)
     source.handles.clear()  # the files are closed once the model is filled

@@ -161,9 +161,9 @@ class FSDP(Parallelism):
         device = self.accelerator.device
         shard_transformer(transformer, self.mixed_precision, device, self.cpu_offload)
         if weights is not None:  # built on meta: each rank allocates and reads only its own rows
-            from pipeline.train.engine.loading import fill
+            from pipeline.train.engine.loading import allocate, fill
 
-            transformer.to_empty(device="cpu" if self.cpu_offload else device)
+            allocate(transformer, "cpu" if self.cpu_offload else device)
             fill(transformer, weights)
             weights.handles.clear()  # the files are closed once every rank has its rows
         params = dict(transformer.named_parameters())

@@ -104,7 +104,8 @@ class Validator:
         if not indices:
             return
         started = time.perf_counter()
-        builder = self.family.prompt_builder(self.model_path, "diffusers")
+        resolution = self.family.validation_resolution(self.area)
+        builder = self.family.prompt_builder(self.model_path, "diffusers", condition_resolution=resolution)
         encoder = self.family.prompt_encoder(self.model_path, str(device), "auto")
         negative_text = self.family.validation_negative_prompt
         for index in indices:
@@ -114,8 +115,13 @@ class Validator:
                 inputs = [builder.edit(conditions, row.instruction), builder.edit(conditions, negative_text)]
             else:
                 inputs = [builder.t2i(row.instruction), builder.t2i(negative_text)]
-            positive, negative = (encoder.encode([i], builder.drop_index)[0].float().cpu() for i in inputs)
-            self.embeds[index] = {"positive": positive, "negative": negative}
+            prompts = []
+            for prompt_inputs in inputs:  # as training reads a stored embedding back
+                rows, entry = self.family.stored_embedding(
+                    encoder.encode([prompt_inputs], builder.drop_index)[0].float().cpu(), prompt_inputs
+                )
+                prompts.append(self.family.prompt_from_sample(rows, entry))
+            self.embeds[index] = {"positive": prompts[0], "negative": prompts[1]}
         del encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -101,12 +101,19 @@ class Picture:
         lazy = imaging.open_lazy(sample.images[role])
         return cls(sample, role, imaging.aspect_of(lazy), lazy=lazy)
 
-    def crop(self, size: tuple[int, int], fraction, reader: RangeReader) -> torch.Tensor:
-        if self.copy is not None and copies.copy_covers((self.copy.shape[1], self.copy.shape[0]), self.size, size):
+    def crop(self, size: tuple[int, int], fraction, reader: RangeReader, channels: int = 3) -> torch.Tensor:
+        covered = self.copy is not None and copies.copy_covers(
+            (self.copy.shape[1], self.copy.shape[0]), self.size, size
+        )
+        if covered and channels == 3:
             return copies.crop_from_copy(self.copy, self.size, size, fraction)
         data = self.sample.original(self.role, reader)
         lazy, self.lazy = self.lazy or imaging.open_lazy(data), None  # decoding consumes the lazily opened image
-        return imaging.decode_and_crop(lazy, data, size, fraction)
+        return imaging.decode_and_crop(lazy, data, size, fraction, channels)
+
+    def resized(self, size: tuple[int, int], reader: RangeReader, family) -> torch.Tensor:
+        """The whole picture resized (never cropped) to ``size`` as the family's pipeline resizes a condition."""
+        return family.condition_pixels(self.sample.original(self.role, reader), size)
 
 
 def assemble_batch(
@@ -135,9 +142,15 @@ def assemble_batch(
     ]
     area = config.image_sample_size**2
     target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
-    source_sizes = family.source_sizes(
-        [[p["pictures"][k + 1].aspect for p in prepared] for k in range(num_sources)], area
-    )
+    if family.fixed_conditions:  # each condition at the size its embedding was made at (one sample per batch)
+        try:
+            source_sizes = [tuple(size) for size in stored_condition_sizes(samples[0], num_sources)]
+        except ValueError as exc:
+            raise UnusableSample(0, exc) from exc
+    else:
+        source_sizes = family.source_sizes(
+            [[p["pictures"][k + 1].aspect for p in prepared] for k in range(num_sources)], area
+        )
     if not online:  # a prompt the transformer cannot position at these sizes would stop the run
         limit = family.text_positions([target_size, *source_sizes])
         for i, p in enumerate(prepared):
@@ -152,9 +165,14 @@ def assemble_batch(
     target_tensors, source_tensors = [], [[] for _ in range(num_sources)]
     for i, (p, sample) in enumerate(zip(prepared, samples, strict=True)):
         try:
-            target_tensors.append(p["pictures"][0].crop(target_size, sample.choice.fraction, reader))
+            channels = family.pixel_channels
+            target_tensors.append(p["pictures"][0].crop(target_size, sample.choice.fraction, reader, channels))
             for k, size in enumerate(source_sizes):
-                source_tensors[k].append(p["pictures"][k + 1].crop(size, sample.choice.fraction, reader))
+                picture = p["pictures"][k + 1]
+                source_tensors[k].append(
+                    picture.resized(size, reader, family) if family.fixed_conditions
+                    else picture.crop(size, sample.choice.fraction, reader, channels)
+                )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported with its index; the stream decides
             raise UnusableSample(i, exc) from exc
     batch: dict[str, Any] = {
@@ -176,6 +194,18 @@ def assemble_batch(
     for key in sorted(set(prepared[0]["prompt"]) - {"prompt_embeds"}):  # the family's per-row prompt tensors
         batch[key] = pad_rows([p["prompt"][key] for p in prepared], batch["prompt_mask"].shape[1])
     return batch
+
+
+def stored_condition_sizes(sample: RawSample, num_sources: int) -> list[list[int]]:
+    """The (width, height) its conditions were encoded at, as extraction recorded them: the sources', or the
+    target's for an inverse variant (conditioned on the target)."""
+    if num_sources == 0:
+        return []
+    recorded = sample.meta.get("conditions") or {}
+    sizes = recorded.get("target" if sample.choice.inverse else "sources")
+    if not isinstance(sizes, list) or len(sizes) != num_sources:
+        raise ValueError(f"sample {sample.key}: its json records no condition sizes for {num_sources} condition(s)")
+    return sizes
 
 
 def pad_rows(values: list[torch.Tensor], length: int) -> torch.Tensor:

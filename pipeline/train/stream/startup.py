@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
 from pipeline.train.config import DataConfig, StreamConfig
 from pipeline.train.stream.mix import MixPlan, plan_mix
@@ -50,6 +51,7 @@ def mix_tasks(tasks: dict[str, Task], data: DataConfig, stream: StreamConfig, ra
     plan = plan_mix(tasks, task_weights, data.source_count_weights)
     used = {name: tasks[name] for name in sorted({t for probs in plan.task_probs.values() for t in probs})}
     check_conditioning(used, data.allow_mixed_conditioning)
+    check_batch_size(used, stream)
     check_null_embeddings(used, plan, stream)
     if rank == 0:
         log.info("mix: N %s; tasks per N %s", plan.n_probs, plan.task_probs)
@@ -89,6 +91,21 @@ def check_conditioning(tasks: dict[str, Task], allow_mixed: bool) -> None:
                 "Re-extract them alike, leave some out of --train_data_weights, or pass --allow_mixed_conditioning"
             )
         log.warning("tasks differ in %s (%s); mixed on purpose (--allow_mixed_conditioning)", key, detail)
+
+
+def check_batch_size(tasks: dict[str, Task], stream: StreamConfig) -> None:
+    """A family whose transformer applies one row's layout to every row (Qwen-Image 2.1: row 0's slot mask and
+    image shapes, silently when token counts agree) takes at most its ``max_batch_size`` rows per batch."""
+    from pipeline import families
+
+    for name in sorted({task.family for task in tasks.values()}):
+        limit = families.get(name).max_batch_size
+        if limit is not None and stream.batch_size > limit:
+            raise UserError(
+                f"--train_batch_size {stream.batch_size}: the {name} family's transformer takes {limit} sample(s) per "
+                "batch (it applies the first row's image layout to every row); use --gradient_accumulation_steps "
+                "for a larger effective batch"
+            )
 
 
 def check_null_embeddings(tasks: dict[str, Task], plan: MixPlan, stream: StreamConfig) -> None:
