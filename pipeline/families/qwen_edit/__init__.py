@@ -165,6 +165,9 @@ class QwenEdit(ModelFamily):
             ).images[0]
 
     # ---- validation -------------------------------------------------------------------------------------------
+    def validation_resolution(self, area: int) -> int:
+        return int(round(area**0.5))  # unused by its builder: conditions are 384² (or the firered crop)
+
     def validation_renderer(self, model_path: str, transformer, vae, area: int):
         from pipeline.families.qwen_edit.validation import Renderer
 

@@ -173,7 +173,7 @@ class QwenImage21(ModelFamily):
     def validation_renderer(self, model_path: str, transformer, vae, area: int):
         from pipeline.families.qwen_image21.validation import Renderer
 
-        return Renderer(model_path, transformer, vae, area)
+        return Renderer(model_path, transformer, vae, self.validation_resolution(area))
 
     # ---- the memory plan --------------------------------------------------------------------------------------
     def block_inputs(self, config, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> dict[str, Any]:

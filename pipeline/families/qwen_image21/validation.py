@@ -27,7 +27,7 @@ def _pipeline_class():
 
 
 class Renderer:
-    def __init__(self, model_path: str, transformer, vae, area: int):
+    def __init__(self, model_path: str, transformer, vae, resolution: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import Qwen3VLProcessor
 
@@ -37,9 +37,7 @@ class Renderer:
             scheduler=scheduler, vae=vae, text_encoder=None, processor=processor, transformer=transformer
         )
         self.pipe.set_progress_bar_config(disable=True)
-        from pipeline.families.qwen_image21 import FAMILY
-
-        self.resolution = FAMILY.validation_resolution(area)
+        self.resolution = resolution  # diffusers' output_resolution: the conditions' size, as their embeddings
 
     def render(self, embeds, pictures, width, height, steps, guidance, generator, device) -> Image.Image:
         """One row from its stored prompt (``positive`` / ``negative``: ``(embeddings [L, D], slot mask [L])``)."""
