@@ -93,7 +93,7 @@ def print_plan(args: argparse.Namespace) -> int:
         processes=plan.plan_processes or distributed_env().world,
         mixed_precision=optim.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
         gradient_checkpointing=model.gradient_checkpointing,
-        batch_size=stream.batch_size,
+        batch_size=min(stream.batch_size, family.max_batch_size or stream.batch_size),  # 2.1 trains one at a time
         image_sample_size=stream.image_sample_size,
         num_sources=plan.plan_num_sources,
         text_tokens=plan.plan_text_tokens,

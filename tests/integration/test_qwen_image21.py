@@ -182,3 +182,19 @@ def test_two_rows_per_batch_and_shards_of_the_other_family_are_refused(
     assert "another model family than the model's (qwen_image21)" in line and "qwen_edit" in line
     line = one_line(run(tiny_model_dir, meta21))  # and the reverse: 2.1 shards on the 2509 model
     assert "another model family than the model's (qwen_edit)" in line and "qwen_image21" in line
+
+
+def test_the_plan_knows_qwen_image_21(capsys):
+    from pipeline import families
+    from pipeline.train.cli import main
+    from pipeline.train.engine.plan import build_on_meta, read_configs
+
+    assert families.detect("qwen-image-2.1").name == "qwen_image21"
+    transformer, vae = build_on_meta(*read_configs("qwen-image-2.1"), "qwen_image21")
+    assert sum(p.numel() for p in transformer.parameters()) == 7_115_124_736, "diffusers' published defaults"
+    assert vae.config.in_channels == 4 and vae.config.scale_factor_spatial == 16
+    assert main(["--plan", "--pretrained_model_name_or_path", "qwen-image-2.1", "--use_peft_lora", "--lora_r", "64",
+                 "--gradient_checkpointing", "--image_sample_size", "256"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "transformer parameters 7.12 B, trainable 167.8 M" in out, "r64 on the 7 block Linears"
+    assert "batch 1 ×" in out and "which card" in out

@@ -114,14 +114,16 @@ class LiveBytes(TorchDispatchMode):
 
 def vae_encode_peak(vae: torch.nn.Module, images: int, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE encodes ``images`` pictures of ``size``² (on ``meta``: counted, not run)."""
+    channels = vae.config.get("in_channels", 3)  # RGB, or RGBA (Qwen-Image 2.1)
     return _peak_on_meta(
-        lambda: cast(vae, dtype).encode(torch.empty(images, 3, 1, size, size, device="meta", dtype=dtype))
+        lambda: cast(vae, dtype).encode(torch.empty(images, channels, 1, size, size, device="meta", dtype=dtype))
     )
 
 
 def vae_decode_peak(vae: torch.nn.Module, size: int, dtype: torch.dtype) -> int:
     """Bytes alive at once while the VAE decodes one ``size``² picture (validation rendering), counted on ``meta``."""
-    latents = torch.empty(1, vae.config.z_dim, 1, size // 8, size // 8, device="meta", dtype=dtype)
+    side = size // vae.config.get("scale_factor_spatial", 8)  # 8× (Qwen-Image-Edit) or 16× (2.1)
+    latents = torch.empty(1, vae.config.z_dim, 1, side, side, device="meta", dtype=dtype)
     return _peak_on_meta(lambda: cast(vae, dtype).decode(latents))
 
 
