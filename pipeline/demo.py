@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import families
 from pipeline.common.logs import setup_logging
 
 log = logging.getLogger("pipeline.demo")
@@ -37,6 +38,8 @@ def extract_tasks(data: dict[str, Path], shards: Path, model: Path, max_samples_
                 "1",
                 "--max_samples_per_shard",
                 str(max_samples_per_shard),
+                "--condition_resolution",  # Qwen-Image 2.1's conditions (other families ignore it): quick on a CPU
+                "384",
             ]
         )
         if code:
@@ -64,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", default=None, help="where to write everything (default: a new temp folder)")
     parser.add_argument("--samples", type=int, default=8, help="samples per sample-data task")
     parser.add_argument("--steps", type=int, default=20, help="training steps (a checkpoint and resume at half)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(families.FAMILIES),
+        default="qwen_edit",
+        help="the tiny model's family: qwen_edit (Qwen-Image-Edit 2509 layout, default) or qwen_image21",
+    )
     args = parser.parse_args(argv)
+    family = families.get(args.family)
     setup_logging()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
     started = time.perf_counter()
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.kit.tiny_model import make_tiny_model
     from pipeline.train import cli as train
 
-    model = make_tiny_model(work / "tiny-model", seed=0)
+    model = make_tiny_model(work / "tiny-model", seed=0, family=family.name)
     log.info("1/5 tiny model: %s", model)
     data = make_sample_data(work / "sample-data", samples=args.samples, seed=0)
     log.info("2/5 sample data: %s", ", ".join(str(p) for p in data.values()))
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "--train_src_img_num_weights",
         "0=1,1=2,2=1,3=1",
         "--train_batch_size",
-        "2",
+        str(min(2, family.max_batch_size or 2)),
         "--image_sample_size",
         "128",
         "--learning_rate",
@@ -130,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers.utils import load_image
 
-    from pipeline import families
     from pipeline.common.records import read_records
 
-    family = families.detect(str(model))
     pipe = family.inference_pipeline(str(model), str(run / "transformer"))
     record = next(r for r in read_records(str(data["edit_single"])) if not isinstance(r, Exception))
-    image = family.render_edit(  # 256²: quick CPU inference with the tiny VAE
-        pipe, [load_image(record.sources[0])], record.instruction, 256, 4, torch.Generator().manual_seed(0)
-    )
+    image = family.render_edit(  # about 256²: quick CPU inference with the tiny VAE
+        pipe, [load_image(record.sources[0])], record.instruction, family.validation_resolution(256 * 256), 4,
+        torch.Generator().manual_seed(0),
+    )  # fmt: skip
     result = run / "demo_inference.png"
     image.save(result)
     log.info("5/5 inference with the trained transformer: %s", result)

@@ -19,8 +19,11 @@ log = logging.getLogger("shards_tools")
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from pipeline.kit.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.out_dir, seed=args.seed, size=args.size, variant=args.variant)
-    log.info("%s Qwen-Image-Edit-%s-layout model written to %s", args.size, args.variant, out)
+    if args.family != "qwen_edit" and (args.size != "tiny" or args.variant != "2509"):
+        raise UserError(f"--family {args.family} has one tiny model: --size and --variant are Qwen-Image-Edit's")
+    out = make_tiny_model(args.out_dir, seed=args.seed, size=args.size, variant=args.variant, family=args.family)
+    what = f"Qwen-Image-Edit-{args.variant}-layout" if args.family == "qwen_edit" else args.family
+    log.info("%s %s model written to %s", args.size, what, out)
     return 0
 
 
@@ -170,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="2509",
         help="2509 (default; also the layout of FireRed-Image-Edit 1.0/1.1) or 2511 (zero_cond_t: the source "
         "images' tokens are modulated as at t = 0)",
+    )
+    tiny.add_argument(
+        "--family",
+        choices=["qwen_edit", "qwen_image21"],
+        default="qwen_edit",
+        help="qwen_edit (default: Qwen-Image-Edit, --variant picks 2509 or 2511) or qwen_image21 (Qwen-Image 2.1: "
+        "Qwen3-VL, the single-stream DiT, the RGBA VAE)",
     )
     tiny.set_defaults(func=_make_tiny_model)
 

@@ -9,8 +9,11 @@ from helpers import run_module
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_the_whole_workflow(tmp_path):
-    result = run_module("pipeline.demo", "--work_dir", str(tmp_path), "--steps", "6", "--samples", "4", check=True)
+@pytest.mark.parametrize("family", ["qwen_edit", "qwen_image21"])
+def test_demo_runs_the_whole_workflow(tmp_path, family):
+    result = run_module(
+        "pipeline.demo", "--work_dir", str(tmp_path), "--steps", "6", "--samples", "4", "--family", family, check=True
+    )
     assert "demo finished" in result.stdout
     run = tmp_path / "run"
     for path in ("checkpoint-3", "checkpoint-6", "transformer", "first_batch.png", "demo_inference.png", "trace.jsonl"):
