@@ -198,3 +198,33 @@ def test_the_plan_knows_qwen_image_21(capsys):
     out = capsys.readouterr().out
     assert "transformer parameters 7.12 B, trainable 167.8 M" in out, "r64 on the 7 block Linears"
     assert "batch 1 ×" in out and "which card" in out
+
+
+def test_extraction_resumes_refuses_another_resolution_and_records_a_condition_it_cannot_size(
+    meta21, tiny_21_dir, sample_data_dir, tmp_path
+):
+    from PIL import Image
+
+    jsonl = sample_data_dir / "edit_single" / "data.jsonl"
+    again = extract(jsonl, meta21 / "edit_single", tiny_21_dir, "--condition_resolution", RESOLUTION,
+                    "--batching", "exact")  # fmt: skip
+    assert "0 line(s) to process on this rank" in again.stderr
+    other = extract(jsonl, meta21 / "edit_single", tiny_21_dir, "--condition_resolution", "512", check=False)
+    assert other.returncode == 2 and "condition_resolution: 384 then, 512 now" in other.stderr
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "src.png")
+    Image.new("RGB", (400, 300), "blue").save(tmp_path / "tgt.png")
+    (tmp_path / "small.jsonl").write_text(
+        json.dumps({"source_image": "src.png", "target_image": "tgt.png", "instruction": "Make it blue."}) + "\n"
+    )
+    small = extract(tmp_path / "small.jsonl", tmp_path / "out", tiny_21_dir, "--condition_resolution", "256",
+                    check=False)  # fmt: skip
+    failures = [json.loads(line) for f in (tmp_path / "out" / "_failures").glob("*.jsonl") for line in f.open()]
+    assert [f["kind"] for f in failures] == ["condition_refused"], small.stderr[-2000:]
+    assert "288x224 = 64512 pixels at --condition_resolution 256" in failures[0]["reason"]
+
+
+def test_an_fp8_base_with_8bit_adam_trains_qwen_image_21(meta21, tiny_21_dir, tmp_path):
+    out = tmp_path / "fp8"
+    result = train(tiny_21_dir, meta21, out, "--use_peft_lora", "--lora_r", "4", "--base_weight_dtype",
+                   "float8_e4m3fn", "--use_8bit_adam", "--max_train_steps", "2")  # fmt: skip
+    assert "non-finite" not in result.stderr and (out / "pytorch_lora_weights.safetensors").is_file()

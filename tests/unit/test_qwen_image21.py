@@ -139,3 +139,29 @@ def test_stored_rows_and_slots_give_back_the_prompt_and_the_forward_equals_the_p
     got = forward.predict(pipe.transformer, noisy, target, sources, batch, timestep, torch.device("cpu"), torch.float32)
     assert torch.equal(got, expected)
     assert torch.equal(forward.pack_latents(sources[0]), packed_conditions[:, : sources[0][0, 0].numel()])
+
+
+@pytest.mark.parametrize("names", [(), ("rgba",)])
+def test_the_validation_render_from_stored_embeddings_equals_the_pipelines_prompt_path(parts, tiny_21_dir, names):
+    """No text encoder in the training process: the renderer hands the pipeline the stored prompt (embeddings and
+    slot mask); its image equals the pipeline's own from the prompt text and the same conditions."""
+    from pipeline.families import get
+
+    pipe, _, encoder = parts
+    family = get("qwen_image21")
+    images = [pictures()[n] for n in names]
+    builder = PromptBuilder(tiny_21_dir, family.validation_resolution(64 * 64))
+    conditions = builder.condition_images(images) if images else []
+    embeds = {}
+    for which, text in (("positive", "Make it blue."), ("negative", family.validation_negative_prompt)):
+        inputs = builder.edit(conditions, text) if images else builder.t2i(text)
+        rows, entry = family.stored_embedding(encoder.encode([inputs], builder.drop_index)[0], inputs)
+        embeds[which] = family.prompt_from_sample(rows, entry)
+    renderer = family.validation_renderer(str(tiny_21_dir), pipe.transformer, pipe.vae, 64 * 64)
+    got = renderer.render(embeds, images, 256, 256, 2, 1.0, torch.Generator().manual_seed(5), torch.device("cpu"))
+    kwargs = {"image": images} if images else {"height": 256, "width": 256}
+    expected = pipe(prompt="Make it blue.", num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+                    output_resolution=builder.condition_resolution, **kwargs).images[0]  # fmt: skip
+    flat = Image.new("RGB", expected.size, (255, 255, 255))
+    flat.paste(expected, mask=expected.getchannel("A"))
+    assert np.array_equal(np.asarray(got), np.asarray(flat))
