@@ -44,12 +44,15 @@ REPO = Path(__file__).resolve().parent.parent
 GiB = 1024**3
 
 
-def build_model(out: Path, real: bool, blocks: int, device: str) -> Path:
+def build_model(out: Path, real: bool, blocks: int, device: str, family: str = "qwen_edit") -> Path:
     from pipeline.families.qwen_edit.tiny import SIZES
     from pipeline.kit.tiny_model import make_tiny_model
 
     if (out / "model_index.json").exists():
         return out
+    if family != "qwen_edit":  # Qwen-Image 2.1: the tiny model (its real-width rehearsal is not written yet)
+        with torch.device(device):
+            return make_tiny_model(out, seed=0, family=family)
     size = "tiny"
     if real:
         size = dataclasses.replace(
@@ -72,7 +75,7 @@ def half_depth(model: Path) -> tuple[Path, int]:
     return folder, half
 
 
-def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: int) -> dict:
+def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: int, resolution: int = 1024) -> dict:
     from pipeline.extract.config import ExtractConfig
     from pipeline.extract.extractor import Extractor
 
@@ -86,6 +89,7 @@ def extraction(model: Path, data: Path, work: Path, batching: str, batch_size: i
         batching=batching,
         batch_size=batch_size,
         num_workers=2 if torch.cuda.is_available() else 0,
+        condition_resolution=resolution,
     )
     extractor = Extractor(config, 0, 1)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
@@ -213,19 +217,16 @@ def load_exports(model: Path, full: Path, lora_file: Path, size: int) -> dict:
 
     from pipeline import families
 
-    pipe = families.detect(str(model)).inference_pipeline(str(model), str(full / "transformer"))
+    family = families.detect(str(model))
+    pipe = family.inference_pipeline(str(model), str(full / "transformer"))
     pipe.load_lora_weights(str(lora_file))
     if torch.cuda.is_available():
         pipe.to("cuda", torch.bfloat16)
-    image = pipe(
-        image=[Image.new("RGB", (size, size), (180, 60, 60))],
-        prompt="Make it blue.",
-        height=size,
-        width=size,
-        num_inference_steps=2,
-        output_type="np",
-    ).images[0]
-    return {"loaded": True, "image_shape": list(image.shape)}
+    image = family.render_edit(
+        pipe, [Image.new("RGB", (size, size), (180, 60, 60))], "Make it blue.", family.validation_resolution(size**2),
+        2, torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    return {"loaded": True, "image_size": list(image.size), "image_mode": image.mode}
 
 
 def main() -> None:
@@ -236,6 +237,13 @@ def main() -> None:
         "--size", choices=["auto", "real", "tiny"], default="auto", help="auto: real widths on CUDA, tiny otherwise"
     )
     p.add_argument("--blocks", type=int, default=4, help="DiT blocks of the real-width model (of 60)")
+    p.add_argument(
+        "--family",
+        choices=["qwen_edit", "qwen_image21"],
+        default="qwen_edit",
+        help="qwen_edit (default: every check below) or qwen_image21 (Qwen-Image 2.1 on its tiny model: extraction, "
+        "LoRA and full FSDP training with their peaks, resume, exports in QwenImage21Pipeline)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 10 on CUDA, 4 on CPU)")
     p.add_argument("--samples", type=int, default=None, help="sample-data rows per task (default 16 / 4)")
     p.add_argument(
@@ -246,6 +254,11 @@ def main() -> None:
         "diffusers, and the plan's per-block bytes against a count on a real-width block",
     )
     args = p.parse_args()
+    other_family = args.family != "qwen_edit"
+    if other_family and (args.real_width or args.size == "real"):
+        p.error(f"--family {args.family} runs on its tiny model: --real_width and --size real are Qwen-Image-Edit's")
+    if other_family:
+        args.size = "tiny"
     rehearsal = args.real_width and not cuda
     if args.real_width:
         args.size, args.blocks = "real", 2
@@ -264,13 +277,17 @@ def main() -> None:
 
     setup_logging()
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": "real" if real else "tiny"}
-    model = build_model(work / "model", real, args.blocks, device)
+    report["family"] = args.family
+    model = build_model(work / "model", real, args.blocks, device, args.family)
     blocks = json.loads((model / "transformer" / "config.json").read_text())["num_layers"]
     report["dit_blocks"] = blocks
     data = make_sample_data(work / "data", samples=samples, seed=0)
     jsonl = combined_jsonl(work / "data", work / "all.jsonl")
     del data
-    report["extraction"] = {b: extraction(model, jsonl, work, b, 8 if cuda else 4) for b in ("padded", "exact")}
+    resolution = 384 if other_family else 1024  # 2.1's conditions: quick on the tiny model (Qwen-Image-Edit ignores it)
+    report["extraction"] = {
+        b: extraction(model, jsonl, work, b, 8 if cuda else 4, resolution) for b in ("padded", "exact")
+    }
     meta = Path(report["extraction"]["padded"]["task"]).parent
 
     lora_flags = ["--use_peft_lora", "--lora_rank", "64", "--lora_alpha", "64", "--gradient_checkpointing"]
@@ -292,7 +309,7 @@ def main() -> None:
             "median_step_s": round(summary["median_step_s"], 4),
             "data_wait_fraction": round(summary["data_wait_fraction"], 4),
         }
-        if not rehearsal:  # the bare forward+backward of the same shapes (a minute more on a CPU at real width)
+        if not rehearsal and not other_family:  # the bare forward+backward of the same shapes (Qwen-Image-Edit's)
             bare = bare_step_seconds(model, lora, mixed, size, device)
             entry["bare_forward_backward_s"] = round(bare, 4)
             entry["step_over_bare"] = round(summary["median_step_s"] / bare, 3)
@@ -305,6 +322,9 @@ def main() -> None:
             entry["peak_memory_gib"] = round(summary["peak_memory_bytes"] / GiB, 2)
             entry["peak_memory_per_block_gib"] = round(per_block / GiB, 3)
             entry["peak_memory_60_blocks_gib"] = round(at_60 / GiB, 1)
+            if other_family:  # the plan's calibration against 60 published blocks is Qwen-Image-Edit's
+                runs[name] = entry
+                continue
             plan_here, plan_60 = planned_gib(model, lora, mixed, size, **changes)
             entry["planned_peak_gib"] = round(plan_here, 2)
             entry["measured_over_planned"] = round(summary["peak_memory_bytes"] / GiB / plan_here, 3)
@@ -321,10 +341,14 @@ def main() -> None:
     bench_load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_load)
     load_ranks = min(2, max(1, torch.cuda.device_count())) if cuda else 2
-    report["load"] = (cuda or rehearsal) and {
-        how: {f"{n}_process": bench_load.launch(model, n, lora=True, whole=whole) for n in sorted({1, load_ranks})}
-        for how, whole in (("sharded", False), ("whole_then_shard", True))
-    }
+    report["load"] = (
+        (cuda or rehearsal)
+        and not other_family
+        and {
+            how: {f"{n}_process": bench_load.launch(model, n, lora=True, whole=whole) for n in sorted({1, load_ranks})}
+            for how, whole in (("sharded", False), ("whole_then_shard", True))
+        }
+    )
 
     # one checkpoint + resume: restart the LoRA run from its middle checkpoint
     resumed = work / "lora_resumed"
