@@ -67,6 +67,15 @@ def test_extraction_writes_v2_whose_rows_and_slots_give_back_the_pipelines_embed
         assert torch.equal(full[~mask], embeds[0][~pad_mask[0]].to(torch.bfloat16)), variant
         (_, h32, w32), condition = entry["slots"][0], conditions[0]
         assert (h32, w32) == (condition.height // 32, condition.width // 32)
+    inverse = [s for s in _all_samples(meta21 / "edit_single") if "emb_en_inv.npy" in s.members][0]
+    meta = json.loads(inverse.members["json"])
+    target = PromptBuilder(tiny_21_dir, int(RESOLUTION)).condition_images(
+        [open_rgba(inverse.members[meta["target"]["member"]])]
+    )
+    assert meta["conditions"]["target"] == [list(target[0].size)], "an inverse variant is conditioned on the target"
+    embeds, _, pad_mask = pipe._get_qwen_prompt_embeds([meta["inverse_instruction"]], target, device="cpu")
+    full, mask = full_prompt(npy_to_embedding(inverse.members["emb_en_inv.npy"]), meta["variants"]["en_inv"]["slots"])
+    assert torch.equal(mask, pad_mask[0]) and torch.equal(full[~mask], embeds[0][~pad_mask[0]].to(torch.bfloat16))
 
 
 def test_the_stream_shows_each_condition_resized_to_its_stored_size_never_cropped(meta21, tiny_21_dir):
@@ -228,3 +237,35 @@ def test_an_fp8_base_with_8bit_adam_trains_qwen_image_21(meta21, tiny_21_dir, tm
     result = train(tiny_21_dir, meta21, out, "--use_peft_lora", "--lora_r", "4", "--base_weight_dtype",
                    "float8_e4m3fn", "--use_8bit_adam", "--max_train_steps", "2")  # fmt: skip
     assert "non-finite" not in result.stderr and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_sigterm_saves_and_the_resume_ends_bit_equal_for_qwen_image_21(meta21, tiny_21_dir, tmp_path):
+    """The run-folder lifecycle is the family's too: SIGTERM mid-run saves one checkpoint and exits 143; the resume
+    from latest ends with the LoRA of a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    steps = ["--max_train_steps", "12"]
+    train(tiny_21_dir, meta21, tmp_path / "straight", *LORA, *steps)
+    out, trace = tmp_path / "stopped", tmp_path / "trace.jsonl"
+    cmd = [sys.executable, "-m", "pipeline.train", "--pretrained_model_name_or_path", str(tiny_21_dir),
+           "--train_data_meta_dir", str(meta21), "--output_dir", str(out), *TRAIN_BASE, *LORA, *steps,
+           "--data_trace", str(trace)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    train(tiny_21_dir, meta21, out, *LORA, *steps, "--resume_from_checkpoint", "latest")
+    name = "pytorch_lora_weights.safetensors"
+    expected, got = load_file(str(tmp_path / "straight" / name)), load_file(str(out / name))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -165,3 +165,28 @@ def test_the_validation_render_from_stored_embeddings_equals_the_pipelines_promp
     flat = Image.new("RGB", expected.size, (255, 255, 255))
     flat.paste(expected, mask=expected.getchannel("A"))
     assert np.array_equal(np.asarray(got), np.asarray(flat))
+
+
+def test_padded_batches_stay_within_a_few_bf16_ulps_of_one_prompt_at_a_time(parts):
+    """``--batching padded``: prompts of different lengths share a forward, padded on the left as the pipeline
+    pads. Stored in bf16, each must stay within 4 bf16 ulps (2⁻⁸ relative each) of its one-prompt result, the bound
+    documented for 2509's padded batching."""
+    _, builder, encoder = parts
+    conditions = builder.condition_images([pictures()["tall"]])
+    prompts = [builder.edit(conditions, "Make it red."), builder.edit(conditions, "Merge the two characters into one.")]
+    assert prompts[0].length != prompts[1].length
+    together = encoder.encode(prompts, builder.drop_index)
+    for batched, prompt in zip(together, prompts, strict=True):
+        alone = encoder.encode([prompt], builder.drop_index)[0]
+        a, b = batched.to(torch.bfloat16).float(), alone.to(torch.bfloat16).float()
+        ulp = torch.finfo(torch.bfloat16).eps * b.abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
+        assert bool(((a - b).abs() <= 4 * ulp).all())
+
+
+def test_the_text_limit_follows_the_21_rope():
+    from pipeline.families import get
+
+    family = get("qwen_image21")
+    # 8192 frame positions; each image advances the frame by max(h, w) latent tokens (16 px each)
+    assert family.text_positions([(1024, 1024), (1024, 768)]) == 8192 - 64 - 64
+    assert family.text_positions([(512, 2048)]) == 8192 - 128
