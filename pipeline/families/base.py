@@ -16,6 +16,9 @@ that its ``make_tiny_model`` writes offline.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,13 +47,25 @@ def stacked(values: list[torch.Tensor | None], lengths: list[int], fill: int, le
     return out
 
 
+def _diffusers_class(name: str):
+    """A class of diffusers by name (imported when first asked: families load nothing heavy at import)."""
+    import diffusers
+
+    if not name:
+        raise NotImplementedError("the model family does not name this class")
+    return getattr(diffusers, name)
+
+
 class ModelFamily:
     """One model family. Attributes identify it; methods are grouped by the half of the project that calls them."""
 
     name: str = ""  # recorded in manifests and extraction identities
     shard_format_version: int = 1  # the format its tasks are written in
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values this family owns
-    transformer_classes: tuple[str, ...] = ()  # transformer/config.json _class_name values
+    transformer_classes: tuple[str, ...] = ()  # transformer/config.json _class_name values (the first is loaded)
+    vae_class_name: str = ""  # the diffusers class of its VAE
+    lora_pipeline_class: str = ""  # the diffusers pipeline class whose LoRA loader reads its LoRA files
+    comfyui_prefix: str = ""  # what ComfyUI's LoRA loader for this model expects before the module names
     plan_models: dict[str, dict[str, Any]] = {}  # --plan name -> {"transformer": config, "vae": config or None}
     prompt_styles: tuple[str, ...] = ("diffusers",)  # the first is the default
     prompt_style_help: dict[str, str] = {}  # style -> what it computes (--help)
@@ -81,8 +96,9 @@ class ModelFamily:
         return self._missing("a prompt encoder")
 
     def encoder_digest(self, model_path: str) -> str:
-        """sha256 of the text encoder's config: which encoder made a task's embeddings."""
-        return self._missing("an encoder digest")
+        """sha256 of the text encoder's config (``text_encoder/config.json``): which encoder made a task's
+        embeddings."""
+        return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
 
     def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
         """What a sample stores for one encoded prompt (``output`` of :meth:`prompt_encoder`, ``inputs`` of the
@@ -92,22 +108,27 @@ class ModelFamily:
 
     def encoder_hidden_size(self, model_path: str) -> int:
         """The embedding width, from the text encoder's config (no weights read)."""
-        return self._missing("the encoder's hidden size")
+        config = json.loads((Path(model_path) / "text_encoder" / "config.json").read_text())
+        return config.get("text_config", config).get("hidden_size")
 
     # ---- loading ----------------------------------------------------------------------------------------------
     def transformer_class(self):
-        return self._missing("a transformer class")
+        """The diffusers class of the transformer (the first of ``transformer_classes``)."""
+        return _diffusers_class(self.transformer_classes[0])
 
     def vae_class(self):
-        return self._missing("a VAE class")
+        return _diffusers_class(self.vae_class_name)
 
     def scheduler_class(self):
-        return self._missing("a scheduler class")
+        """The flow-matching scheduler both Qwen families ship (a family with another overrides it)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler
 
     def lora_io(self):
         """The diffusers class whose ``lora_state_dict`` / ``save_lora_weights`` read and write this family's LoRA
-        files."""
-        return self._missing("LoRA file I/O")
+        files (``lora_pipeline_class``)."""
+        return _diffusers_class(self.lora_pipeline_class)
 
     # ---- the training forward ---------------------------------------------------------------------------------
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -150,12 +171,22 @@ class ModelFamily:
 
     # ---- exports ----------------------------------------------------------------------------------------------
     def comfyui_lora(self, layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """PEFT-named LoRA tensors → the keys ComfyUI's loader for this family maps."""
-        return self._missing("a ComfyUI LoRA layout")
+        """PEFT-named LoRA tensors → the keys ComfyUI's loader for this family maps: each module name under
+        ``comfyui_prefix``, with a scalar ``<module>.alpha`` (ComfyUI scales by alpha / rank)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in layers.items():
+            name = self.comfyui_prefix + key.removeprefix("transformer.")
+            out[name] = value
+            out.setdefault(f"{name.split('.lora_')[0]}.alpha", torch.tensor(float(alpha)))
+        return out
 
     def inference_pipeline(self, model_path: str, transformer_folder: str | None = None):
-        """The diffusers pipeline of ``model_path`` (with an exported ``transformer/`` swapped in when given)."""
-        return self._missing("an inference pipeline")
+        """The diffusers pipeline of ``model_path`` (its first ``pipeline_classes``), with an exported
+        ``transformer/`` swapped in when given."""
+        extra: dict[str, Any] = {}
+        if transformer_folder is not None:
+            extra["transformer"] = self.transformer_class().from_pretrained(transformer_folder)
+        return _diffusers_class(self.pipeline_classes[0]).from_pretrained(model_path, **extra)
 
     def render_edit(self, pipe, pictures: list, prompt: str, size: int, steps: int, generator) -> Any:
         """One edit of ``pictures`` by ``prompt`` through :meth:`inference_pipeline`'s pipeline at ``size``² (the

@@ -8,8 +8,6 @@ Its pieces: ``prompts.py`` (templates, drop indices), ``encoder.py`` (prompt bui
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +42,9 @@ DEFAULT_LORA_TARGETS = (
 class QwenEdit(ModelFamily):
     name = "qwen_edit"
     pipeline_classes = ("QwenImageEditPlusPipeline",)
+    vae_class_name = "AutoencoderKLQwenImage"
+    comfyui_prefix = "diffusion_model."  # ComfyUI's Qwen-Image layout
+    lora_pipeline_class = "QwenImagePipeline"
     transformer_classes = ("QwenImageTransformer2DModel",)
     plan_models = {
         "qwen-image-edit-2509": {"transformer": QWEN_IMAGE_EDIT_2509_TRANSFORMER, "vae": None},
@@ -75,38 +76,8 @@ class QwenEdit(ModelFamily):
 
         return PromptEncoder(model_path, device, dtype)
 
-    def encoder_digest(self, model_path: str) -> str:
-        from pipeline.families.qwen_edit.encoder import config_digest
-
-        return config_digest(model_path)
-
     def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
         return output, None  # v1: every row, its shape recorded
-
-    def encoder_hidden_size(self, model_path: str) -> int:
-        config = json.loads((Path(model_path) / "text_encoder" / "config.json").read_text())
-        return config.get("text_config", config).get("hidden_size")
-
-    # ---- loading ----------------------------------------------------------------------------------------------
-    def transformer_class(self):
-        from diffusers import QwenImageTransformer2DModel
-
-        return QwenImageTransformer2DModel
-
-    def vae_class(self):
-        from diffusers import AutoencoderKLQwenImage
-
-        return AutoencoderKLQwenImage
-
-    def scheduler_class(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler
-
-    def lora_io(self):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline
 
     # ---- the training forward ---------------------------------------------------------------------------------
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -137,25 +108,6 @@ class QwenEdit(ModelFamily):
         return text_positions(sizes)
 
     # ---- exports ----------------------------------------------------------------------------------------------
-    def comfyui_lora(self, layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """ComfyUI's Qwen-Image LoRA layout: ``diffusion_model.<module>.lora_A/.lora_B.weight`` plus a scalar
-        ``diffusion_model.<module>.alpha`` per module (ComfyUI scales by alpha / rank)."""
-        out: dict[str, torch.Tensor] = {}
-        for key, value in layers.items():
-            name = "diffusion_model." + key.removeprefix("transformer.")
-            out[name] = value
-            module = name.split(".lora_")[0]
-            out.setdefault(f"{module}.alpha", torch.tensor(float(alpha)))
-        return out
-
-    def inference_pipeline(self, model_path: str, transformer_folder: str | None = None):
-        from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-
-        extra: dict[str, Any] = {}
-        if transformer_folder is not None:
-            extra["transformer"] = QwenImageTransformer2DModel.from_pretrained(transformer_folder)
-        return QwenImageEditPlusPipeline.from_pretrained(model_path, **extra)
-
     def render_edit(self, pipe, pictures: list, prompt: str, size: int, steps: int, generator):
         from pipeline.families.qwen_edit.validation import source_area
 

@@ -10,7 +10,6 @@ training uses the same two classes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +90,6 @@ class PromptBuilder:
             return_tensors="pt",
         )
         return PromptInputs("t2i", batch["input_ids"][0])
-
-
-def config_digest(model_path: str | Path) -> str:
-    """sha256 of the text encoder's config.json: identifies the model in manifests."""
-    return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
 
 
 class PromptEncoder:

@@ -10,9 +10,6 @@ tiny model).
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +36,11 @@ class QwenImage21(ModelFamily):
     name = "qwen_image21"
     shard_format_version = 2
     pipeline_classes = ("QwenImage21Pipeline",)
+    vae_class_name = "AutoencoderKLQwenImage21"
+    # ComfyUI's 2.1 loader maps transformer.-prefixed MLP keys onto the halves of its fused gate_up (it drops
+    # diffusion_model.-prefixed ones)
+    comfyui_prefix = "transformer."
+    lora_pipeline_class = "QwenImage21Pipeline"
     transformer_classes = ("QwenImage21Transformer2DModel",)
     plan_models = {"qwen-image-2.1": {"transformer": QWEN_IMAGE_21_TRANSFORMER, "vae": None}}
     prompt_styles = ("diffusers",)
@@ -64,13 +66,6 @@ class QwenImage21(ModelFamily):
 
         return PromptEncoder(model_path, device, dtype)
 
-    def encoder_digest(self, model_path: str) -> str:
-        return hashlib.sha256((Path(model_path) / "text_encoder" / "config.json").read_bytes()).hexdigest()
-
-    def encoder_hidden_size(self, model_path: str) -> int:
-        config = json.loads((Path(model_path) / "text_encoder" / "config.json").read_text())
-        return config.get("text_config", config).get("hidden_size")
-
     def stored_embedding(self, output: torch.Tensor, inputs) -> tuple[torch.Tensor, Any]:
         """The text rows only, and the slots ``[[position, h32, w32], …]`` of the full post-drop sequence."""
         from pipeline.families.qwen_image21.encoder import slots_of
@@ -81,27 +76,6 @@ class QwenImage21(ModelFamily):
             mask[position : position + h * w] = True
         rows = output[~mask]
         return rows, {"shape": list(rows.shape), "slots": slots}
-
-    # ---- loading ----------------------------------------------------------------------------------------------
-    def transformer_class(self):
-        from diffusers import QwenImage21Transformer2DModel
-
-        return QwenImage21Transformer2DModel
-
-    def vae_class(self):
-        from diffusers import AutoencoderKLQwenImage21
-
-        return AutoencoderKLQwenImage21
-
-    def scheduler_class(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler
-
-    def lora_io(self):
-        from diffusers import QwenImage21Pipeline
-
-        return QwenImage21Pipeline
 
     # ---- the training forward ---------------------------------------------------------------------------------
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -141,24 +115,6 @@ class QwenImage21(ModelFamily):
         return ROPE_FRAMES - sum(max(w, h) // 16 for w, h in sizes)
 
     # ---- exports ----------------------------------------------------------------------------------------------
-    def comfyui_lora(self, layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """``transformer.``-prefixed module names (ComfyUI's 2.1 loader maps them, the MLP halves of its fused
-        ``gate_up`` included; a ``diffusion_model.`` prefix would lose those) with a scalar ``.alpha`` each."""
-        out: dict[str, torch.Tensor] = {}
-        for key, value in layers.items():
-            name = "transformer." + key.removeprefix("transformer.")
-            out[name] = value
-            out.setdefault(f"{name.split('.lora_')[0]}.alpha", torch.tensor(float(alpha)))
-        return out
-
-    def inference_pipeline(self, model_path: str, transformer_folder: str | None = None):
-        from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
-
-        extra: dict[str, Any] = {}
-        if transformer_folder is not None:
-            extra["transformer"] = QwenImage21Transformer2DModel.from_pretrained(transformer_folder)
-        return QwenImage21Pipeline.from_pretrained(model_path, **extra)
-
     def render_edit(self, pipe, pictures: list, prompt: str, size: int, steps: int, generator):
         return pipe(
             prompt=prompt, image=pictures, num_inference_steps=steps, output_resolution=size, generator=generator
