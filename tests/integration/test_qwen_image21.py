@@ -187,6 +187,8 @@ def test_two_rows_per_batch_and_shards_of_the_other_family_are_refused(
 
     line = one_line(run(tiny_21_dir, meta21, "--train_batch_size", "2"))
     assert "--train_batch_size 2" in line and "qwen_image21" in line
+    line = one_line(run(tiny_21_dir, meta21, "--condition_encoder_mode", "sync"))
+    assert "--condition_encoder_mode sync" in line and "qwen_image21" in line
     line = one_line(run(tiny_21_dir, edit_meta))
     assert "another model family than the model's (qwen_image21)" in line and "qwen_edit" in line
     line = one_line(run(tiny_model_dir, meta21))  # and the reverse: 2.1 shards on the 2509 model

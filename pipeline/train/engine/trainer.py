@@ -29,7 +29,7 @@ from pipeline.train.engine.run_dir import RunDirectory, run_names
 from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_loss, clip_gradients, encode_online
 from pipeline.train.engine.stopping import Stopped, StopRequest
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
-from pipeline.train.stream.startup import check_family, load_tasks
+from pipeline.train.stream.startup import tasks_for_model
 from pipeline.train.stream.trace import TraceWriter, truncate_trace
 
 log = logging.getLogger("pipeline.train")
@@ -74,9 +74,7 @@ class Trainer:
             self.run.adopt(marker)
         self.family = families.detect(model.pretrained)
         # the tasks, read and checked against the model's family before any weight loads
-        tasks = None if exporting else load_tasks(config.data, config.stream.storage_options)
-        if tasks is not None:
-            check_family(tasks, config.data, self.family.name)
+        tasks = None if exporting else tasks_for_model(config.data, config.stream, self.family)
         self.validator = None
         if config.validation is not None and not exporting:
             from pipeline.train.engine.validation import Validator

@@ -32,6 +32,19 @@ def load_tasks(data: DataConfig, storage_options: dict | None) -> dict[str, Task
     return tasks
 
 
+def tasks_for_model(data: DataConfig, stream: StreamConfig, family) -> dict[str, Task]:
+    """The run's tasks, read and checked against the model's family (``family``, a ``ModelFamily``) before any
+    weight loads; a family whose prompts carry their slot layout from extraction is not encoded online."""
+    if stream.online_prompts and family.fixed_conditions:
+        raise UserError(
+            f"--condition_encoder_mode sync: the {family.name} family's prompts are stored with their slot layout at "
+            "extraction; extract the tasks and train from the stored embeddings"
+        )
+    tasks = load_tasks(data, stream.storage_options)
+    check_family(tasks, data, family.name)
+    return tasks
+
+
 def check_family(tasks: dict[str, Task], data: DataConfig, family: str) -> None:
     """Every task the run may draw must hold embeddings for the model's family: checked before any weight loads
     (the hidden sizes may coincide — tiny kits share them — while the layouts do not)."""
