@@ -47,6 +47,14 @@ def stacked(values: list[torch.Tensor | None], lengths: list[int], fill: int, le
     return out
 
 
+def token_grid(tokens: int) -> tuple[int, int]:
+    """(h, w) of the squarest grid of ``tokens`` latent tokens (the plan's one-image probe)."""
+    side = max(1, int(round(tokens**0.5)))
+    while tokens % side:
+        side -= 1
+    return side, tokens // side
+
+
 def _diffusers_class(name: str):
     """A class of diffusers by name (imported when first asked: families load nothing heavy at import)."""
     import diffusers

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.families.base import ModelFamily
+from pipeline.families.base import ModelFamily, token_grid
 
 # transformer/config.json of Qwen/Qwen-Image-Edit-2509 (as published; written here, not downloaded)
 QWEN_IMAGE_EDIT_2509_TRANSFORMER = {
@@ -127,15 +127,13 @@ class QwenEdit(ModelFamily):
 
     # ---- the memory plan --------------------------------------------------------------------------------------
     def block_inputs(self, config, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-        side = max(1, int(round(image_tokens**0.5)))
-        while image_tokens % side:
-            side -= 1
+        h, w = token_grid(image_tokens)
         return {
             "hidden_states": torch.randn(1, image_tokens, config.in_channels, dtype=dtype),
             "encoder_hidden_states": torch.randn(1, text_tokens, config.joint_attention_dim, dtype=dtype),
             "encoder_hidden_states_mask": torch.ones(1, text_tokens, dtype=torch.long),
             "timestep": torch.tensor([0.5], dtype=dtype),
-            "img_shapes": [[(1, side, image_tokens // side)]],
+            "img_shapes": [[(1, h, w)]],
             "return_dict": False,
         }
 

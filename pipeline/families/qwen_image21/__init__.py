@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.families.base import ModelFamily
+from pipeline.families.base import ModelFamily, token_grid
 
 # diffusers' QwenImage21Transformer2DModel defaults (the published layout: 32 layers, 32 heads × 128, context 4096)
 QWEN_IMAGE_21_TRANSFORMER = {
@@ -133,14 +133,12 @@ class QwenImage21(ModelFamily):
 
     # ---- the memory plan --------------------------------------------------------------------------------------
     def block_inputs(self, config, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-        side = max(1, int(round(image_tokens**0.5)))
-        while image_tokens % side:
-            side -= 1
+        h, w = token_grid(image_tokens)
         return {
             "hidden_states": torch.randn(1, image_tokens, config.in_channels, dtype=dtype),
             "encoder_hidden_states": torch.randn(1, text_tokens, config.context_in_dim, dtype=dtype),
             "timestep": torch.tensor([0.5], dtype=dtype),
-            "img_shapes": [[(1, side, image_tokens // side)]],
+            "img_shapes": [[(1, h, w)]],
             "img_mask": torch.cat([torch.zeros(1, text_tokens, dtype=torch.bool),
                                    torch.ones(1, image_tokens // 4, dtype=torch.bool)], 1),
             "return_dict": False,
