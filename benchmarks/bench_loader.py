@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.crops import crop_size
 from pipeline.shards.format import VARIANTS
 from pipeline.train.stream.dataset import MixedBatchDataset
 
@@ -160,7 +161,7 @@ class LegacyDataset(Dataset):
         self.bytes_read += sum(p.stat().st_size for p in paths)
         emb = torch.load(paths[2], weights_only=True)
         imgs = [imaging.open_rgb(p.read_bytes()) for p in paths[:2]]
-        size = imaging.crop_size(imgs[1].width / imgs[1].height, self.size**2)
+        size = crop_size(imgs[1].width / imgs[1].height, self.size**2)
         tensors = [torch.from_numpy(np.asarray(imaging.resize_and_crop(i, size, (0.5, 0.5)))) for i in imgs]
         return {
             "emb": emb,
@@ -198,7 +199,8 @@ def run_ours(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.dataset import StreamConfig, plan_mix
+    from pipeline.train.config import StreamConfig
+    from pipeline.train.stream.mix import plan_mix
 
     if str(shards_root).startswith("http"):  # no listing over HTTP: the shards by pattern
         from pipeline.shards.tasks import task_from_patterns

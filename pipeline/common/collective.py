@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.process_group import distributed_env
 from pipeline.errors import DataError, UserError
 
 _OK, _REFUSED, _FAILED = 0, 1, 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.process_group import distributed_env
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.shards.copies import cover, crop_offset, crop_size  # noqa: F401 (crop_size: the bucket crop, used here and by callers)
+from pipeline.crops import cover, crop_offset
 from pipeline.shards.storage import TooLarge, read_uri
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

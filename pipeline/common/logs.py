@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from pipeline.common.flags import distributed_env
+from pipeline.common.process_group import distributed_env
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:

@@ -8,9 +8,10 @@ import sys
 import uuid
 
 from pipeline.common.collective import Collective
-from pipeline.common.flags import distributed_env, join_process_group, leave_process_group, require_model_folder
+from pipeline.common.flags import require_model_folder
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
+from pipeline.common.process_group import distributed_env, join_process_group, leave_process_group
 from pipeline.common.workers import exit_on_sigterm
 from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.extract.config import ExtractConfig

@@ -4,13 +4,12 @@ Part of the shard format (v1's optional ``copy_<role>.npy`` members, the ``copy`
 entry of a role's json): extraction, convert-legacy and reshard write them
 (:func:`add_train_copies`); the training stream crops from a copy instead of
 decoding the original whenever the copy holds the pixels the crop needs
-(:func:`copy_covers`, :func:`crop_from_copy`).  The geometry (:func:`crop_size`,
-:func:`cover`) is the training crop's, defined once here.
+(:func:`copy_covers`, :func:`crop_from_copy`).  The geometry is the training crop's
+(``pipeline.crops``).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -18,28 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.crops import cover, crop_offset, crop_size
 from pipeline.shards.format import copy_role, image_entry, image_to_npy
-
-
-def crop_size(aspect: float, area: int, multiple: int = 32) -> tuple[int, int]:
-    """(width, height) with about ``area`` pixels at ``aspect``, sides multiples of ``multiple``."""
-    width = (area * aspect) ** 0.5
-    height = width / aspect
-    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
-
-
-def cover(image_size: tuple[int, int], size: tuple[int, int], swap: bool) -> tuple[int, int]:
-    """The (width, height) an image of ``image_size`` is scaled to so that it covers ``size`` (short side first)."""
-    (w, h), (cw, ch) = image_size, size
-    scale = max(cw / w, ch / h)
-    rw, rh = max(cw, math.ceil(w * scale)), max(ch, math.ceil(h * scale))
-    return (rh, rw) if swap else (rw, rh)
-
-
-def crop_offset(resized: tuple[int, int], size: tuple[int, int], fraction: tuple[float, float]) -> tuple[int, int]:
-    """Where a crop of ``size`` starts in an image resized to ``resized``: ``fraction`` of the excess (x, y)."""
-    (rw, rh), (cw, ch) = resized, size
-    return int(fraction[0] * (rw - cw)), int(fraction[1] * (rh - ch))
 
 
 def train_copy(rgb: Image.Image, train_copy_size: int) -> np.ndarray | None:

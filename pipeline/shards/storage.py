@@ -22,6 +22,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write, fsync_dir, fsync_file
 
 LOCAL_PROTOCOLS = {"file", "local"}
 GCS_PROTOCOLS = {"gs", "gcs"}
@@ -182,45 +183,11 @@ class Store:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex}"
             os.replace(local_file, tmp) if _same_device(local_file, target) else _copy(local_file, tmp)
-            _fsync_file(tmp)  # on disk before the name (and then the commit record) says it is there
+            fsync_file(tmp)  # on disk before the name (and then the commit record) says it is there
             os.replace(tmp, target)
-            _fsync_dir(os.path.dirname(target))
+            fsync_dir(os.path.dirname(target))
         else:
             self.fs.put_file(local_file, target)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """The one atomic write of a local file: a temporary beside it, fsynced, renamed over it, the folder fsynced —
-    a crash leaves the old file or the new one, never a torn one (shards, commit records, checkpoints, recipes)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (a power loss otherwise may forget it after the commit record)."""
-    try:
-        _fsync_file(path or ".")
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
 
 
 def _same_device(a: str, b: str) -> bool:

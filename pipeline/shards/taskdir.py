@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.shards import commits
 from pipeline.shards.format import MANIFEST
+from pipeline.shards.lease import RankLease
 from pipeline.shards.storage import Store
 from pipeline.shards.writer import ShardSink
 
@@ -48,10 +49,10 @@ class TaskDirectory:
             commits.check_identity(self.store, identity, hint)
         self.commits: list[commits.Commit] = []
 
-    def lease(self, writer: int) -> commits.RankLease:
+    def lease(self, writer: int) -> RankLease:
         """Writer ``writer``'s lease on this directory: a second live writer of it is refused (:class:`LeaseHeld`)
         before it could remove the first one's published but uncommitted shards as orphans. Release it at the end."""
-        return commits.RankLease(self.store, writer)
+        return RankLease(self.store, writer, path=commits.lease_file(writer))
 
     def load_commits(self) -> list[commits.Commit]:
         """The commit records as they are now (after this writer holds its lease, where it takes one)."""

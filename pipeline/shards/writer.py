@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.shards.commits import Commit, ProgressLog, pid_alive
+from pipeline.shards.commits import Commit, ProgressLog
 from pipeline.shards.format import (
     VARIANTS,
     TarShardWriter,
@@ -32,6 +32,7 @@ from pipeline.shards.format import (
     sample_members,
     shard_name,
 )
+from pipeline.shards.lease import pid_alive
 from pipeline.shards.storage import Store
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from pipeline import families
-from pipeline.common.flags import distributed_env, leave_process_group
 from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
+from pipeline.common.process_group import distributed_env, leave_process_group
 from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.train.config import (
     OPTION_GROUPS,

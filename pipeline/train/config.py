@@ -15,13 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.common.flags import (
-    MAX_DDP_TIMEOUT,
-    STORAGE_OPTIONS_HELP,
-    TRAIN_DDP_TIMEOUT,
-    ddp_timeout_help,
-    distributed_env,
-)
+from pipeline.common.flags import MAX_DDP_TIMEOUT, STORAGE_OPTIONS_HELP, TRAIN_DDP_TIMEOUT, ddp_timeout_help
 from pipeline.common.options import (
     INVOCATION,
     MODEL,
@@ -33,6 +27,7 @@ from pipeline.common.options import (
     non_empty,
     option,
 )
+from pipeline.common.process_group import distributed_env
 from pipeline.errors import UserError
 from pipeline.families import FAMILIES, PROMPT_STYLES, prompt_style_help
 from pipeline.shards.storage import has_scheme, parse_storage_options

@@ -28,7 +28,7 @@ from pipeline.common.options import (
     weight_flags,
 )
 from pipeline.errors import UserError
-from pipeline.shards.storage import atomic_write
+from pipeline.files import atomic_write
 from pipeline.train.config import OPTION_CLASSES
 
 log = logging.getLogger(__name__)

@@ -83,7 +83,9 @@ def test_the_stream_shows_each_condition_resized_to_its_stored_size_never_croppe
 
     from pipeline.common.images import open_rgba
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.config import StreamConfig
+    from pipeline.train.stream.dataset import MixedBatchDataset
+    from pipeline.train.stream.mix import plan_mix
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_21_dir)
     tasks = discover_tasks(str(meta21), None, {"edit_single"})

@@ -15,7 +15,9 @@ import torch
 from helpers import PickleBomb, extract, run_module, torchrun
 
 from pipeline.shards.tasks import discover_tasks, task_from_patterns
-from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+from pipeline.train.config import StreamConfig
+from pipeline.train.stream.dataset import MixedBatchDataset
+from pipeline.train.stream.mix import plan_mix
 
 TASKS = ("edit_single", "compose_multi", "text_to_image")
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 from pipeline.common.collective import Collective, PhaseTimeout
-from pipeline.common.flags import distributed_env, join_process_group, leave_process_group
+from pipeline.common.process_group import distributed_env, join_process_group, leave_process_group
 
 timeout, slow = float(sys.argv[1]), float(sys.argv[2])
 env = distributed_env()

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.families.qwen_edit import forward
 from pipeline.train.engine import flow
-from pipeline.train.stream.seeding import step_generator
+from pipeline.train.engine.step import step_generator
 
 
 class _Cfg(dict):

@@ -101,7 +101,8 @@ def test_no_writer_puts_a_name_that_leaves_the_folder_into_a_shard(tmp_path):
 def test_a_second_writer_of_a_task_directory_is_refused_before_it_removes_anything(hostile, tmp_path):
     """reshard (and convert-legacy, through the same TaskWriter) take the lease extraction takes: a second run on
     an output a live run writes used to be accepted and removed the live run's uncommitted shards as orphans."""
-    from pipeline.shards.commits import LeaseHeld, RankLease
+    from pipeline.shards import commits
+    from pipeline.shards.lease import LeaseHeld, RankLease
     from pipeline.shards.storage import Store
 
     task, _ = hostile
@@ -109,7 +110,7 @@ def test_a_second_writer_of_a_task_directory_is_refused_before_it_removes_anythi
     reshard(str(task), str(out), None, 4)
     in_flight = out / "src1" / "00000-000099.tar"  # a live run's published, not yet committed shard
     in_flight.write_bytes(b"x" * 1024)
-    live = RankLease(Store(str(out)), 0)
+    live = RankLease(Store(str(out)), 0, path=commits.lease_file(0))
     try:
         with pytest.raises(LeaseHeld, match="another run"):
             reshard(str(task), str(out), None, 4)

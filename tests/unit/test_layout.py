@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # lower layers never import higher ones; packages in one layer never import each other
 LAYERS = {
     "pipeline.errors": -1,  # UserError / DataError: raised in every layer, mapped to exit 2 by the CLIs
+    "pipeline.crops": -1,  # the training crop's geometry: the shards' training copies and training share it
+    "pipeline.files": -1,  # atomic writes and JSON files: shards, commit records, checkpoints, recipes
     "pipeline.shards": 0,  # shard format, storage, commit records, shard reading
     "pipeline.common": 1,  # images, variants, devices, shared flags, logging: used by both halves
     # the model families: everything model-specific behind one interface; both halves import it, it neither

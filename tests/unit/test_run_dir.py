@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
-from pipeline.shards.commits import LeaseHeld, RankLease
+from pipeline.shards.lease import LeaseHeld, RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.run_dir import LEASE_FILE, RUN_FILE, RunDirectory
@@ -160,7 +160,7 @@ def test_a_crashed_holder_in_this_pid_space_is_taken_over_at_once(tmp_path, case
     """A restart after a crash on the same machine: the holder renewed a moment ago, but its process is visibly gone
     (same host, boot and pid namespace: the pid's state here is its state), or its pid now names another process
     (a start time other than the holder's). Either way there is nothing to wait for; it used to wait 20 s."""
-    from pipeline.shards.commits import this_pid_space
+    from pipeline.shards.lease import this_pid_space
 
     store = Store(str(tmp_path))
     pid, started = (dead_pid(), None) if case == "crashed" else (os.getpid(), -1)
@@ -175,7 +175,7 @@ def test_a_crashed_holder_in_this_pid_space_is_taken_over_at_once(tmp_path, case
 
 
 def test_a_live_holder_in_this_pid_space_is_refused_at_once(tmp_path):
-    from pipeline.shards.commits import process_start, this_pid_space
+    from pipeline.shards.lease import process_start, this_pid_space
 
     store = Store(str(tmp_path))
     store.write_json(LEASE_FILE, {"run_id": "live", "host": socket.gethostname(), "pid": os.getpid(),

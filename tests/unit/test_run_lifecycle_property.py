@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
-from pipeline.shards.commits import LeaseHeld
+from pipeline.shards.lease import LeaseHeld
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.run_dir import RunDirectory
 

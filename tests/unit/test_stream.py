@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from pipeline.shards.tasks import DataConfigError, Task
-from pipeline.train.config import parse_weights
+from pipeline.train.config import StreamConfig, parse_weights
 from pipeline.train.stream import dataset as stream_mod
-from pipeline.train.stream.dataset import StreamConfig, draw_num_sources, draw_task, plan_mix
 from pipeline.train.stream.decide import choose_variant
 from pipeline.train.stream.errors import UnusableData
+from pipeline.train.stream.mix import draw_num_sources, draw_task, plan_mix
 
 # --- weights and mixing ----------------------------------------------------------------------
 
@@ -199,7 +199,9 @@ def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp
 
     from pipeline.families.qwen_edit.forward import ROPE_POSITIONS, text_positions
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.config import StreamConfig
+    from pipeline.train.stream.dataset import MixedBatchDataset
+    from pipeline.train.stream.mix import plan_mix
 
     assert text_positions([(1024, 1024)]) == ROPE_POSITIONS - 32  # diffusers: text starts after max(h, w) // 2
     synthetic_task(tmp_path, "t", samples=12, per_shard=6, tokens_of=lambda i: 9201 if i == 5 else 4)
@@ -219,7 +221,9 @@ def test_an_embedding_of_another_width_or_with_nan_costs_its_sample_named_before
     from helpers import synthetic_task
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.config import StreamConfig
+    from pipeline.train.stream.dataset import MixedBatchDataset
+    from pipeline.train.stream.mix import plan_mix
 
     bad = {5: torch.ones(4, 16), 7: torch.full((4, 8), float("nan")), 9: torch.full((4, 8), float("inf"))}
     synthetic_task(tmp_path, "t", samples=12, per_shard=6, embedding_of=bad.get)

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from helpers import encode_image, synthetic_task
 
+from pipeline.crops import crop_size
 from pipeline.shards.reader import CorruptSample
 from pipeline.shards.tasks import DataConfigError, discover_tasks, task_from_patterns
-from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+from pipeline.train.config import StreamConfig
+from pipeline.train.stream.dataset import MixedBatchDataset
 from pipeline.train.stream.errors import UnusableData
+from pipeline.train.stream.mix import plan_mix
 from pipeline.train.stream.order import BLOCK_SAMPLES, Cursor, EpochOrder, merge_cursors
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import Prefetch, ReadAhead
@@ -531,7 +534,7 @@ def test_fast_decode_differs_from_the_pillow_path_by_resampling_noise_only(size,
     lazy = imaging.open_lazy(data)
     full = imaging.open_rgb(data)
     assert imaging.aspect_of(lazy) == pytest.approx(full.width / full.height), "aspect from the header, oriented"
-    crop = imaging.crop_size(full.width / full.height, 512 * 512)
+    crop = crop_size(full.width / full.height, 512 * 512)
     old = to_tensor(imaging.resize_and_crop(full, crop, (0.3, 0.7)))
     new = pixels_to_tensor(imaging.decode_and_crop(lazy, data, crop, (0.3, 0.7)))
     assert new.shape == old.shape

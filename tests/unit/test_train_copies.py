@@ -12,6 +12,7 @@ from helpers import encode_image, read_samples
 from PIL import Image
 
 from pipeline.common import images as imaging
+from pipeline.crops import crop_size
 from pipeline.shards import copies as copy_format
 from pipeline.shards.format import COPY_PREFIX, image_entry
 from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
@@ -56,7 +57,7 @@ def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_
     full_decode = buf.getvalue()  # the same pixels, oriented, through the loader's full-decode path
     copy = copy_format.train_copy(rgb, 512)
     assert copy is not None and copy.shape[0] * copy.shape[1] < rgb.width * rgb.height
-    own = imaging.crop_size(rgb.width / rgb.height, 512 * 512)
+    own = crop_size(rgb.width / rgb.height, 512 * 512)
     assert copy_format.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, own)
     for fraction in [(0.0, 0.0), (0.3, 0.7), (1.0, 1.0)]:
         from_copy = copy_format.crop_from_copy(copy, rgb.size, own, fraction)
@@ -67,7 +68,7 @@ def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_
             assert torch.equal(from_copy, original_crop(data, own, fraction))
 
     for aspect_change, area in [(1.0, 384**2), (0.95, 384**2), (0.97, 500**2)]:
-        smaller = imaging.crop_size(rgb.width / rgb.height * aspect_change, area)
+        smaller = crop_size(rgb.width / rgb.height * aspect_change, area)
         assert copy_format.copy_covers((copy.shape[1], copy.shape[0]), rgb.size, smaller)
         from_copy = copy_format.crop_from_copy(copy, rgb.size, smaller, (0.5, 0.5))
         reference = original_crop(full_decode, smaller, (0.5, 0.5))
@@ -75,10 +76,10 @@ def test_a_crop_of_the_copy_has_the_originals_pixels_and_a_smaller_crop_differs_
         assert float((from_copy.float() - reference.float()).abs().mean()) / 127.5 <= 0.01
     # a crop the copy cannot hold (a larger size, or another aspect) is not taken from it
     assert not copy_format.copy_covers(
-        (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height, 640**2)
+        (copy.shape[1], copy.shape[0]), rgb.size, crop_size(rgb.width / rgb.height, 640**2)
     )
     assert not copy_format.copy_covers(
-        (copy.shape[1], copy.shape[0]), rgb.size, imaging.crop_size(rgb.width / rgb.height * 1.3, 512**2)
+        (copy.shape[1], copy.shape[0]), rgb.size, crop_size(rgb.width / rgb.height * 1.3, 512**2)
     )
 
 
@@ -107,11 +108,11 @@ def test_training_reads_the_copies_and_fetches_an_original_only_for_a_crop_the_c
 
     role = copied_roles[0]
     picture = Picture.of(sample, role)
-    own = imaging.crop_size(picture.aspect, 64 * 64)
+    own = crop_size(picture.aspect, 64 * 64)
     before = reader.bytes_read
     crop = picture.crop(own, (0.5, 0.5), reader)
     assert reader.bytes_read == before, "the copy holds the crop: nothing more is read"
-    bigger = imaging.crop_size(picture.aspect, 160 * 160)
+    bigger = crop_size(picture.aspect, 160 * 160)
     crop_big = picture.crop(bigger, (0.5, 0.5), reader)
     assert reader.bytes_read > before, "the original is read by offset for a crop the copy cannot hold"
     data = sample.images[role]
@@ -128,7 +129,9 @@ def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_on
     2x or more at 64 px, which the original path decodes at a reduced DCT scale (an approximation, 26-46 dB at
     these 64-px crops); the copy comes from a full decode and equals a full decode's crop (test above)."""
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.stream.dataset import MixedBatchDataset, StreamConfig, plan_mix
+    from pipeline.train.config import StreamConfig
+    from pipeline.train.stream.dataset import MixedBatchDataset
+    from pipeline.train.stream.mix import plan_mix
 
     def batches(root):
         tasks = discover_tasks(str(root.parent), None)

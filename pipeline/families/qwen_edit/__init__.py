@@ -95,7 +95,7 @@ class QwenEdit(ModelFamily):
 
     def source_sizes(self, aspects: list[list[float]], area: int) -> list[tuple[int, int]]:
         """Sources are cropped like the target: each position at the batch's mean aspect, the training area."""
-        from pipeline.common.images import crop_size
+        from pipeline.crops import crop_size
 
         return [crop_size(float(np.mean(position)), area) for position in aspects]
 

@@ -11,7 +11,7 @@ import logging
 import time
 
 from pipeline.common.collective import Collective
-from pipeline.common.flags import distributed_env, join_process_group
+from pipeline.common.process_group import distributed_env, join_process_group
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.run_dir import RunDirectory, run_names

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common.flags import join_process_group
+from pipeline.common.process_group import join_process_group
 from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine.model import weight_dtype
 

@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.families import FAMILIES
-from pipeline.shards.commits import RankLease
+from pipeline.shards.lease import RankLease
 from pipeline.shards.storage import Store
 from pipeline.train.engine.checkpoint import manager
 

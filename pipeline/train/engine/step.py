@@ -10,6 +10,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import families
@@ -18,11 +19,17 @@ from pipeline.train.config import FlowConfig, OptimConfig
 from pipeline.train.engine import flow
 from pipeline.train.engine.clipping import clip_bound
 from pipeline.train.stream.batching import pad_embeddings
-from pipeline.train.stream.seeding import step_generator
+from pipeline.train.stream.seeding import SEED_MASK
 
 log = logging.getLogger("pipeline.train")
 
 TRAINER_STATE = "trainer_state.json"  # the non-finite counters, in every checkpoint
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """CPU torch generator for one (seed, rank, step): noise and timesteps, the same after a resume."""
+    mixed = np.random.SeedSequence([seed & SEED_MASK, rank, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(mixed))
 
 
 class NonFiniteTraining(RuntimeError):

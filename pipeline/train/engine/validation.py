@@ -34,6 +34,7 @@ from PIL import Image
 from pipeline import families
 from pipeline.common import images as imaging
 from pipeline.common.preview import contact_sheet
+from pipeline.crops import crop_size
 from pipeline.train.config import ValidationConfig
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Validator:
                 for index, embeds in sorted(self.embeds.items()):
                     pictures = self.pictures[index]
                     aspect = pictures[-1].width / pictures[-1].height if pictures else 1.0
-                    width, height = imaging.crop_size(aspect, self.area)
+                    width, height = crop_size(aspect, self.area)
                     images[index] = renderer.render(
                         embeds, pictures, width, height, self.config.inference_steps, self.config.guidance_scale,
                         torch.Generator("cpu").manual_seed(self.config.seed + index), device,

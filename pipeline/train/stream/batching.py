@@ -20,6 +20,7 @@ import torch
 
 from pipeline import families
 from pipeline.common import images as imaging
+from pipeline.crops import crop_size
 from pipeline.shards import copies
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
@@ -141,7 +142,7 @@ def assemble_batch(
         _prepare(i, sample, task, num_sources, online, reader, null_cache, family) for i, sample in enumerate(samples)
     ]
     area = config.image_sample_size**2
-    target_size = imaging.crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
+    target_size = crop_size(float(np.mean([p["pictures"][0].aspect for p in prepared])), area)
     if family.fixed_conditions:  # each condition at the size its embedding was made at (one sample per batch)
         try:
             source_sizes = [tuple(size) for size in stored_condition_sizes(samples[0], num_sources)]

@@ -44,7 +44,7 @@ from pipeline.train.stream.errors import (
     UnusableData,
     UnusableSample,
 )
-from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task, plan_mix  # noqa: F401 (re-exported)
+from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.read import IndexedReads
 from pipeline.train.stream.readahead import Prefetch, ReadAhead

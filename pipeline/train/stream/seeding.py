@@ -1,4 +1,6 @@
-"""Every random draw of training comes from (seed, ...counters), never from global state: one place for it."""
+"""Every random draw of the data stream comes from (seed, ...counters), never from global state: one place for them.
+
+The training step's own draws (noise, timesteps) come from ``pipeline.train.engine.step.step_generator``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 SEED_MASK = 0xFFFFFFFF
 
@@ -36,12 +37,6 @@ CROP = Purpose("the crop offsets of an element", 4)
 BLOCK_ORDER = Purpose("the sample order inside a block of an epoch", 5, last=True)
 SHUFFLE_BUFFER = Purpose("the sample a streamed shard's shuffle buffer gives next", None)
 VARIANT = Purpose("the embedding variant (language, dropped text, inverse) of an element", 7, last=True)
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """CPU torch generator for one (seed, rank, step): noise and timesteps, the same after a resume."""
-    mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, rank, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator("cpu").manual_seed(int(mixed))
 
 
 def stable_id(text: str) -> int:
