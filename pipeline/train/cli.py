@@ -34,7 +34,7 @@ from pipeline.train.config import (
     resolve_model_defaults,
     use_fsdp,
 )
-from pipeline.train.engine.checkpoint import NonFiniteState
+from pipeline.train.engine.checkpoint.manager import NonFiniteState
 from pipeline.train.engine.data_only import run_data_only
 from pipeline.train.engine.step import NonFiniteTraining
 from pipeline.train.engine.stopping import Stopped, StoppedOutsideSteps, stop_outside_steps
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         trainer.setup()
         if config.export_checkpoint:
-            outputs = trainer.export_checkpoint(Path(config.export_checkpoint))  # collective under FSDP
+            outputs = trainer.export_checkpoint()  # collective under FSDP
             if trainer.accelerator.is_main_process:
                 log.info("exported %s", outputs)
             finished = True

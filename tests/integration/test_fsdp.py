@@ -64,12 +64,12 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
     assert "fsdp/.metadata, a file it was not saved with" in refused.stderr and no_traceback_of_ours(refused.stderr)
 
     # shards whose structure lacks a trained parameter (recorded as saved, so only the keys can tell): refused
-    from pipeline.train.engine import checkpoint as ckpt
+    from pipeline.train.engine.checkpoint import folders, integrity
 
     lacking = tmp_path / "lacking"
     lacking.mkdir()
     shutil.copytree(straight / "checkpoint-3", lacking / "checkpoint-3")
-    marker = ckpt.read_marker(lacking / "checkpoint-3")
+    marker = folders.read_marker(lacking / "checkpoint-3")
     for rank in (0, 1):
         index_file = lacking / "checkpoint-3" / "fsdp" / f"rank{rank}.json"
         index = json.loads(index_file.read_text())
@@ -77,8 +77,8 @@ def test_fsdp_on_two_processes_resumes_exactly_and_exports_what_ddp_trains(
         dropped = sorted(weights)[0]
         del weights[dropped]
         index_file.write_text(json.dumps(index))
-        marker["files"][f"fsdp/rank{rank}.json"] = ckpt.file_record(index_file)
-    (lacking / "checkpoint-3" / ckpt.MARKER).write_text(json.dumps(marker))
+        marker["files"][f"fsdp/rank{rank}.json"] = integrity.file_record(index_file)
+    (lacking / "checkpoint-3" / folders.MARKER).write_text(json.dumps(marker))
     refused = torchrun(
         2, "pipeline.train", *args, "--output_dir", str(lacking), *BASE, *common, "--parallelism", "fsdp",
         "--resume_from_checkpoint", "latest", check=False,

@@ -164,7 +164,7 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     # a checkpoint whose weights file lacks trained parameters (recorded as saved, so only the keys can tell)
     from safetensors.torch import save_file
 
-    from pipeline.train.engine import checkpoint as ckpt
+    from pipeline.train.engine.checkpoint import folders, integrity
 
     lacking = tmp_path / "lacking"
     lacking.mkdir()
@@ -172,9 +172,9 @@ def test_lora_trains_only_the_adapter_and_both_exports_load_in_diffusers(
     weights = lacking / "checkpoint-4" / "trainable.safetensors"
     dropped = sorted(adapter)[:2]
     save_file({k: v for k, v in adapter.items() if k not in dropped}, str(weights))
-    marker = ckpt.read_marker(lacking / "checkpoint-4")
-    marker["files"]["trainable.safetensors"] = ckpt.file_record(weights)
-    (lacking / "checkpoint-4" / ckpt.MARKER).write_text(json.dumps(marker))
+    marker = folders.read_marker(lacking / "checkpoint-4")
+    marker["files"]["trainable.safetensors"] = integrity.file_record(weights)
+    (lacking / "checkpoint-4" / folders.MARKER).write_text(json.dumps(marker))
     lora_flags = ["--use_peft_lora", "--lora_rank", "4", "--lora_alpha", "4"]
     refused = run_module(
         "pipeline.train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_meta_dir",

@@ -15,8 +15,9 @@ from helpers import PickleBomb
 
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
-from pipeline.train.engine import checkpoint as ckpt
-from pipeline.train.engine.checkpoint import fsdp_files
+from pipeline.train.engine.checkpoint import folders, fsdp_files, integrity
+from pipeline.train.engine.checkpoint import manager as checkpoint_manager
+from pipeline.train.engine.checkpoint import parts as checkpoint_parts
 
 ALONE = Collective(0, 1)  # one process: every collective is a plain call
 
@@ -28,9 +29,9 @@ def save_like_a_run(out: Path, step: int) -> Path:
         return None
 
     parts = {
-        "scheduler": ckpt.JsonPart("scheduler.json", lambda: {"last_epoch": step}, put, 0),
-        "data": ckpt.JsonPart("data_state_rank{rank}.json", lambda: {"loader": {"made": step}}, put, 0),
-        "rng": ckpt.RngPart(0),
+        "scheduler": checkpoint_parts.JsonPart("scheduler.json", lambda: {"last_epoch": step}, put, 0),
+        "data": checkpoint_parts.JsonPart("data_state_rank{rank}.json", lambda: {"loader": {"made": step}}, put, 0),
+        "rng": checkpoint_parts.RngPart(0),
     }
 
     class Weights:
@@ -45,12 +46,14 @@ def save_like_a_run(out: Path, step: int) -> Path:
             return None
 
     parts["weights"] = Weights()
-    return ckpt.CheckpointManager(out, ALONE, parts, {"world_size": 1}).save(step)
+    manager = checkpoint_manager.CheckpointManager(out, ALONE, mode={"world_size": 1})
+    manager.register(parts)
+    return manager.save(step)
 
 
 def test_the_marker_records_every_file_with_its_size_and_sha256(tmp_path):
     folder = save_like_a_run(tmp_path, 3)
-    files = ckpt.read_marker(folder)["files"]
+    files = folders.read_marker(folder)["files"]
     assert set(files) == {
         "scheduler.json",
         "data_state_rank0.json",
@@ -59,9 +62,9 @@ def test_the_marker_records_every_file_with_its_size_and_sha256(tmp_path):
         "fsdp/rank0.safetensors",
     }
     for name, record in files.items():
-        assert record == ckpt.file_record(folder / name)
+        assert record == integrity.file_record(folder / name)
     assert not list(folder.glob(".files-rank*")), "the per-rank lists are merged into the marker"
-    assert ckpt.check_files(folder) is None
+    assert integrity.check_files(folder) is None
 
 
 DAMAGES = {
@@ -87,14 +90,14 @@ def test_a_damaged_file_is_named_latest_passes_over_it_and_nothing_is_unpickled(
     save_like_a_run(out, 6)
     DAMAGES[damage](out / "checkpoint-6" / name, marker)
 
-    with pytest.raises(ckpt.CheckpointDamaged) as named:
-        ckpt.resume_point(out, "checkpoint-6", ALONE)
+    with pytest.raises(integrity.CheckpointDamaged) as named:
+        integrity.choose_intact(out, "checkpoint-6", ALONE)
     message = str(named.value)
     assert "\n" not in message and name in message and "checkpoint-6" in message
     assert str(out / "checkpoint-3") in message, "names the newest intact older checkpoint to pass instead"
 
     with caplog.at_level(logging.WARNING):
-        assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-3"
+        assert integrity.choose_intact(out, "latest", ALONE) == out / "checkpoint-3"
     assert "checkpoint-6 is damaged" in caplog.text and name in caplog.text
     assert not (out / "checkpoint-6").exists(), "set aside with the abandoned run, never taken as latest again"
     assert not marker.exists(), "a file of a checkpoint was unpickled"
@@ -105,14 +108,14 @@ def test_an_added_file_and_a_damaged_marker_are_named_too(tmp_path):
     save_like_a_run(out, 3)
     save_like_a_run(out, 6)
     (out / "checkpoint-6" / "fsdp" / ".metadata").write_bytes(pickle.dumps(PickleBomb(tmp_path / "pwned")))
-    with pytest.raises(ckpt.CheckpointDamaged, match=r"fsdp/\.metadata, a file it was not saved with"):
-        ckpt.resume_point(out, str(out / "checkpoint-6"), ALONE)
-    marker = out / "checkpoint-6" / ckpt.MARKER
+    with pytest.raises(integrity.CheckpointDamaged, match=r"fsdp/\.metadata, a file it was not saved with"):
+        integrity.choose_intact(out, str(out / "checkpoint-6"), ALONE)
+    marker = out / "checkpoint-6" / folders.MARKER
     marker.write_text(marker.read_text()[:20])
-    assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-3"
+    assert integrity.choose_intact(out, "latest", ALONE) == out / "checkpoint-3"
     (out / "checkpoint-3" / "scheduler.json").unlink()
-    with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
-        ckpt.resume_point(out, "latest", ALONE)
+    with pytest.raises(integrity.CheckpointDamaged, match="every checkpoint .* is damaged"):
+        integrity.choose_intact(out, "latest", ALONE)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -143,49 +146,49 @@ def test_a_checkpoint_folder_without_its_marker_is_removed_at_start(tmp_path, ca
     out = tmp_path / "run"
     for step in (2, 4):
         save_like_a_run(out, step)
-    (out / "checkpoint-2" / ckpt.MARKER).unlink()
+    (out / "checkpoint-2" / folders.MARKER).unlink()
     with caplog.at_level(logging.INFO):
-        assert ckpt.resume_point(out, "latest", ALONE) == out / "checkpoint-4"
+        assert integrity.choose_intact(out, "latest", ALONE) == out / "checkpoint-4"
     assert not (out / "checkpoint-2").exists() and "checkpoint-2" in caplog.text
-    assert json.loads((out / "checkpoint-4" / ckpt.MARKER).read_text())["step"] == 4
+    assert json.loads((out / "checkpoint-4" / folders.MARKER).read_text())["step"] == 4
 
 
 def fake_save(out, step, limit=None, marker=None, owns=lambda marker: True):
     def write(folder):
         (folder / "weights.txt").write_text(str(step))
 
-    return ckpt.save_checkpoint(out, step, ALONE, write, marker or {}, limit, owns)
+    return checkpoint_manager.save_checkpoint(out, step, ALONE, write, marker or {}, limit, owns)
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / ckpt.MARKER).write_text(json.dumps({"step": step}))
+        (tmp_path / f"checkpoint-{step}" / folders.MARKER).write_text(json.dumps({"step": step}))
     (tmp_path / "checkpoint-6").mkdir()  # crashed before the marker
     (tmp_path / ".checkpoint-8.incomplete").mkdir()
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
+    assert folders.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
     with pytest.raises(UserError):
-        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-6"))
-    ckpt.prune(tmp_path, 1)
-    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
+        folders.resolve_resume(tmp_path, str(tmp_path / "checkpoint-6"))
+    folders.prune(tmp_path, 1)
+    assert [p.name for _, p in folders.complete_checkpoints(tmp_path)] == ["checkpoint-4"]
 
 
 def test_resuming_earlier_then_saving_keeps_the_new_timeline(tmp_path):
     for step in (2, 4, 6):
         fake_save(tmp_path, step)
-    resume = ckpt.resume_point(tmp_path, str(tmp_path / "checkpoint-2"), ALONE)
+    resume = integrity.choose_intact(tmp_path, str(tmp_path / "checkpoint-2"), ALONE)
     assert resume == tmp_path / "checkpoint-2"
     assert sorted(p.name.split("-", 3)[-1] for p in tmp_path.glob("abandoned-*")) == ["checkpoint-4", "checkpoint-6"]
     fake_save(tmp_path, 3, limit=2)
-    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert [p.name for _, p in folders.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert folders.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
     assert not list(tmp_path.glob("abandoned-*")), "the abandoned timeline counts as older than any live checkpoint"
 
 
 def test_stale_staging_folders_are_removed_and_latest_without_checkpoints_is_none(tmp_path, caplog):
     (tmp_path / ".checkpoint-8.incomplete").mkdir()
     with caplog.at_level("INFO"):
-        assert ckpt.resume_point(tmp_path, "latest", ALONE) is None
+        assert integrity.choose_intact(tmp_path, "latest", ALONE) is None
     assert "no complete checkpoint" in caplog.text
     assert not (tmp_path / ".checkpoint-8.incomplete").exists()
 
@@ -196,16 +199,16 @@ def test_pruning_never_leaves_a_marker_on_a_partial_folder(tmp_path, monkeypatch
     for step in (1, 2):
         fake_save(tmp_path, step)
     monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # a removal that gets nowhere
-    ckpt.prune(tmp_path, 1)
-    assert not (tmp_path / "checkpoint-1" / ckpt.MARKER).exists()
-    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+    folders.prune(tmp_path, 1)
+    assert not (tmp_path / "checkpoint-1" / folders.MARKER).exists()
+    assert folders.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
 
 
 def test_resume_from_a_checkpoint_name_inside_output_dir(tmp_path):
     fake_save(tmp_path, 500)
-    assert ckpt.resolve_resume(tmp_path, "checkpoint-500") == tmp_path / "checkpoint-500"
+    assert folders.resolve_resume(tmp_path, "checkpoint-500") == tmp_path / "checkpoint-500"
     with pytest.raises(UserError, match="checkpoint-400"):
-        ckpt.resolve_resume(tmp_path, "checkpoint-400")
+        folders.resolve_resume(tmp_path, "checkpoint-400")
 
 
 @pytest.mark.parametrize("marker", ["[1, 2]", "5", '{"step": "6"}', '{"step": 6, "files": {"a": 5}}', '{"step": 6'])
@@ -213,9 +216,9 @@ def test_latest_passes_over_any_marker_that_does_not_validate(tmp_path, caplog, 
     """JSON that is not an object (or whose records are not objects) is damage like a truncated marker."""
     save_like_a_run(tmp_path, 3)
     save_like_a_run(tmp_path, 6)
-    (tmp_path / "checkpoint-6" / ckpt.MARKER).write_text(marker)
+    (tmp_path / "checkpoint-6" / folders.MARKER).write_text(marker)
     with caplog.at_level(logging.WARNING):
-        assert ckpt.resume_point(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-3"
+        assert integrity.choose_intact(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-3"
     assert "checkpoint.json cannot be read" in caplog.text and "checkpoint.json checkpoint.json" not in caplog.text
     assert list(tmp_path.glob("damaged-*-checkpoint-6")), "set aside as damaged, not as an abandoned run"
     assert "abandoned" not in caplog.text
@@ -224,12 +227,12 @@ def test_latest_passes_over_any_marker_that_does_not_validate(tmp_path, caplog, 
 def test_a_named_checkpoint_with_a_truncated_marker_is_one_line_naming_the_intact_older_one(tmp_path):
     save_like_a_run(tmp_path, 3)
     save_like_a_run(tmp_path, 6)
-    marker = tmp_path / "checkpoint-6" / ckpt.MARKER
+    marker = tmp_path / "checkpoint-6" / folders.MARKER
     marker.write_text(marker.read_text()[:50])
-    with pytest.raises(ckpt.CheckpointDamaged) as refused:
-        ckpt.resume_point(tmp_path, "checkpoint-6", ALONE)
+    with pytest.raises(integrity.CheckpointDamaged) as refused:
+        integrity.choose_intact(tmp_path, "checkpoint-6", ALONE)
     message = str(refused.value)
-    assert "\n" not in message and "checkpoint-6" in message and ckpt.MARKER in message
+    assert "\n" not in message and "checkpoint-6" in message and folders.MARKER in message
     assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}" in message
 
 
@@ -240,24 +243,23 @@ def test_no_checkpoint_is_written_from_non_finite_state_and_latest_stays_the_las
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    part = ckpt.JsonPart("state.json", lambda: {"w": model.weight.tolist()}, lambda s: None, 0)
-    manager = ckpt.CheckpointManager(
-        tmp_path, ALONE, {"weights": part}, {}, finite=lambda: first_nonfinite(model, optimizer)
-    )
+    part = checkpoint_parts.JsonPart("state.json", lambda: {"w": model.weight.tolist()}, lambda s: None, 0)
+    manager = checkpoint_manager.CheckpointManager(tmp_path, ALONE)
+    manager.register({"weights": part}, finite=lambda: first_nonfinite(model, optimizer))
     manager.save(1)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    with pytest.raises(ckpt.NonFiniteState, match="step 2: the trainable weight weight is not finite"):
+    with pytest.raises(checkpoint_manager.NonFiniteState, match="step 2: the trainable weight weight is not finite"):
         manager.save(2)
     with torch.no_grad():
         model.weight[0, 0] = 0.0
     optimizer.state[model.bias]["exp_avg_sq"][0] = float("inf")
-    with pytest.raises(ckpt.NonFiniteState, match="the optimizer's exp_avg_sq"):
+    with pytest.raises(checkpoint_manager.NonFiniteState, match="the optimizer's exp_avg_sq"):
         manager.save(3)
-    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [1] and not list(tmp_path.glob(".checkpoint-*"))
-    assert ckpt.resume_point(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-1"
+    assert [s for s, _ in folders.complete_checkpoints(tmp_path)] == [1] and not list(tmp_path.glob(".checkpoint-*"))
+    assert integrity.choose_intact(tmp_path, "latest", ALONE) == tmp_path / "checkpoint-1"
 
 
 def test_the_cadence_saves_every_n_steps_and_at_the_end():
-    manager = ckpt.CheckpointManager(".", ALONE, {}, {}, every=3)
+    manager = checkpoint_manager.CheckpointManager(".", ALONE, every=3)
     assert [s for s in range(1, 11) if manager.due(s, 10)] == [3, 6, 9, 10]

@@ -15,7 +15,8 @@ from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.shards.lease import LeaseHeld, RankLease
 from pipeline.shards.storage import Store
-from pipeline.train.engine import checkpoint as ckpt
+from pipeline.train.engine.checkpoint import folders
+from pipeline.train.engine.checkpoint import manager as checkpoint_manager
 from pipeline.train.engine.run_dir import LEASE_FILE, RUN_FILE, RunDirectory
 
 ALONE = Collective(0, 1)
@@ -25,7 +26,7 @@ def save(out, step, run_id, limit=None, owns=lambda marker: True):
     def write(folder):
         (folder / "weights.txt").write_text(f"{run_id}:{step}")
 
-    return ckpt.save_checkpoint(out, step, ALONE, write, {"run_id": run_id}, limit, owns)
+    return checkpoint_manager.save_checkpoint(out, step, ALONE, write, {"run_id": run_id}, limit, owns)
 
 
 def opened(out, resume=None, overwrite=False) -> RunDirectory:
@@ -42,7 +43,7 @@ def test_a_fresh_start_over_checkpoints_is_refused_naming_the_newest_and_both_wa
     message = str(refused.value)
     assert "\n" not in message and "checkpoint-8" in message
     assert "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
-    assert [p.name for _, p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    assert [p.name for _, p in folders.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
 
 
 def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(tmp_path):
@@ -50,7 +51,7 @@ def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(tmp_path):
     (tmp_path / "config.yaml").write_text("learning_rate: 1\n")
     run = opened(tmp_path, overwrite=True)
     try:
-        assert ckpt.complete_checkpoints(tmp_path) == []
+        assert folders.complete_checkpoints(tmp_path) == []
         kept = list(tmp_path.glob("overwritten-*"))
         assert len(kept) == 1
         assert (kept[0] / "checkpoint-4" / "weights.txt").read_text() == "a:4"
@@ -119,7 +120,7 @@ def test_pruning_removes_only_the_runs_own_checkpoints(tmp_path):
     run.adopt(None)
     for step in (1, 2, 3):
         save(tmp_path, step, run.run_id, limit=2, owns=run.owns)
-    names = [p.name for _, p in ckpt.complete_checkpoints(tmp_path)]
+    names = [p.name for _, p in folders.complete_checkpoints(tmp_path)]
     assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-6", "checkpoint-8"]
     assert json.loads((tmp_path / RUN_FILE).read_text())["run_id"] == run.run_id
 

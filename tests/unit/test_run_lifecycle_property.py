@@ -18,7 +18,8 @@ import pytest
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.shards.lease import LeaseHeld
-from pipeline.train.engine import checkpoint as ckpt
+from pipeline.train.engine.checkpoint import folders, integrity
+from pipeline.train.engine.checkpoint import manager as checkpoint_manager
 from pipeline.train.engine.run_dir import RunDirectory
 
 ALONE = Collective(0, 1)
@@ -58,8 +59,8 @@ def every_checkpoint(root: Path) -> dict[str, tuple[str | None, bool]]:
             token = json.loads(weights.read_text())["token"]
         except (ValueError, KeyError):
             continue
-        marker = ckpt.marker_or_none(folder)
-        intact = marker is not None and ckpt.check_files(folder) is None
+        marker = folders.marker_or_none(folder)
+        intact = marker is not None and integrity.check_files(folder) is None
         found[token] = ((marker or {}).get("run_id"), intact)
     return found
 
@@ -70,14 +71,12 @@ def run(out: Path, resume, overwrite: bool, steps: int, kill_after, nan_at, laun
     folder = RunDirectory(out, ALONE)
     try:
         folder.open(resume, overwrite)
-        found = ckpt.resume_point(out, resume, ALONE)
-        launched["run_id"] = folder.adopt(ckpt.read_marker(found) if found else None)
         weights = Weights()
-        manager = ckpt.CheckpointManager(
-            out, ALONE, {"weights": weights}, {"run_id": folder.run_id}, every=2, total_limit=LIMIT,
-            finite=lambda: None if weights.finite else "the trainable weight w", owns=folder.owns,
-        )  # fmt: skip
-        start = manager.load(found) if found else 0
+        manager = checkpoint_manager.CheckpointManager(out, ALONE, run=folder, every=2, total_limit=LIMIT)
+        manager.choose(resume)
+        launched["run_id"] = folder.run_id
+        manager.register({"weights": weights}, finite=lambda: None if weights.finite else "the trainable weight w")
+        start = manager.load()
         for step in range(start, start + steps):
             weights.value += 1
             if nan_at is not None and step - start == nan_at:
@@ -96,11 +95,11 @@ def test_random_lifecycles_never_lose_or_poison_a_checkpoint(tmp_path, seed):
     out = tmp_path / "run"
     for _ in range(14):
         before = every_checkpoint(out) if out.exists() else {}
-        has_checkpoints = bool(ckpt.complete_checkpoints(out))
+        has_checkpoints = bool(folders.complete_checkpoints(out))
         action = rng.choice(["fresh", "latest", "named", "overwrite", "kill", "damage", "nan", "concurrent"])
         launched: dict = {}
         if action == "damage":
-            newest = ckpt.complete_checkpoints(out)
+            newest = folders.complete_checkpoints(out)
             if newest:
                 target = newest[-1][1] / "weights.json"
                 target.write_bytes(target.read_bytes()[:-3])
@@ -116,7 +115,7 @@ def test_random_lifecycles_never_lose_or_poison_a_checkpoint(tmp_path, seed):
             continue
         resume = {"fresh": None, "overwrite": None, "nan": "latest", "kill": "latest", "latest": "latest"}.get(action)
         if action == "named":
-            names = [p.name for _, p in ckpt.complete_checkpoints(out)]
+            names = [p.name for _, p in folders.complete_checkpoints(out)]
             resume = rng.choice(names) if names else None
         try:
             run(
@@ -126,9 +125,9 @@ def test_random_lifecycles_never_lose_or_poison_a_checkpoint(tmp_path, seed):
             )  # fmt: skip
         except UserError as refused:
             assert action in ("fresh", "named", "latest", "nan", "kill") and (
-                has_checkpoints or isinstance(refused, ckpt.CheckpointDamaged)
+                has_checkpoints or isinstance(refused, integrity.CheckpointDamaged)
             ), refused
-        except (Killed, ckpt.NonFiniteState):
+        except (Killed, checkpoint_manager.NonFiniteState):
             pass
         after = every_checkpoint(out)
         for token, (owner, intact) in before.items():

@@ -13,10 +13,11 @@ import time
 from pipeline.common.collective import Collective
 from pipeline.common.process_group import distributed_env, join_process_group
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import checkpoint as ckpt
+from pipeline.train.engine.checkpoint.manager import CheckpointManager
+from pipeline.train.engine.checkpoint.parts import DataPart
 from pipeline.train.engine.run_dir import RunDirectory, run_names
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
-from pipeline.train.stream.trace import TraceWriter, truncate_trace
+from pipeline.train.stream.trace import TraceWriter
 
 log = logging.getLogger("pipeline.train")
 
@@ -30,26 +31,15 @@ def run_data_only(config: TrainConfig) -> int:
     try:
         checkpoint = config.checkpoint
         run.open(checkpoint.resume_from, checkpoint.overwrite)
-        resume = ckpt.resume_point(config.output_dir, checkpoint.resume_from, collective)
-        run.adopt(ckpt.read_marker(resume) if resume is not None else None)
+        checkpoints = CheckpointManager(
+            config.output_dir, collective, run=run, mode={"data_only": True, "world_size": env.world},
+            every=checkpoint.every, total_limit=checkpoint.total_limit, trace_path=config.data.trace_path,
+        )  # fmt: skip
+        checkpoints.choose(checkpoint.resume_from)
         dataset = build_dataset(config.data, config.stream, env.rank, env.world)
         loader = build_loader(dataset, config.data)
-        checkpoints = ckpt.CheckpointManager(
-            config.output_dir,
-            collective,
-            {"data": ckpt.DataPart(loader, env.rank, env.world)},
-            {"data_only": True, "world_size": env.world, "run_id": run.run_id},
-            checkpoint.every,
-            checkpoint.total_limit,
-            owns=run.owns,
-        )
-        start = 0
-        if resume is not None:
-            start = checkpoints.load(resume)
-            log.info("resuming data at step %d from %s", start, resume)
-            if env.rank == 0:
-                truncate_trace(config.data.trace_path, start)
-            collective.barrier()
+        checkpoints.register({"data": DataPart(loader, env.rank, env.world)})
+        start = checkpoints.load()
         trace = TraceWriter(config.data.trace_path)
         started, waited, batches = time.perf_counter(), 0.0, iter(loader)
         try:

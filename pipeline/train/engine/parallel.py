@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common.process_group import join_process_group
-from pipeline.train.engine import checkpoint as ckpt
+from pipeline.train.engine.checkpoint import parts as ckpt
 from pipeline.train.engine.model import weight_dtype
 
 log = logging.getLogger(__name__)

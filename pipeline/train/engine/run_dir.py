@@ -30,9 +30,10 @@ from typing import Any
 from pipeline.common.collective import Collective
 from pipeline.errors import UserError
 from pipeline.families import FAMILIES
+from pipeline.files import read_json_object, write_json_file
 from pipeline.shards.lease import RankLease
 from pipeline.shards.storage import Store
-from pipeline.train.engine.checkpoint import manager
+from pipeline.train.engine.checkpoint.folders import aside_path, complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class RunDirectory:
         if self.collective.world == 1:
             return
         try:
-            seen = manager.read_json_object(self.root / LEASE_FILE).get("run_id")
+            seen = read_json_object(self.root / LEASE_FILE).get("run_id")
         except (OSError, ValueError):  # missing or unreadable here: not the folder rank 0 wrote
             seen = None
         self.collective.require_seen(
@@ -117,7 +118,7 @@ class RunDirectory:
         self.lease = RankLease(Store(str(self.root)), 0, path=LEASE_FILE, what=f"the training run folder {self.root}")
         if not fresh_check:
             return
-        found = manager.complete_checkpoints(self.root)
+        found = complete_checkpoints(self.root)
         if found and overwrite:
             self._move_aside()
         elif found and not resume_from:
@@ -130,7 +131,7 @@ class RunDirectory:
     def _move_aside(self) -> Path:
         """What the old run wrote (:func:`written_by_a_run`) into ``overwritten-{stamp}/``; everything else — the
         user's own files, models, shards, ``.git``, a log being written — stays where it is, and is said so."""
-        target = manager.aside_path(self.root, OVERWRITTEN)
+        target = aside_path(self.root, OVERWRITTEN)
         target.mkdir()
         left = []
         for child in sorted(self.root.iterdir()):
@@ -157,7 +158,7 @@ class RunDirectory:
             resumed = marker.get("run_id") if marker else None
             run_id = resumed if isinstance(resumed, str) else uuid.uuid4().hex
             adopted = bool(marker) and not resumed  # an older version's checkpoint: its unrecorded lineage goes on
-            manager.write_json_file(self.root / RUN_FILE, {"run_id": run_id, "adopted_unrecorded": adopted})
+            write_json_file(self.root / RUN_FILE, {"run_id": run_id, "adopted_unrecorded": adopted})
             return run_id
 
         with self.collective.phase("recording the run's identity (rank 0)"):
@@ -170,7 +171,7 @@ class RunDirectory:
         recorded = marker.get("run_id")
         if recorded is None:
             try:
-                return bool(manager.read_json_object(self.root / RUN_FILE).get("adopted_unrecorded"))
+                return bool(read_json_object(self.root / RUN_FILE).get("adopted_unrecorded"))
             except (OSError, ValueError):
                 return False
         return recorded == self.run_id

@@ -20,9 +20,11 @@ from pipeline import families
 from pipeline.common.collective import Collective
 from pipeline.train import recipe as recipes
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import checkpoint as ckpt
 from pipeline.train.engine import model as models
 from pipeline.train.engine import parallel
+from pipeline.train.engine.checkpoint import folders
+from pipeline.train.engine.checkpoint import manager as ckpt
+from pipeline.train.engine.checkpoint import parts as parts_
 from pipeline.train.engine.export import export_weights
 from pipeline.train.engine.metrics import LossBoard, group_grad_norms, step_logs
 from pipeline.train.engine.run_dir import RunDirectory, run_names
@@ -30,7 +32,7 @@ from pipeline.train.engine.step import TRAINER_STATE, NonFinitePolicy, batch_los
 from pipeline.train.engine.stopping import Stopped, StopRequest
 from pipeline.train.stream.loader import build_dataset, build_loader, next_batch, stop_workers
 from pipeline.train.stream.startup import tasks_for_model
-from pipeline.train.stream.trace import TraceWriter, truncate_trace
+from pipeline.train.stream.trace import TraceWriter
 
 log = logging.getLogger("pipeline.train")
 
@@ -51,7 +53,6 @@ class Trainer:
         self.parallel = parallel.strategy(config.fsdp, acc, acc.mixed_precision, config.fsdp_cpu_offload)
         self.nonfinite = NonFinitePolicy(config.optim.max_nonfinite_steps)
         self.stop = StopRequest()
-        self.resume_from: Path | None = None
         self.recipe_changes: dict[str, Any] = {}  # settings changed since config.yaml (resume only)
 
     # ---- set-up: the folder and the checkpoint to resume are decided before anything is built or loaded ----------
@@ -62,16 +63,15 @@ class Trainer:
         model, optim, checkpoint = config.model, config.optim, config.checkpoint
         exporting = config.export_checkpoint is not None
         self.run.open(checkpoint.resume_from, checkpoint.overwrite, fresh_check=not exporting)
-        marker = None
+        self.checkpoints = ckpt.CheckpointManager(
+            config.output_dir, self.collective, run=self.run,
+            mode={"world_size": self.world, "lora": model.lora is not None, "fsdp": config.fsdp},
+            every=checkpoint.every, total_limit=checkpoint.total_limit, trace_path=config.data.trace_path,
+        )  # fmt: skip
         if exporting:
-            self.resume_from = Path(config.export_checkpoint)
+            self.checkpoints.choose_export(Path(config.export_checkpoint))
         else:
-            self.resume_from = ckpt.resume_point(config.output_dir, checkpoint.resume_from, self.collective)
-        if self.resume_from is not None:
-            marker = ckpt.read_marker(self.resume_from) if not exporting else ckpt.marker_or_none(self.resume_from)
-            self.check_settings(self.resume_from, marker or {}, compare_recipe=not exporting)
-        if not exporting:
-            self.run.adopt(marker)
+            self.checkpoints.choose(checkpoint.resume_from, self.check_recipe)
         self.family = families.detect(model.pretrained)
         # the tasks, read and checked against the model's family before any weight loads
         tasks = None if exporting else tasks_for_model(config.data, config.stream, self.family)
@@ -110,48 +110,39 @@ class Trainer:
             )
             self.encoder = self.family.prompt_encoder(model.pretrained, str(acc.device), "auto")
         self.losses = LossBoard(list(self.dataset.tasks), config.tracking.loss_window)
-        self.checkpoints = self._checkpoints()
+        self.register_parts()
         if config.tracking.report_to != "none":
             acc.init_trackers(config.tracking.project_name, config=config.scalars())
 
-    def check_settings(self, folder: Path, marker: dict[str, Any], compare_recipe: bool) -> None:
-        """Before any weight loads: the checkpoint's mode, and (resuming) every setting against ``config.yaml``."""
+    def check_recipe(self, step: int) -> None:
+        """Resuming, before any weight loads: every setting against ``config.yaml`` (what changed is recorded)."""
         config = self.config
-        ckpt.check_mode(folder, marker, fsdp=config.fsdp, lora=config.model.lora is not None)
-        if compare_recipe:
-            self.recipe_changes = recipes.check_resume_recipe(
-                config.output_dir, self.recipe, int(marker.get("step", 0)), config.allow_recipe_change
-            )
+        self.recipe_changes = recipes.check_resume_recipe(
+            config.output_dir, self.recipe, step, config.allow_recipe_change
+        )
 
     @functools.cached_property
     def recipe(self) -> dict[str, Any]:
         """Every resolved flag, with the model identified by content (what ``config.yaml`` keeps)."""
         return recipes.with_model_identity(self.config.recipe)
 
-    def _checkpoints(self) -> ckpt.CheckpointManager:
+    def register_parts(self) -> None:
         """Every part of the run's state, by name; each saves and loads its own files (no pickle)."""
         config, rank = self.config, self.rank
         parts = {
             "model_and_optimizer": self.parallel.weights_part(rank),
-            "scheduler": ckpt.JsonPart(
+            "scheduler": parts_.JsonPart(
                 "scheduler.json", self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict, rank
             ),
-            "loop": ckpt.JsonPart(
+            "loop": parts_.JsonPart(
                 TRAINER_STATE, self.nonfinite.state_dict, self.nonfinite.load_state_dict, rank, optional=True
             ),
-            "rng": ckpt.RngPart(rank),
-            "data": ckpt.DataPart(self.loader, rank, self.world),
+            "rng": parts_.RngPart(rank),
+            "data": parts_.DataPart(self.loader, rank, self.world),
         }
         if config.model.lora is not None:  # a LoRA file that loads as it is, in every checkpoint
-            parts["lora_files"] = ckpt.LoraFiles(lambda folder: self.export(folder, checked=True))
-        marker = {
-            "world_size": self.world, "lora": config.model.lora is not None, "fsdp": config.fsdp,
-            "run_id": self.run.run_id,
-        }  # fmt: skip
-        return ckpt.CheckpointManager(
-            config.output_dir, self.collective, parts, marker, config.checkpoint.every, config.checkpoint.total_limit,
-            finite=lambda: models.first_nonfinite(self.transformer, self.optimizer), owns=self.run.owns,
-        )  # fmt: skip
+            parts["lora_files"] = parts_.LoraFiles(lambda folder: self.export(folder, checked=True))
+        self.checkpoints.register(parts, finite=lambda: models.first_nonfinite(self.transformer, self.optimizer))
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int, batches, trace: TraceWriter) -> dict[str, float]:
@@ -206,12 +197,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         config, acc = self.config, self.accelerator
-        start = 0
-        if self.resume_from is not None:
-            start = self.checkpoints.load(self.resume_from)
-            log.info("resumed from %s (step %d)", self.resume_from, start)
-            if self.rank == 0:
-                truncate_trace(config.data.trace_path, start)
+        start = self.checkpoints.load()
         acc.wait_for_everyone()
         if acc.is_main_process:
             recipes.write_recipe(config.output_dir, self.recipe, start, self.recipe_changes)
@@ -245,7 +231,7 @@ class Trainer:
                         self.collective.barrier()
                 signum = self.stop.agreed(self.collective)
                 if signum and done < config.max_train_steps:
-                    folder = ckpt.final_dir(config.output_dir, done) if saved else self.checkpoints.save(done)
+                    folder = folders.final_dir(config.output_dir, done) if saved else self.checkpoints.save(done)
                     self.stop.ignore_more()
                     raise Stopped(done, signum, folder)
         finally:
@@ -263,10 +249,9 @@ class Trainer:
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }  # fmt: skip
 
-    def export_checkpoint(self, folder: Path) -> dict[str, str]:
+    def export_checkpoint(self) -> dict[str, str]:
         """``--export_checkpoint``: the checkpoint checked intact, loaded, exported into ``--output_dir``."""
-        self.checkpoints.check_intact(folder)
-        self.checkpoints.load(folder)
+        self.checkpoints.load()
         return self.export(self.config.output_dir)
 
     def export(self, out_dir: str | Path, checked: bool = False) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
-from pipeline.train.engine.checkpoint.manager import write_json_file
+from pipeline.files import write_json_file
 
 FSDP_STATE = "fsdp"  # folder inside a checkpoint
 

@@ -1,156 +1,56 @@
-"""Checkpoint folders: ``checkpoint-{step}/`` published atomically, found, pruned.
+"""The checkpoint manager: a run's checkpoints, from choosing the one to resume to saving and pruning.
 
-All ranks write into a hidden temporary folder; once every rank is done, rank 0
-adds ``checkpoint.json`` and renames the folder into place, so a crash never
-leaves a folder that ``--resume_from_checkpoint latest`` would take as complete.
-
-``checkpoint.json`` records every file's size and sha256 (each rank hashes the
-files it wrote, in parallel).  A resume checks them before it reads anything:
-``latest`` passes over a damaged checkpoint to the newest intact one, a named
-checkpoint that is damaged stops with one line naming the file and the
-checkpoint to resume from instead.  Nothing in a checkpoint is unpickled.
+One object owns a run's resume and its saves (torchtitan's ``CheckpointManager`` is
+the model). Built before anything else, it chooses the checkpoint to resume
+(:meth:`CheckpointManager.choose`: the newest intact one, or the named one checked
+intact; the marker's mode against the run's; the recipe; the run's lineage
+adopted), before any weight loads. The run then registers its named parts (each
+saves and loads its own files, no pickle) and :meth:`CheckpointManager.load` loads
+them and truncates the data trace to the resumed step. Saving is collective: all
+ranks write into a hidden staging folder, each hashes its share, rank 0 writes the
+marker and renames the folder into place, so a crash never leaves a folder that
+``latest`` would take as complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.shards.storage import atomic_write
+from pipeline.files import write_json_file
+from pipeline.train.engine.checkpoint.folders import MARKER, final_dir, marker_or_none, prune, read_marker, staging_dir
+from pipeline.train.engine.checkpoint.integrity import (
+    HASH_LIST,
+    CheckpointDamaged,
+    checkpoint_files,
+    choose_intact,
+    damage_of,
+    file_owner,
+    file_record,
+)
+from pipeline.train.stream.trace import truncate_trace
 
 log = logging.getLogger(__name__)
 
-MARKER = "checkpoint.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-_RANK_IN_NAME = re.compile(r"rank(\d+)")
-_HASH_LIST = ".files-rank{rank}.json"  # one rank's hashes, merged into the marker by rank 0
-
-
-class CheckpointDamaged(UserError):
-    """A checkpoint whose files do not match the sizes and digests recorded when it was saved."""
+# the marker's keys that say how a checkpoint was saved, and why another run mode cannot resume it
+MODE_REFUSALS = {
+    "fsdp": lambda folder, saved: (
+        f"{folder} was saved {'with' if saved else 'without'} FSDP; resume it the same way (--parallelism), or "
+        "export it with --export_checkpoint and start from the export"
+    ),
+    "lora": lambda folder, saved: (
+        f"{folder} holds a {'LoRA' if saved else 'full fine-tuning'} state; give the run's own --use_peft_lora setting"
+    ),
+}
 
 
 class NonFiniteState(RuntimeError):
     """The trainable weights or the optimizer's state hold NaN/Inf: saving them would poison every resume."""
-
-
-def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / f".checkpoint-{step}.incomplete"
-
-
-def final_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / f"checkpoint-{step}"
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / MARKER).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
-    """``latest`` → newest complete checkpoint (None if there is none); a path, or a checkpoint's name inside
-    ``output_dir``, must be complete."""
-    if not value:
-        return None
-    if value == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            log.info("--resume_from_checkpoint latest: no complete checkpoint in %s; starting at step 0", output_dir)
-        return found[-1][1] if found else None
-    path = Path(value)
-    if not (path / MARKER).is_file() and (Path(output_dir) / path.name / MARKER).is_file():
-        path = Path(output_dir) / path.name  # a name inside output_dir ("checkpoint-500"), as the original accepts
-    if not (path / MARKER).is_file():
-        raise UserError(
-            f"--resume_from_checkpoint {value} is not a complete checkpoint (no {MARKER}), neither as a path nor "
-            f"inside {output_dir}"
-        )
-    return path
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file that must hold an object (ValueError otherwise, as for text that is not JSON)."""
-    value = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's marker, validated: an object with an integer step and a record per file (ValueError)."""
-    marker = read_json_object(Path(path) / MARKER)
-    if not isinstance(marker.get("step"), int) or isinstance(marker.get("step"), bool):
-        raise ValueError(f"its step is {marker.get('step')!r}, not an integer")
-    files = marker.get("files")
-    if files is not None:
-        if not isinstance(files, dict):
-            raise ValueError(f"its file records are a {type(files).__name__}, not an object")
-        for name, record in files.items():
-            if not (
-                isinstance(record, dict)
-                and isinstance(record.get("size"), int)
-                and isinstance(record.get("sha256"), str)
-            ):
-                raise ValueError(f"the record of {name} is {record!r}, not {{size, sha256}}")
-    return marker
-
-
-def marker_or_none(path: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        return read_marker(path)
-    except (OSError, ValueError):
-        return None
-
-
-def step_of(folder: Path) -> int:
-    """The step in a ``checkpoint-N`` folder's name (a damaged marker cannot say it)."""
-    match = _NAME.match(folder.name)
-    return int(match.group(1)) if match else -1
-
-
-def write_json_file(path: str | os.PathLike, value: Any) -> None:
-    """JSON written atomically (``storage.atomic_write``)."""
-    atomic_write(path, json.dumps(value).encode("utf-8"))
-
-
-def file_owner(relative: str) -> int:
-    """The rank that hashes a file: the rank in its name (``data_state_rank3.json``, ``fsdp/rank3.json``), else 0."""
-    match = _RANK_IN_NAME.search(Path(relative).name)
-    return int(match.group(1)) if match else 0
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def checkpoint_files(folder: Path) -> list[str]:
-    """Every file of a checkpoint but its marker, as paths relative to the folder."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != MARKER and not p.name.startswith(".files-rank")
-    )
 
 
 def save_checkpoint(
@@ -174,7 +74,7 @@ def save_checkpoint(
         barrier()
     with collective.phase(f"hashing checkpoint-{step}'s files (each rank its share)"):
         mine = {f: file_record(staging / f) for f in checkpoint_files(staging) if file_owner(f) % world == rank}
-        write_json_file(staging / _HASH_LIST.format(rank=rank), mine)
+        write_json_file(staging / HASH_LIST.format(rank=rank), mine)
         barrier()
     final = final_dir(output_dir, step)
     with collective.phase(f"publishing checkpoint-{step} (rank 0: its marker, the rename, pruning old ones)"):
@@ -189,7 +89,7 @@ def _publish(staging: Path, final: Path, step: int, world: int, marker: dict[str
     """Rank 0: the ranks' file records into the marker, the staging folder renamed into place, old ones pruned."""
     files: dict[str, Any] = {}
     for r in range(world):
-        listing = staging / _HASH_LIST.format(rank=r)
+        listing = staging / HASH_LIST.format(rank=r)
         files.update(json.loads(listing.read_text()))
         listing.unlink()
     write_json_file(staging / MARKER, {"step": step, **marker, "files": dict(sorted(files.items()))})
@@ -200,224 +100,95 @@ def _publish(staging: Path, final: Path, step: int, world: int, marker: dict[str
     log.info("saved %s", final)
 
 
-def check_files(folder: Path, rank: int = 0, world: int = 1) -> tuple[int, str] | None:
-    """The first file of ``folder`` (its index in the sorted record, and what is wrong) that this rank's share of
-    the check finds damaged; None when its share is intact. Missing and unrecorded files are everyone's share."""
-    try:
-        marker = read_marker(folder)
-    except (OSError, ValueError) as exc:
-        return -1, f"cannot be read ({exc})"
-    recorded = marker.get("files")
-    if not isinstance(recorded, dict):
-        return None  # written before the records: nothing to check against (logged by the caller)
-    names = sorted(recorded)
-    for index, name in enumerate(names):
-        path = folder / name
-        if not path.is_file():
-            return index, "is missing"
-        if file_owner(name) % world != rank:
-            continue
-        expected = recorded[name]
-        size = path.stat().st_size
-        if size != expected["size"]:
-            return index, f"has {size} bytes where {expected['size']} were written"
-        if file_record(path)["sha256"] != expected["sha256"]:
-            return index, "does not match the sha256 recorded when it was written"
-    extra = sorted(set(checkpoint_files(folder)) - set(names))
-    if extra:
-        return len(names), f"holds {extra[0]}, a file it was not saved with"
-    return None
-
-
-def prune(
-    output_dir: str | os.PathLike,
-    total_limit: int | None,
-    owns: Callable[[dict[str, Any]], bool] = lambda marker: True,
-) -> None:
-    """Keep the newest ``total_limit`` checkpoints of the run that ``owns`` their marker; never touch another's.
-
-    The run's checkpoints set aside when it resumed from an earlier one
-    (``abandoned-*``) count as older than every live one, so they go first. The
-    marker goes first: a prune cut short leaves a folder ``latest`` ignores, never
-    a half-deleted one it would take as complete.
-    """
-    if not total_limit or total_limit <= 0:
-        return
-    root = Path(output_dir)
-    abandoned = sorted(p for p in root.glob(f"{ABANDONED}*") if p.is_dir())
-    mine = [p for p in abandoned if (m := marker_or_none(p)) is not None and owns(m)]
-    mine += [p for _, p in complete_checkpoints(root) if (m := marker_or_none(p)) is not None and owns(m)]
-    for path in mine[: max(0, len(mine) - total_limit)]:
-        (path / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("removed old checkpoint %s", path)
-
-
-def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove what killed saves and prunes left (rank 0, before any save): staging folders, and ``checkpoint-N``
-    folders without their marker (a folder is published with its marker, and pruning removes the marker first,
-    so only a prune cut short leaves one: nothing would ever count or remove it)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    stale = sorted(root.glob(".checkpoint-*.incomplete"))
-    unmarked = sorted(p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir() and not (p / MARKER).exists())
-    for path in stale + unmarked:
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("removed the unfinished checkpoint %s", path)
-    return stale + unmarked
-
-
-def aside_path(parent: Path, prefix: str, name: str = "") -> Path:
-    """A new name to move something aside to: ``{prefix}{stamp}[-n][-name]``, never one that exists (two moves
-    in one second get distinct names)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    suffix = f"-{name}" if name else ""
-    for n in range(1000):
-        candidate = parent / f"{prefix}{stamp}{f'.{n}' if n else ''}{suffix}"
-        if not candidate.exists():
-            return candidate
-    raise FileExistsError(f"{parent}: no free name for {prefix}{stamp}{suffix}")
-
-
-ABANDONED = "abandoned-"
-DAMAGED = "damaged-"
-
-
-def set_aside_newer(output_dir: str | os.PathLike, step: int, damaged: dict[Path, str] | None = None) -> list[Path]:
-    """Rename complete checkpoints newer than ``step`` out of the way: ``damaged-*`` for those found damaged (kept
-    for inspection, never pruned), ``abandoned-*`` for intact ones a resume from an earlier step leaves behind.
-
-    Otherwise ``latest`` would point back into the abandoned timeline and pruning
-    would count its checkpoints as newer than the ones this run saves.
-    """
-    damaged = damaged or {}
-    moved = []
-    for found_step, path in complete_checkpoints(output_dir):
-        if found_step <= step:
-            continue
-        why = damaged.get(path)
-        target = aside_path(path.parent, DAMAGED if why else ABANDONED, path.name)
-        os.replace(path, target)
-        moved.append(target)
-        if why:
-            log.warning("%s is damaged (%s): moved to %s", path, why, target)
-        else:
-            log.warning("resuming at step %d: %s is of the abandoned later timeline, moved to %s", step, path, target)
-    return moved
-
-
-def damage_of(folder: Path, collective) -> str | None:
-    """Collective: every rank checks its share of ``folder``'s files; all get the first problem as one phrase."""
-    found = check_files(folder, collective.rank, collective.world)
-    first = collective.smallest(found[0] + 1 if found else 1 << 40)
-    if first == 1 << 40:
-        return None
-    if found and found[0] + 1 == first:
-        what = found[1]
-    else:  # another rank's share: the owner logs the details
-        what = "does not match its record (size or sha256)"
-    if first == 0:
-        return f"{MARKER} {what}" if found else f"{MARKER} cannot be read"
-    names = sorted((marker_or_none(folder) or {}).get("files", {}))
-    return f"{names[first - 1]} {what}" if first - 1 < len(names) else what
-
-
-def resume_point(output_dir: str | os.PathLike, value: str | None, collective) -> Path | None:
-    """Collective: rank 0 cleans stale saves and resolves ``value``; every rank checks its share of the chosen
-    checkpoint's files against their records. ``latest`` passes over damaged checkpoints to the newest intact one
-    (and sets them aside as ``damaged-*``); a named checkpoint that is damaged raises :class:`CheckpointDamaged`
-    naming the file and the newest intact older checkpoint. Every rank gets the same answer."""
-    candidates: list[tuple[int, Path]] = []
-    if collective.rank == 0:
-        clean_stale(output_dir)
-        if value == "latest":
-            candidates = complete_checkpoints(output_dir)[::-1]
-            if not candidates:
-                log.info(
-                    "--resume_from_checkpoint latest: no complete checkpoint in %s; starting at step 0", output_dir
-                )
-        elif value:
-            found = resolve_resume(output_dir, value)
-            named = step_of(found)
-            if named < 0:  # a folder named otherwise: its marker says the step (damage is found below)
-                named = int((marker_or_none(found) or {}).get("step", 1 << 40))
-            candidates = [(named, found)] + [c for c in complete_checkpoints(output_dir)[::-1] if c[0] < named]
-
-    count = collective.number(len(candidates))
-    damaged: list[tuple[Path, str]] = []
-    for i in range(count):
-        step = collective.number(candidates[i][0] if collective.rank == 0 else 0)
-        folder = Path(collective.text(str(candidates[i][1]) if collective.rank == 0 else None))
-        problem = damage_of(folder, collective)
-        if problem is None:
-            if damaged and value != "latest":
-                bad, why = damaged[0]
-                raise CheckpointDamaged(
-                    f"{bad} is damaged: {why}; the newest intact older checkpoint is {folder}: "
-                    f"resume with --resume_from_checkpoint {folder}"
-                )
-            if collective.rank == 0:
-                if "files" not in read_marker(folder):
-                    log.warning("%s was saved before checkpoints recorded their files; not checked", folder)
-                set_aside_newer(output_dir, step, dict(damaged))
-            return folder
-        damaged.append((folder, problem))
-        if value == "latest" and collective.rank == 0:
-            log.warning("%s is damaged (%s); trying the checkpoint before it", folder, problem)
-    if damaged:
-        bad, why = damaged[0]
-        raise CheckpointDamaged(
-            f"{bad} is damaged: {why}; no intact checkpoint is older: start without --resume_from_checkpoint"
-            if value != "latest"
-            else f"every checkpoint in {output_dir} is damaged (the newest: {bad}: {why}); "
-            "start over with --overwrite_output_dir (the damaged ones are moved aside, not deleted)"
-        )
-    return None
-
-
-def check_mode(folder: Path, marker: dict[str, Any], fsdp: bool, lora: bool) -> None:
-    """Refuse, before anything loads, a checkpoint saved in another mode than the run's (FSDP or not, LoRA or not)."""
-    if "fsdp" in marker and bool(marker["fsdp"]) != fsdp:
-        raise CheckpointDamaged(
-            f"{folder} was saved {'with' if marker['fsdp'] else 'without'} FSDP; resume it the same way "
-            "(--parallelism), or export it with --export_checkpoint and start from the export"
-        )
-    if "lora" in marker and bool(marker["lora"]) != lora:
-        raise CheckpointDamaged(
-            f"{folder} holds a {'LoRA' if marker['lora'] else 'full fine-tuning'} state; give the run's own "
-            "--use_peft_lora setting"
-        )
-
-
 class CheckpointManager:
-    """Every checkpoint of a run: when to save, the save itself (collective, refused from non-finite state), which
-    checkpoint a resume takes, its integrity, and pruning within the run's lineage.
+    """Every checkpoint of one run: which one it resumes, when it saves, the save itself, pruning its lineage.
 
-    ``parts``: named parts, each saving and loading its own files (no pickle).
-    ``marker``: what the marker records besides the step and the files (the run's id and mode).
-    ``finite``: a per-rank check of the state to save (None: finite; else what is not), agreed by all ranks.
-    ``owns``: whether a marker is of this run's lineage (only those are pruned).
+    ``run``: the run's folder (:class:`~pipeline.train.engine.run_dir.RunDirectory`: its id, its lineage; None for
+    a bare folder, whose checkpoints are all the run's). ``mode``: what every marker records of how the run saves
+    (``world_size``, ``fsdp``, ``lora``, ``data_only``); a checkpoint of another ``fsdp`` or ``lora`` is refused.
+    ``trace_path``: the data trace, cut back to the resumed step.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         collective,
-        parts: dict[str, Any],
-        marker: dict[str, Any],
+        *,
+        run=None,
+        mode: dict[str, Any] | None = None,
         every: int | None = None,
         total_limit: int | None = None,
-        finite: Callable[[], str | None] = lambda: None,
-        owns: Callable[[dict[str, Any]], bool] = lambda marker: True,
+        trace_path: str | None = None,
     ):
-        self.output_dir, self.collective = Path(output_dir), collective
-        self.parts, self.marker, self.every, self.total_limit = parts, marker, every, total_limit
-        self.finite, self.owns = finite, owns
+        self.output_dir, self.collective, self.run = Path(output_dir), collective, run
+        self.mode, self.every, self.total_limit, self.trace_path = dict(mode or {}), every, total_limit, trace_path
+        self.parts: dict[str, Any] = {}
+        self.finite: Callable[[], str | None] = lambda: None
+        self.chosen: Path | None = None  # the checkpoint this run resumes (or exports)
+        self.exporting = False
 
+    # ---- the resume ---------------------------------------------------------------------------------------------
+    def choose(self, value: str | None, check_recipe: Callable[[int], None] | None = None) -> Path | None:
+        """Collective, before anything is built: the checkpoint ``--resume_from_checkpoint value`` names, checked
+        intact; its mode against the run's and (``check_recipe(step)``) the run's settings against the saved
+        ones; the run's lineage adopted (the resumed one's, or a new one). None: a fresh start."""
+        with self.collective.phase(f"choosing the checkpoint to resume ({value}; rank 0 lists and checks them)"):
+            self.chosen = choose_intact(self.output_dir, value, self.collective)
+        marker = read_marker(self.chosen) if self.chosen is not None else None
+        if marker is not None:
+            self.check_mode(self.chosen, marker)
+            if check_recipe is not None:
+                check_recipe(int(marker.get("step", 0)))
+        if self.run is not None:
+            self.run.adopt(marker)
+        return self.chosen
+
+    def choose_export(self, folder: Path) -> None:
+        """``--export_checkpoint``: ``folder``'s mode checked against the run's before anything is built; it is
+        checked intact when it loads, and nothing of the run's own lineage changes."""
+        self.chosen, self.exporting = folder, True
+        self.check_mode(folder, marker_or_none(folder) or {})
+
+    def check_mode(self, folder: Path, marker: dict[str, Any]) -> None:
+        """Refuse, before anything loads, a checkpoint saved in another mode than the run's (FSDP or not, LoRA or
+        not)."""
+        for key, refusal in MODE_REFUSALS.items():
+            if key in marker and key in self.mode and bool(marker[key]) != bool(self.mode[key]):
+                raise CheckpointDamaged(refusal(folder, bool(marker[key])))
+
+    def register(self, parts: dict[str, Any], finite: Callable[[], str | None] | None = None) -> None:
+        """The run's state by name, each part saving and loading its own files; ``finite``: a per-rank check of
+        the state to save (None: finite; else what is not), agreed by all ranks."""
+        self.parts.update(parts)
+        if finite is not None:
+            self.finite = finite
+
+    def load(self) -> int:
+        """Collective: every registered part loaded from the chosen checkpoint (an export's checked intact
+        first), the data trace cut back to its step; the step to go on from (0: a fresh start)."""
+        if self.chosen is None:
+            return 0
+        if self.exporting:
+            problem = damage_of(self.chosen, self.collective)
+            if problem:
+                raise CheckpointDamaged(f"{self.chosen} is damaged: {problem}")
+        for part in self.parts.values():
+            part.load(self.chosen)
+        step = int(read_marker(self.chosen)["step"])
+        if not self.exporting:
+            log.info("resumed from %s (step %d)", self.chosen, step)
+            if self.collective.rank == 0:
+                truncate_trace(self.trace_path, step)
+            self.collective.barrier()
+        return step
+
+    # ---- saving -------------------------------------------------------------------------------------------------
     def due(self, step: int, last: int) -> bool:
         """Whether optimizer step ``step`` (1-based) ends with a save: every ``every`` steps and at the end."""
         return step == last or (self.every is not None and step % self.every == 0)
+
+    def owns(self, marker: dict[str, Any]) -> bool:
+        return self.run.owns(marker) if self.run is not None else True
 
     def save(self, step: int) -> Path:
         """Collective: ``checkpoint-{step}/`` published atomically, then older checkpoints of the run pruned.
@@ -437,20 +208,5 @@ class CheckpointManager:
             for part in self.parts.values():
                 part.save(folder)
 
-        return save_checkpoint(self.output_dir, step, self.collective, write, self.marker, self.total_limit, self.owns)
-
-    def find(self, value: str | None) -> Path | None:
-        """Collective: the checkpoint ``--resume_from_checkpoint value`` names, checked intact (see resume_point)."""
-        with self.collective.phase(f"choosing the checkpoint to resume ({value}; rank 0 lists and checks them)"):
-            return resume_point(self.output_dir, value, self.collective)
-
-    def check_intact(self, folder: Path) -> None:
-        """Collective: refuse a damaged checkpoint given by name (an export)."""
-        problem = damage_of(folder, self.collective)
-        if problem:
-            raise CheckpointDamaged(f"{folder} is damaged: {problem}")
-
-    def load(self, folder: Path) -> int:
-        for part in self.parts.values():
-            part.load(folder)
-        return int(read_marker(folder)["step"])
+        marker = {**self.mode, "run_id": self.run.run_id} if self.run is not None else dict(self.mode)
+        return save_checkpoint(self.output_dir, step, self.collective, write, marker, self.total_limit, self.owns)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.files import write_json_file
 from pipeline.train.engine.checkpoint import fsdp_files
-from pipeline.train.engine.checkpoint.manager import CheckpointDamaged, write_json_file
+from pipeline.train.engine.checkpoint.integrity import CheckpointDamaged
 from pipeline.train.engine.model import trainable_state
 from pipeline.train.stream.state import elastic_resume, json_state, same_layout, worker_states
 
