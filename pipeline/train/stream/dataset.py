@@ -22,35 +22,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from functools import partial
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import images as imaging
 from pipeline.errors import DataError
-from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, stream_shard
-from pipeline.shards.tasks import DataConfigError, Shard, Task
+from pipeline.shards.reader import IndexCache, RangeReader, RawSample
+from pipeline.shards.tasks import Shard, Task
 from pipeline.train.config import StreamConfig
-from pipeline.train.stream import state as state_mod
+from pipeline.train.stream import state as states
 from pipeline.train.stream.batching import assemble_batch
-from pipeline.train.stream.decide import decide
-from pipeline.train.stream.errors import (
-    ASSEMBLE,
-    DATA_ERROR,
-    ITEM,
-    READ,
-    ErrorHandler,
-    UnusableData,
-    UnusableSample,
-)
+from pipeline.train.stream.errors import ASSEMBLE, DATA_ERROR, ErrorHandler, UnusableSample
 from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task
+from pipeline.train.stream.order import IndexedOrder, ref_key
 from pipeline.train.stream.pools import BucketPools, ByteBudget
-from pipeline.train.stream.read import IndexedReads
-from pipeline.train.stream.readahead import Prefetch, ReadAhead
-from pipeline.train.stream.seeding import SHUFFLE_BUFFER, stable_id
-from pipeline.train.stream.sources import IndexedOrder, ShuffleBuffer, StreamedSource, ref_key
-from pipeline.train.stream.state import DATA_STATE_VERSION
+from pipeline.train.stream.readahead import ReadAhead
+from pipeline.train.stream.sources import open_source, streamed_layout_refusal
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +59,6 @@ def sample_bytes(sample: RawSample) -> int:
     return sum(len(v) for v in sample.images.values()) + sum(len(v) for v in sample.embeddings.values())
 
 
-def read_streamed(urls: list[str], storage_options: dict | None, policy, index: int):
-    """Shard ``index`` of ``urls`` front to back (the reader stage the streamed source is given)."""
-    return stream_shard(urls[index], storage_options, policy)
-
-
 # a fresh epoch after the shard list changed: far beyond any epoch a run reaches, distinct per change
 GENERATION_EPOCHS = 1 << 32
 
@@ -84,12 +67,13 @@ class PartitionStream:
     """The samples of one (task, N) that partition ``part`` of ``parts`` owns: endless, shuffled, bucketed.
 
     It composes the stages, each its own unit with its own state, and calls them
-    downward only: *order* (``sources.py``: element ids of indexed shards, or the items
-    of streamed shards front to back through a shuffle buffer) → *read* (``read.py``:
-    element → sample, with its draws decided, ``decide.py``) behind the *read-ahead*
-    (``readahead.py``) → *pool* by bucket (``pools.py``, where replacements come from).
-    Assembly into tensors is the dataset's next stage. Every failure on the way goes to
-    the worker's one :class:`ErrorHandler`, which skips and counts or stops the run.
+    downward only: its *source* (``sources.py``, one of two strategies: indexed shards
+    in the computed order, read by range ahead of need; or streamed shards front to
+    back through a shuffle buffer) gives samples with their draws decided → *pool* by
+    bucket (``pools.py``, where replacements come from). Assembly into tensors is the
+    dataset's next stage. Every failure on the way goes to the worker's one
+    :class:`ErrorHandler`, which skips and counts or stops the run. Its state is its
+    stages' states side by side; each stage restores and merges its own.
     """
 
     def __init__(
@@ -108,29 +92,16 @@ class PartitionStream:
     ):
         self.task, self.n, self.shards, self.config = task, num_sources, shards, config
         self.part, self.parts = part, parts
-        self.indexed = all(s.index_url and s.samples is not None for s in shards)
-        self.total = sum(s.samples or 0 for s in shards)
         self.digest = shard_digest(shards)
-        if self.indexed and self.total == 0:
-            raise DataConfigError(f"task {task}: the shards with {num_sources} source(s) hold no samples")
         self.budget = budget or ByteBudget(1 << 62)
         self.key = f"{task}|{num_sources}"
         self.handler = handler
-        self.counts = handler.register(self.key, task, num_sources, len(shards), self.total if self.indexed else None)
-        salt = (stable_id(task), num_sources)
-        self.order: IndexedOrder | StreamedSource
-        if self.indexed:
-            self.order = IndexedOrder([s.samples for s in shards], config.seed, salt, part, parts)
-            self.reads = IndexedReads(task, num_sources, shards, self.order, reader, index_cache, config)
-            depth = max(4, 2 * config.batch_size)
-            self.ahead = Prefetch(readahead, self.reads.read, self.reads.size_of, depth)
-        else:
-            read_shard = partial(read_streamed, [s.url for s in shards], config.storage_options, reader.policy)
-            self.order = StreamedSource(len(shards), config.seed, salt, part, parts, read_shard=read_shard)
-        buffer_size = 0 if self.indexed else max(0, config.shuffle_buffer)  # an indexed order is already shuffled
-        self.buffer = ShuffleBuffer(
-            buffer_size, SHUFFLE_BUFFER.rng(config.seed, *salt, part), self.budget, sample_bytes
-        )
+        self.source = open_source(
+            task, num_sources, shards, part, parts, config, reader, index_cache, handler, self.key, self.budget,
+            readahead, sample_bytes,
+        )  # fmt: skip
+        self.total = self.source.total or 0
+        self.counts = handler.register(self.key, task, num_sources, len(shards), self.source.total)
         self.pools = BucketPools(config.batch_size, POOL_BATCHES * config.batch_size, self.budget)
         self.generation = 0  # how many times the shard list changed under a resumed run
 
@@ -143,38 +114,10 @@ class PartitionStream:
     def skipped(self, count: int) -> None:
         self.counts.skipped = count
 
-    # ---- order → read → decide ---------------------------------------------------------------
-    def read(self, ref: Any) -> RawSample:
-        """The sample at ``ref`` read again (a resume re-reads what waited), with its draws."""
-        if self.indexed:
-            return self.reads.read(ref)
-        return self._reread([ref])[ref_key(ref)]
-
-    def _next_owned(self) -> tuple[Any, RawSample]:
-        """The next sample of this partition that can be read; every failure to the handler."""
-        while True:
-            try:
-                if self.indexed:
-                    ref = self.order.next()
-                    try:
-                        sample = self.ahead.take(ref)
-                    finally:
-                        self.ahead.plan(self.order.peek(self.ahead.depth))
-                else:
-                    ref, sample = self.order.next()
-                    if isinstance(sample, CorruptSample):
-                        self.handler.handle(self.key, ITEM, sample.reason)
-                        continue
-                    sample.choice = decide(sample.meta, self.config, self.task, self.n, tuple(ref))
-            except Exception as exc:  # noqa: BLE001 - the handler decides: skip it, or stop with a message
-                self.handler.handle(self.key, READ, exc)
-                continue
-            self.handler.passed(self.key, READ)
-            return ref, sample
-
+    # ---- source → pools ----------------------------------------------------------------------
     def _next_item(self) -> tuple[Any, RawSample]:
-        """The next owned sample: in computed order (indexed) or through the shuffle buffer (streamed)."""
-        return self.buffer.next(self._next_owned)
+        """The next usable sample of this partition, with its draws (its source's order, buffer and read-ahead)."""
+        return self.source.next()
 
     # ---- pools -------------------------------------------------------------------------------
     def next_batch(self, batch_size: int) -> list[tuple[Any, RawSample]]:
@@ -206,36 +149,37 @@ class PartitionStream:
         """The batch taken last was assembled: the handler's run of assembly failures ends."""
         self.handler.passed(self.key, ASSEMBLE)
 
-    # ---- state -------------------------------------------------------------------------------
-    def drop_readahead(self) -> None:
-        if self.indexed:
-            self.ahead.drop()
-
+    # ---- state: each stage its own, composed here -------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        return {
             "digest": self.digest,
-            "indexed": self.indexed,
+            "indexed": self.source.indexed,
             "generation": self.generation,
             "skipped": self.skipped,
             "pools": self.pools.state_dict(lambda item: item[0]),
-            **self.order.state_dict(),
+            **self.source.state_dict(),
         }
-        if not self.indexed:
-            state.update(self.buffer.state_dict())
-        return state
+
+    @staticmethod
+    def untouched_state(state: dict[str, Any], part: int) -> dict[str, Any]:
+        """The state of partition ``part`` of ``state``'s (indexed) layout had it never read this stream."""
+        return {
+            **state,
+            **IndexedOrder.untouched_state(state, part),
+            "pools": BucketPools.empty_state(),
+            "skipped": 0,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.drop_readahead()
+        """This partition's own state of the same layout (bitwise exact); the samples that waited read again."""
+        self.source.drop()
         self.skipped = state.get("skipped", 0)
-        if state.get("digest") != self.digest or state.get("indexed") != self.indexed:
+        if state.get("digest") != self.digest or state.get("indexed") != self.source.indexed:
             self.start_new_epoch(state)
             return
         self.generation = state["generation"]
-        self.order.load_state_dict(state)
-        pooled = [ref for _, entries in state["pools"]["pools"] for _, ref in entries]
-        samples = self._reread([*state.get("buffer", []), *pooled])
-        if not self.indexed:
-            self.buffer.load_state_dict(state, samples)
+        samples = self.source.reread([*self.source.waiting(state), *BucketPools.refs_in(state["pools"])])
+        self.source.load_state_dict(state, samples)
         self.pools.load_state_dict(
             state["pools"], lambda ref: ((ref, samples[ref_key(ref)]), sample_bytes(samples[ref_key(ref)]))
         )
@@ -251,48 +195,30 @@ class PartitionStream:
             len(self.shards),
             self.total,
         )
-        self.drop_readahead()
-        self.order.start_epoch(self.generation * GENERATION_EPOCHS)
+        self.source.drop()
+        self.source.start_epoch(self.generation * GENERATION_EPOCHS)
 
     def load_elastic(self, olds: list[dict[str, Any]]) -> int:
         """Take over from every partition of another (ranks × workers) layout; returns the samples re-read.
 
-        The cursors merge (each element exactly once); the samples that waited in the old
-        pools go to the new partition ``ref % parts`` and wait again here.
+        The source merges the positions (each element exactly once); the samples that waited in the old
+        pools go to the partition that owns them now and wait again here.
         """
-        if any(o.get("digest") != self.digest for o in olds) or not all(o.get("indexed") for o in olds):
-            if not self.indexed or not all(o.get("indexed") for o in olds):
-                raise DataConfigError(
-                    f"task {self.task} N={self.n}: streamed shards (pipe: or without an index) resume only on the "
-                    "same ranks × DataLoader workers; index them (shards_tools) or resume with the same layout"
-                )
+        if not all(o.get("indexed") for o in olds):
+            raise streamed_layout_refusal(self.task, self.n)
+        self.source.drop()
+        if any(o.get("digest") != self.digest for o in olds):
+            self.source.check_takeover()
             self.start_new_epoch(olds[0])
             return 0
         self.skipped = sum(o.get("skipped", 0) for o in olds)
         self.generation = olds[0]["generation"]
-        self.drop_readahead()
-        self.order.merge(olds)
-        waiting = [ref for o in olds for _, entries in o["pools"]["pools"] for _, ref in entries]
-        mine = sorted(ref for ref in waiting if ref % self.parts == self.part)
+        mine = self.source.merge(olds, [ref for o in olds for ref in BucketPools.refs_in(o["pools"])])
+        samples = self.source.reread(mine)
         for ref in mine:
-            sample = self.read(ref)
+            sample = samples[ref]
             self.pools.hold(tuple(sample.meta["bucket"]), (ref, sample), sample_bytes(sample))
         return len(mine)
-
-    def _reread(self, refs: list) -> dict[Any, RawSample]:
-        """Fetch waiting samples again: one range read each, or one pass per shard when streamed."""
-        if self.indexed:
-            return {ref: self.reads.read(ref) for ref in refs}
-        out = self.order.reread(refs)
-        missing = [r for r in refs if ref_key(r) not in out]
-        if missing:
-            raise UnusableData(
-                f"task {self.task} N={self.n}: the samples that waited at the checkpoint cannot be read again "
-                f"({missing[:3]}...): a shard changed in place; check it with python -m shards_tools verify"
-            )
-        for ref, sample in out.items():
-            sample.choice = decide(sample.meta, self.config, self.task, self.n, ref)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +338,7 @@ class MixedBatchDataset(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         self._prepare()
         return {
-            "version": DATA_STATE_VERSION,
+            "version": states.DATA_STATE_VERSION,
             "base": self.base,
             "made": self.made,
             "workers": self._workers,
@@ -436,7 +362,25 @@ class MixedBatchDataset(IterableDataset):
         self._ready = False
 
     def _restore(self, state: dict[str, Any]) -> None:
-        state_mod.restore(self, state)
+        """This worker's own state of the same layout: every stream restored (bitwise exact)."""
+        states.check_version(state)
+        self.base = state.get("base", 0)
+        if states.untouched(state):
+            return
+        states.check_same_layout(state, self._workers, self.world_size)
+        self.made = state["made"]
+        for task, n, stream_state in states.stream_states(state):
+            stream = self._stream(task, n)
+            if stream_state is None:
+                stream.start_new_epoch({"generation": 0})
+            else:
+                stream.load_state_dict(stream_state)
 
     def _take_over(self, elastic: dict[str, Any]) -> None:
-        state_mod.take_over(self, elastic)
+        """This worker's part of a resume from another layout: its next step, and every stream merged."""
+        self.base, self.made = elastic["next_step"], 0
+        for key, olds in states.takeover_states(elastic["partitions"], PartitionStream.untouched_state).items():
+            task, n = states.stream_key(key)
+            if task in self.tasks and n in self.tasks[task].shards:
+                self._stream(task, n).load_elastic(olds)
+        self._elastic = None

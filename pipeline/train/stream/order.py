@@ -1,4 +1,4 @@
-"""The order of a stream's samples, and who reads what: pure functions of integers.
+"""The order of a stream's samples, and who reads what: pure functions of integers, and the two order stages.
 
 A stream (one task, one source count) is an endless sequence of elements
 ``g = 0, 1, 2, …``.  :class:`EpochOrder` maps ``g`` to a (shard, sample) pair:
@@ -15,15 +15,24 @@ shard order (10⁴ entries).
 (a run resumed on another number of ranks or workers) already consumed.  Its
 state is a few integers per layout, and :func:`merge_cursors` turns the cursors
 of one layout into those of another with every element taken exactly once.
+
+The order stages a stream's source takes its elements from: :class:`IndexedOrder`
+(indexed shards: element ids through a cursor) and :class:`StreamedOrder` (shards
+that can only be read front to back, ``pipe:`` or without an index: shards in a
+seeded order per epoch, every ``parts``-th item owned). Neither knows tar files or
+images; both are tested on plain integers (tests/unit/test_stream_order.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline.shards.reader import CorruptSample
+from pipeline.train.stream.errors import NoUsableSample
 from pipeline.train.stream.seeding import BLOCK_ORDER, SHARD_ORDER
 
 BLOCK_SAMPLES = 32768
@@ -154,3 +163,132 @@ def merge_cursors(old: list[Cursor], parts: int) -> list[Cursor]:
     base = current.first_free()
     earlier = [e for e in [*old[0].earlier, current] if e.horizon() > base]
     return [Cursor(p, parts, base, 0, [Layout(e.base, e.parts, list(e.taken)) for e in earlier]) for p in range(parts)]
+
+
+class IndexedOrder:
+    """The elements partition ``part`` of ``parts`` takes, in order; ``locate(g)`` is the (shard, sample) of ``g``."""
+
+    def __init__(self, counts: list[int], seed: int, salt: tuple[int, ...], part: int, parts: int):
+        self.order = EpochOrder(counts, seed, salt)
+        self.total = self.order.total
+        self.part, self.parts = part, parts
+        self.cursor = Cursor(part, parts)
+
+    def next(self) -> int:
+        return self.cursor.next()
+
+    def peek(self, count: int) -> list[int]:
+        """The next ``count`` elements, without moving (what read-ahead fetches)."""
+        return self.cursor.peek(count)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        return self.order.locate(g)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.cursor = Cursor(self.part, self.parts, base=epoch * self.total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = Cursor.from_state(state["cursor"])
+
+    @staticmethod
+    def untouched_state(state: dict[str, Any], part: int) -> dict[str, Any]:
+        """The state of partition ``part`` of ``state``'s layout had it consumed nothing (it never read the
+        stream): the same base and earlier layouts, no element taken."""
+        return {"cursor": {**state["cursor"], "part": part, "k": 0}}
+
+    def merge(self, olds: list[dict[str, Any]]) -> None:
+        """Take over the positions of every partition of another layout (each element exactly once)."""
+        self.cursor = merge_cursors([Cursor.from_state(o["cursor"]) for o in olds], self.parts)[self.part]
+
+
+class StreamedOrder:
+    """Shards read front to back, in a seeded order per epoch; sample ordinal ``o`` of the pass is partition
+    ``o % parts``'s.  ``read_shard(i)`` (the reader, a lower stage) yields shard ``i``'s items in file order.
+
+    Yields ``([shard, sample, epoch], item)`` for each owned item, a :class:`CorruptSample` included: the
+    stream's error handler decides what it costs.  A whole pass in which no item (owned or not) is usable
+    raises :class:`NoUsableSample` instead of looping for ever."""
+
+    def __init__(
+        self,
+        num_shards: int,
+        seed: int,
+        salt: tuple[int, ...],
+        part: int,
+        parts: int,
+        read_shard: Callable[[int], Iterator[Any]],
+    ):
+        self.num_shards, self.seed, self.salt = num_shards, seed, tuple(salt)
+        self.part, self.parts = part, parts
+        self.read_shard = read_shard
+        self.seq = {"epoch": 0, "pos": 0, "sample": 0, "ordinal": 0}
+        self._iter: Iterator[tuple[list[int], Any]] | None = None
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Shard order of ``epoch`` (the same for every partition)."""
+        if self._perm is None or self._perm[0] != epoch:
+            rng = SHARD_ORDER.rng(self.seed, *self.salt, epoch)
+            self._perm = (epoch, rng.permutation(self.num_shards))
+        return self._perm[1]
+
+    def next(self) -> tuple[list[int], Any]:
+        if self._iter is None:
+            self._iter = self._walk()
+        return next(self._iter)
+
+    def _walk(self) -> Iterator[tuple[list[int], Any]]:
+        st = self.seq
+        while True:
+            perm = self.shard_order(st["epoch"])
+            whole_pass, usable = st["pos"] == 0 and st["sample"] == 0, 0
+            while st["pos"] < len(perm):
+                index, skip = int(perm[st["pos"]]), st["sample"]
+                for i, item in enumerate(self.read_shard(index)):
+                    if i < skip:
+                        continue
+                    st["sample"] = i + 1
+                    owned = st["ordinal"] % self.parts == self.part
+                    st["ordinal"] += 1
+                    usable += not isinstance(item, CorruptSample)
+                    if owned:
+                        yield [index, i, st["epoch"]], item
+                st["pos"] += 1
+                st["sample"] = 0
+            if whole_pass and not usable:  # nothing in a whole pass can be used: an error, not an endless loop
+                raise NoUsableSample(f"no usable sample in a whole pass over {len(perm)} shard(s)")
+            st["epoch"] += 1
+            st["pos"] = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.seq = {"epoch": epoch, "pos": 0, "sample": 0, "ordinal": 0}
+        self._iter = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seq": dict(self.seq)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seq = dict(state["seq"])
+        self._iter = None
+
+    def reread(self, refs: list) -> dict[tuple[int, ...], Any]:
+        """The items at ``refs`` ([shard, sample, epoch]) again: one pass per shard, up to the last one wanted."""
+        wanted: dict[int, dict[int, tuple[int, ...]]] = {}
+        for ref in refs:
+            wanted.setdefault(ref[0], {})[ref[1]] = ref_key(ref)
+        out = {}
+        for shard, samples in wanted.items():
+            for i, item in enumerate(self.read_shard(shard)):
+                if i in samples and not isinstance(item, CorruptSample):
+                    out[samples[i]] = item
+                if i >= max(samples):
+                    break
+        return out
+
+
+def ref_key(ref: Any) -> Any:
+    """A sample reference as a dict key (a streamed reference is a [shard, sample, epoch] list in JSON)."""
+    return tuple(ref) if isinstance(ref, list) else ref

@@ -1,4 +1,5 @@
-"""Aspect-bucket pools: samples wait here until a batch of one bucket can be made; bounded.
+"""Where samples wait: aspect-bucket pools until a batch of one bucket can be made, and a streamed source's shuffle
+buffer; both bounded by the worker's byte budget.
 
 A batch takes the mean aspect per image position for its crop, so samples of
 *similar* shape are enough.  When the pools of a stream would pass
@@ -12,8 +13,12 @@ bucket tuple (target last) and a size in bytes, so they are tested on integers.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
+
+import numpy as np
+
+from pipeline.train.stream.order import ref_key
 
 
 class ByteBudget:
@@ -104,6 +109,16 @@ class BucketPools:
             "pools": [[list(b), [[a, ref_of(item)] for a, item, _ in p]] for b, p in self.pools.items()],
         }
 
+    @staticmethod
+    def empty_state() -> dict[str, Any]:
+        """The saved state of pools that hold nothing (a partition that never read the stream)."""
+        return {"arrivals": 0, "fallbacks": 0, "pools": []}
+
+    @staticmethod
+    def refs_in(state: dict[str, Any]) -> list[Any]:
+        """The references of the items a saved state holds, in pool order (what a restore reads again)."""
+        return [ref for _, entries in state["pools"] for _, ref in entries]
+
     def load_state_dict(self, state: dict[str, Any], item_of) -> None:
         """``item_of(ref)`` → (item, size in bytes): the items are fetched again."""
         self.clear()
@@ -121,3 +136,47 @@ class BucketPools:
     def clear(self) -> None:
         self.budget.used -= sum(e[2] for p in self.pools.values() for e in p)
         self.pools.clear()
+
+
+class ShuffleBuffer:
+    """Up to ``size`` items, one drawn at random per take and replaced by the next from the source.
+
+    Bounded by the worker's :class:`ByteBudget` too: when it is spent the buffer shrinks
+    instead of refilling.  State: the generator and the references of what waits.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator, budget: ByteBudget, size_of: Callable[[Any], int]):
+        self.size, self.budget, self.size_of = size, budget, size_of
+        self.rng = rng
+        self.items: list[tuple[Any, Any]] = []
+
+    def next(self, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+        if self.size <= 1:
+            return take()
+        while len(self.items) < self.size and not (self.budget.spent() and self.items):
+            self._hold(take())
+        j = int(self.rng.integers(len(self.items)))
+        out = self.items[j]
+        self.budget.used -= self.size_of(out[1])
+        if self.budget.spent():
+            self.items.pop(j)
+        else:
+            ref, item = take()
+            self.items[j] = (ref, item)
+            self.budget.used += self.size_of(item)
+        return out
+
+    def _hold(self, entry: tuple[Any, Any]) -> None:
+        self.items.append(entry)
+        self.budget.used += self.size_of(entry[1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "buffer": [ref for ref, _ in self.items]}
+
+    def load_state_dict(self, state: dict[str, Any], items: dict) -> None:
+        """``items`` maps each saved reference (as a tuple) to its item, read again."""
+        self.rng.bit_generator.state = state["rng"]
+        self.budget.used -= sum(self.size_of(item) for _, item in self.items)
+        self.items = []
+        for ref in state.get("buffer", []):
+            self._hold((ref, items[ref_key(ref)]))

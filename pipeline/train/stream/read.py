@@ -1,7 +1,7 @@
 """Read: element id → the sample, with the run's draws for it (``decide.py``) and the embedding they chose.
 
 The read stage of an indexed stream: it locates an element in the order
-(``sources.IndexedOrder``), checks the shard's index against the manifest the
+(``order.IndexedOrder``), checks the shard's index against the manifest the
 order was sized from, reads the sample's json and images in one range read, then
 decides its draws and reads the one embedding variant the batch will use, so the
 read-ahead brings everything a batch needs. It raises what it cannot read; the
@@ -15,7 +15,7 @@ from pipeline.shards.tasks import Shard
 from pipeline.train.config import StreamConfig
 from pipeline.train.stream.decide import decide
 from pipeline.train.stream.errors import UnusableData
-from pipeline.train.stream.sources import IndexedOrder
+from pipeline.train.stream.order import IndexedOrder
 
 
 class IndexedReads:

@@ -1,193 +1,240 @@
-"""Order: which elements a partition takes, and in what order — one stage each, each with its own small state.
+"""A partition's source of samples: two strategies behind one interface, chosen once per stream.
 
-* :class:`IndexedOrder` — indexed shards in the computed sample-level order
-  (:class:`~pipeline.train.stream.order.EpochOrder`), taken through a
-  :class:`~pipeline.train.stream.order.Cursor`: it gives element ids, and the read
-  stage (``read.py``) and read-ahead (``readahead.py``) turn them into samples.
-* :class:`StreamedSource` — shards that can only be read front to back (``pipe:``,
-  no index): shards in a seeded order per epoch, every ``parts``-th sample owned.
-* :class:`ShuffleBuffer` — mixes a streamed source (an indexed order is already
-  shuffled), bounded in samples and by the worker's byte budget.
+* :class:`IndexedSource` — indexed shards: element ids in the computed order
+  (``order.IndexedOrder``), read by range (``read.py``) with reads in flight ahead
+  (``readahead.py``). Its state is a cursor; it takes over any other layout.
+* :class:`StreamedSource` — shards read front to back (``pipe:``, no index): the
+  items a partition owns (``order.StreamedOrder``), their draws decided, mixed by a
+  shuffle buffer (``pools.ShuffleBuffer``). Its state is the pass position, the
+  buffer's generator and the references of what waits; it resumes only on the same
+  ranks × workers.
 
-None of them knows about tar files or images, nor calls back into the stream that
-composes them; each is tested on plain integers (tests/{unit,integration}/test_stream_order.py).
+Both offer the same five things to the stream that composes them: the next usable
+sample (:meth:`Source.next`: every failure goes to the worker's error handler), the
+samples at saved references again (``reread``), their state (``state_dict``,
+``load_state_dict``), which references a saved state holds (``waiting``) and the
+take-over of another layout's states (``merge``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
-import numpy as np
-
-from pipeline.shards.reader import CorruptSample
-from pipeline.train.stream.errors import NoUsableSample
-from pipeline.train.stream.order import Cursor, EpochOrder, merge_cursors
-from pipeline.train.stream.pools import ByteBudget
-from pipeline.train.stream.seeding import SHARD_ORDER
-
-
-class IndexedOrder:
-    """The elements partition ``part`` of ``parts`` takes, in order; ``locate(g)`` is the (shard, sample) of ``g``."""
-
-    def __init__(self, counts: list[int], seed: int, salt: tuple[int, ...], part: int, parts: int):
-        self.order = EpochOrder(counts, seed, salt)
-        self.total = self.order.total
-        self.part, self.parts = part, parts
-        self.cursor = Cursor(part, parts)
-
-    def next(self) -> int:
-        return self.cursor.next()
-
-    def peek(self, count: int) -> list[int]:
-        """The next ``count`` elements, without moving (what read-ahead fetches)."""
-        return self.cursor.peek(count)
-
-    def locate(self, g: int) -> tuple[int, int]:
-        return self.order.locate(g)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.cursor = Cursor(self.part, self.parts, base=epoch * self.total)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor = Cursor.from_state(state["cursor"])
-
-    def merge(self, olds: list[dict[str, Any]]) -> None:
-        """Take over the positions of every partition of another layout (each element exactly once)."""
-        self.cursor = merge_cursors([Cursor.from_state(o["cursor"]) for o in olds], self.parts)[self.part]
+from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, stream_shard
+from pipeline.shards.tasks import DataConfigError, Shard
+from pipeline.train.config import StreamConfig
+from pipeline.train.stream.decide import decide
+from pipeline.train.stream.errors import ITEM, READ, ErrorHandler, UnusableData
+from pipeline.train.stream.order import IndexedOrder, StreamedOrder, ref_key
+from pipeline.train.stream.pools import ByteBudget, ShuffleBuffer
+from pipeline.train.stream.read import IndexedReads
+from pipeline.train.stream.readahead import Prefetch, ReadAhead
+from pipeline.train.stream.seeding import SHUFFLE_BUFFER, stable_id
 
 
-class StreamedSource:
-    """Shards read front to back, in a seeded order per epoch; sample ordinal ``o`` of the pass is partition
-    ``o % parts``'s.  ``read_shard(i)`` (the reader, a lower stage) yields shard ``i``'s items in file order.
+class Source:
+    """What a partition stream asks of its source (see the module docstring); ``indexed`` is saved in the state,
+    so a checkpoint of the other kind of source is recognised."""
 
-    Yields ``([shard, sample, epoch], item)`` for each owned item, a :class:`CorruptSample` included: the
-    stream's error handler decides what it costs.  A whole pass in which no item (owned or not) is usable
-    raises :class:`NoUsableSample` instead of looping for ever."""
+    indexed: bool
+
+    def __init__(self, task: str, n: int, config: StreamConfig, handler: ErrorHandler, key: str):
+        self.task, self.n, self.config, self.handler, self.key = task, n, config, handler, key
+
+    def next(self) -> tuple[Any, RawSample]:
+        """The next sample of this partition that can be read, with its draws."""
+        return self.next_usable()
+
+    def next_usable(self) -> tuple[Any, RawSample]:
+        """The next owned sample that reads; every failure to the handler, which skips it or stops the run."""
+        while True:
+            try:
+                ref, sample = self.take()
+                if isinstance(sample, CorruptSample):
+                    self.handler.handle(self.key, ITEM, sample.reason)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - the handler decides: skip it, or stop with a message
+                self.handler.handle(self.key, READ, exc)
+                continue
+            self.handler.passed(self.key, READ)
+            return ref, sample
+
+    def take(self) -> tuple[Any, RawSample | CorruptSample]:
+        raise NotImplementedError
+
+    def waiting(self, state: dict[str, Any]) -> list[Any]:
+        """The references a saved state of this source holds (read again on restore)."""
+        return []
+
+    def check_takeover(self) -> None:
+        """Refuse (:class:`DataConfigError`) when this source cannot take over another layout's states."""
+
+    def merge(self, olds: list[dict[str, Any]], waiting: list) -> list:
+        """Take over the states of every partition of another layout; returns which of the ``waiting`` references
+        (the old partitions' pooled samples) this partition holds from now on."""
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Forget reads in flight (before a restore moves the position)."""
+
+
+class IndexedSource(Source):
+    indexed = True
 
     def __init__(
         self,
-        num_shards: int,
-        seed: int,
-        salt: tuple[int, ...],
+        task,
+        n,
+        shards: list[Shard],
         part: int,
         parts: int,
-        read_shard: Callable[[int], Iterator[Any]],
+        config: StreamConfig,
+        reader: RangeReader,
+        index_cache: IndexCache,
+        readahead: ReadAhead | None,
+        handler,
+        key: str,
     ):
-        self.num_shards, self.seed, self.salt = num_shards, seed, tuple(salt)
+        super().__init__(task, n, config, handler, key)
+        self.total = sum(s.samples for s in shards)
+        if self.total == 0:
+            raise DataConfigError(f"task {task}: the shards with {n} source(s) hold no samples")
         self.part, self.parts = part, parts
-        self.read_shard = read_shard
-        self.seq = {"epoch": 0, "pos": 0, "sample": 0, "ordinal": 0}
-        self._iter: Iterator[tuple[list[int], Any]] | None = None
-        self._perm: tuple[int, np.ndarray] | None = None
+        self.order = IndexedOrder([s.samples for s in shards], config.seed, key_salt(task, n), part, parts)
+        self.reads = IndexedReads(task, n, shards, self.order, reader, index_cache, config)
+        self.ahead = Prefetch(readahead, self.reads.read, self.reads.size_of, max(4, 2 * config.batch_size))
 
-    def shard_order(self, epoch: int) -> np.ndarray:
-        """Shard order of ``epoch`` (the same for every partition)."""
-        if self._perm is None or self._perm[0] != epoch:
-            rng = SHARD_ORDER.rng(self.seed, *self.salt, epoch)
-            self._perm = (epoch, rng.permutation(self.num_shards))
-        return self._perm[1]
+    def take(self) -> tuple[int, RawSample]:
+        ref = self.order.next()
+        try:
+            return ref, self.ahead.take(ref)
+        finally:
+            self.ahead.plan(self.order.peek(self.ahead.depth))
 
-    def next(self) -> tuple[list[int], Any]:
-        if self._iter is None:
-            self._iter = self._walk()
-        return next(self._iter)
+    def reread(self, refs: list[int]) -> dict[int, RawSample]:
+        """One range read each."""
+        return {ref: self.reads.read(ref) for ref in refs}
 
-    def _walk(self) -> Iterator[tuple[list[int], Any]]:
-        st = self.seq
-        while True:
-            perm = self.shard_order(st["epoch"])
-            whole_pass, usable = st["pos"] == 0 and st["sample"] == 0, 0
-            while st["pos"] < len(perm):
-                index, skip = int(perm[st["pos"]]), st["sample"]
-                for i, item in enumerate(self.read_shard(index)):
-                    if i < skip:
-                        continue
-                    st["sample"] = i + 1
-                    owned = st["ordinal"] % self.parts == self.part
-                    st["ordinal"] += 1
-                    usable += not isinstance(item, CorruptSample)
-                    if owned:
-                        yield [index, i, st["epoch"]], item
-                st["pos"] += 1
-                st["sample"] = 0
-            if whole_pass and not usable:  # nothing in a whole pass can be used: an error, not an endless loop
-                raise NoUsableSample(f"no usable sample in a whole pass over {len(perm)} shard(s)")
-            st["epoch"] += 1
-            st["pos"] = 0
+    def drop(self) -> None:
+        self.ahead.drop()
 
     def start_epoch(self, epoch: int) -> None:
-        self.seq = {"epoch": epoch, "pos": 0, "sample": 0, "ordinal": 0}
-        self._iter = None
+        self.order.start_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seq": dict(self.seq)}
+        return self.order.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seq = dict(state["seq"])
-        self._iter = None
+    def load_state_dict(self, state: dict[str, Any], samples: dict) -> None:
+        self.order.load_state_dict(state)
 
-    def reread(self, refs: list) -> dict[tuple[int, ...], Any]:
-        """The items at ``refs`` ([shard, sample, epoch]) again: one pass per shard, up to the last one wanted."""
-        wanted: dict[int, dict[int, tuple[int, ...]]] = {}
-        for ref in refs:
-            wanted.setdefault(ref[0], {})[ref[1]] = ref_key(ref)
-        out = {}
-        for shard, samples in wanted.items():
-            for i, item in enumerate(self.read_shard(shard)):
-                if i in samples and not isinstance(item, CorruptSample):
-                    out[samples[i]] = item
-                if i >= max(samples):
-                    break
+    def merge(self, olds: list[dict[str, Any]], waiting: list[int]) -> list[int]:
+        """Take over every partition of another layout: the cursors merge, each element exactly once; of the
+        elements that waited in the old partitions, this partition's (``g % parts``), in order."""
+        self.order.merge(olds)
+        return sorted(ref for ref in waiting if ref % self.parts == self.part)
+
+
+def streamed_layout_refusal(task: str, n: int) -> DataConfigError:
+    return DataConfigError(
+        f"task {task} N={n}: streamed shards (pipe: or without an index) resume only on the same ranks × "
+        "DataLoader workers; index them (shards_tools) or resume with the same layout"
+    )
+
+
+class StreamedSource(Source):
+    indexed = False
+    total = None  # unknown until read
+
+    def __init__(
+        self,
+        task,
+        n,
+        shards: list[Shard],
+        part: int,
+        parts: int,
+        config: StreamConfig,
+        reader: RangeReader,
+        budget: ByteBudget,
+        size_of,
+        handler,
+        key: str,
+    ):
+        super().__init__(task, n, config, handler, key)
+        salt = key_salt(task, n)
+        read_shard = partial(read_streamed, [s.url for s in shards], config.storage_options, reader.policy)
+        self.order = StreamedOrder(len(shards), config.seed, salt, part, parts, read_shard=read_shard)
+        size = max(0, config.shuffle_buffer)
+        self.buffer = ShuffleBuffer(size, SHUFFLE_BUFFER.rng(config.seed, *salt, part), budget, size_of)
+
+    def next(self) -> tuple[Any, RawSample]:
+        return self.buffer.next(self.next_usable)
+
+    def take(self) -> tuple[list[int], RawSample | CorruptSample]:
+        ref, sample = self.order.next()
+        if not isinstance(sample, CorruptSample):
+            sample.choice = decide(sample.meta, self.config, self.task, self.n, tuple(ref))
+        return ref, sample
+
+    def reread(self, refs: list) -> dict[Any, RawSample]:
+        """One pass per shard, up to the last reference wanted in it."""
+        out = self.order.reread(refs)
+        missing = [r for r in refs if ref_key(r) not in out]
+        if missing:
+            raise UnusableData(
+                f"task {self.task} N={self.n}: the samples that waited at the checkpoint cannot be read again "
+                f"({missing[:3]}...): a shard changed in place; check it with python -m shards_tools verify"
+            )
+        for ref, sample in out.items():
+            sample.choice = decide(sample.meta, self.config, self.task, self.n, ref)
         return out
 
+    def waiting(self, state: dict[str, Any]) -> list[Any]:
+        return list(state.get("buffer", []))
 
-class ShuffleBuffer:
-    """Up to ``size`` items, one drawn at random per take and replaced by the next from the source.
-
-    Bounded by the worker's :class:`ByteBudget` too: when it is spent the buffer shrinks
-    instead of refilling.  State: the generator and the references of what waits.
-    """
-
-    def __init__(self, size: int, rng: np.random.Generator, budget: ByteBudget, size_of: Callable[[Any], int]):
-        self.size, self.budget, self.size_of = size, budget, size_of
-        self.rng = rng
-        self.items: list[tuple[Any, Any]] = []
-
-    def next(self, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
-        if self.size <= 1:
-            return take()
-        while len(self.items) < self.size and not (self.budget.spent() and self.items):
-            self._hold(take())
-        j = int(self.rng.integers(len(self.items)))
-        out = self.items[j]
-        self.budget.used -= self.size_of(out[1])
-        if self.budget.spent():
-            self.items.pop(j)
-        else:
-            ref, item = take()
-            self.items[j] = (ref, item)
-            self.budget.used += self.size_of(item)
-        return out
-
-    def _hold(self, entry: tuple[Any, Any]) -> None:
-        self.items.append(entry)
-        self.budget.used += self.size_of(entry[1])
+    def start_epoch(self, epoch: int) -> None:
+        self.order.start_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "buffer": [ref for ref, _ in self.items]}
+        return {**self.order.state_dict(), **self.buffer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any], items: dict) -> None:
-        """``items`` maps each saved reference (as a tuple) to its item, read again."""
-        self.rng.bit_generator.state = state["rng"]
-        self.budget.used -= sum(self.size_of(item) for _, item in self.items)
-        self.items = []
-        for ref in state.get("buffer", []):
-            self._hold((ref, items[ref_key(ref)]))
+    def load_state_dict(self, state: dict[str, Any], samples: dict) -> None:
+        self.order.load_state_dict(state)
+        self.buffer.load_state_dict(state, samples)
+
+    def check_takeover(self) -> None:
+        raise streamed_layout_refusal(self.task, self.n)
+
+    def merge(self, olds: list[dict[str, Any]], waiting: list) -> list:
+        raise streamed_layout_refusal(self.task, self.n)
 
 
-def ref_key(ref: Any) -> Any:
-    return tuple(ref) if isinstance(ref, list) else ref
+def key_salt(task: str, n: int) -> tuple[int, int]:
+    """A stream's part of every seed of its order: the same in every process and run."""
+    return (stable_id(task), n)
+
+
+def read_streamed(urls: list[str], storage_options: dict | None, policy, index: int):
+    """Shard ``index`` of ``urls`` front to back (the reader stage the streamed order is given)."""
+    return stream_shard(urls[index], storage_options, policy)
+
+
+def open_source(
+    task: str,
+    n: int,
+    shards: list[Shard],
+    part: int,
+    parts: int,
+    config: StreamConfig,
+    reader: RangeReader,
+    index_cache: IndexCache,
+    handler: ErrorHandler,
+    key: str,
+    budget: ByteBudget,
+    readahead: ReadAhead | None,
+    size_of,
+) -> Source:
+    """The strategy for ``shards``: indexed when every shard has an index and a sample count, else streamed."""
+    if all(s.index_url and s.samples is not None for s in shards):
+        return IndexedSource(task, n, shards, part, parts, config, reader, index_cache, readahead, handler, key)
+    return StreamedSource(task, n, shards, part, parts, config, reader, budget, size_of, handler, key)

@@ -6,8 +6,11 @@ references to the samples waiting in pools and buffers; the loader's state holds
 one per worker (or the main process's). Same layout: each worker restores its own
 (:func:`restore`). Another layout of ranks × workers (0 and 1 worker included):
 every rank reads all old partitions' states and each worker takes its streams over
-(:func:`elastic_resume`, :func:`take_over`): the cursors merge and every sample of
-the epoch still comes once.
+(:func:`elastic_resume`, :func:`takeover_states`, then each stream's own merge): the
+cursors merge and every sample of the epoch still comes once.
+
+Everything here is a pure function from states to states (or a refusal): the
+dataset applies them to itself, and each stage restores and merges its own part.
 """
 
 from __future__ import annotations
@@ -54,57 +57,54 @@ def json_state(state: Any) -> Any:
     return json.loads(json.dumps(state))
 
 
-def restore(dataset, state: dict[str, Any]) -> None:
-    """A worker's own state of the same layout: every stream restored (bitwise exact)."""
+def check_version(state: dict[str, Any]) -> None:
+    """Refuse a worker state written by a newer version (its fields may mean something else)."""
     version = state.get("version", 1)
     if version > DATA_STATE_VERSION:
         raise DataConfigError(
             f"the checkpoint's data state is version {version}; this version reads up to "
             f"{DATA_STATE_VERSION}: resume with the version that wrote it"
         )
-    dataset.base = state.get("base", 0)
-    if state["made"] == 0 and not state["streams"]:
-        return  # this worker had not made a batch when the checkpoint was taken: nothing to restore
-    if state["workers"] != dataset._workers or state["world_size"] != dataset.world_size:
+
+
+def untouched(state: dict[str, Any]) -> bool:
+    """Whether a worker had made no batch and read no stream when its state was taken: nothing to restore."""
+    return state["made"] == 0 and not state["streams"]
+
+
+def check_same_layout(state: dict[str, Any], workers: int, world: int) -> None:
+    """A worker's own state must be of the run's layout; another layout resumes through :func:`takeover_states`."""
+    if state["workers"] != workers or state["world_size"] != world:
         raise DataConfigError(  # the loop takes another layout over with set_elastic; this is a direct misuse
             f"this worker's state is of {state['world_size']} rank(s) × {state['workers']} worker(s), the run "
-            f"has {dataset.world_size} × {dataset._workers}; resume through the checkpoint folder (set_elastic)"
+            f"has {world} × {workers}; resume through the checkpoint folder (set_elastic)"
         )
-    dataset.made = state["made"]
-    for key, stream_state in state["streams"].items():
-        task, n = key.rsplit("|", 1)
-        stream = dataset._stream(task, int(n))
-        if version < 2:  # written before the sample-level order: positions cannot be mapped
-            stream.start_new_epoch({"generation": 0})
-        else:
-            stream.load_state_dict(stream_state)
 
 
-def take_over(dataset, elastic: dict[str, Any]) -> None:
-    """This worker's part of a resume from another layout: its next step, and every stream merged."""
-    dataset.base, dataset.made = elastic["next_step"], 0
+def stream_key(key: str) -> tuple[str, int]:
+    """``"task|N"`` → (task, N)."""
+    task, n = key.rsplit("|", 1)
+    return task, int(n)
+
+
+def stream_states(state: dict[str, Any]) -> list[tuple[str, int, dict[str, Any] | None]]:
+    """(task, N, the stream's state) of every stream of a worker's state; None where the state predates the
+    sample-level order (version 1): its positions cannot be mapped, the stream starts a new epoch."""
+    mappable = state.get("version", 1) >= 2
+    return [(*stream_key(key), stream if mappable else None) for key, stream in state["streams"].items()]
+
+
+def takeover_states(partitions: list[dict[str, Any]], untouched_state) -> dict[str, list[dict[str, Any]]]:
+    """Every stream's states across all old partitions, one per partition: a partition that never read a stream
+    had consumed nothing of it, and gets ``untouched_state(template, part)`` (the stream's own empty state of
+    that layout). Streamed states (no cursor) are passed on as they are, to be refused by their source."""
     by_stream: dict[str, list[dict[str, Any]]] = {}
-    for partition in elastic["partitions"]:
+    for partition in partitions:
         for key, stream_state in partition["streams"].items():
             by_stream.setdefault(key, []).append(stream_state)
-    parts = len(elastic["partitions"])
-    for key, olds in by_stream.items():
-        task, n = key.rsplit("|", 1)
-        if task not in dataset.tasks or int(n) not in dataset.tasks[task].shards:
-            continue
-        # partitions that never read this stream had consumed nothing of it
+    for olds in by_stream.values():
         present = {o["cursor"]["part"] for o in olds if "cursor" in o}
         template = next((o for o in olds if "cursor" in o), None)
         if template is not None:
-            for p in range(parts):
-                if p not in present:
-                    olds.append(
-                        {
-                            **template,
-                            "cursor": {**template["cursor"], "part": p, "k": 0},
-                            "pools": {"arrivals": 0, "pools": []},
-                            "skipped": 0,
-                        }
-                    )
-        dataset._stream(task, int(n)).load_elastic(olds)
-    dataset._elastic = None
+            olds.extend(untouched_state(template, p) for p in range(len(partitions)) if p not in present)
+    return by_stream
