@@ -92,7 +92,7 @@ def worker(model: str, lora: bool, whole: bool = False) -> None:
     from accelerate import Accelerator
     from safetensors import safe_open
 
-    from pipeline.train.config import LoraConfig, ModelConfig
+    from pipeline.train.config.model import LoraConfig, ModelConfig
     from pipeline.train.engine import parallel
     from pipeline.train.engine.loading import BASE_LAYER, safetensors_source, shard_rows
     from pipeline.train.engine.model import build_training_models

@@ -199,7 +199,7 @@ def run_ours(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.stream.mix import plan_mix
 
     if str(shards_root).startswith("http"):  # no listing over HTTP: the shards by pattern

@@ -127,7 +127,7 @@ def train(
 def bare_step_seconds(model: Path, lora: bool, mixed: str, size: int, device: str, repeats: int = 5) -> float:
     """The transformer alone: forward + loss + backward on random tensors shaped like one training step."""
     from pipeline.families.qwen_edit import DEFAULT_LORA_TARGETS
-    from pipeline.train.config import LoraConfig, ModelConfig
+    from pipeline.train.config.model import LoraConfig, ModelConfig
     from pipeline.train.engine.model import build_training_models
 
     lora_cfg = LoraConfig(rank=64, alpha=64, target_modules=DEFAULT_LORA_TARGETS) if lora else None

@@ -22,18 +22,10 @@ from pipeline.common.logs import setup_logging
 from pipeline.common.options import add_options, from_flags
 from pipeline.common.process_group import distributed_env, leave_process_group
 from pipeline.errors import USER_EXIT, DataError, UserError
-from pipeline.train.config import (
-    OPTION_GROUPS,
-    FlowConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimConfig,
-    PlanOptions,
-    StreamConfig,
-    config_from_args,
-    resolve_model_defaults,
-    use_fsdp,
-)
+from pipeline.train.config import OPTION_GROUPS, config_from_args, resolve_model_defaults, use_fsdp
+from pipeline.train.config.data import StreamConfig
+from pipeline.train.config.model import FlowConfig, LoraConfig, ModelConfig, OptimConfig
+from pipeline.train.config.run import PlanOptions
 from pipeline.train.engine.checkpoint.manager import NonFiniteState
 from pipeline.train.engine.data_only import run_data_only
 from pipeline.train.engine.step import NonFiniteTraining
@@ -45,7 +37,7 @@ log = logging.getLogger("pipeline.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag, derived from the option fields of the training configs (pipeline/train/config.py)."""
+    """Every flag, derived from the option fields of the training configs (pipeline/train/config/)."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.train",
         description="Train a Qwen-Image-Edit transformer on WebDataset shards mixed by task and source count.",

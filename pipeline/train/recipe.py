@@ -105,7 +105,7 @@ def _scalar(path: str, key: str, value: Any, action: argparse.Action) -> str:
     if isinstance(value, dict):  # weights: {task_a: 0.5, task_b: 1}
         text = ",".join(f"{k}={v}" for k, v in value.items())
         if key in WEIGHT_FLAGS:
-            from pipeline.train.config import parse_weights
+            from pipeline.train.config.data import parse_weights
 
             try:
                 parse_weights(text, key)
@@ -243,7 +243,7 @@ def with_model_identity(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _comparable(recipe: dict[str, Any], paths_by_content: bool) -> dict[str, Any]:
-    from pipeline.train.config import parse_weights, split_patterns
+    from pipeline.train.config.data import parse_weights, split_patterns
 
     out = {k: v for k, v in recipe.items() if k not in RUN_ONLY}
     if paths_by_content:  # both recipes identify the model by content: its path may be spelled any way

@@ -38,7 +38,7 @@ def test_training_hands_the_transformer_the_target_source_split_inference_does(t
     from PIL import Image
 
     from pipeline.families.qwen_edit import forward
-    from pipeline.train.config import FlowConfig
+    from pipeline.train.config.model import FlowConfig
     from pipeline.train.engine import flow
     from pipeline.train.engine.model import load_scheduler, load_transformer, load_vae
     from pipeline.train.engine.step import batch_loss

@@ -50,7 +50,7 @@ def test_lora_under_fsdp_starts_from_the_adapter_every_mode_starts_from(wide_mod
 def test_one_process_loads_what_from_pretrained_loads_block_by_block(tiny_model_dir):
     from diffusers import QwenImageTransformer2DModel
 
-    from pipeline.train.config import LoraConfig, ModelConfig
+    from pipeline.train.config.model import LoraConfig, ModelConfig
     from pipeline.train.engine.loading import lora_init
     from pipeline.train.engine.model import build_training_models
 

@@ -83,7 +83,7 @@ def test_the_stream_shows_each_condition_resized_to_its_stored_size_never_croppe
 
     from pipeline.common.images import open_rgba
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.mix import plan_mix
 

@@ -15,7 +15,7 @@ import torch
 from helpers import PickleBomb, extract, run_module, torchrun
 
 from pipeline.shards.tasks import discover_tasks, task_from_patterns
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.dataset import MixedBatchDataset
 from pipeline.train.stream.mix import plan_mix
 

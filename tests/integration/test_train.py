@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 @pytest.mark.slow
 def test_overfitting_a_handful_of_samples_drives_the_loss_down(tiny_model_dir, edit_meta, tmp_path):
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import FlowConfig, StreamConfig
+    from pipeline.train.config.data import StreamConfig
+    from pipeline.train.config.model import FlowConfig
     from pipeline.train.engine import step as trainer_mod
     from pipeline.train.engine.model import load_scheduler, load_transformer, load_vae
     from pipeline.train.stream.dataset import MixedBatchDataset
@@ -285,7 +286,7 @@ def test_ddp_two_processes_resume_is_bitwise_identical(tiny_model_dir, meta_dir,
 def test_sync_mode_encodes_like_offline_extraction(sample_data_dir, tiny_model_dir, tmp_path):
     from pipeline.shards.format import npy_to_embedding
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.engine.step import encode_online
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.mix import plan_mix

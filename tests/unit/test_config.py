@@ -7,7 +7,8 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.shards.tasks import DataConfigError
 from pipeline.train.cli import build_parser
-from pipeline.train.config import LoraConfig, config_from_args
+from pipeline.train.config import config_from_args
+from pipeline.train.config.model import LoraConfig
 
 BASE = ["--train_data_meta_dir", "meta", "--output_dir", "out", "--max_train_steps", "10"]
 

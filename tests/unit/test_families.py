@@ -133,7 +133,7 @@ def test_a_manifest_without_a_family_is_qwen_edit_and_tasks_of_two_families_are_
     from helpers import synthetic_task
 
     from pipeline.shards.tasks import DataConfigError, discover_tasks
-    from pipeline.train.config import DataConfig
+    from pipeline.train.config.data import DataConfig
     from pipeline.train.stream.startup import check_conditioning, check_family
 
     for name in ("old", "other"):

@@ -56,7 +56,7 @@ def test_non_finite_embeddings_fail_their_sample_at_write_time():
 
 def test_a_broken_manifest_names_its_file_and_unlisted_tasks_are_not_opened(tmp_path):
     from pipeline.shards.tasks import DataConfigError
-    from pipeline.train.config import DataConfig
+    from pipeline.train.config.data import DataConfig
     from pipeline.train.stream.startup import load_tasks
 
     good = {"shards": [{"url": "src1/00000-000000.tar", "num_sources": 1, "samples": 3}], "null_embedding": None}

@@ -88,7 +88,7 @@ def test_clip_bound_follows_the_original_schedule(norm, step):
 
 def test_the_loop_clips_gradients_to_the_bound():
     """The step's clipping on real gradients: the warm threshold early, the damped bound for a spike later."""
-    from pipeline.train.config import OptimConfig
+    from pipeline.train.config.model import OptimConfig
     from pipeline.train.engine.step import clip_gradients
 
     layer = torch.nn.Linear(4, 4)
@@ -280,7 +280,7 @@ def test_bad_recipes_name_the_key(tmp_path, content, message):
 
 
 def test_weights_on_the_command_line_are_finite():
-    from pipeline.train.config import parse_weights
+    from pipeline.train.config.data import parse_weights
 
     for text in ("a=inf", "a=1,b=-inf", "a=nan"):
         with pytest.raises(ValueError, match="finite number >= 0"):

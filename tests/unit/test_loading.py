@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.train.config import ModelConfig
+from pipeline.train.config.model import ModelConfig
 from pipeline.train.engine.model import build_training_models
 
 

@@ -10,19 +10,10 @@ import pytest
 from pipeline.common.options import options_of
 from pipeline.train import recipe
 from pipeline.train.cli import build_parser
-from pipeline.train.config import (
-    OPTION_CLASSES,
-    CheckpointConfig,
-    DataConfig,
-    FlowConfig,
-    ModelConfig,
-    OptimConfig,
-    StreamConfig,
-    TrackingConfig,
-    TrainConfig,
-    ValidationConfig,
-    config_from_args,
-)
+from pipeline.train.config import OPTION_CLASSES, TrainConfig, config_from_args
+from pipeline.train.config.data import DataConfig, StreamConfig
+from pipeline.train.config.model import FlowConfig, ModelConfig, OptimConfig
+from pipeline.train.config.run import CheckpointConfig, TrackingConfig, ValidationConfig
 
 # fields that are not flags: nested configs, values derived from other flags, and internal settings
 NOT_FLAGS = {

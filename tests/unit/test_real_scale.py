@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.train.config import FlowConfig, LoraConfig, ModelConfig
+from pipeline.train.config.model import FlowConfig, LoraConfig, ModelConfig
 
 HIDDEN_STATES_OF = "last_hidden_state"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.shards.tasks import DataConfigError, Task
-from pipeline.train.config import StreamConfig, parse_weights
+from pipeline.train.config.data import StreamConfig, parse_weights
 from pipeline.train.stream import dataset as stream_mod
 from pipeline.train.stream.decide import choose_variant
 from pipeline.train.stream.errors import UnusableData
@@ -116,7 +116,7 @@ def _made_with(name: str, style: str, digest: str | None, hidden: int = 64, ns=(
 
 
 def _build(tasks, allow_mixed=False, weights="0=1,1=1,2=1,3=1", text_drop_ratio=0.05, task_weights=None):
-    from pipeline.train.config import DataConfig
+    from pipeline.train.config.data import DataConfig
     from pipeline.train.stream.startup import mix_tasks
 
     config = DataConfig(
@@ -199,7 +199,7 @@ def test_a_prompt_the_transformer_cannot_position_costs_a_sample_not_the_run(tmp
 
     from pipeline.families.qwen_edit.forward import ROPE_POSITIONS, text_positions
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.mix import plan_mix
 
@@ -221,7 +221,7 @@ def test_an_embedding_of_another_width_or_with_nan_costs_its_sample_named_before
     from helpers import synthetic_task
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.mix import plan_mix
 
@@ -287,7 +287,7 @@ def test_a_workers_stop_reaches_the_run_as_its_own_line_naming_the_task(tmp_path
     from helpers import synthetic_task
 
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import DataConfig
+    from pipeline.train.config.data import DataConfig
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.loader import build_loader, next_batch, stop_workers
 

@@ -15,7 +15,7 @@ from helpers import encode_image, synthetic_task
 from pipeline.crops import crop_size
 from pipeline.shards.reader import CorruptSample
 from pipeline.shards.tasks import DataConfigError, discover_tasks, task_from_patterns
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.dataset import MixedBatchDataset
 from pipeline.train.stream.errors import NoUsableSample, UnusableData
 from pipeline.train.stream.mix import plan_mix

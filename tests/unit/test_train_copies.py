@@ -129,7 +129,7 @@ def test_the_training_stream_gives_the_same_batches_with_copies_at_batch_size_on
     2x or more at 64 px, which the original path decodes at a reduced DCT scale (an approximation, 26-46 dB at
     these 64-px crops); the copy comes from a full decode and equals a full decode's crop (test above)."""
     from pipeline.shards.tasks import discover_tasks
-    from pipeline.train.config import StreamConfig
+    from pipeline.train.config.data import StreamConfig
     from pipeline.train.stream.dataset import MixedBatchDataset
     from pipeline.train.stream.mix import plan_mix
 

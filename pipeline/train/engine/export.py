@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.train.config import LoraConfig
+from pipeline.train.config.model import LoraConfig
 from pipeline.train.engine import model as models
 from pipeline.train.engine import parallel
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.train.config import FP8_FORMATS
+from pipeline.train.config.model import FP8_FORMATS
 
 FP8_DTYPES = {name: getattr(torch, name) for name in FP8_FORMATS}
 

@@ -13,7 +13,7 @@ import torch
 from pipeline import families
 from pipeline.common.flags import require_model_folder
 from pipeline.errors import UserError
-from pipeline.train.config import ModelConfig
+from pipeline.train.config.model import ModelConfig
 
 log = logging.getLogger(__name__)
 

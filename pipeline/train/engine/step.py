@@ -15,7 +15,7 @@ import torch
 
 from pipeline import families
 from pipeline.common import images as imaging
-from pipeline.train.config import FlowConfig, OptimConfig
+from pipeline.train.config.model import FlowConfig, OptimConfig
 from pipeline.train.engine import flow
 from pipeline.train.engine.clipping import clip_bound
 from pipeline.train.stream.batching import pad_embeddings

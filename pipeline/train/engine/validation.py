@@ -35,7 +35,7 @@ from pipeline import families
 from pipeline.common import images as imaging
 from pipeline.common.preview import contact_sheet
 from pipeline.crops import crop_size
-from pipeline.train.config import ValidationConfig
+from pipeline.train.config.run import ValidationConfig
 
 log = logging.getLogger(__name__)
 

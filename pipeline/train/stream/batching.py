@@ -25,7 +25,7 @@ from pipeline.shards import copies
 from pipeline.shards.format import copy_role, image_entry, npy_to_embedding, npy_to_image
 from pipeline.shards.reader import RangeReader, RawSample
 from pipeline.shards.tasks import Task
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.errors import UnusableSample
 
 

@@ -30,7 +30,7 @@ from pipeline.common import images as imaging
 from pipeline.errors import DataError
 from pipeline.shards.reader import IndexCache, RangeReader, RawSample
 from pipeline.shards.tasks import Shard, Task
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream import state as states
 from pipeline.train.stream.batching import assemble_batch
 from pipeline.train.stream.errors import ASSEMBLE, DATA_ERROR, ErrorHandler, UnusableSample

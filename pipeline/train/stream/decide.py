@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.shards.format import VARIANT_TEXT
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.seeding import CROP, VARIANT, stable_id
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from pipeline.common.workers import stream_worker_init
-from pipeline.train.config import DataConfig, StreamConfig
+from pipeline.train.config.data import DataConfig, StreamConfig
 from pipeline.train.stream.dataset import MixedBatchDataset
 from pipeline.train.stream.errors import DATA_ERROR, UnusableData
 from pipeline.train.stream.startup import load_tasks, mix_tasks

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pipeline.shards.reader import IndexCache, RangeReader, RawSample, eager_members, read_indexed_sample
 from pipeline.shards.tasks import Shard
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.decide import decide
 from pipeline.train.stream.errors import UnusableData
 from pipeline.train.stream.order import IndexedOrder

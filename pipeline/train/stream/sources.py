@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.shards.reader import CorruptSample, IndexCache, RangeReader, RawSample, stream_shard
 from pipeline.shards.tasks import DataConfigError, Shard
-from pipeline.train.config import StreamConfig
+from pipeline.train.config.data import StreamConfig
 from pipeline.train.stream.decide import decide
 from pipeline.train.stream.errors import ITEM, READ, ErrorHandler, UnusableData
 from pipeline.train.stream.order import IndexedOrder, StreamedOrder, ref_key

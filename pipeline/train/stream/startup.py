@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.shards.tasks import DataConfigError, Task, discover_tasks, task_from_patterns
-from pipeline.train.config import DataConfig, StreamConfig
+from pipeline.train.config.data import DataConfig, StreamConfig
 from pipeline.train.stream.mix import MixPlan, plan_mix
 
 log = logging.getLogger("pipeline.train")
