@@ -13,10 +13,13 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import families
 from pipeline.common.logs import setup_logging
+from pipeline.common.options import Checked, add_options, at_least, from_flags, option
+from pipeline.errors import USER_EXIT, UserError
 
 log = logging.getLogger("pipeline.demo")
 TASKS = ("edit_single", "compose_multi", "text_to_image")
@@ -62,42 +65,23 @@ def write_validation_rows(data: dict[str, Path], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
-    parser.add_argument("--work_dir", default=None, help="where to write everything (default: a new temp folder)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per sample-data task")
-    parser.add_argument("--steps", type=int, default=20, help="training steps (a checkpoint and resume at half)")
-    parser.add_argument(
-        "--family",
-        choices=sorted(families.FAMILIES),
-        default="qwen_edit",
-        help="the tiny model's family: qwen_edit (Qwen-Image-Edit 2509 layout, default) or qwen_image21",
+@dataclass
+class DemoOptions(Checked):
+    """``python -m pipeline.demo``'s options (the flags are these fields)."""
+
+    work_dir: str | None = option(None, "where to write everything (default: a new temp folder)")
+    samples: int = option(8, "samples per sample-data task", check=at_least(1))
+    steps: int = option(20, "training steps (a checkpoint and resume at half)", check=at_least(2))
+    family: str = option(
+        "qwen_edit",
+        "the tiny model's family: qwen_edit (Qwen-Image-Edit 2509 layout, default) or qwen_image21",
+        choices=tuple(sorted(families.FAMILIES)),
     )
-    args = parser.parse_args(argv)
-    family = families.get(args.family)
-    setup_logging()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
-    started = time.perf_counter()
 
-    from pipeline.kit.sample_data import make_sample_data
-    from pipeline.kit.tiny_model import make_tiny_model
-    from pipeline.train import cli as train
 
-    model = make_tiny_model(work / "tiny-model", seed=0, family=family.name)
-    log.info("1/5 tiny model: %s", model)
-    data = make_sample_data(work / "sample-data", samples=args.samples, seed=0)
-    log.info("2/5 sample data: %s", ", ".join(str(p) for p in data.values()))
-
-    shards = work / "shards"
-    code = extract_tasks(data, shards, model, max_samples_per_shard=4)
-    if code:
-        return code
-    log.info("3/5 shards: %s (manifest.json per task)", shards)
-
-    run = work / "run"
-    half = max(1, args.steps // 2)
-    validation = write_validation_rows(data, work / "validation.jsonl")
-    common = [
+def training_flags(model: Path, shards: Path, run: Path, validation: Path, half: int, steps: int, family) -> list[str]:
+    """The demo's training command line (both halves of the run: the stop at ``half`` and the resume)."""
+    return [
         "--pretrained_model_name_or_path",
         str(model),
         "--train_data_meta_dir",
@@ -129,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         "--validation_jsonl",
         str(validation),
         "--validation_steps",
-        str(args.steps),
+        str(steps),
         "--validation_inference_steps",
         "4",
     ]
-    train.main([*common, "--max_train_steps", str(half)])
-    log.info("4/5 trained %d steps, stopped; resuming from %s", half, run / f"checkpoint-{half}")
-    train.main([*common, "--max_train_steps", str(args.steps), "--resume_from_checkpoint", "latest"])
 
+
+def infer(family, model: Path, run: Path, data: dict[str, Path]) -> Path:
+    """diffusers inference with the trained transformer on a sample-data edit; the image's path."""
     import torch
     from diffusers.utils import load_image
 
@@ -150,6 +134,46 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     result = run / "demo_inference.png"
     image.save(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
+    add_options(parser, DemoOptions)
+    try:
+        opts = from_flags(DemoOptions, parser.parse_args(argv))
+    except UserError as exc:
+        print(f"python -m pipeline.demo: {exc}", file=sys.stderr)
+        return USER_EXIT
+    family = families.get(opts.family)
+    setup_logging()
+    work = Path(opts.work_dir or tempfile.mkdtemp(prefix="qwen-edit-demo-"))
+    started = time.perf_counter()
+
+    from pipeline.kit.sample_data import make_sample_data
+    from pipeline.kit.tiny_model import make_tiny_model
+    from pipeline.train import cli as train
+
+    model = make_tiny_model(work / "tiny-model", seed=0, family=family.name)
+    log.info("1/5 tiny model: %s", model)
+    data = make_sample_data(work / "sample-data", samples=opts.samples, seed=0)
+    log.info("2/5 sample data: %s", ", ".join(str(p) for p in data.values()))
+
+    shards = work / "shards"
+    code = extract_tasks(data, shards, model, max_samples_per_shard=4)
+    if code:
+        return code
+    log.info("3/5 shards: %s (manifest.json per task)", shards)
+
+    run = work / "run"
+    half = max(1, opts.steps // 2)
+    validation = write_validation_rows(data, work / "validation.jsonl")
+    common = training_flags(model, shards, run, validation, half, opts.steps, family)
+    train.main([*common, "--max_train_steps", str(half)])
+    log.info("4/5 trained %d steps, stopped; resuming from %s", half, run / f"checkpoint-{half}")
+    train.main([*common, "--max_train_steps", str(opts.steps), "--resume_from_checkpoint", "latest"])
+
+    result = infer(family, model, run, data)
     log.info("5/5 inference with the trained transformer: %s", result)
     print(
         "\n".join(

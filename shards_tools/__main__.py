@@ -7,11 +7,12 @@ import json
 import logging
 import sys
 
-from pipeline.common.flags import add_max_failure_ratio, add_shard_size, add_storage_options, add_train_copy_size
 from pipeline.common.logs import setup_logging
+from pipeline.common.options import add_options, from_flags
 from pipeline.common.workers import exit_on_sigterm
 from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.shards.commits import failure_exit_code
+from shards_tools.commands import COMMANDS
 
 log = logging.getLogger("shards_tools")
 
@@ -83,16 +84,9 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _convert_legacy(args: argparse.Namespace) -> int:
-    from shards_tools.convert import ConvertOptions, convert_legacy
+    from shards_tools.convert import convert_legacy
 
-    options = ConvertOptions(
-        max_samples_per_shard=args.max_samples_per_shard,
-        null_embedding=args.null_embedding,
-        model_path=args.model_path,
-        path_map=[_path_map(text) for text in args.path_map],
-        train_copy_size=args.train_copy_size,
-    )
-    result = convert_legacy(args.legacy_dir, args.output_dir, _storage(args), options, args.layout)
+    result = convert_legacy(args.legacy_dir, args.output_dir, _storage(args), args, args.layout)
     lines = [
         f"{name}: {m['samples']} sample(s) in {len(m['shards'])} shard(s); "
         f"{m['failures']} line(s) in _failures/ {m['failures_by_reason']}"
@@ -117,13 +111,6 @@ def _task_output(args: argparse.Namespace, result: dict, name: str) -> str:
     return args.output_dir if result["layout"] == "task" else f"{args.output_dir.rstrip('/')}/{name}"
 
 
-def _path_map(text: str) -> tuple[str, str]:
-    old, sep, new = text.partition("=")
-    if not sep or not old:
-        raise UserError(f"--path_map expects OLD_PREFIX=NEW_PREFIX, got {text!r}")
-    return old, new
-
-
 def _reshard(args: argparse.Namespace) -> int:
     from shards_tools.reshard import reshard
 
@@ -138,172 +125,38 @@ def _reshard(args: argparse.Namespace) -> int:
     return failure_exit_code("reshard", own["ok"], own["failed"], args.max_failure_ratio, where)
 
 
-def _common(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
-    add_storage_options(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from shards_tools.convert import LAYOUTS
-
+    """One subparser per command, its flags derived from the command's option fields (``shards_tools/commands.py``)."""
     parser = argparse.ArgumentParser(
         prog="python -m shards_tools",
         description="Inspect and maintain shard datasets; write the offline tiny model and sample data.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND", help="run one with --help")
-
-    tiny = sub.add_parser(
-        "make-tiny-model",
-        help="write a tiny random-weight model in the Qwen-Image-Edit-2509 (or 2511) diffusers layout",
-        description="Write, offline and deterministically, a tiny random-weight model that "
-        "diffusers' pipeline of the Qwen-Image-Edit family loads with from_pretrained (tests, demo, CI).",
-    )
-    tiny.add_argument("out_dir", help="directory to write (created if missing)")
-    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
-    tiny.add_argument(
-        "--size",
-        choices=["tiny", "bench"],
-        default="tiny",
-        help="tiny: 4 MB, for tests and the demo (default); bench: ~60 MB, big enough that the encoder "
-        "forward dominates CPU benchmarks",
-    )
-    tiny.add_argument(
-        "--variant",
-        choices=["2509", "2511"],
-        default="2509",
-        help="2509 (default; also the layout of FireRed-Image-Edit 1.0/1.1) or 2511 (zero_cond_t: the source "
-        "images' tokens are modulated as at t = 0)",
-    )
-    tiny.add_argument(
-        "--family",
-        choices=["qwen_edit", "qwen_image21"],
-        default="qwen_edit",
-        help="qwen_edit (default: Qwen-Image-Edit, --variant picks 2509 or 2511) or qwen_image21 (Qwen-Image 2.1: "
-        "Qwen3-VL, the single-stream DiT, the RGBA VAE)",
-    )
-    tiny.set_defaults(func=_make_tiny_model)
-
-    data = sub.add_parser(
-        "make-sample-data",
-        help="write small real editing datasets (one folder + data.jsonl per task)",
-        description="Write one folder per task (edit_single, compose_multi, text_to_image) with "
-        "images and a data.jsonl in the extraction input format.",
-    )
-    data.add_argument("out_dir", help="directory to write (created if missing)")
-    data.add_argument("--samples", type=int, default=12, help="samples per task (default: 12)")
-    data.add_argument("--seed", type=int, default=0, help="random seed for crops and scenes (default: 0)")
-    data.set_defaults(func=_make_sample_data)
-
-    cmd = sub.add_parser(
-        "inspect",
-        help="one line per sample: key, N, sizes, bucket, variants, instruction",
-        description="List samples of a shard (.tar URL) or of a task / meta directory.",
-    )
-    cmd.add_argument("url", help="shard URL, task directory or meta directory (local or fsspec URL)")
-    cmd.add_argument("--limit", type=int, default=None, help="stop after this many samples")
-    _common(cmd)
-    cmd.set_defaults(func=_inspect)
-
-    cmd = sub.add_parser(
-        "stats",
-        help="table per task and source count",
-        description="Samples, shards, bytes, aspect buckets, variants and recorded failures per "
-        "task and number of sources.",
-    )
-    cmd.add_argument("url", help="task directory or meta directory")
-    _common(cmd)
-    cmd.set_defaults(func=_stats)
-
-    cmd = sub.add_parser(
-        "verify",
-        help="check manifest against shards, member by member",
-        description="Counts, sizes and sha256 against the manifest; every member decodes (images, "
-        "embeddings with the manifest's dtype and hidden size, JSON); no pickle members; unique "
-        "keys. Exit code 1 when anything is wrong.",
-    )
-    cmd.add_argument("url", help="task directory or meta directory")
-    _common(cmd)
-    cmd.set_defaults(func=_verify)
-
-    cmd = sub.add_parser(
-        "preview",
-        help="contact sheet PNG: sources -> target, instruction under each row",
-        description="Write a contact sheet of the first samples of a shard or task.",
-    )
-    cmd.add_argument("url", help="shard URL, task directory or meta directory")
-    cmd.add_argument("--out", required=True, help="PNG file to write")
-    cmd.add_argument("--samples", type=int, default=16, help="rows (default 16)")
-    _common(cmd)
-    cmd.set_defaults(func=_preview)
-
-    cmd = sub.add_parser(
-        "convert-legacy",
-        help="convert the original tool's output (JSONL + .pt embeddings) into shards, resumably",
-        description="Read the original tool's output JSONLs ({stem}_rank_{r}.jsonl, lines with source_image, "
-        "edit_image, instructions and embeddings_tensor_{en,cn,droptext,en_inv,cn_inv,droptext_inv} .pt paths) and "
-        "write shards + manifest without running the VLM. LEGACY_DIR is either one --output_jsonl_dir (JSONLs at "
-        "its top or in per-rank sub-folders: one task, written to --output_dir) or a --train_data_meta_dir whose "
-        "sub-folders are tasks (each written to --output_dir/<task>). Relative paths in the lines are resolved "
-        "against the JSONL's folder and its parents up to LEGACY_DIR's parent. .pt files load with "
-        "weights_only=True; bad lines go to _failures/. Interrupted? Rerun the same command: it resumes.",
-    )
-    cmd.add_argument("legacy_dir", metavar="LEGACY_DIR", help="the original tool's output folder (local or fsspec URL)")
-    cmd.add_argument("--output_dir", required=True, help="new task directory, or meta directory for a meta layout")
-    cmd.add_argument(
-        "--layout",
-        choices=LAYOUTS,
-        default="auto",
-        help="task: LEGACY_DIR is one task; meta: each sub-folder is a task; auto (default): task when LEGACY_DIR "
-        "holds JSONLs or only per-rank sub-folders (rank0, 003) do, else meta",
-    )
-    cmd.add_argument(
-        "--null_embedding",
-        default=None,
-        help="the empty-prompt (T2I template) embedding file the original tool ships (.pt, loaded with "
-        "weights_only=True, or .npy): the null embedding of tasks with text-to-image lines",
-    )
-    cmd.add_argument(
-        "--model_path",
-        default=None,
-        help="Qwen-Image-Edit(-2509) folder: compute the null embedding with our encoder when a task needs one "
-        "and --null_embedding is not given; also recorded as the tasks' encoder",
-    )
-    cmd.add_argument(
-        "--path_map",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="rewrite paths starting with OLD to start with NEW (files moved since extraction); repeatable",
-    )
-    add_train_copy_size(cmd)
-    add_shard_size(cmd)
-    add_max_failure_ratio(cmd)
-    _common(cmd)
-    cmd.set_defaults(func=_convert_legacy)
-
-    cmd = sub.add_parser(
-        "reshard",
-        help="merge small shards or split large ones into a new task directory",
-        description="Copy a task into shards of --max_samples_per_shard samples with a new manifest "
-        "(member bytes unchanged), optionally adding training copies. A sample that cannot be copied as stored "
-        "goes to _failures/ and the copy goes on; interrupted? Rerun the same command: it resumes.",
-    )
-    cmd.add_argument("url", help="task directory")
-    cmd.add_argument("--output_dir", required=True, help="new task directory")
-    add_train_copy_size(cmd, replaces=True)
-    add_shard_size(cmd, default=None)
-    add_max_failure_ratio(cmd)
-    _common(cmd)
-    cmd.set_defaults(func=_reshard)
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND", help="run one with --help")
+    for command in COMMANDS:
+        cmd = sub.add_parser(command.name, help=command.help, description=command.description)
+        add_options(cmd, command.options)
+        cmd.set_defaults(spec=command)
     return parser
 
 
+HANDLERS = {
+    "make-tiny-model": _make_tiny_model,
+    "make-sample-data": _make_sample_data,
+    "inspect": _inspect,
+    "stats": _stats,
+    "verify": _verify,
+    "preview": _preview,
+    "convert-legacy": _convert_legacy,
+    "reshard": _reshard,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
+    flags = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING if getattr(flags, "json", False) else logging.INFO)
     exit_on_sigterm()
     try:
-        return args.func(args)
+        return HANDLERS[flags.spec.name](from_flags(flags.spec.options, flags))
     except (UserError, DataError) as exc:  # a wrong path, flag or task: one line; anything else is a bug
         log.error("%s", exc)
         return USER_EXIT

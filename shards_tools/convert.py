@@ -18,7 +18,7 @@ import json
 import logging
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -28,6 +28,14 @@ from tqdm import tqdm
 
 from pipeline import families
 from pipeline.common import images as imaging
+from pipeline.common.flags import (
+    DEFAULT_SHARD_SAMPLES,
+    NO_TRAIN_COPIES,
+    positive_int,
+    shard_size_help,
+    train_copy_size_help,
+)
+from pipeline.common.options import option
 from pipeline.common.records import RecordError, iter_lines, parse_line, resolve_ref
 from pipeline.errors import UserError
 from pipeline.extract.prepare import sample_from_images
@@ -65,13 +73,39 @@ class ConversionRefused(UserError):
     """A task that must not be converted as it is (the message says how to fix it)."""
 
 
+def parse_path_map(text: str) -> tuple[str, str]:
+    """``--path_map OLD=NEW`` → (old prefix, new prefix)."""
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise UserError(f"--path_map expects OLD_PREFIX=NEW_PREFIX, got {text!r}")
+    return old, new
+
+
 @dataclass
 class ConvertOptions:
-    max_samples_per_shard: int = 1000
-    null_embedding: str | None = None  # .pt or .npy of the empty-prompt (T2I template) embedding
-    model_path: str | None = None  # compute the null embedding with our encoder instead
-    path_map: list[tuple[str, str]] = field(default_factory=list)  # (old prefix, new prefix) for moved files
-    train_copy_size: int = 0  # also store training copies, as extract --train_copy_size does
+    """How convert-legacy writes a task (the flags are these fields, ``python -m shards_tools convert-legacy``)."""
+
+    max_samples_per_shard: int = option(
+        DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES), flag_type=positive_int
+    )
+    null_embedding: str | None = option(
+        None,
+        "the empty-prompt (T2I template) embedding file the original tool ships (.pt, loaded with "
+        "weights_only=True, or .npy): the null embedding of tasks with text-to-image lines",
+    )
+    model_path: str | None = option(
+        None,
+        "Qwen-Image-Edit(-2509) folder: compute the null embedding with our encoder when a task needs one "
+        "and --null_embedding is not given; also recorded as the tasks' encoder",
+    )
+    path_map: list[tuple[str, str]] = option(
+        [],
+        "rewrite paths starting with OLD to start with NEW (files moved since extraction); repeatable",
+        append=True,
+        metavar="OLD=NEW",
+        convert=lambda values, args=None: [parse_path_map(text) for text in values or []],
+    )
+    train_copy_size: int = option(NO_TRAIN_COPIES, train_copy_size_help())
 
 
 @dataclass
@@ -362,20 +396,25 @@ def convert_task(task: LegacyTask, output_url: str, storage_options: dict | None
             raise ConversionRefused(
                 f"task {task.name}: the null embedding has hidden size {null.hidden}, the task's embeddings {hidden}"
             )
-        model = {
-            "path": options.model_path,
-            "config_sha256": _config_digest(options.model_path),
-            "hidden_size": hidden,
-            "compute_dtype": None,
-            "converted_from": task.root,
-        }
-        base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
-        extra = {"inverse": True, "converted_from": task.root}
-        if options.train_copy_size:
-            extra["train_copy_size"] = options.train_copy_size
-        return writer.close(base, extra)
+        return writer.close(*converted_manifest(task, options, hidden))
     finally:
         writer.release()  # the lease, whatever happened
+
+
+def converted_manifest(task: LegacyTask, options: ConvertOptions, hidden: int | None) -> tuple[dict, dict]:
+    """A converted task's manifest (the original tool's prompts are firered's) and what it adds to the writer's."""
+    model = {
+        "path": options.model_path,
+        "config_sha256": _config_digest(options.model_path),
+        "hidden_size": hidden,
+        "compute_dtype": None,
+        "converted_from": task.root,
+    }
+    base = new_manifest(task.name, model, "firered", dict(REAL_DROP_INDEX))
+    extra = {"inverse": True, "converted_from": task.root}
+    if options.train_copy_size:
+        extra["train_copy_size"] = options.train_copy_size
+    return base, extra
 
 
 def _config_digest(model_path: str | None) -> str | None:

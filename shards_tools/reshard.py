@@ -76,46 +76,44 @@ def reshard(
                     writer.fail(result)
                 else:
                     writer.add(*result)
-            done = writer.open_part(CARRIED_FAILURES)  # the source's own failures, once
-            source_store = Store(url, storage_options)
-            for name in [n for n in source_store.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
-                for text in source_store.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
-                    entry = json.loads(text) if text.strip() else None
-                    line = int(entry.get("line") or 0) if entry else 0
-                    if entry and not (line < len(done) and done[line]):
-                        writer.fail(
-                            Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")})
-                        )
+            carry_failures(writer, Store(url, storage_options))
         finally:
             bar.close()
             writer.close_part()
         if task.manifest.get("null_embedding"):
             writer.write_null_embedding(Store(url, storage_options).read_bytes(task.manifest["null_embedding"]))
-        keep = ("format", "format_version", "task", "model", "prompt_style", "drop_index", "embedding")
-        base = {k: task.manifest[k] for k in keep if k in task.manifest}
-        base.setdefault("shards", [])
-        extra = {
-            k: v
-            for k, v in task.manifest.items()
-            if k
-            not in (
-                *keep,
-                "shards",
-                "totals",
-                "samples",
-                "failures",
-                "failures_by_reason",
-                "variants",
-                "null_embedding",
-            )
-        }
-        extra["resharded_from"] = url
-        if train_copy_size:
-            extra["train_copy_size"] = train_copy_size
+        base, extra = resharded_manifest(task.manifest, url, train_copy_size)
         manifest = writer.close(base, extra)
         return {**manifest, "reshard": writer.part_summary(RESHARD_SAMPLES)}
     finally:
         writer.release()  # the lease, whatever happened
+
+
+def carry_failures(writer: TaskWriter, source: Store) -> None:
+    """The source task's own failures into the new task's, once (a rerun skips those already carried)."""
+    done = writer.open_part(CARRIED_FAILURES)
+    for name in [n for n in source.listdir("_failures") if n.endswith(".jsonl")]:  # not .tmp- leftovers
+        for text in source.read_bytes(f"_failures/{name}").decode("utf-8").splitlines():
+            entry = json.loads(text) if text.strip() else None
+            line = int(entry.get("line") or 0) if entry else 0
+            if entry and not (line < len(done) and done[line]):
+                writer.fail(Failure(**{k: entry.get(k) for k in ("file", "line", "kind", "reason", "field", "text")}))
+
+
+# what a resharded task's manifest keeps of the source's as it is, and what the writer counts anew
+KEPT_KEYS = ("format", "format_version", "task", "model", "prompt_style", "drop_index", "embedding")
+COUNTED_KEYS = ("shards", "totals", "samples", "failures", "failures_by_reason", "variants", "null_embedding")
+
+
+def resharded_manifest(source: dict, url: str, train_copy_size: int) -> tuple[dict, dict]:
+    """The new task's manifest base (the source's identity) and the source's other keys, with where it came from."""
+    base = {k: source[k] for k in KEPT_KEYS if k in source}
+    base.setdefault("shards", [])
+    extra = {k: v for k, v in source.items() if k not in (*KEPT_KEYS, *COUNTED_KEYS)}
+    extra["resharded_from"] = url
+    if train_copy_size:
+        extra["train_copy_size"] = train_copy_size
+    return base, extra
 
 
 def _with_shard(shard_url: str, storage_options: dict | None):

@@ -98,6 +98,33 @@ def _check_sample(key: str, members: dict[str, bytes], manifest: dict, n: int) -
     return problems
 
 
+def unlisted_shards(store: Store, manifest: dict) -> list[str]:
+    """Shards on storage that the manifest does not list (left by a killed run, or copied in by hand)."""
+    listed = {s["url"] for s in manifest["shards"]}
+    return [
+        f"{folder}/{name}"
+        for folder in map(source_dir, SOURCE_COUNTS)
+        for name in store.listdir(folder)
+        if name.endswith(".tar") and f"{folder}/{name}" not in listed
+    ]
+
+
+def index_problems(store: Store, shard: dict) -> list[str]:
+    """What is wrong with a shard's index against the manifest (nothing when it has none)."""
+    if not shard.get("index"):
+        return []
+    try:
+        index_bytes = store.read_bytes(shard["index"])
+    except FileNotFoundError:
+        return ["index missing"]
+    problems = []
+    if shard.get("index_sha256") and hashlib.sha256(index_bytes).hexdigest() != shard["index_sha256"]:
+        problems.append("index sha256 differs from the manifest")
+    if len(json.loads(index_bytes)["samples"]) != shard["samples"]:
+        problems.append("index sample count differs from the manifest")
+    return problems
+
+
 def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list[dict]]:
     """(summary, problems) for a task directory or every task under a meta directory."""
     problems: list[dict] = []
@@ -113,11 +140,8 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
             continue
         manifest, keys = task.manifest, {}
         store = Store(task.url, storage_options)
-        listed = {s["url"] for s in manifest["shards"]}
-        for folder in map(source_dir, SOURCE_COUNTS):
-            for name in store.listdir(folder):
-                if name.endswith(".tar") and f"{folder}/{name}" not in listed:
-                    report(task.name, f"{folder}/{name}", None, "shard on storage but not in the manifest")
+        for unlisted in unlisted_shards(store, manifest):
+            report(task.name, unlisted, None, "shard on storage but not in the manifest")
         for shard in manifest["shards"]:
             summary["shards"] += 1
             rel, n = shard["url"], int(shard["num_sources"])
@@ -153,15 +177,8 @@ def verify(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list
                 report(task.name, rel, None, f"{reader.size} bytes, manifest says {shard['bytes']}")
             if reader.sha.hexdigest() != shard["sha256"]:
                 report(task.name, rel, None, "sha256 differs from the manifest")
-            if shard.get("index"):
-                try:
-                    index_bytes = store.read_bytes(shard["index"])
-                    if shard.get("index_sha256") and hashlib.sha256(index_bytes).hexdigest() != shard["index_sha256"]:
-                        report(task.name, shard["index"], None, "index sha256 differs from the manifest")
-                    if len(json.loads(index_bytes)["samples"]) != shard["samples"]:
-                        report(task.name, shard["index"], None, "index sample count differs from the manifest")
-                except FileNotFoundError:
-                    report(task.name, shard["index"], None, "index missing")
+            for problem in index_problems(store, shard):
+                report(task.name, shard["index"], None, problem)
         totals = sum(s["samples"] for s in manifest["shards"])
         if manifest.get("samples") is not None and manifest["samples"] != totals:
             report(task.name, None, None, f"manifest samples {manifest['samples']} != sum over shards {totals}")

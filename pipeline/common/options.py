@@ -183,7 +183,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         if name in skip:
             continue
         if spec.positional:
-            parser.add_argument(name, help=spec.help)
+            parser.add_argument(name, help=spec.help, **({"metavar": spec.metavar} if spec.metavar else {}))
             continue
         kwargs: dict[str, Any] = {"dest": name, "help": spec.help, "default": spec.flag_default}
         if spec.required:
@@ -214,6 +214,17 @@ def from_flags(cls: type, args: argparse.Namespace, **fields: Any):
         value = getattr(args, spec.name(field))
         values[field.name] = spec.convert(value, args) if spec.convert else value
     return cls(**values, **fields)
+
+
+def derived(cls: type, source: Any, **fields: Any):
+    """``cls`` built from ``source``'s fields of the same names (the options a stage takes of a CLI's config,
+    never copied by hand one by one); ``fields`` give the rest. Every field of ``cls`` comes from one of them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    taken = {name: getattr(source, name) for name in names - fields.keys() if hasattr(source, name)}
+    missing = names - taken.keys() - fields.keys()
+    if missing:
+        raise TypeError(f"{cls.__name__}: {sorted(missing)} neither in {type(source).__name__} nor given")
+    return cls(**taken, **fields)
 
 
 def flag_names(*classes: type, scope: str | None = None) -> frozenset[str]:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import families
+from pipeline.common.options import derived
 from pipeline.common.records import Columns
 from pipeline.common.workers import die_with_parent
 from pipeline.errors import UserError
@@ -164,17 +165,7 @@ class Extractor:
         self.taskdir.load_commits()
         # each rank cleans its own leftovers; rank 0 also those of ranks a larger earlier run had
         self.taskdir.remove_orphans(lambda r: r == self.rank or (self.rank == 0 and r >= self.world))
-        opts = PrepareOptions(
-            inverse=self.inverse,
-            t2i_mode=self.config.t2i_mode,
-            max_pixels=self.config.max_image_pixels,
-            max_bytes=self.config.max_image_bytes,
-            fetch_timeout=self.config.fetch_timeout,
-            storage_options=self.storage_options,
-            skip_embeddings=self.config.skip_embeddings,
-            train_copy_size=self.config.train_copy_size,
-            max_row_bytes=self.config.max_row_bytes,
-        )
+        opts = derived(PrepareOptions, self.config, inverse=self.inverse, storage_options=self.storage_options)
         columns = Columns(self.config.source_column, self.config.target_column)
         done = self.taskdir.done_lines()
         dataset = LineDataset(self.config.jsonl_path, self.rank, self.world, done, self.builder, opts, columns)
@@ -221,7 +212,10 @@ class Extractor:
         finally:
             bar.close()
             sink.close()
-        wall = time.perf_counter() - started
+        return self._summary(sink, time.perf_counter() - started)
+
+    def _summary(self, sink: ShardSink, wall: float) -> dict[str, Any]:
+        """This rank's figures (returned and logged): samples, bytes, encoder time, prompts per forward, failures."""
         stats = {
             "rank": self.rank,
             "wall_seconds": wall,

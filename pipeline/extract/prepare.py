@@ -25,10 +25,13 @@ from pipeline.shards.writer import Failure, PreparedSample
 
 @dataclass(frozen=True)
 class PrepareOptions:
+    """What preparing a line takes of the run's options: the fields of ``ExtractConfig`` of the same names
+    (``common.options.derived``), and what the extractor resolves (``inverse``, the parsed storage options)."""
+
     inverse: bool = True
     t2i_mode: bool = False
-    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-    max_bytes: int = imaging.DEFAULT_MAX_BYTES
+    max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    max_image_bytes: int = imaging.DEFAULT_MAX_BYTES
     fetch_timeout: float = imaging.DEFAULT_FETCH_TIMEOUT
     storage_options: dict[str, Any] | None = None
     skip_embeddings: bool = False
@@ -61,7 +64,9 @@ def prepare_record(
     roles.append(("target", record.target, target_field))
     for role, uri, fieldname in roles:
         try:
-            loaded[role] = imaging.load(uri, opts.storage_options, opts.max_pixels, opts.max_bytes, opts.fetch_timeout)
+            loaded[role] = imaging.load(
+                uri, opts.storage_options, opts.max_image_pixels, opts.max_image_bytes, opts.fetch_timeout
+            )
         except imaging.ImageLoadError as exc:
             return Failure(record.file, record.line, exc.kind, str(exc), fieldname, text)
 

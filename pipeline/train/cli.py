@@ -76,24 +76,14 @@ def print_plan(args: argparse.Namespace) -> int:
     model = from_flags(ModelConfig, args, lora=from_flags(LoraConfig, args) if args.use_peft_lora else None)
     stream, optim, flow = from_flags(StreamConfig, args), from_flags(OptimConfig, args), from_flags(FlowConfig, args)
     lora = model.lora or LoraConfig(target_modules=family.default_lora_targets)
-    request = PlanRequest(
+    request = PlanRequest.from_configs(
+        {"model": model, "lora": lora, "stream": stream, "flow": flow, "plan": plan},
         lora=model.lora is not None,
-        lora_rank=lora.rank,
-        lora_targets=lora.target_modules,
-        trainable_modules=model.trainable_modules,
         fsdp=use_fsdp(args.parallelism),
         processes=plan.plan_processes or distributed_env().world,
         mixed_precision=optim.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
-        gradient_checkpointing=model.gradient_checkpointing,
         batch_size=min(stream.batch_size, family.max_batch_size or stream.batch_size),  # 2.1 trains one at a time
-        image_sample_size=stream.image_sample_size,
-        num_sources=plan.plan_num_sources,
-        text_tokens=plan.plan_text_tokens,
         optimizer_bytes_per_param=2 if optim.use_8bit_adam else 8,
-        gpu_memory_gib=plan.plan_gpu_memory,
-        lora_dropout=lora.dropout,
-        vae_mini_batch=flow.vae_mini_batch,
-        base_weight_dtype=lora.base_weight_dtype,
         cpu_offload=args.fsdp_cpu_offload,
         validation=bool(args.validation_jsonl),
         family=family.name,

@@ -116,3 +116,104 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from pipeline.train.engine import trainer\n    import pipeline.shards.storage\n")
     assert imports_of(source, project_modules()) == {"pipeline.train.engine.trainer", "pipeline.shards.storage"}
+
+
+# ---- the rooms' own rules: every module keeps to its own state, the dataset has no mode branch, functions stay short
+
+
+def project_sources() -> dict[str, Path]:
+    """The modules of pipeline/ and shards_tools/ (the code the rules hold for; benchmarks are scripts)."""
+    return {name: path for name, path in project_modules().items() if not name.startswith("benchmarks")}
+
+
+# private names of other libraries' objects that their own documentation tells callers to use
+FOREIGN_PRIVATE_CALLS = {"os._exit", "fs._strip_protocol"}
+
+
+def foreign_private_uses(tree: ast.AST) -> list[str]:
+    """Writes to another object's private field (``x._f = …``, ``x._f += …``) and calls of another object's private
+    method (``x._m()``); ``self``/``cls``/``super()`` are the object's own."""
+
+    def own(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id in ("self", "cls")) or (
+            isinstance(node, ast.Call) and getattr(node.func, "id", None) == "super"
+        )
+
+    def private(attr: str) -> bool:
+        return attr.startswith("_") and not attr.startswith("__")
+
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets = [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else targets
+        for target in targets:
+            for sub in ast.walk(target):
+                if isinstance(sub, ast.Attribute) and private(sub.attr) and not own(sub.value):
+                    found.append(f"line {node.lineno}: writes {ast.unparse(sub)}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and private(node.func.attr):
+            name = ast.unparse(node.func)
+            if not own(node.func.value) and name not in FOREIGN_PRIVATE_CALLS:
+                found.append(f"line {node.lineno}: calls {name}")
+    return found
+
+
+def test_no_module_writes_or_calls_another_objects_private_members():
+    """Each object's private state is its own: the stream's state module used to write the dataset's fields and
+    call its ``_stream()``; state now flows through public methods and pure functions."""
+    wrong = {
+        name: uses
+        for name, path in project_sources().items()
+        if (uses := foreign_private_uses(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert wrong == {}
+
+
+def test_the_private_member_check_can_fail():
+    tree = ast.parse("def f(d, s):\n    d._made = 1\n    d.base._x += 2\n    s._stream('t', 1)\n    self._ok = 3\n")
+    assert [u.split(": ", 1)[1] for u in foreign_private_uses(tree)] == [
+        "writes d._made", "writes d.base._x", "calls s._stream",
+    ]  # fmt: skip
+
+
+def kind_branches(tree: ast.AST) -> list[str]:
+    """Conditions that test an ``indexed`` attribute (the stream's kind): a mode branch the strategies replace."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If | ast.IfExp | ast.While | ast.Assert):
+            test = node.test
+            if any(isinstance(sub, ast.Attribute) and sub.attr == "indexed" for sub in ast.walk(test)):
+                found.append(f"line {node.lineno}: {ast.unparse(test)}")
+    return found
+
+
+def test_the_dataset_does_not_branch_on_the_kind_of_shards():
+    """Indexed and streamed shards are two source strategies (``stream/sources.py``); the partition stream and the
+    dataset compose one of them and never ask which (they branched 11 times on ``self.indexed``)."""
+    path = ROOT / "pipeline" / "train" / "stream" / "dataset.py"
+    assert kind_branches(ast.parse(path.read_text(encoding="utf-8"))) == []
+    assert kind_branches(ast.parse("if self.indexed:\n    pass\nx = a if s.source.indexed else b\n")) != []
+
+
+MAX_FUNCTION_LINES = 60
+WHY_LONG = "Why one function:"  # a longer function says, in its docstring, why it is not split
+
+
+def long_functions(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES and WHY_LONG not in (ast.get_docstring(node) or ""):
+                found.append(f"{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen_without_saying_why():
+    wrong = {
+        name: found
+        for name, path in project_sources().items()
+        if (found := long_functions(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert wrong == {}
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(ast.parse(f"def f():\n{body}\n")) == [f"f ({MAX_FUNCTION_LINES + 1} lines)"]

@@ -225,6 +225,28 @@ class TrainingModels:
     weights: object | None = None
 
 
+def trainable_groups(transformer, model: ModelConfig, learning_rate: float, seed: int, family, source):
+    """The optimizer's parameter groups of the mode (a LoRA adapter added, or the trainable set chosen, the
+    low-rate modules at half the rate) and how the frozen base's blocks are quantized (None: they are not)."""
+    if model.lora is None:
+        normal, low = select_trainable(transformer, list(model.trainable_modules), list(model.low_lr_modules))
+        groups = [{"params": normal, "lr": learning_rate}]
+        if low:
+            groups.append({"params": low, "lr": learning_rate / 2})
+        return groups, None
+    lora, quantize = model.lora, None
+    targets = list(lora.target_modules or family.default_lora_targets)
+    params, values = add_lora(transformer, lora.rank, lora.alpha, lora.dropout, targets, lora.init_path, seed, family)
+    if source is not None:
+        source.computed.update(values)
+    if lora.base_weight_dtype != "auto":  # after the adapter: PEFT would cast a new adapter to its base's dtype
+        from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_block
+
+        quantize = functools.partial(quantize_block, fp8_dtype=FP8_DTYPES[lora.base_weight_dtype])
+        log.info("frozen base: the Linear weights of the blocks stored as %s", lora.base_weight_dtype)
+    return [{"params": params, "lr": learning_rate}], quantize
+
+
 def build_training_models(
     model: ModelConfig,
     mixed_precision: str | None,
@@ -262,27 +284,7 @@ def build_training_models(
         loading.check_names(source, transformer)
     vae = load_vae(model.pretrained, model.vae_path, vae_dtype, family)
     scheduler = load_scheduler(model.pretrained, family)
-    quantize = None
-    if model.lora is not None:
-        lora = model.lora
-        targets = list(lora.target_modules or family.default_lora_targets)
-        params, values = add_lora(
-            transformer, lora.rank, lora.alpha, lora.dropout, targets, lora.init_path, seed, family
-        )
-        if source is not None:
-            source.computed.update(values)
-        if lora.base_weight_dtype != "auto":  # after the adapter: PEFT would cast a new adapter to its base's dtype
-            from pipeline.train.engine.fp8 import FP8_DTYPES, quantize_block
-
-            fp8 = FP8_DTYPES[lora.base_weight_dtype]
-            quantize = functools.partial(quantize_block, fp8_dtype=fp8)
-            log.info("frozen base: the Linear weights of the blocks stored as %s", lora.base_weight_dtype)
-        groups = [{"params": params, "lr": learning_rate}]
-    else:
-        normal, low = select_trainable(transformer, list(model.trainable_modules), list(model.low_lr_modules))
-        groups = [{"params": normal, "lr": learning_rate}]
-        if low:
-            groups.append({"params": low, "lr": learning_rate / 2})
+    groups, quantize = trainable_groups(transformer, model, learning_rate, seed, family, source)
     if model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()  # diffusers returns models in eval mode: LoRA dropout would do nothing

@@ -33,9 +33,11 @@ data loader's host memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,28 +51,47 @@ GiB = 1024**3
 MARGIN = 0.9  # share of the card the plan may use
 
 
+def taken(config: str, name: str, default: Any) -> Any:
+    """A request field whose value is the ``config``'s field ``name`` (see :meth:`PlanRequest.from_configs`)."""
+    return field(default=default, metadata={"from": (config, name)})
+
+
 @dataclass(frozen=True)
 class PlanRequest:
+    """What the memory plan is asked: a run's mode and sizes. Most fields are a training option's value, declared
+    here by the config and field they come from; the rest are resolved by the caller."""
+
     lora: bool
-    lora_rank: int = 32
-    lora_targets: tuple[str, ...] = ()
-    lora_dropout: float = 0.0
-    trainable_modules: tuple[str, ...] = (".",)
+    lora_rank: int = taken("lora", "rank", 32)
+    lora_targets: tuple[str, ...] = taken("lora", "target_modules", ())
+    lora_dropout: float = taken("lora", "dropout", 0.0)
+    trainable_modules: tuple[str, ...] = taken("model", "trainable_modules", (".",))
     fsdp: bool = False
     processes: int = 1
     mixed_precision: str | None = "bf16"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = taken("model", "gradient_checkpointing", False)
     batch_size: int = 1
-    image_sample_size: int = 512
-    num_sources: int = 1
-    text_tokens: int = 512
+    image_sample_size: int = taken("stream", "image_sample_size", 512)
+    num_sources: int = taken("plan", "plan_num_sources", 1)
+    text_tokens: int = taken("plan", "plan_text_tokens", 512)
     optimizer_bytes_per_param: int = 8  # AdamW: two fp32 moments (8-bit Adam: 2)
-    gpu_memory_gib: float = 80.0
-    vae_mini_batch: int = 32
-    base_weight_dtype: str = "auto"  # LoRA: float8_e4m3fn stores the frozen block Linears in fp8
+    gpu_memory_gib: float = taken("plan", "plan_gpu_memory", 80.0)
+    vae_mini_batch: int = taken("flow", "vae_mini_batch", 32)
+    base_weight_dtype: str = taken("lora", "base_weight_dtype", "auto")  # LoRA: fp8 frozen block Linears
     cpu_offload: bool = False  # FSDP: shards, gradients and optimizer states in host memory
     validation: bool = False  # validation images are rendered next to the training state
     family: str = DEFAULT_FAMILY
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, Any], **resolved: Any) -> PlanRequest:
+        """The request of a run whose configs are ``configs`` (by the names the fields declare); ``resolved``:
+        the fields the caller decides (the mode, the processes, the precision, the batch the family allows)."""
+        values = {
+            f.name: getattr(configs[f.metadata["from"][0]], f.metadata["from"][1])
+            for f in dataclasses.fields(cls)
+            if "from" in f.metadata and f.name not in resolved
+        }
+        return cls(**values, **resolved)
 
     def activation_mode(self) -> ActivationMode:
         return ActivationMode(
@@ -160,6 +181,10 @@ def memory_plan(
     """Bytes per GPU by kind, and whether the peak fits ``gpu_memory_gib`` with a 10 % margin.
 
     ``activations``: a block's counts (measured for the request's mode when not given).
+
+    Why one function: it is one sum, each line one term with the reason beside it (weights, gradients, optimizer,
+    host offload, loading, activations, VAE, validation); the terms share the mode's quantities (shards, block
+    size, compute bytes), and read top-down they are the table docs/training.md explains.
     """
     from pipeline.train.engine.model import training_dtypes
 

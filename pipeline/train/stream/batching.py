@@ -135,6 +135,9 @@ def assemble_batch(
     has one that holds enough pixels (no decoding at all), else decoded at the smallest JPEG scale
     that still covers its resize (``imaging.decode_and_crop``).  Raises :class:`UnusableSample` for
     the first sample whose image or embedding cannot be read or whose prompt does not fit.
+
+    Why one function: it is the worker's hot path, read once per batch in the order the pixels move (headers,
+    crop sizes, crops, embeddings, the batch's tensors); every step needs the sizes the one before decided.
     """
     online = config.online_prompts
     family = families.get(task.family)

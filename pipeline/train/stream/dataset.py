@@ -174,7 +174,7 @@ class PartitionStream:
         """This partition's own state of the same layout (bitwise exact); the samples that waited read again."""
         self.source.drop()
         self.skipped = state.get("skipped", 0)
-        if state.get("digest") != self.digest or state.get("indexed") != self.source.indexed:
+        if state.get("digest") != self.digest or not self.source.wrote(state):
             self.start_new_epoch(state)
             return
         self.generation = state["generation"]

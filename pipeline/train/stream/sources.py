@@ -63,6 +63,10 @@ class Source:
     def take(self) -> tuple[Any, RawSample | CorruptSample]:
         raise NotImplementedError
 
+    def wrote(self, state: dict[str, Any]) -> bool:
+        """Whether a saved stream state is of this kind of source (a checkpoint of the other kind starts over)."""
+        return state.get("indexed") == self.indexed
+
     def waiting(self, state: dict[str, Any]) -> list[Any]:
         """The references a saved state of this source holds (read again on restore)."""
         return []
