@@ -19,6 +19,14 @@ from pipeline.train.engine.checkpoint import folders, fsdp_files, integrity
 from pipeline.train.engine.checkpoint import manager as checkpoint_manager
 from pipeline.train.engine.checkpoint import parts as checkpoint_parts
 
+SPECIFIES = (
+    "pipeline.train.engine.checkpoint.folders",
+    "pipeline.train.engine.checkpoint.fsdp_files",
+    "pipeline.train.engine.checkpoint.integrity",
+    "pipeline.train.engine.checkpoint.manager",
+    "pipeline.train.engine.checkpoint.parts",
+)
+
 ALONE = Collective(0, 1)  # one process: every collective is a plain call
 
 

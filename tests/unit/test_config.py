@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.extract.config import ExtractConfig
 from pipeline.shards.tasks import DataConfigError
 from pipeline.train.cli import build_parser
 from pipeline.train.config import config_from_args
 from pipeline.train.config.model import LoraConfig
+
+SPECIFIES = (
+    "pipeline.errors",
+    "pipeline.extract.cli",
+    "pipeline.train.cli",
+    "pipeline.train.recipe",
+)
 
 BASE = ["--train_data_meta_dir", "meta", "--output_dir", "out", "--max_train_steps", "10"]
 
@@ -101,3 +109,11 @@ def test_reshard_refuses_zero_samples_per_shard(tmp_path, capsys):
         main(["reshard", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--max_samples_per_shard", "0"])
     assert refused.value.code == 2
     assert "--max_samples_per_shard: must be a number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_extraction_option_out_of_its_range_names_its_flag():
+    """ExtractConfig checks its own fields when built: no config with a typo'd number exists."""
+    with pytest.raises(UserError, match="--condition_resolution must be a number in \\[256, 4096\\], got 100"):
+        ExtractConfig(jsonl_path="in.jsonl", output_dir="out", model_path="m", condition_resolution=100)
+    with pytest.raises(UserError, match="--output_dir must be a path, not empty"):
+        ExtractConfig(jsonl_path="in.jsonl", output_dir=" ", model_path="m")

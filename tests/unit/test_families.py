@@ -14,6 +14,8 @@ import pytest
 from pipeline import families
 from pipeline.errors import UserError
 
+SPECIFIES = ("pipeline.families.base",)
+
 ROOT = Path(__file__).resolve().parents[2]
 # what names a model class: diffusers pipelines, transformers, VAEs and schedulers; transformers' text encoders,
 # processors and tokenizers

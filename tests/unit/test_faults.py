@@ -13,6 +13,12 @@ from pipeline.shards.commits import ProgressLog
 from pipeline.shards.storage import Store
 from pipeline.shards.writer import Failure, PreparedSample, ShardSink
 
+SPECIFIES = (
+    "pipeline.shards.commits",
+    "pipeline.shards.storage",
+    "pipeline.shards.writer",
+)
+
 
 def _sample(line: int) -> PreparedSample:
     meta = {"key": f"k{line}", "line": line, "num_sources": 0, "variants": {}}

@@ -14,6 +14,13 @@ from pipeline.train.cli import build_parser
 from pipeline.train.config import config_from_args
 from pipeline.train.recipe import RecipeError, check_resume_recipe, parse_with_recipe, write_recipe
 
+SPECIFIES = (
+    "pipeline.common.preview",
+    "pipeline.train.engine.clipping",
+    "pipeline.train.engine.metrics",
+    "pipeline.train.engine.model",
+)
+
 # --- the original tool's defaults --------------------------------------------------------------------
 
 # the original's argument parser (its documented defaults), flag -> default

@@ -9,6 +9,11 @@ from PIL import Image
 
 from pipeline.families.qwen_edit import geometry
 
+SPECIFIES = (
+    "pipeline.families.qwen_edit",
+    "pipeline.families.qwen_edit.geometry",
+)
+
 # target (w, h) -> condition (w, h), from the issue; "today" is what the 0.1-step buckets gave before
 EXAMPLES = {(1000, 600): (480, 288), (768, 1024): (352, 448), (1080, 1920): (288, 512), (800, 600): (448, 320)}
 BEFORE = {(1000, 600): (512, 288), (768, 1024): (352, 416), (1080, 1920): (288, 480), (800, 600): (448, 352)}
@@ -49,3 +54,12 @@ def test_image_sample_size_scales_the_crop():
     assert geometry.firered_crop((1000, 600), 512) == (384, 640)
     assert geometry.firered_crop((1000, 600), 1024) == (768, 1280)
     assert geometry.firered_crop((1000, 600), 400) == (288, 496)  # 300 -> 288, 500 -> 496: floored to /16
+
+
+def test_the_qwen_edit_family_is_the_default_and_knows_both_prompt_styles():
+    from pipeline.families import get
+    from pipeline.families.qwen_edit import QwenEdit
+
+    family = get(None)
+    assert isinstance(family, QwenEdit) and family.name == "qwen_edit"
+    assert set(family.prompt_styles) >= {"diffusers", "firered"}

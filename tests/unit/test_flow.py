@@ -12,6 +12,11 @@ from pipeline.families.qwen_edit import forward
 from pipeline.train.engine import flow
 from pipeline.train.engine.step import step_generator
 
+SPECIFIES = (
+    "pipeline.families.qwen_edit.forward",
+    "pipeline.train.engine.step",
+)
+
 
 class _Cfg(dict):
     def __getattr__(self, k):

@@ -8,6 +8,8 @@ import torch
 
 from pipeline.train.engine.fp8 import Float8Linear
 
+SPECIFIES = ("pipeline.train.engine.fp8",)
+
 # e4m3 keeps 3 mantissa bits: a weight rounds to within half a step of 2^-3 of its binade, a relative error
 # uniform in ±2^-4, whose rms is 2^-4/√3 = 3.6 %. A Linear's output sums many weight·input terms whose errors are
 # independent, so its relative rms error is that same 3.6 % (weights far below their row's largest, which fall

@@ -17,6 +17,11 @@ from shards_tools.reshard import reshard
 from shards_tools.sheet import preview
 from shards_tools.verify import verify
 
+SPECIFIES = (
+    "pipeline.shards.format",
+    "pipeline.shards.reader",
+)
+
 
 def test_the_checked_reader_reports_each_hostile_member(hostile):
     task, hits = hostile

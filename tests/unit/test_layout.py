@@ -217,3 +217,41 @@ def test_no_function_is_longer_than_a_screen_without_saying_why():
     assert wrong == {}
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     assert long_functions(ast.parse(f"def f():\n{body}\n")) == [f"f ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+# ---- every module has its specification among the unit tests
+
+
+def has_code(path: Path) -> bool:
+    """Whether a module holds more than a docstring and imports (a package's ``__init__`` often does not)."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return any(not isinstance(n, ast.Import | ast.ImportFrom) and not (isinstance(n, ast.Expr) and isinstance(
+        n.value, ast.Constant)) for n in body)  # fmt: skip
+
+
+def declared_specs(path: Path) -> tuple[str, ...]:
+    """A unit test file's ``SPECIFIES = (...)``: the modules it is the specification of besides its namesake."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SPECIFIES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def test_every_module_has_a_unit_test_file_that_names_it_and_imports_it():
+    """``tests/unit/test_<module>.py``, or a unit test file that lists the module in its ``SPECIFIES``; either way
+    the file imports the module it specifies (a name alone specifies nothing)."""
+    modules = project_modules()
+    unit = sorted((ROOT / "tests" / "unit").glob("test_*.py"))
+    specifiers: dict[str, list[Path]] = {}
+    for test in unit:
+        for module in declared_specs(test):
+            assert module in modules, f"{test.name} specifies {module}, which does not exist"
+            specifiers.setdefault(module, []).append(test)
+    missing = []
+    for name, path in sorted(modules.items()):
+        if not name.startswith("pipeline") or name.endswith("__main__") or not has_code(path):
+            continue
+        candidates = [t for t in unit if t.stem == f"test_{name.rsplit('.', 1)[-1]}"] + specifiers.get(name, [])
+        if not any(name in imports_of(t, modules) for t in candidates):
+            missing.append(name)
+    assert missing == []

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.train.config.model import ModelConfig
+from pipeline.train.engine import loading
 from pipeline.train.engine.model import build_training_models
 
 
@@ -130,3 +131,10 @@ def test_a_folder_missing_tensors_is_refused_naming_them(tiny_model_dir, tmp_pat
     save_file(values, weights)
     with pytest.raises(UserError, match=f"1 tensor\\(s\\) of the transformer missing, e.g. \\['{dropped}'\\]"):
         loaded(model)
+
+
+def test_a_folder_with_one_weights_file_maps_every_tensor_to_it(tiny_model_dir):
+    folder = tiny_model_dir / "transformer"
+    files = loading.folder_weight_files(folder)
+    assert set(files.values()) == {folder / "diffusion_pytorch_model.safetensors"}
+    assert set(files) == set(load_file(str(folder / "diffusion_pytorch_model.safetensors")))

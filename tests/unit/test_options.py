@@ -15,6 +15,12 @@ from pipeline.train.config.data import DataConfig, StreamConfig
 from pipeline.train.config.model import FlowConfig, ModelConfig, OptimConfig
 from pipeline.train.config.run import CheckpointConfig, TrackingConfig, ValidationConfig
 
+SPECIFIES = (
+    "pipeline.train.config.data",
+    "pipeline.train.config.model",
+    "pipeline.train.config.run",
+)
+
 # fields that are not flags: nested configs, values derived from other flags, and internal settings
 NOT_FLAGS = {
     (TrainConfig, "data"), (TrainConfig, "stream"), (TrainConfig, "checkpoint"), (TrainConfig, "flow"),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipeline.train.engine import parallel, trainer
 
+SPECIFIES = ("pipeline.train.engine.trainer",)
+
 ENGINE = Path(parallel.__file__).parent
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.families.qwen_image21 import tiny, validation
 from pipeline.families.qwen_image21.encoder import (
     ConditionTooSmall,
     PromptBuilder,
@@ -17,6 +18,13 @@ from pipeline.families.qwen_image21.encoder import (
 )
 
 RESOLUTION = 384  # small conditions keep the tiny model's forwards quick
+
+SPECIFIES = (
+    "pipeline.families.qwen_image21.tiny",
+    "pipeline.families.qwen_image21.validation",
+    "pipeline.families.qwen_image21.encoder",
+    "pipeline.families.qwen_image21.forward",
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +166,7 @@ def test_the_validation_render_from_stored_embeddings_equals_the_pipelines_promp
         rows, entry = family.stored_embedding(encoder.encode([inputs], builder.drop_index)[0], inputs)
         embeds[which] = family.prompt_from_sample(rows, entry)
     renderer = family.validation_renderer(str(tiny_21_dir), pipe.transformer, pipe.vae, 64 * 64)
+    assert isinstance(renderer, validation.Renderer)
     got = renderer.render(embeds, images, 256, 256, 2, 1.0, torch.Generator().manual_seed(5), torch.device("cpu"))
     kwargs = {"image": images} if images else {"height": 256, "width": 256}
     expected = pipe(prompt="Make it blue.", num_inference_steps=2, generator=torch.Generator().manual_seed(5),
@@ -190,3 +199,24 @@ def test_the_text_limit_follows_the_21_rope():
     # 8192 frame positions; each image advances the frame by max(h, w) latent tokens (16 px each)
     assert family.text_positions([(1024, 1024), (1024, 768)]) == 8192 - 64 - 64
     assert family.text_positions([(512, 2048)]) == 8192 - 128
+
+
+def test_the_tiny_model_is_a_qwen_image21_folder_of_its_declared_sizes(tiny_21_dir):
+    """The tiny 2.1 model (tiny.py) is what the family detects, with the widths its config functions declare."""
+    import json
+
+    from pipeline.families import detect
+
+    assert detect(str(tiny_21_dir)).name == "qwen_image21"
+    written = json.loads((tiny_21_dir / "transformer" / "config.json").read_text())
+    declared = json.loads(json.dumps(tiny.transformer_config()))  # tuples as JSON writes them
+    assert {k: written[k] for k in declared} == declared
+    assert written["context_in_dim"] == tiny.TEXT_HIDDEN
+
+
+def test_the_family_is_registered_under_its_name_with_batches_of_one():
+    from pipeline.families import get
+    from pipeline.families.qwen_image21 import QwenImage21
+
+    family = get("qwen_image21")
+    assert isinstance(family, QwenImage21) and family.max_batch_size == 1 and family.fixed_conditions

@@ -15,6 +15,12 @@ import torch
 
 from pipeline.train.config.model import FlowConfig, LoraConfig, ModelConfig
 
+SPECIFIES = (
+    "pipeline.families.qwen_edit.encoder",
+    "pipeline.train.engine.activations",
+    "pipeline.train.engine.plan",
+)
+
 HIDDEN_STATES_OF = "last_hidden_state"
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.common.records import Columns, Record, RecordError, parse_line, read_records, resolve_ref
 
+SPECIFIES = ("pipeline.train.engine.validation",)
+
 FILE = "/data/task/train.jsonl"
 
 

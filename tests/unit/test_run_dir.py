@@ -19,6 +19,8 @@ from pipeline.train.engine.checkpoint import folders
 from pipeline.train.engine.checkpoint import manager as checkpoint_manager
 from pipeline.train.engine.run_dir import LEASE_FILE, RUN_FILE, RunDirectory
 
+SPECIFIES = ("pipeline.shards.lease",)
+
 ALONE = Collective(0, 1)
 
 

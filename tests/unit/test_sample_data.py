@@ -82,3 +82,14 @@ def test_compose_target_contains_the_insets(sample_data_dir):
         assert base.size == target.size
         assert np.abs(np.asarray(base, np.float32) - np.asarray(target, np.float32)).mean() > 1
         assert rec.instruction.count("picture") == rec.num_sources
+
+
+def test_the_same_seed_writes_the_same_datasets(tmp_path):
+    from pipeline.kit.sample_data import make_sample_data
+
+    first = make_sample_data(tmp_path / "a", samples=2, seed=3)
+    second = make_sample_data(tmp_path / "b", samples=2, seed=3)
+    for task, jsonl in first.items():
+        assert jsonl.read_text() == second[task].read_text()
+        for image in sorted((jsonl.parent / "images").iterdir()):
+            assert image.read_bytes() == (second[task].parent / "images" / image.name).read_bytes(), image.name

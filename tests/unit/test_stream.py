@@ -15,6 +15,15 @@ from pipeline.train.stream.decide import choose_variant
 from pipeline.train.stream.errors import UnusableData
 from pipeline.train.stream.mix import draw_num_sources, draw_task, plan_mix
 
+SPECIFIES = (
+    "pipeline.shards.tasks",
+    "pipeline.train.stream.decide",
+    "pipeline.train.stream.loader",
+    "pipeline.train.stream.startup",
+    "pipeline.train.stream.errors",
+    "pipeline.train.stream.mix",
+)
+
 # --- weights and mixing ----------------------------------------------------------------------
 
 

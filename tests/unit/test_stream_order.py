@@ -31,6 +31,14 @@ from pipeline.train.stream.order import (
 from pipeline.train.stream.pools import BucketPools, ByteBudget, ShuffleBuffer
 from pipeline.train.stream.readahead import Prefetch, ReadAhead
 
+SPECIFIES = (
+    "pipeline.train.stream.dataset",
+    "pipeline.train.stream.order",
+    "pipeline.train.stream.pools",
+    "pipeline.train.stream.readahead",
+    "pipeline.train.stream.seeding",
+)
+
 
 def neighbour_fraction(refs: list[tuple[int, int]]) -> float:
     """Share of consecutive pairs that are adjacent samples of one shard (file order leaking through)."""

@@ -8,8 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.families.qwen_edit import prompts
+from pipeline.families.qwen_edit import prompts, validation
 from pipeline.families.qwen_edit import tiny as tiny_model
+
+SPECIFIES = (
+    "pipeline.families.qwen_edit.validation",
+    "pipeline.families.qwen_edit.prompts",
+    "pipeline.families.qwen_edit.tiny",
+)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +150,31 @@ def test_text_encoder_runs_vision_tower_and_mrope(edit_pipe):
     drop = prompts.drop_index(proc.tokenizer, prompts.EDIT_TEMPLATE)
     assert torch.equal(h_red[:, :drop], h_green[:, :drop])
     assert not torch.allclose(h_red[:, drop:], h_green[:, drop:])
+
+
+def test_the_validation_renderer_draws_from_stored_embeddings_and_restores_the_pipelines_vae_size(
+    edit_pipe, tiny_model_dir
+):
+    """Validation renders from stored prompt embeddings with no text encoder; the edit pipeline's fixed VAE size is
+    the training area only while a row renders."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    before = edit_plus.VAE_IMAGE_SIZE
+    renderer = validation.Renderer(str(tiny_model_dir), edit_pipe.transformer, edit_pipe.vae, 64 * 64)
+    width = edit_pipe.text_encoder.config.text_config.hidden_size
+    embeds = {"positive": {"prompt_embeds": torch.zeros(5, width)}}
+    generator = torch.Generator().manual_seed(0)
+    image = renderer.render(embeds, [], 64, 64, 1, 1.0, generator, torch.device("cpu"))
+    assert image.size == (64, 64)
+    with validation.source_area(123):
+        assert edit_plus.VAE_IMAGE_SIZE == 123
+    assert edit_plus.VAE_IMAGE_SIZE == before
+
+
+def test_the_same_seed_writes_byte_identical_weights(tmp_path, tiny_model_dir):
+    """The kit's promise (kit/tiny_model.py): seeded, so CI and every test session build the same model."""
+    from pipeline.kit.tiny_model import make_tiny_model
+
+    again = make_tiny_model(tmp_path / "again", seed=0)
+    for weights in sorted(tiny_model_dir.rglob("*.safetensors")):
+        assert weights.read_bytes() == (again / weights.relative_to(tiny_model_dir)).read_bytes(), weights.name

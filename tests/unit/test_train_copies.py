@@ -19,6 +19,12 @@ from pipeline.shards.reader import IndexCache, RangeReader, read_indexed_sample
 from pipeline.shards.tasks import open_task
 from pipeline.train.stream.batching import Picture
 
+SPECIFIES = (
+    "pipeline.crops",
+    "pipeline.shards.copies",
+    "pipeline.train.stream.batching",
+)
+
 
 def encoded(size, fmt, orientation=None) -> bytes:
     """A detailed picture (a photograph resized, plus fine noise) so that shifts and blur show."""
