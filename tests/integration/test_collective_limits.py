@@ -4,7 +4,11 @@ same limit)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from helpers import torchrun
 
@@ -47,3 +51,61 @@ def test_ddp_timeout_is_an_option_of_both_clis_and_refuses_nonsense():
 
     with pytest.raises((UserError, SystemExit)):
         train_config([*common, "--ddp_timeout", "0"])
+
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+SCRIPT = """
+import json, os
+from pipeline.common.collective import Collective
+from pipeline.common.process_group import join_process_group, leave_process_group
+from pipeline.errors import UserError
+join_process_group("cpu", timeout_s=60)
+rank = int(os.environ["RANK"])
+c = Collective(rank, 2, 60)
+got = {"number": c.number(41 + rank), "text": c.text("from rank 0" if rank == 0 else None),
+       "any": c.any(rank == 1), "none": c.any(False), "smallest": c.smallest(10 - rank)}
+def refuse():
+    raise UserError("--output_dir x is a file")
+try:
+    c.on_rank0(refuse)
+except UserError as exc:
+    got["refused"] = str(exc)
+def bug():
+    raise KeyError("oops")
+try:
+    c.on_rank0(bug)
+except Exception as exc:
+    got["bug"] = type(exc).__name__ + ": " + str(exc)
+print("RESULT", rank, json.dumps(got), flush=True)
+leave_process_group(together=True)
+"""
+
+
+def test_two_ranks_agree_and_a_refusal_on_rank_0_reaches_every_rank_as_the_same_line(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT_DIR), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {int(r): json.loads(v) for _, r, v in (line.split(" ", 2) for line in out.stdout.splitlines()
+                                                     if line.startswith("RESULT"))}  # fmt: skip
+    assert set(results) == {0, 1}
+    for rank, got in results.items():
+        assert got["number"] == 41 and got["text"] == "from rank 0", "rank 0's value reaches every rank"
+        assert got["any"] is True and got["none"] is False and got["smallest"] == 9
+        assert got["refused"] == "--output_dir x is a file", "the user's mistake: the same one line on every rank"
+        assert got["bug"] == ("KeyError: 'oops'" if rank == 0 else "RuntimeError: rank 0 failed: KeyError: 'oops'")
+
+
+def test_a_group_of_one_on_a_free_port_when_asked_alone():
+    """FSDP over one rank needs a group: ``alone`` starts a gloo group of one on a free local port (own process)."""
+    code = (
+        "import torch.distributed as d; from pipeline.common.process_group import join_process_group, "
+        "leave_process_group; join_process_group('cpu', timeout_s=30, alone=True); "
+        "print(d.get_world_size(), d.get_backend()); leave_process_group(together=True)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT_DIR)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "gloo"]
