@@ -18,7 +18,7 @@ from pipeline.train.stream.errors import ErrorHandler
 from pipeline.train.stream.pools import ByteBudget
 from pipeline.train.stream.read import IndexedReads
 from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.sources import IndexedSource, StreamedSource, open_source
+from pipeline.train.stream.sources import IndexedSource, StreamedSource, WorkerReads, open_source
 
 SPECIFIES = ("pipeline.train.stream.read",)
 SAMPLES, PER_SHARD = 12, 4
@@ -29,8 +29,8 @@ def source_of(shards, part: int = 0, parts: int = 1, shuffle_buffer: int = 0):
     handler = ErrorHandler(config.max_bad_in_a_row)
     handler.register("t|1", "t", 1, len(shards), None)
     reader = RangeReader(None, policy=handler)
-    return open_source("t", 1, shards, part, parts, config, reader, IndexCache(reader), handler, "t|1",
-                       ByteBudget(1 << 30), ReadAhead(0), sample_bytes)  # fmt: skip
+    worker = WorkerReads(reader, IndexCache(reader), handler, ByteBudget(1 << 30), ReadAhead(0))
+    return open_source("t", 1, shards, part, parts, config, worker, "t|1", sample_bytes)
 
 
 @pytest.fixture

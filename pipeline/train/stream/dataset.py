@@ -38,7 +38,7 @@ from pipeline.train.stream.mix import MixPlan, draw_num_sources, draw_task
 from pipeline.train.stream.order import IndexedOrder, ref_key
 from pipeline.train.stream.pools import BucketPools, ByteBudget
 from pipeline.train.stream.readahead import ReadAhead
-from pipeline.train.stream.sources import open_source, streamed_layout_refusal
+from pipeline.train.stream.sources import WorkerReads, open_source, streamed_layout_refusal
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +76,17 @@ class PartitionStream:
     stages' states side by side; each stage restores and merges its own.
     """
 
-    def __init__(
-        self,
-        task: str,
-        num_sources: int,
-        shards: list[Shard],
-        part: int,
-        parts: int,
-        config: StreamConfig,
-        reader: RangeReader,
-        index_cache: IndexCache,
-        handler: ErrorHandler,
-        budget: ByteBudget | None = None,
-        readahead: ReadAhead | None = None,
-    ):
+    def __init__(self, task: str, num_sources: int, shards: list[Shard], part: int, parts: int,
+                 config: StreamConfig, worker: WorkerReads):  # fmt: skip
         self.task, self.n, self.shards, self.config = task, num_sources, shards, config
         self.part, self.parts = part, parts
         self.digest = shard_digest(shards)
-        self.budget = budget or ByteBudget(1 << 62)
+        self.budget = worker.budget
         self.key = f"{task}|{num_sources}"
-        self.handler = handler
-        self.source = open_source(
-            task, num_sources, shards, part, parts, config, reader, index_cache, handler, self.key, self.budget,
-            readahead, sample_bytes,
-        )  # fmt: skip
+        self.handler = worker.handler
+        self.source = open_source(task, num_sources, shards, part, parts, config, worker, self.key, sample_bytes)
         self.total = self.source.total or 0
-        self.counts = handler.register(self.key, task, num_sources, len(shards), self.source.total)
+        self.counts = self.handler.register(self.key, task, num_sources, len(shards), self.source.total)
         self.pools = BucketPools(config.batch_size, POOL_BATCHES * config.batch_size, self.budget)
         self.generation = 0  # how many times the shard list changed under a resumed run
 
@@ -251,27 +236,19 @@ class MixedBatchDataset(IterableDataset):
         self._streams = {}
         self.handler = ErrorHandler(self.config.max_bad_in_a_row)  # every stage's failures, the reader's included
         self.reader = RangeReader(self.config.storage_options, policy=self.handler)
-        self.index_cache = IndexCache(self.reader)
-        self.budget = ByteBudget(self.config.pool_bytes)
-        self.readahead = ReadAhead(self.config.readahead_bytes)
+        self.worker_reads = WorkerReads(
+            self.reader, IndexCache(self.reader), self.handler, ByteBudget(self.config.pool_bytes),
+            ReadAhead(self.config.readahead_bytes),
+        )  # fmt: skip
         self._null_cache: dict[str, bytes] = {}
 
     def _stream(self, task: str, n: int) -> PartitionStream:
         key = f"{task}|{n}"
         if key not in self._streams:
             self._streams[key] = PartitionStream(
-                task,
-                n,
-                self.tasks[task].shards[n],
-                part=self.rank * self._workers + self._worker,
-                parts=self.world_size * self._workers,
-                config=self.config,
-                reader=self.reader,
-                index_cache=self.index_cache,
-                handler=self.handler,
-                budget=self.budget,
-                readahead=self.readahead,
-            )
+                task, n, self.tasks[task].shards[n], part=self.rank * self._workers + self._worker,
+                parts=self.world_size * self._workers, config=self.config, worker=self.worker_reads,
+            )  # fmt: skip
         return self._streams[key]
 
     def step_of(self, made: int) -> int:

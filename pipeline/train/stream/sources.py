@@ -18,6 +18,7 @@ take-over of another layout's states (``merge``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,6 +32,18 @@ from pipeline.train.stream.pools import ByteBudget, ShuffleBuffer
 from pipeline.train.stream.read import IndexedReads
 from pipeline.train.stream.readahead import Prefetch, ReadAhead
 from pipeline.train.stream.seeding import SHUFFLE_BUFFER, stable_id
+
+
+@dataclass
+class WorkerReads:
+    """What every stream of one DataLoader worker shares: the reader and its index cache, the one error handler,
+    the byte budget of pools and buffers, the read-ahead threads."""
+
+    reader: RangeReader
+    index_cache: IndexCache
+    handler: ErrorHandler
+    budget: ByteBudget
+    readahead: ReadAhead | None = None
 
 
 class Source:
@@ -86,28 +99,16 @@ class Source:
 class IndexedSource(Source):
     indexed = True
 
-    def __init__(
-        self,
-        task,
-        n,
-        shards: list[Shard],
-        part: int,
-        parts: int,
-        config: StreamConfig,
-        reader: RangeReader,
-        index_cache: IndexCache,
-        readahead: ReadAhead | None,
-        handler,
-        key: str,
-    ):
-        super().__init__(task, n, config, handler, key)
+    def __init__(self, task: str, n: int, shards: list[Shard], part: int, parts: int, config: StreamConfig,
+                 worker: WorkerReads, key: str):  # fmt: skip
+        super().__init__(task, n, config, worker.handler, key)
         self.total = sum(s.samples for s in shards)
         if self.total == 0:
             raise DataConfigError(f"task {task}: the shards with {n} source(s) hold no samples")
         self.part, self.parts = part, parts
         self.order = IndexedOrder([s.samples for s in shards], config.seed, key_salt(task, n), part, parts)
-        self.reads = IndexedReads(task, n, shards, self.order, reader, index_cache, config)
-        self.ahead = Prefetch(readahead, self.reads.read, self.reads.size_of, max(4, 2 * config.batch_size))
+        self.reads = IndexedReads(task, n, shards, self.order, worker.reader, worker.index_cache, config)
+        self.ahead = Prefetch(worker.readahead, self.reads.read, self.reads.size_of, max(4, 2 * config.batch_size))
 
     def take(self) -> tuple[int, RawSample]:
         ref = self.order.next()
@@ -150,26 +151,15 @@ class StreamedSource(Source):
     indexed = False
     total = None  # unknown until read
 
-    def __init__(
-        self,
-        task,
-        n,
-        shards: list[Shard],
-        part: int,
-        parts: int,
-        config: StreamConfig,
-        reader: RangeReader,
-        budget: ByteBudget,
-        size_of,
-        handler,
-        key: str,
-    ):
-        super().__init__(task, n, config, handler, key)
+    def __init__(self, task: str, n: int, shards: list[Shard], part: int, parts: int, config: StreamConfig,
+                 worker: WorkerReads, key: str, size_of):  # fmt: skip
+        super().__init__(task, n, config, worker.handler, key)
         salt = key_salt(task, n)
-        read_shard = partial(read_streamed, [s.url for s in shards], config.storage_options, reader.policy)
+        urls = [s.url for s in shards]
+        read_shard = partial(read_streamed, urls, config.storage_options, worker.reader.policy)
         self.order = StreamedOrder(len(shards), config.seed, salt, part, parts, read_shard=read_shard)
         size = max(0, config.shuffle_buffer)
-        self.buffer = ShuffleBuffer(size, SHUFFLE_BUFFER.rng(config.seed, *salt, part), budget, size_of)
+        self.buffer = ShuffleBuffer(size, SHUFFLE_BUFFER.rng(config.seed, *salt, part), worker.budget, size_of)
 
     def next(self) -> tuple[Any, RawSample]:
         return self.buffer.next(self.next_usable)
@@ -223,22 +213,9 @@ def read_streamed(urls: list[str], storage_options: dict | None, policy, index: 
     return stream_shard(urls[index], storage_options, policy)
 
 
-def open_source(
-    task: str,
-    n: int,
-    shards: list[Shard],
-    part: int,
-    parts: int,
-    config: StreamConfig,
-    reader: RangeReader,
-    index_cache: IndexCache,
-    handler: ErrorHandler,
-    key: str,
-    budget: ByteBudget,
-    readahead: ReadAhead | None,
-    size_of,
-) -> Source:
+def open_source(task: str, n: int, shards: list[Shard], part: int, parts: int, config: StreamConfig,
+                worker: WorkerReads, key: str, size_of) -> Source:  # fmt: skip
     """The strategy for ``shards``: indexed when every shard has an index and a sample count, else streamed."""
     if all(s.index_url and s.samples is not None for s in shards):
-        return IndexedSource(task, n, shards, part, parts, config, reader, index_cache, readahead, handler, key)
-    return StreamedSource(task, n, shards, part, parts, config, reader, budget, size_of, handler, key)
+        return IndexedSource(task, n, shards, part, parts, config, worker, key)
+    return StreamedSource(task, n, shards, part, parts, config, worker, key, size_of)
