@@ -35,3 +35,33 @@ def test_the_trainer_has_no_mode_branch_and_stays_short():
 def test_nothing_in_checkpoint_imports_the_strategies():
     for path in (ENGINE / "checkpoint").glob("*.py"):
         assert "engine.parallel" not in path.read_text() and "engine import parallel" not in path.read_text(), path
+
+
+# the steps of a resume: only the checkpoint manager takes them (the trainer and the data-only run ask it once)
+RESUME_STEPS = {"choose_intact", "read_marker", "marker_or_none", "check_mode", "adopt", "truncate_trace"}
+
+
+def resume_steps_called(source: str) -> set[str]:
+    called = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            if name in RESUME_STEPS:
+                called.add(name)
+    return called
+
+
+def test_a_runs_resume_is_spelled_out_once_in_the_checkpoint_manager():
+    """The trainer and ``--data_only`` each spelled out the resume (which checkpoint, its marker, mode and recipe,
+    the lineage, the parts, the trace); now the manager does it and they ask it."""
+    from pipeline.train.engine import data_only
+    from pipeline.train.engine.checkpoint import manager
+
+    for module in (trainer, data_only):
+        assert resume_steps_called(Path(module.__file__).read_text()) == set(), module.__name__
+    assert resume_steps_called(Path(manager.__file__).read_text()) >= {"choose_intact", "check_mode", "adopt",
+                                                                        "truncate_trace", "read_marker"}  # fmt: skip
+    assert resume_steps_called("def f(c):\n    c.run.adopt(m)\n    truncate_trace(p, 3)\n") == {
+        "adopt",
+        "truncate_trace",
+    }
