@@ -164,8 +164,8 @@ def test_the_validation_renderer_draws_from_stored_embeddings_and_restores_the_p
     width = edit_pipe.text_encoder.config.text_config.hidden_size
     embeds = {"positive": {"prompt_embeds": torch.zeros(5, width)}}
     generator = torch.Generator().manual_seed(0)
-    image = renderer.render(embeds, [], 64, 64, 1, 1.0, generator, torch.device("cpu"))
-    assert image.size == (64, 64)
+    image = renderer.render(embeds, [], 64, 64, 2, 1.0, generator, torch.device("cpu"))  # 1 step: NaN sigmas
+    assert image.size == (64, 64) and len(set(image.getdata())) > 1, "a picture, not a constant (NaN) frame"
     with validation.source_area(123):
         assert edit_plus.VAE_IMAGE_SIZE == 123
     assert edit_plus.VAE_IMAGE_SIZE == before
