@@ -12,12 +12,23 @@ from pipeline.common.options import add_options, from_flags
 from pipeline.common.workers import exit_on_sigterm
 from pipeline.errors import USER_EXIT, DataError, UserError
 from pipeline.shards.commits import failure_exit_code
-from shards_tools.commands import COMMANDS
+from shards_tools.commands import (
+    COMMANDS,
+    ConvertLegacy,
+    Inspect,
+    Output,
+    Preview,
+    Reshard,
+    SampleData,
+    Stats,
+    TinyModel,
+    Verify,
+)
 
 log = logging.getLogger("shards_tools")
 
 
-def _make_tiny_model(args: argparse.Namespace) -> int:
+def _make_tiny_model(args: TinyModel) -> int:
     from pipeline.kit.tiny_model import make_tiny_model
 
     if args.family != "qwen_edit" and (args.size != "tiny" or args.variant != "2509"):
@@ -28,7 +39,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_sample_data(args: argparse.Namespace) -> int:
+def _make_sample_data(args: SampleData) -> int:
     from pipeline.kit.sample_data import make_sample_data
 
     for task, jsonl in make_sample_data(args.out_dir, samples=args.samples, seed=args.seed).items():
@@ -36,19 +47,19 @@ def _make_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(args: argparse.Namespace, payload, human: str, failed: bool) -> int:
+def _emit(args: Output, payload, human: str, failed: bool) -> int:
     print(json.dumps(payload, ensure_ascii=False, indent=1) if args.json else human)
     return 1 if failed else 0
 
 
-def _storage(args: argparse.Namespace) -> dict:
+def _storage(args: Output) -> dict:
     from pipeline.shards.storage import parse_storage_options
 
     target = getattr(args, "output_dir", None) or getattr(args, "url", None) or getattr(args, "legacy_dir", None)
     return parse_storage_options(args.storage_options, target)
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _inspect(args: Inspect) -> int:
     from shards_tools.summary import format_inspect, inspect_samples
 
     rows, problems = inspect_samples(args.url, _storage(args), args.limit)
@@ -56,7 +67,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return _emit(args, {"samples": rows, "problems": problems}, human, bool(problems))
 
 
-def _stats(args: argparse.Namespace) -> int:
+def _stats(args: Stats) -> int:
     from shards_tools.summary import format_stats, task_stats
 
     rows, problems = task_stats(args.url, _storage(args))
@@ -64,14 +75,14 @@ def _stats(args: argparse.Namespace) -> int:
     return _emit(args, {"rows": rows, "problems": problems}, human, bool(problems))
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _verify(args: Verify) -> int:
     from shards_tools.verify import format_problems, verify
 
     summary, problems = verify(args.url, _storage(args))
     return _emit(args, {**summary, "problems": problems}, format_problems(summary, problems), bool(problems))
 
 
-def _preview(args: argparse.Namespace) -> int:
+def _preview(args: Preview) -> int:
     from shards_tools.sheet import preview
 
     count, problems = preview(args.url, args.out, args.samples, _storage(args))
@@ -83,7 +94,7 @@ def _preview(args: argparse.Namespace) -> int:
     )
 
 
-def _convert_legacy(args: argparse.Namespace) -> int:
+def _convert_legacy(args: ConvertLegacy) -> int:
     from shards_tools.convert import convert_legacy
 
     result = convert_legacy(args.legacy_dir, args.output_dir, _storage(args), args, args.layout)
@@ -107,11 +118,11 @@ def _convert_legacy(args: argparse.Namespace) -> int:
     return code
 
 
-def _task_output(args: argparse.Namespace, result: dict, name: str) -> str:
+def _task_output(args: ConvertLegacy, result: dict, name: str) -> str:
     return args.output_dir if result["layout"] == "task" else f"{args.output_dir.rstrip('/')}/{name}"
 
 
-def _reshard(args: argparse.Namespace) -> int:
+def _reshard(args: Reshard) -> int:
     from shards_tools.reshard import reshard
 
     m = reshard(args.url, args.output_dir, _storage(args), args.max_samples_per_shard, args.train_copy_size)

@@ -110,7 +110,9 @@ class Reshard(Output):
     url: str = option(None, "task directory", positional=True)
     output_dir: str = option(None, "new task directory", required=True)
     train_copy_size: int = option(NO_TRAIN_COPIES, train_copy_size_help(replaces=True))
-    max_samples_per_shard: int = option(None, "samples per new shard", required=True, flag_type=positive_int)
+    max_samples_per_shard: int = option(
+        None, "samples per new shard", required=True, flag_type=positive_int, check=at_least(1)
+    )
     max_failure_ratio: float = failure_ratio()
 
 

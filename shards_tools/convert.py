@@ -35,7 +35,7 @@ from pipeline.common.flags import (
     shard_size_help,
     train_copy_size_help,
 )
-from pipeline.common.options import option
+from pipeline.common.options import Checked, at_least, option
 from pipeline.common.records import RecordError, iter_lines, parse_line, resolve_ref
 from pipeline.errors import UserError
 from pipeline.extract.prepare import sample_from_images
@@ -82,11 +82,11 @@ def parse_path_map(text: str) -> tuple[str, str]:
 
 
 @dataclass
-class ConvertOptions:
+class ConvertOptions(Checked):
     """How convert-legacy writes a task (the flags are these fields, ``python -m shards_tools convert-legacy``)."""
 
     max_samples_per_shard: int = option(
-        DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES), flag_type=positive_int
+        DEFAULT_SHARD_SAMPLES, shard_size_help(DEFAULT_SHARD_SAMPLES), flag_type=positive_int, check=at_least(1)
     )
     null_embedding: str | None = option(
         None,

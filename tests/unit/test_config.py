@@ -111,6 +111,24 @@ def test_reshard_refuses_zero_samples_per_shard(tmp_path, capsys):
     assert "--max_samples_per_shard: must be a number >= 1, got 0" in capsys.readouterr().err
 
 
+def test_the_shard_tools_refuse_a_typod_number_in_one_line(tmp_path, capfd):
+    """Each subcommand's options check themselves where they are declared (shards_tools/commands.py): before, a
+    --limit 0 listed nothing and exited 0, and a --max_failure_ratio of 5 let every sample fail."""
+    from shards_tools.__main__ import main
+    from shards_tools.convert import ConvertOptions
+
+    assert main(["inspect", str(tmp_path), "--limit", "0"]) == 2
+    assert main(["convert-legacy", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--max_failure_ratio", "5"]) == 2
+    err = capfd.readouterr().err
+    assert (
+        "--limit must be a number >= 1, got 0" in err
+        and "--max_failure_ratio must be a number in [0, 1], got 5.0" in err
+    )
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="--max_samples_per_shard must be a number >= 1, got 0"):
+        ConvertOptions(max_samples_per_shard=0)  # built in code, checked the same
+
+
 def test_an_extraction_option_out_of_its_range_names_its_flag():
     """ExtractConfig checks its own fields when built: no config with a typo'd number exists."""
     with pytest.raises(UserError, match="--condition_resolution must be a number in \\[256, 4096\\], got 100"):
