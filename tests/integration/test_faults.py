@@ -352,15 +352,20 @@ def test_a_hung_cli_and_its_dataloader_workers_print_their_stacks_before_the_tes
         "setup_logging()\n"
         "def parent_waits_here():\n"
         "    time.sleep(100)\n"
-        "def worker_waits_here():\n"
+        "def worker_waits_here(n):\n"
         "    time.sleep(100)\n"
-        "if os.fork() == 0:\n"
-        "    worker_waits_here()\n"
+        "for n in range(4):\n"
+        "    if os.fork() == 0:\n"
+        "        worker_waits_here(n)\n"
         "parent_waits_here()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     with pytest.raises(AssertionError, match="ran past 2 s") as failure:
         run_bounded([sys.executable, "-c", code], env, 2)
-    assert "in parent_waits_here" in str(failure.value) and "in worker_waits_here" in str(failure.value)
+    # Five processes share one stderr: each one's stack arrives whole (lines not interleaved with another's),
+    # so each frame's line reads intact, once per process.
+    lines = str(failure.value).splitlines()
+    assert sum(line.strip().startswith('File "<string>", line 5 in parent_waits_here') for line in lines) == 1
+    assert sum(line.strip().startswith('File "<string>", line 7 in worker_waits_here') for line in lines) == 4
     assert time.monotonic() - started < 60  # killed, not left to sleep its 100 s (60: a loaded 2-core machine)

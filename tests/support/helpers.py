@@ -63,6 +63,24 @@ def _catches_sigusr1(pid: int) -> bool:
     return bool(int(caught, 16) >> (signal.SIGUSR1 - 1) & 1)
 
 
+def _wait_for_dump(pid: int, limit: float = 3.0) -> None:
+    """Wait until ``pid`` has taken its SIGUSR1 and gone back to waiting, so that the next process's stacks
+    follow its stacks on the shared stderr instead of being interleaved with them line by line (the handler
+    writes in many small pieces). ``limit`` bounds a process that never sleeps again (a busy loop)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            status = dict(
+                line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            return  # gone: nothing more will come from it
+        pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+        if not pending >> (signal.SIGUSR1 - 1) & 1 and status["State"].split()[0] != "R":
+            return
+        time.sleep(0.02)
+
+
 def run_bounded(cmd: list[str], env: dict, timeout: float, cwd: str | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd)`` with captured text output; past ``timeout`` every process of the tree that can
     prints its Python stacks (SIGUSR1) before all are killed, and the test fails with those stacks: a hang in CI
@@ -75,7 +93,7 @@ def run_bounded(cmd: list[str], env: dict, timeout: float, cwd: str | None = Non
         for pid in tree:
             if _catches_sigusr1(pid):
                 os.kill(pid, signal.SIGUSR1)
-        time.sleep(3)  # the handlers write from a C signal handler: at once, even in a blocked thread
+                _wait_for_dump(pid)
         for pid in reversed(tree):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
