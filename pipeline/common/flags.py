@@ -1,5 +1,5 @@
-"""Command-line flags shared by the CLIs, each defined once (storage options, shard size, failure ratio, timeouts,
-training copies), and the check of a model folder given as a flag."""
+"""What the CLIs' shared flags say and default to, written once (storage options, shard size, failure ratio,
+timeouts, training copies; each CLI declares them as config fields with these), and the argparse checks they use."""
 
 from __future__ import annotations
 
@@ -17,24 +17,7 @@ STORAGE_OPTIONS_HELP = (
 )
 
 
-def add_storage_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--storage_options``: how every CLI reaches object storage."""
-    parser.add_argument("--storage_options", default=None, help=STORAGE_OPTIONS_HELP)
-
-
 DEFAULT_SHARD_SAMPLES = 1000
-
-
-def add_shard_size(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = DEFAULT_SHARD_SAMPLES
-) -> None:
-    """``--max_samples_per_shard``: a new shard starts after this many samples (required when no default)."""
-    if default is None:
-        parser.add_argument("--max_samples_per_shard", type=positive_int, required=True, help="samples per new shard")
-    else:
-        parser.add_argument(
-            "--max_samples_per_shard", type=positive_int, default=default, help=shard_size_help(default)
-        )
 
 
 def positive_int(text: str) -> int:
@@ -59,13 +42,6 @@ MAX_FAILURE_RATIO_HELP = (
     "exit 1 when more than this fraction of the input lines (or samples) failed, or none was written; "
     f"the failures are in the output's _failures/ either way (default {DEFAULT_MAX_FAILURE_RATIO})"
 )
-
-
-def add_max_failure_ratio(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--max_failure_ratio``: the writers' one exit policy (extract, convert-legacy, reshard)."""
-    parser.add_argument(
-        "--max_failure_ratio", type=float, default=DEFAULT_MAX_FAILURE_RATIO, help=MAX_FAILURE_RATIO_HELP
-    )
 
 
 def ddp_timeout_help(default: int, longest: str) -> str:
@@ -95,11 +71,6 @@ def train_copy_size_help(replaces: bool = False) -> str:
         "from the original. Costs ~3 bytes a training pixel per image in the shards; 0 (default): "
         + ("copies kept as the task has them; N replaces them" if replaces else "originals only")
     )
-
-
-def add_train_copy_size(parser: argparse.ArgumentParser | argparse._ArgumentGroup, replaces: bool = False) -> None:
-    """``--train_copy_size``: also store training copies (extract, convert-legacy, reshard)."""
-    parser.add_argument("--train_copy_size", type=int, default=NO_TRAIN_COPIES, help=train_copy_size_help(replaces))
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

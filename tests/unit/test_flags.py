@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from pipeline.common.flags import add_shard_size, positive_int, require_model_folder
+from pipeline.common.flags import positive_int, require_model_folder
 from pipeline.common.variants import plan_variants
 from pipeline.errors import UserError
 
@@ -19,10 +19,11 @@ def test_a_count_flag_refuses_zero_and_words_in_the_usage_line():
     for text, said in (("0", "must be a number >= 1, got 0"), ("x", "'x' is not a whole number")):
         with pytest.raises(argparse.ArgumentTypeError, match=said):
             positive_int(text)
-    parser = argparse.ArgumentParser()
-    add_shard_size(parser, default=None)
-    with pytest.raises(SystemExit):
-        parser.parse_args([])  # required when it has no default (reshard)
+    from shards_tools.__main__ import build_parser
+
+    with pytest.raises(SystemExit):  # reshard's shard size has no default: required
+        build_parser().parse_args(["reshard", "task", "--output_dir", "out"])
+    assert build_parser().parse_args(["reshard", "task", "--output_dir", "out", "--max_samples_per_shard", "3"])
 
 
 def test_a_model_given_as_a_folder_must_be_one(tmp_path):
